@@ -1,0 +1,53 @@
+"""Shared fixtures, and the CI rule that tests needing root never skip there."""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+import pytest
+
+from vmbus import _pyring
+
+try:
+    from vmbus import _cring
+except ImportError:  # pragma: no cover - the build step makes it
+    _cring = None  # type: ignore[assignment]
+
+RING_IMPLEMENTATIONS = {"python": _pyring, "cython": _cring}
+
+
+@pytest.fixture(params=sorted(RING_IMPLEMENTATIONS))
+def ring_impl(request: pytest.FixtureRequest) -> ModuleType:
+    """Each ring test runs against both implementations."""
+    module = RING_IMPLEMENTATIONS[request.param]
+    if module is None:
+        pytest.fail("the Cython ring is not built: run ./run test")
+    return module
+
+
+_root_skips: list[str] = []
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`@pytest.mark.requires_root` tests skip, with the reason, unless root."""
+    if os.geteuid() == 0:
+        return
+    skip = pytest.mark.skip(reason="needs root (TAP devices, network namespaces); CI runs it")
+    for item in items:
+        if "requires_root" in item.keywords:
+            item.add_marker(skip)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and "requires_root" in report.keywords:
+        _root_skips.append(report.nodeid)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # In CI (as root) a skipped root test would hide a broken capability.
+    if os.environ.get("CI") and _root_skips:
+        print(f"\nCI: {len(_root_skips)} test(s) that need root were skipped:")
+        for nodeid in _root_skips:
+            print(f"  {nodeid}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
