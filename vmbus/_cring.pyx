@@ -364,6 +364,7 @@ cdef class RingReader(_RingSide):
     cdef uint32_t committed   # the read_index we last stored
     cdef uint32_t seen_write  # a validated write_index; the writer only moves it on
     cdef str corrupt          # sticky: once corrupt, every call raises this
+    cdef uint32_t bad_index   # the invalid write_index, for the message
     cdef Descriptor last
     cdef bytearray scratch
 
@@ -403,6 +404,7 @@ cdef class RingReader(_RingSide):
         # visible to the copies that follow.
         cdef uint32_t w = vmbus_load_acquire(self.write_index)
         if not self.index_ok(w):
+            self.bad_index = w
             return BAD_WRITE_INDEX
         self.seen_write = w
         return READY
@@ -443,7 +445,7 @@ cdef class RingReader(_RingSide):
 
     cdef int fail(self, int status, Descriptor *d) except -1:
         if self.corrupt is None:
-            self.corrupt = _corrupt_text(status, d, self.available())
+            self.corrupt = _corrupt_text(status, d, self.available(), self.bad_index, self.dsize)
         raise RingCorrupt(self.corrupt)
 
     cdef inline int check(self, Descriptor *d) except -2:
@@ -602,9 +604,10 @@ cdef Py_ssize_t checked_count(Py_ssize_t nbytes, Py_ssize_t item, str name) exce
     return nbytes // item
 
 
-cdef str _corrupt_text(int status, Descriptor *d, uint32_t avail):
+cdef str _corrupt_text(int status, Descriptor *d, uint32_t avail, uint32_t bad_index,
+                       uint32_t dsize):
     if status == BAD_WRITE_INDEX:
-        return "write_index is not an 8-aligned offset inside the data area"
+        return f"write_index {bad_index} is not an 8-aligned offset below {dsize}"
     if status == SHORT_PUBLISH:
         return f"{avail} bytes published, less than one packet"
     if status == BAD_TYPE:

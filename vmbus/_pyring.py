@@ -107,6 +107,7 @@ class RingWriter(_RingSide):
     def __init__(self, buffer: Any, *, mirrored: bool = False) -> None:
         super().__init__(buffer, mirrored)
         self._published = self._load_index(WRITE_INDEX_OFFSET, "write_index")
+        self._load_index(READ_INDEX_OFFSET, "read_index")
         self._write = self._published
 
     @property
