@@ -34,7 +34,11 @@ def test_packet_bytes_follow_hyper_v_layout(ring_impl: ModuleType) -> None:
     assert writer.commit()
     data = bytes(buf[HEADER_SIZE + 40 : HEADER_SIZE + 40 + 40])
     assert data.hex() == (
-        "0900" "0300" "0400" "0100" "8877665544332211"  # type, offset8, len8, flags, id
+        "0900"
+        "0300"
+        "0400"
+        "0100"
+        "8877665544332211"  # type, offset8, len8, flags, id
         "0000000000000000"  # type-specific header
         "6162630000000000"  # payload, zero pad to 8
         "0000000028000000"  # trailer: old write index << 32

@@ -100,7 +100,7 @@ def test_million_packets_between_processes(ring_impl: ModuleType) -> None:
     data_ready, space_ready = os.eventfd(0), os.eventfd(0)
     args = (ring_impl, fd, PACKETS, data_ready, space_ready)
     context = multiprocessing.get_context("fork")
-    workers = [context.Process(target=produce, args=args), context.Process(target=consume, args=args)]
+    workers = [context.Process(target=role, args=args) for role in (produce, consume)]
     try:
         for worker in workers:
             worker.start()

@@ -64,21 +64,32 @@ class RingPair(RuleBasedStateMachine):
         self.unpublished: deque[tuple[int, int, bytes, bytes]] = deque()
         self.published: deque[tuple[int, int, bytes, bytes]] = deque()
 
-    @rule(payload=payloads, type=packet_types, trans_id=st.integers(0, 2**64 - 1),
-          header=st.sampled_from([b"", bytes(8), bytes(range(16))]))
+    @rule(
+        payload=payloads,
+        type=packet_types,
+        trans_id=st.integers(0, 2**64 - 1),
+        header=st.sampled_from([b"", bytes(8), bytes(range(16))]),
+    )
     def write(self, payload: bytes, type: int, trans_id: int, header: bytes) -> None:
-        written = same_outcome(
-            [lambda w=w: w.write(payload, type=type, trans_id=trans_id, header=header)
-             for w in self.writers]
-        ) if len(payload) + len(header) <= self.writers[0].max_payload() else None
+        written = (
+            same_outcome(
+                [
+                    lambda w=w: w.write(payload, type=type, trans_id=trans_id, header=header)
+                    for w in self.writers
+                ]
+            )
+            if len(payload) + len(header) <= self.writers[0].max_payload()
+            else None
+        )
         if written:
             self.unpublished.append((type, trans_id, header, padded(payload)))
 
     @rule(batch=st.lists(payloads, max_size=6), trans_id=st.integers(0, 2**64 - 1))
     def write_batch(self, batch: list[bytes], trans_id: int) -> None:
         assume(all(len(p) <= self.writers[0].max_payload() for p in batch))
-        count = same_outcome([lambda w=w: w.write_batch(batch, trans_id=trans_id)
-                              for w in self.writers])
+        count = same_outcome(
+            [lambda w=w: w.write_batch(batch, trans_id=trans_id) for w in self.writers]
+        )
         for i, payload in enumerate(batch[:count]):
             self.unpublished.append((6, (trans_id + i) % 2**64, b"", padded(payload)))
 
@@ -87,8 +98,9 @@ class RingPair(RuleBasedStateMachine):
         assume(all(len(p) <= self.writers[0].max_payload() for p in batch))
         lengths = np.array([len(p) for p in batch], dtype=np.uint32)
         data = b"".join(batch)
-        count = same_outcome([lambda w=w: w.write_packed(data, lengths, type=0xB)
-                              for w in self.writers])
+        count = same_outcome(
+            [lambda w=w: w.write_packed(data, lengths, type=0xB) for w in self.writers]
+        )
         for i, payload in enumerate(batch[:count]):
             self.unpublished.append((0xB, i, b"", padded(payload)))
 
@@ -112,7 +124,9 @@ class RingPair(RuleBasedStateMachine):
         expected = self.published[0] if self.published else None
         if expected is not None and len(expected[3]) > size:
             assume(False)  # the too-small case is a unit test
-        n = same_outcome([lambda r=r, o=o: r.read_into(o) for r, o in zip(self.readers, outs)])
+        n = same_outcome(
+            [lambda r=r, o=o: r.read_into(o) for r, o in zip(self.readers, outs, strict=True)]
+        )
         assert outs[0] == outs[1]
         if expected is None:
             assert n == -1
@@ -164,7 +178,9 @@ def _describe(packet: Any) -> Any:
 
 TestRingPair = RingPair.TestCase
 TestRingPair.settings = settings(
-    max_examples=150, stateful_step_count=60, deadline=None,
+    max_examples=150,
+    stateful_step_count=60,
+    deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 
@@ -194,8 +210,13 @@ control_edits = st.lists(
 data_edits = st.lists(st.tuples(st.integers(0, 4095), st.integers(0, 255)), max_size=6)
 
 
-def run_hostile(impl: Any, buffer: Any, edits: list[tuple[int, int]],
-                control: list[tuple[int, int]], batches: list[list[bytes]]) -> list[Any]:
+def run_hostile(
+    impl: Any,
+    buffer: Any,
+    edits: list[tuple[int, int]],
+    control: list[tuple[int, int]],
+    batches: list[list[bytes]],
+) -> list[Any]:
     """Corrupt a ring holding packets, then use both ends; the log of what
     happened. Anything but RingCorrupt escaping fails the test."""
     log: list[Any] = []
@@ -233,7 +254,9 @@ def run_hostile(impl: Any, buffer: Any, edits: list[tuple[int, int]],
     control=control_edits,
 )
 def test_random_corruption_only_raises_ring_corrupt(
-    batches: list[list[bytes]], start: int, edits: list[tuple[int, int]],
+    batches: list[list[bytes]],
+    start: int,
+    edits: list[tuple[int, int]],
     control: list[tuple[int, int]],
 ) -> None:
     logs = []

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 from vmbus._ringdefs import (
     ALIGNMENT,
@@ -43,7 +43,7 @@ _TRAILER = struct.Struct("<Q")
 _U64_MASK = (1 << 64) - 1
 
 
-def _as_array(buffer: Any, code: str, name: str) -> memoryview:
+def _as_array(buffer: Any, code: Literal["I", "Q"], name: str) -> memoryview:
     raw = memoryview(buffer).cast("B")
     item = struct.calcsize(code)
     if len(raw) % item:
@@ -59,7 +59,7 @@ def init_ring(buffer: Any, *, pending_send_sz: bool = True) -> None:
     view = memoryview(buffer).cast("B")
     if len(view) < HEADER_SIZE:
         raise ValueError(f"ring buffer of {len(view)} bytes has no room for the header")
-    view[:FEATURE_BITS_OFFSET + 4] = bytes(FEATURE_BITS_OFFSET + 4)
+    view[: FEATURE_BITS_OFFSET + 4] = bytes(FEATURE_BITS_OFFSET + 4)
     _U32.pack_into(view, FEATURE_BITS_OFFSET, FEAT_PENDING_SEND_SZ if pending_send_sz else 0)
 
 
@@ -252,7 +252,7 @@ class RingReader(_RingSide):
             if available < DESCRIPTOR_SIZE + TRAILER_SIZE:
                 raise RingCorrupt(f"{available} bytes published, less than one packet")
             fields = _DESC.unpack(self._copy_out(self._read, DESCRIPTOR_SIZE))
-            _check_descriptor(*fields[:4], available)
+            _check_descriptor(fields[0], fields[1], fields[2], fields[3], available)
         except RingCorrupt as error:
             self._corrupt = str(error)
             raise

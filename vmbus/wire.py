@@ -76,7 +76,7 @@ class WireStruct:
 
     def _wire_values(self) -> list[Any]:
         values = []
-        for fmt, field in zip(self._fmts, dataclasses.fields(self)):  # type: ignore[arg-type]
+        for fmt, field in zip(self._fmts, dataclasses.fields(self), strict=True):  # type: ignore[arg-type]
             value = getattr(self, field.name)
             values.append(fmt.to_wire(value) if fmt.to_wire else value)
         return values
@@ -88,7 +88,9 @@ class WireStruct:
         if offset < 0 or available < cls.SIZE:
             raise WireError(f"{cls.__name__} needs {cls.SIZE} bytes, got {max(available, 0)}")
         raw = cls._struct.unpack_from(buffer, offset)
-        return cls(*(f.from_wire(v) if f.from_wire else v for f, v in zip(cls._fmts, raw)))
+        return cls(
+            *(f.from_wire(v) if f.from_wire else v for f, v in zip(cls._fmts, raw, strict=True))
+        )
 
     @classmethod
     def unpack(cls: type[T], buffer: Any) -> T:
