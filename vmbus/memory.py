@@ -1,0 +1,419 @@
+"""Guest memory, the child's page allocator, GPADL views and ring mappings
+(DESIGN.md §4; PROTOCOL-FACTS.md §1.2 and §3.7). Sans-protocol: no messages.
+
+A child's guest memory is one memfd mapped MAP_SHARED by the child and the
+parent; a guest physical address (GPA) is an offset into it and a PFN is
+GPA // 4096. Everything a child names (PFNs, offsets, lengths) is untrusted
+and checked here before any byte is touched.
+
+Use after close: every buffer this module hands out is a memoryview of a
+CPython `mmap.mmap` object (for MappedRegion too: its address range is
+reserved by one), which counts its exported views and refuses to unmap
+while any exists. So `close()` raises BufferError, and stays open, until
+the views are released and rings attached to them dropped; a `with` block
+left by an exception detaches instead, and CPython unmaps when the last
+view goes. No view can outlive its mapping. Once closed, requests raise
+GuestMemoryError.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import mmap
+import os
+from collections.abc import Sequence
+
+__all__ = [
+    "PAGE_SIZE",
+    "DoubleFree",
+    "ForeignPage",
+    "Gpadl",
+    "GuestMemory",
+    "GuestMemoryError",
+    "MappedRegion",
+    "OutOfBounds",
+    "OutOfMemory",
+    "PageAllocator",
+    "map_channel_rings",
+    "map_contiguous",
+    "map_ring",
+]
+
+PAGE_SIZE = 4096
+
+# A peer holding the memfd could truncate it, turning our accesses into
+# SIGBUS; these seals fix its size for good (F_SEAL_SEAL: no further seals,
+# e.g. none that would forbid our later writable mappings).
+_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+_MAP_NORESERVE = 0x4000  # Linux; not exported by Python's mmap module
+_MAP_FIXED = 0x10
+
+
+class GuestMemoryError(ValueError):
+    """A request names memory it may not: out of bounds, bad GPADL, closed."""
+
+
+class OutOfBounds(GuestMemoryError):
+    """A GPA, PFN or byte range is not fully inside the memory or GPADL."""
+
+
+class OutOfMemory(GuestMemoryError):
+    """The page allocator has no free pages (or no free run) for a request."""
+
+
+class DoubleFree(GuestMemoryError):
+    """A PFN being freed is not allocated: freed twice or never allocated."""
+
+
+class ForeignPage(GuestMemoryError):
+    """A PFN being freed does not belong to this allocator's memory."""
+
+
+def _check_size(size: int) -> None:
+    if size <= 0 or size % PAGE_SIZE:
+        raise GuestMemoryError(f"guest memory size {size} is not a positive multiple of 4096")
+
+
+class GuestMemory:
+    """One memfd of `size` bytes, mapped shared. Owns its fd: close() closes it."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        # Use create() or from_fd(); this maps an fd already checked by them.
+        self._fd = fd
+        self._size = size
+        self._mm: mmap.mmap | None = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+
+    @classmethod
+    def create(cls, size: int, name: str = "vmbus-guest") -> GuestMemory:
+        """Fresh zeroed memory, sealed against resizing. The fd is close-on-exec:
+        hand it to a child by fork, or by spawn with pass_fds / SCM_RIGHTS."""
+        _check_size(size)
+        fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, size)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+            return cls(fd, size)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @classmethod
+    def from_fd(cls, fd: int, size: int) -> GuestMemory:
+        """Map an inherited or received memfd. Takes ownership of `fd` on
+        success only. The memfd must be exactly `size` bytes and sealed
+        against shrinking, so that no holder can make our accesses fault."""
+        _check_size(size)
+        actual = os.fstat(fd).st_size
+        if actual != size:
+            raise GuestMemoryError(f"memfd is {actual} bytes, expected {size}")
+        try:
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        except OSError as error:
+            raise GuestMemoryError(f"fd {fd} is not a sealable memfd: {error}") from None
+        if not seals & fcntl.F_SEAL_SHRINK:
+            raise GuestMemoryError(f"memfd {fd} is not sealed against shrinking")
+        return cls(fd, size)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def page_count(self) -> int:
+        return self._size // PAGE_SIZE
+
+    @property
+    def closed(self) -> bool:
+        return self._mm is None
+
+    def fileno(self) -> int:
+        self._open()
+        return self._fd
+
+    def _open(self) -> mmap.mmap:
+        if self._mm is None:
+            raise GuestMemoryError("guest memory is closed")
+        return self._mm
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        """A writable view of guest bytes [gpa, gpa + length). While it (or a
+        slice of it) lives, close() refuses; release it with `with` or del."""
+        mm = self._open()
+        if gpa < 0 or length < 0 or gpa + length > self._size:
+            raise OutOfBounds(
+                f"guest range [{gpa}, {gpa} + {length}) is outside memory of {self._size} bytes"
+            )
+        return memoryview(mm)[gpa : gpa + length]
+
+    def close(self) -> None:
+        """Unmap and close the fd. Idempotent. Raises BufferError (and stays
+        open) while views of this memory exist. Regions mapped from it stay
+        valid: their mappings hold their own reference to the memfd."""
+        self._close(detach=False)
+
+    def _close(self, detach: bool) -> None:
+        if self._mm is not None:
+            _unmap(self._mm, "guest memory", detach)
+            self._mm = None
+            os.close(self._fd)
+
+    def __enter__(self) -> GuestMemory:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        # Leaving on an error, views may still be alive (say, in its traceback):
+        # detach rather than mask that error with a BufferError.
+        self._close(detach=exc_type is not None)
+
+
+def _unmap(mm: mmap.mmap, what: str, detach: bool) -> None:
+    """Unmap `mm`, or raise BufferError while views of it exist. With `detach`,
+    leave it to them instead: each view holds a reference to `mm`, which
+    CPython unmaps when the last one is gone, so no view ever dangles."""
+    try:
+        mm.close()
+    except BufferError:
+        if not detach:
+            raise BufferError(f"{what} still has views exported; release them first") from None
+
+
+class PageAllocator:
+    """The child's allocator for pages it grants: a bitmap, lowest pages first."""
+
+    def __init__(self, memory: GuestMemory) -> None:
+        self._used = bytearray(memory.page_count)  # 0 free, 1 allocated
+        self._free = memory.page_count
+
+    @property
+    def free_count(self) -> int:
+        return self._free
+
+    def alloc(self, npages: int, contiguous: bool = True) -> list[int]:
+        """`npages` free PFNs, consecutive if `contiguous`, else the lowest
+        free ones wherever they are. OutOfMemory (nothing allocated) if none."""
+        if npages <= 0:
+            raise ValueError(f"cannot allocate {npages} pages")
+        if contiguous:
+            start = self._used.find(bytes(npages))
+            if start < 0:
+                raise OutOfMemory(f"no run of {npages} free pages ({self._free} free in all)")
+            pfns = list(range(start, start + npages))
+        else:
+            if npages > self._free:
+                raise OutOfMemory(f"{npages} pages requested, {self._free} free")
+            pfns, pos = [], 0
+            while len(pfns) < npages:
+                pos = self._used.find(0, pos)
+                pfns.append(pos)
+                pos += 1
+        for pfn in pfns:
+            self._used[pfn] = 1
+        self._free -= npages
+        return pfns
+
+    def free(self, pfns: Sequence[int]) -> None:
+        """Return pages. All or nothing: every PFN is checked before any is freed."""
+        seen = set()
+        for pfn in pfns:
+            if not 0 <= pfn < len(self._used):
+                raise ForeignPage(f"PFN {pfn} is not in this memory of {len(self._used)} pages")
+            if not self._used[pfn] or pfn in seen:
+                raise DoubleFree(f"PFN {pfn} is not allocated (double free?)")
+            seen.add(pfn)
+        for pfn in seen:
+            self._used[pfn] = 0
+        self._free += len(seen)
+
+
+def _check_pfns(memory: GuestMemory, pfns: Sequence[int]) -> tuple[int, ...]:
+    """The PFNs as a tuple, each checked to lie inside `memory`."""
+    checked = tuple(pfns)
+    if not checked:
+        raise GuestMemoryError("empty PFN list")
+    limit = memory.page_count
+    for i, pfn in enumerate(checked):
+        if not 0 <= pfn < limit:
+            raise OutOfBounds(f"PFN {pfn} (entry {i}) is beyond guest memory of {limit} pages")
+    return checked
+
+
+class Gpadl:
+    """The parent's record of a granted page list: `byte_count` bytes starting
+    `byte_offset` into the first page. GPADL offsets below are relative to
+    that first byte. The PFNs come from the untrusted child and are all
+    checked here; pages may repeat or be in any order (harmless aliasing)."""
+
+    def __init__(
+        self, memory: GuestMemory, pfns: Sequence[int], byte_count: int, byte_offset: int = 0
+    ) -> None:
+        self.pfns = _check_pfns(memory, pfns)
+        if not 0 <= byte_offset < PAGE_SIZE:
+            raise GuestMemoryError(f"GPADL byte_offset {byte_offset} is not inside the first page")
+        room = len(self.pfns) * PAGE_SIZE - byte_offset
+        if not 0 <= byte_count <= room:
+            raise GuestMemoryError(
+                f"GPADL byte_count {byte_count} does not fit {len(self.pfns)} pages "
+                f"from byte_offset {byte_offset} ({room} bytes)"
+            )
+        self.memory = memory
+        self.byte_count = byte_count
+        self.byte_offset = byte_offset
+
+    def __len__(self) -> int:
+        return self.byte_count
+
+    def segments(self, offset: int, n: int) -> list[memoryview]:
+        """Views of GPADL bytes [offset, offset + n), in order: one per run of
+        physically consecutive pages. No copy; the views hold the memory open."""
+        if offset < 0 or n < 0 or offset + n > self.byte_count:
+            raise OutOfBounds(
+                f"range [{offset}, {offset} + {n}) is outside GPADL of {self.byte_count} bytes"
+            )
+        ranges: list[list[int]] = []  # [gpa, length], merged when adjacent
+        pos, end = self.byte_offset + offset, self.byte_offset + offset + n
+        while pos < end:
+            chunk = min(end, (pos // PAGE_SIZE + 1) * PAGE_SIZE) - pos
+            gpa = self.pfns[pos // PAGE_SIZE] * PAGE_SIZE + pos % PAGE_SIZE
+            if ranges and ranges[-1][0] + ranges[-1][1] == gpa:
+                ranges[-1][1] += chunk
+            else:
+                ranges.append([gpa, chunk])
+            pos += chunk
+        return [self.memory.view(gpa, length) for gpa, length in ranges]
+
+    def read(self, offset: int, n: int) -> bytes:
+        """A copy of GPADL bytes [offset, offset + n)."""
+        parts = self.segments(offset, n)
+        try:
+            return b"".join(parts)
+        finally:
+            for part in parts:
+                part.release()
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Copy `data` into the GPADL at `offset` (all of it, or nothing)."""
+        src = memoryview(data).cast("B")
+        pos = 0
+        for part in self.segments(offset, len(src)):
+            with part:
+                part[:] = src[pos : pos + len(part)]
+                pos += len(part)
+
+
+# ctypes, because Python's mmap module cannot map at a fixed address.
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int64,
+]
+
+
+class MappedRegion:
+    """Guest pages mapped virtually contiguous in this process (see
+    map_contiguous). `view()` gives the writable buffer; `close()` unmaps,
+    refusing with BufferError while any view of it exists."""
+
+    def __init__(self, memory: GuestMemory, pages: tuple[int, ...]) -> None:
+        self.pages = pages
+        self.size = len(pages) * PAGE_SIZE
+        fd = memory.fileno()
+        # The reservation: an ordinary Python mmap, so CPython owns the range,
+        # counts exported views and munmaps all of it on close. It is never
+        # touched (MAP_NORESERVE: nothing committed) and is fully replaced
+        # below, so its protection never matters.
+        self._mm: mmap.mmap | None = mmap.mmap(
+            -1, self.size, flags=mmap.MAP_PRIVATE | _MAP_NORESERVE
+        )
+        try:
+            base = ctypes.addressof(ctypes.c_char.from_buffer(self._mm))
+            start = 0
+            for i in range(1, len(pages) + 1):
+                if i == len(pages) or pages[i] != pages[i - 1] + 1:
+                    self._map_run(fd, base, start, pages[start], i - start)
+                    start = i
+        except BaseException:
+            self._mm.close()  # also unmaps the runs mapped so far
+            self._mm = None
+            raise
+
+    @staticmethod
+    def _map_run(fd: int, base: int, index: int, pfn: int, count: int) -> None:
+        # MAP_FIXED silently replaces whatever is mapped at the target, which is
+        # safe only because the target lies inside our own reservation: no other
+        # mapping (heap, library, another region) can be there.
+        target = base + index * PAGE_SIZE
+        prot = mmap.PROT_READ | mmap.PROT_WRITE
+        flags = mmap.MAP_SHARED | _MAP_FIXED
+        got = _libc.mmap(target, count * PAGE_SIZE, prot, flags, fd, pfn * PAGE_SIZE)
+        if got != target:
+            err = ctypes.get_errno()
+            raise OSError(err, f"mmap of PFNs {pfn}..{pfn + count - 1}: {os.strerror(err)}")
+
+    @property
+    def closed(self) -> bool:
+        return self._mm is None
+
+    def view(self) -> memoryview:
+        """The whole region as a writable byte view (holds the region open)."""
+        if self._mm is None:
+            raise GuestMemoryError("mapped region is closed")
+        return memoryview(self._mm)
+
+    def close(self) -> None:
+        """Unmap. Idempotent. BufferError (and still mapped) while views exist."""
+        self._close(detach=False)
+
+    def _close(self, detach: bool) -> None:
+        if self._mm is not None:
+            _unmap(self._mm, "mapped region", detach)
+            self._mm = None
+
+    def __enter__(self) -> MappedRegion:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        self._close(detach=exc_type is not None)  # as GuestMemory.__exit__
+
+
+def map_contiguous(memory: GuestMemory, pfns: Sequence[int]) -> MappedRegion:
+    """Map guest pages `pfns` (any order, checked) back to back: byte
+    k * 4096 + j of the region is byte j of guest page pfns[k]. Writes go
+    both ways. The region outlives memory.close()."""
+    return MappedRegion(memory, _check_pfns(memory, pfns))
+
+
+def map_ring(memory: GuestMemory, pfns: Sequence[int]) -> MappedRegion:
+    """Map one ring's pages (header page, then data pages) with the data pages
+    twice back to back: 4096 + 2 * data_size bytes, for a ring attached with
+    mirrored=True, so a packet that wraps reads as one buffer."""
+    pages = _check_pfns(memory, pfns)
+    if len(pages) < 2:
+        raise GuestMemoryError(f"a ring needs a header page and a data page, got {len(pages)}")
+    return MappedRegion(memory, pages + pages[1:])
+
+
+def map_channel_rings(
+    memory: GuestMemory, gpadl_pfns: Sequence[int], inbound_page_offset: int
+) -> tuple[MappedRegion, MappedRegion]:
+    """Split a channel's ring GPADL (outbound ring, then inbound ring from page
+    `inbound_page_offset`, as the open message says) and map each with map_ring.
+    Returns (outbound, inbound): in the parent, outbound is the ring it reads."""
+    pages = _check_pfns(memory, gpadl_pfns)
+    if not 2 <= inbound_page_offset <= len(pages) - 2:
+        raise GuestMemoryError(
+            f"inbound ring page offset {inbound_page_offset} does not leave two rings of "
+            f"at least 2 pages in a ring GPADL of {len(pages)} pages"
+        )
+    outbound = map_ring(memory, pages[:inbound_page_offset])
+    try:
+        inbound = map_ring(memory, pages[inbound_page_offset:])
+    except BaseException:
+        outbound.close()
+        raise
+    return outbound, inbound
