@@ -2,17 +2,18 @@
 (`vmbus._cring`), written for clarity. It is the differential oracle of the
 ring tests and the fallback where the extension is not built.
 
-Assumptions: x86-64 (TSO) shared memory. CPython offers no fences, so this
-ring relies on TSO for release/acquire order: each index store happens after
-the data stores in program order, and struct/memoryview accesses are not
-reordered by the interpreter. TSO does not order a store before a later load,
-so the signalling decisions here may be stale and a wake-up can be late; the
-channel re-checks after unmasking, and the Cython ring has the real fences.
+Assumptions: x86-64 (TSO) shared memory. CPython has no fence primitive, so
+release/acquire order comes from TSO: each index store follows the data
+stores in program order, and struct/memoryview accesses are not reordered by
+the interpreter. TSO does let a store pass a later load, which would lose
+wake-ups; where the Cython ring has a full fence, this one takes and drops a
+lock, whose locked instruction is a full barrier on x86.
 """
 
 from __future__ import annotations
 
 import struct
+import threading
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -41,6 +42,13 @@ _U32 = struct.Struct("<I")
 _DESC = struct.Struct("<HHHHQ")
 _TRAILER = struct.Struct("<Q")
 _U64_MASK = (1 << 64) - 1
+_FENCE = threading.Lock()
+
+
+def _full_fence() -> None:
+    """Store->load barrier: the lock's atomic instruction drains the store buffer."""
+    _FENCE.acquire()
+    _FENCE.release()
 
 
 def _as_array(buffer: Any, code: Literal["I", "Q"], name: str) -> memoryview:
@@ -208,6 +216,7 @@ class RingWriter(_RingSide):
         old = self._published
         _U32.pack_into(self._view, WRITE_INDEX_OFFSET, self._write)  # TSO: after the data
         self._published = self._write
+        _full_fence()  # publish before reading interrupt_mask and read_index
         if _U32.unpack_from(self._view, INTERRUPT_MASK_OFFSET)[0]:
             return False
         return self._load_index(READ_INDEX_OFFSET, "read_index") == old
@@ -216,6 +225,7 @@ class RingWriter(_RingSide):
         """For a writer that found the ring full: ask the reader to signal when
         more than `nbytes` are free. True if they already are (no wait)."""
         _U32.pack_into(self._view, PENDING_SEND_SZ_OFFSET, nbytes)
+        _full_fence()  # the request is visible before we re-read read_index
         if self.free_bytes > nbytes:
             _U32.pack_into(self._view, PENDING_SEND_SZ_OFFSET, 0)
             return True
@@ -325,6 +335,7 @@ class RingReader(_RingSide):
         self._committed = self._read
         if not _U32.unpack_from(self._view, FEATURE_BITS_OFFSET)[0] & FEAT_PENDING_SEND_SZ:
             return False
+        _full_fence()  # publish read_index before reading pending_send_sz
         pending: int = _U32.unpack_from(self._view, PENDING_SEND_SZ_OFFSET)[0]
         if not pending:
             return False
@@ -336,11 +347,13 @@ class RingReader(_RingSide):
     def begin_drain(self) -> None:
         """Mask the writer's signals while this side drains the ring."""
         _U32.pack_into(self._view, INTERRUPT_MASK_OFFSET, 1)
+        _full_fence()
 
     def end_drain(self) -> bool:
         """Unmask signals. True if packets arrived meanwhile: drain again,
         since the writer may have skipped its signal while masked."""
         _U32.pack_into(self._view, INTERRUPT_MASK_OFFSET, 0)
+        _full_fence()  # unmask before re-loading write_index
         return self.bytes_available != 0
 
 

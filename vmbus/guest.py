@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -121,7 +121,7 @@ class Guest:
         self.devices: dict[int, GuestDevice] = {}
         self.version: int | None = None
         self._gpadl_ids = itertools.count(FIRST_GPADL)
-        self._answers: dict[Hashable, tuple[m.Message, list[int]]] = {}
+        self._answers: dict[object, tuple[m.Message, list[int]]] = {}
         self._arrived = threading.Condition()
         self._closed = False
         self._reader = threading.Thread(target=self._read_messages, daemon=True, name="vmbus")
@@ -161,7 +161,7 @@ class Guest:
                 self._answers[key] = (message, fds)
                 self._arrived.notify_all()
 
-    def _wait(self, key: Hashable, timeout: float) -> tuple[m.Message, list[int]]:
+    def _wait(self, key: object, timeout: float) -> tuple[m.Message, list[int]]:
         with self._arrived:
             if not self._arrived.wait_for(lambda: key in self._answers or self._closed, timeout):
                 raise GuestError(f"no answer from the host for {key}")
@@ -284,7 +284,7 @@ class Guest:
         self._wait((m.GpadlTorndown, handle), timeout)
 
 
-def _answer_key(message: m.Message) -> Hashable | None:
+def _answer_key(message: m.Message) -> object | None:
     """How a waiter names the answer it waits for."""
     if isinstance(message, m.GpadlCreated):
         return (m.GpadlCreated, message.gpadl)
