@@ -63,6 +63,7 @@ class OpenRequested:
     """Map the ring GPADL and start the VSP, then call `open_done`."""
 
     relid: int
+    openid: int
     offer: OfferSpec
     gpadl: m.Gpadl
     inbound_page_offset: int  # where the host->guest ring starts, in pages
@@ -198,7 +199,11 @@ class VmbusServer:
             return refuse(f"ring GPADL of {len(gpadl.pfns)} pages cannot split at page {offset}")
         record.state = ChannelState.OPENING
         record.ring_gpadl = gpadl.gpadl
-        return [OpenRequested(record.relid, record.offer, gpadl, offset, message.userdata)]
+        return [
+            OpenRequested(
+                record.relid, message.openid, record.offer, gpadl, offset, message.userdata
+            )
+        ]
 
     def open_done(self, relid: int, openid: int, ok: bool) -> list[Event]:
         """The I/O layer's answer to OpenRequested."""
