@@ -132,6 +132,17 @@ class Channel:
             self.notify_peer.set()
         return count
 
+    def service(self, handle: Callable[[Packet], None]) -> int:
+        """Event-driven draining: clear the signal, drain while masked, and
+        leave the ring unmasked (re-checked) so the next packet signals us."""
+        self.wake_me.clear()
+        count = 0
+        while True:
+            self.reader.begin_drain()
+            count += self.drain(handle)
+            if not self.reader.end_drain():
+                return count
+
     def receive(self, timeout: float | None = None) -> Packet:
         """The next packet, waiting for one: spin, then sleep."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -228,13 +239,8 @@ class AsyncChannel:
         self._on_signal()  # a signal lost before we started cannot stall us
 
     def _on_signal(self) -> None:
-        self.channel.wake_me.clear()
         self.space.set()
-        while True:
-            self.channel.reader.begin_drain()
-            self.channel.drain(self._dispatch)
-            if not self.channel.reader.end_drain():
-                break
+        self.channel.service(self._dispatch)
 
     def _dispatch(self, packet: Packet) -> None:
         copy = copied(packet)

@@ -1,0 +1,122 @@
+"""Real child processes: the control plane end to end, two children at once,
+large GPADLs, and a child killed in the middle of traffic."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from vmbus.guest import Guest
+from vmbus.memory import PAGE_SIZE
+from vmbus.partition import Host, wait_until
+from vmbus.testing.echo import ECHO_CLASS_ID, EchoVsc, EchoVsp
+
+
+def echo_many(guest: Guest, count: int, ring_size: int = 64 * 1024) -> None:
+    """Child: open every echo channel, check `count` echoes on each."""
+    drivers: list[EchoVsc] = []
+    guest.register(ECHO_CLASS_ID, lambda device: drivers.append(EchoVsc(device)))
+    assert drivers, "no echo offer was bound"
+    for driver in drivers:
+        driver.open(ring_size)
+    for i in range(count):
+        for driver in drivers:
+            payload = os.urandom(i % 200 + 1)
+            reply = driver.echo(payload)
+            if reply[: len(payload)] != payload:
+                raise AssertionError(f"echo {i} came back wrong")
+    for driver in drivers:
+        assert driver.channel is not None
+        driver.channel.close()
+    guest.unload()
+
+
+def echo_forever(guest: Guest) -> None:
+    drivers: list[EchoVsc] = []
+    guest.register(ECHO_CLASS_ID, lambda device: drivers.append(EchoVsc(device)))
+    while True:
+        drivers[0].echo(b"x" * 64)
+
+
+def grant_big_gpadl(guest: Guest, pages: int) -> None:
+    """Child: a GPADL of many scattered pages, filled with a pattern."""
+    device = next(iter(guest.devices.values()))
+    pfns = guest.allocator.alloc(pages, contiguous=False)
+    for pfn in pfns:
+        guest.memory.view(pfn * PAGE_SIZE, 8)[:] = pfn.to_bytes(8, "little")
+    guest.create_gpadl(device.relid, pfns)
+    time.sleep(30)  # the parent inspects, then stops us
+
+
+def test_child_echoes_through_open_channels() -> None:
+    with Host() as host:
+        vsp = EchoVsp(count=2)
+        child = host.start(echo_many, devices=[vsp], args=(300,), memory_size=8 << 20)
+        assert child.wait(timeout=60) == 0
+        assert child.state == "exited"
+        assert [h.packets for h in vsp.handlers] == [300, 300]
+        assert child.server.protocol_errors == 0
+
+
+def test_two_children_at_once_each_with_its_channels() -> None:
+    with Host() as host:
+        vsps = [EchoVsp(count=1), EchoVsp(count=3)]
+        children = [
+            host.start(echo_many, devices=[vsp], args=(200,), memory_size=4 << 20) for vsp in vsps
+        ]
+        assert [c.wait(timeout=60) for c in children] == [0, 0]
+        assert [len(v.handlers) for v in vsps] == [1, 3]
+        assert all(h.packets == 200 for v in vsps for h in v.handlers)
+
+
+def test_gpadl_of_more_than_a_hundred_pages() -> None:
+    with Host() as host:
+        child = host.start(grant_big_gpadl, devices=[EchoVsp()], args=(300,))
+        assert wait_until(lambda: len(child.server.gpadls) == 1, 30)
+        gpadl = next(iter(child.server.gpadls.values()))
+        assert len(gpadl.pfns) == 300
+        assert gpadl.byte_count == 300 * PAGE_SIZE
+        for pfn in gpadl.pfns:  # the parent sees the child's pages
+            assert int.from_bytes(child.memory.view(pfn * PAGE_SIZE, 8), "little") == pfn
+        child.stop()
+        assert child.state == "stopped"
+
+
+def test_child_killed_mid_traffic_leaves_sibling_healthy() -> None:
+    with Host() as host:
+        victim_vsp, sibling_vsp = EchoVsp(), EchoVsp()
+        victim = host.start(echo_forever, devices=[victim_vsp])
+        assert wait_until(
+            lambda: bool(victim_vsp.handlers) and victim_vsp.handlers[0].packets > 100, 30
+        )
+        sibling = host.start(echo_many, devices=[sibling_vsp], args=(2000,))
+        assert wait_until(
+            lambda: bool(sibling_vsp.handlers) and sibling_vsp.handlers[0].packets > 10, 30
+        )
+        os.kill(victim.pid, signal.SIGKILL)
+        assert victim.wait(timeout=10) == -signal.SIGKILL
+        assert victim.state == "crashed"
+        assert victim.channels == {} and victim.memory.closed
+        assert sibling.wait(timeout=60) == 0
+        assert sibling_vsp.handlers[0].packets == 2000
+
+
+def test_child_that_raises_is_reported_crashed() -> None:
+    with Host() as host:
+        child = host.start("builtins:print", args=(1, 2), memory_size=1 << 20)
+        # print(guest, 1, 2) succeeds: exit 0; a missing function fails.
+        assert child.wait(timeout=30) == 0
+        bad = host.start("builtins:no_such_function", memory_size=1 << 20)
+        assert bad.wait(timeout=30) == 1
+        assert bad.state == "crashed"
+
+
+def test_unimportable_target_is_refused_in_the_parent() -> None:
+    def local() -> None:
+        pass
+
+    with Host() as host, pytest.raises(ValueError, match="top-level"):
+        host.start(local)

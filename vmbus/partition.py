@@ -1,0 +1,303 @@
+"""Child partitions as real processes, and the parent's `Host` that runs them.
+
+Each child is a fresh interpreter (fork and exec, never a bare fork) that
+gets its own guest memory (a sealed memfd), a SOCK_SEQPACKET message port,
+and nothing else of the parent's: no descriptor and no mapping of a
+sibling's memory. In the parent, one worker thread per child (Hyper-V's
+VMWP) runs the VMBus server, maps ring GPADLs, and drives the VSPs' open
+channels. A child that misbehaves loses the offending channel; a child that
+dies loses everything it had, and no one else notices.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pickle
+import selectors
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from vmbus import host as h
+from vmbus import messages as m
+from vmbus._ringpacket import Packet
+from vmbus.channel import Channel
+from vmbus.memory import GuestMemory, GuestMemoryError, MappedRegion, map_channel_rings
+from vmbus.ring import RingCorrupt
+from vmbus.transport import MalformedMessage, PortClosed, Signal, SocketPort
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MEMORY = 32 * 1024 * 1024
+POLL_SECONDS = 0.5  # how often a worker notices a stop request
+
+
+class ChannelHandler(Protocol):
+    """A VSP's service of one open channel."""
+
+    def on_packet(self, packet: Packet) -> None:
+        """One packet from the guest; a view valid during the call only."""
+
+    def close(self) -> None:
+        """The channel closed (guest request, rescind, or the child died)."""
+
+
+class Vsp(Protocol):
+    """A device back end: what it offers, and how it serves an open channel."""
+
+    def offers(self) -> list[h.OfferSpec]: ...
+
+    def open(self, channel: Channel, offer: h.OfferSpec, userdata: bytes) -> ChannelHandler: ...
+
+
+Target = Callable[..., Any] | str  # a function, or "module:function"
+
+
+@dataclass
+class _OpenChannel:
+    channel: Channel
+    handler: ChannelHandler
+    regions: tuple[MappedRegion, MappedRegion]
+    views: tuple[memoryview, memoryview]
+
+
+@dataclass
+class ChildPartition:
+    """One child process and the parent's state for it."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    memory: GuestMemory
+    port: SocketPort
+    devices: Sequence[Vsp]
+    state: str = "starting"  # running, exited, crashed, stopped
+    exitcode: int | None = None
+    channels: dict[int, _OpenChannel] = field(default_factory=dict)
+    server: h.VmbusServer = field(init=False)
+    _stopping: bool = False
+    _exited: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.vsp_of: dict[h.OfferSpec, Vsp] = {}
+        for vsp in self.devices:
+            for offer in vsp.offers():
+                self.vsp_of[offer] = vsp
+        self.server = h.VmbusServer(list(self.vsp_of), self.memory.page_count)
+        self.pid = self.process.pid
+        self.pidfd = os.pidfd_open(self.pid)
+        self.worker = threading.Thread(target=self._serve, name=f"vmwp-{self.name}", daemon=True)
+
+    # --- lifecycle ---
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """The exit code once the child is gone and cleaned up, else None."""
+        self._exited.wait(timeout)
+        return self.exitcode
+
+    def stop(self, timeout: float = 5.0) -> int | None:
+        """Ask the child to end (SIGTERM), then kill it if it does not."""
+        self._stopping = True
+        self._signal(signal.SIGTERM)
+        if self.wait(timeout) is None and self.state not in ("exited", "crashed", "stopped"):
+            self.kill()
+            self.wait(timeout)
+        return self.exitcode
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    def _signal(self, signo: int) -> None:
+        with contextlib.suppress(ProcessLookupError, OSError):
+            signal.pidfd_send_signal(self.pidfd, signo)
+
+    # --- the worker ---
+
+    def _serve(self) -> None:
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.port.fileno(), selectors.EVENT_READ, None)
+        self.selector.register(self.pidfd, selectors.EVENT_READ, "exit")
+        try:
+            while True:
+                for key, _ in self.selector.select(POLL_SECONDS):
+                    if key.data is None:
+                        self._message()
+                    elif key.data == "exit":
+                        raise PortClosed("child exited")
+                    else:
+                        self._service(key.data)
+        except PortClosed:
+            pass
+        except Exception:  # a bug of ours: never take the parent down with it
+            log.exception("worker of %s failed", self.name)
+        finally:
+            self._cleanup()
+
+    def _message(self) -> None:
+        try:
+            received = self.port.receive(0)
+        except MalformedMessage as error:
+            self.server.protocol_errors += 1
+            log.warning("%s: %s", self.name, error)
+            return
+        if received is not None:
+            self._act(self.server.receive(received[0]))
+            if self.server.version is not None and self.state == "starting":
+                self.state = "running"
+
+    def _act(self, events: list[h.Event]) -> None:
+        for event in events:
+            if isinstance(event, h.Reply):
+                self.port.post(m.encode(event.message))
+            elif isinstance(event, h.OpenRequested):
+                self._open(event)
+            elif isinstance(event, h.ChannelClosed):
+                self._close(event.relid)
+
+    def _open(self, event: h.OpenRequested) -> None:
+        try:
+            regions = map_channel_rings(self.memory, event.gpadl.pfns, event.inbound_page_offset)
+        except GuestMemoryError as error:
+            log.warning("%s: relid %d: %s", self.name, event.relid, error)
+            self._act(self.server.open_done(event.relid, event.openid, ok=False))
+            return
+        views = (regions[0].view(), regions[1].view())
+        to_guest, to_host = Signal(), Signal()
+        try:
+            # The guest's outbound ring is the one the host reads.
+            channel = Channel(views[1], views[0], to_guest, to_host, mirrored=True)
+            handler = self.vsp_of[event.offer].open(channel, event.offer, event.userdata)
+        except (RingCorrupt, ValueError) as error:
+            log.warning("%s: relid %d cannot open: %s", self.name, event.relid, error)
+            for view in views:
+                view.release()
+            for region in regions:
+                region.close()
+            to_guest.close()
+            to_host.close()
+            self._act(self.server.open_done(event.relid, event.openid, ok=False))
+            return
+        self.channels[event.relid] = _OpenChannel(channel, handler, regions, views)
+        (reply,) = self.server.open_done(event.relid, event.openid, ok=True)
+        assert isinstance(reply, h.Reply)
+        self.port.post(m.encode(reply.message), [to_guest.fileno(), to_host.fileno()])
+        self.selector.register(to_host.fileno(), selectors.EVENT_READ, event.relid)
+        self._service(event.relid)  # a packet sent before the open's signal is not lost
+
+    def _service(self, relid: int) -> None:
+        open_channel = self.channels.get(relid)
+        if open_channel is None:
+            return
+        try:
+            open_channel.channel.service(open_channel.handler.on_packet)
+        except Exception as error:  # corrupt ring or a request the VSP chokes on
+            log.warning("%s: relid %d failed, rescinding: %s", self.name, relid, error)
+            self._act(self.server.rescind(relid))
+
+    def _close(self, relid: int) -> None:
+        open_channel = self.channels.pop(relid, None)
+        if open_channel is None:
+            return
+        self.selector.unregister(open_channel.channel.wake_me.fileno())
+        try:
+            open_channel.handler.close()
+        except Exception:
+            log.exception("%s: VSP failed to close relid %d", self.name, relid)
+        channel = open_channel.channel
+        channel.notify_peer.close()
+        channel.wake_me.close()
+        del channel.writer, channel.reader  # drop the ring buffers before unmapping
+        for view in open_channel.views:
+            view.release()
+        for region in open_channel.regions:
+            region.close()
+
+    def _cleanup(self) -> None:
+        for relid in list(self.channels):
+            self._close(relid)
+        self.selector.close()
+        self.port.close()
+        self.exitcode = self.process.wait()
+        os.close(self.pidfd)
+        if self._stopping:
+            self.state = "stopped"
+        else:
+            self.state = "exited" if self.exitcode == 0 else "crashed"
+        self.memory.close()
+        self._exited.set()
+
+
+class Host:
+    """The root partition: starts child partitions and serves their VMBus."""
+
+    def __init__(self) -> None:
+        self.children: dict[str, ChildPartition] = {}
+        self._names = iter(range(1, 1 << 30))
+
+    def start(
+        self,
+        target: Target,
+        *,
+        devices: Sequence[Vsp] = (),
+        memory_size: int = DEFAULT_MEMORY,
+        name: str | None = None,
+        args: Sequence[Any] = (),
+    ) -> ChildPartition:
+        """Fork a child partition that runs `target(guest, *args)` once its
+        VMBus is connected; its exit code is 0 if that returns."""
+        name = name or f"child-{next(self._names)}"
+        if name in self.children and self.children[name].state in ("starting", "running"):
+            raise ValueError(f"a child named {name!r} is running")
+        memory = GuestMemory.create(memory_size, name=f"vmbus-{name}")
+        parent_port, child_port = SocketPort.pair()
+        fds = (child_port.fileno(), memory.fileno())
+        boot = pickle.dumps((sys.path, _target_name(target), tuple(args)))
+        process = subprocess.Popen(
+            [sys.executable, "-m", "vmbus._child", *map(str, fds), str(memory_size)],
+            stdin=subprocess.PIPE,
+            pass_fds=fds,
+        )
+        assert process.stdin is not None
+        process.stdin.write(boot)
+        process.stdin.close()
+        child_port.close()
+        child = ChildPartition(name, process, memory, parent_port, devices)
+        self.children[name] = child
+        child.worker.start()
+        return child
+
+    def stop_all(self, timeout: float = 5.0) -> None:
+        for child in self.children.values():
+            if child.exitcode is None:
+                child.stop(timeout)
+
+    def __enter__(self) -> Host:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_all()
+
+
+def _target_name(target: Target) -> str:
+    """ "module:function" for a target; the child imports it by that name."""
+    if isinstance(target, str):
+        return target
+    if "<" in target.__qualname__:
+        raise ValueError(f"{target.__qualname__} is not importable; use a top-level function")
+    return f"{target.__module__}:{target.__qualname__}"
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
+    """Poll `predicate` until true or timeout: for tests and the CLI."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
