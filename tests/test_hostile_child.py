@@ -1,0 +1,125 @@
+"""A hostile child, in a real process: whatever it writes into its rings or
+sends as messages, the parent keeps serving it where the protocol allows,
+fails only the offending channel, and its siblings never notice."""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+from pathlib import Path
+
+import pytest
+
+from vmbus import messages as m
+from vmbus.guest import Guest, GuestError
+from vmbus.partition import Host, wait_until
+from vmbus.testing.echo import ECHO_CLASS_ID, EchoVsc, EchoVsp
+from vmbus.transport import SYNIC_HEADER
+
+
+def bind_echo(guest: Guest) -> list[EchoVsc]:
+    drivers: list[EchoVsc] = []
+    guest.register(ECHO_CLASS_ID, lambda device: drivers.append(EchoVsc(device)))
+    return drivers
+
+
+def corrupt_one_ring(guest: Guest) -> None:
+    """Child: of two echo channels, corrupt the first one's outbound ring;
+    the host must rescind it and keep serving the second."""
+    bad, good = bind_echo(guest)
+    bad_channel, good_channel = bad.open(), good.open()
+    assert bad.echo(b"fine").startswith(b"fine")
+    struct.pack_into("<I", bad_channel.views[0], 0, 12)  # misaligned write_index
+    bad_channel.notify_peer.set()
+    deadline = time.monotonic() + 10
+    while not bad.device.rescinded:
+        assert time.monotonic() < deadline, "the host did not rescind the corrupt channel"
+        time.sleep(0.01)
+    for i in range(100):
+        assert good.echo(b"%d" % i).startswith(b"%d" % i)
+    good_channel.close()
+
+
+def send_garbage_messages(guest: Guest) -> None:
+    """Child: bad frames and bad messages, then normal service."""
+    sock = guest.port.sock  # type: ignore[attr-defined]
+    sock.send(b"\x01")  # shorter than a SynIC header
+    sock.send(SYNIC_HEADER.pack(1, 200, 0, 0, 0) + bytes(8))  # lies about its size
+    sock.send(SYNIC_HEADER.pack(1, 240, 0, 0, 0) + bytes(400))  # oversized
+    guest.port.post(struct.pack("<II", 99, 0))  # unknown message type
+    guest.port.post(b"\x05\x00")  # OPENCHANNEL cut short
+    guest.post(m.OfferChannel())  # host-to-guest direction
+    guest.post(m.CloseChannel(child_relid=77))  # nothing open
+    guest.post(m.RelidReleased(child_relid=1))  # nothing rescinded
+    guest.post(m.InitiateContact(vmbus_version_requested=m.VmbusVersion.WIN10_V5_3))
+    drivers = bind_echo(guest)
+    assert drivers[0].echo(b"still served").startswith(b"still served")
+
+
+def misuse_gpadls_and_opens(guest: Guest) -> None:
+    """Child: a GPADL beyond its memory, a reused handle, an open of an
+    unknown relid; each refused with the protocol's status."""
+    device = next(iter(guest.devices.values()))
+    beyond = guest.memory.page_count + 5
+    with pytest.raises(GuestError, match="refused GPADL"):
+        guest.create_gpadl(device.relid, [1, 2, beyond])
+    handle = guest.create_gpadl(device.relid, guest.allocator.alloc(4))
+    for message in m.gpadl_messages(device.relid, handle, 4096, [3]):
+        guest.post(message)  # the same handle again
+    created, _ = guest._wait((m.GpadlCreated, handle), 10)
+    assert isinstance(created, m.GpadlCreated) and created.creation_status != 0
+    guest.post(m.OpenChannel(child_relid=4242, openid=4242, ringbuffer_gpadlhandle=handle))
+    result, _ = guest._wait((m.OpenChannelResult, 4242), 10)
+    assert isinstance(result, m.OpenChannelResult) and result.status != 0
+    guest.post(
+        m.OpenChannel(
+            child_relid=device.relid,
+            openid=1,
+            ringbuffer_gpadlhandle=handle,
+            downstream_ringbuffer_pageoffset=3,
+        )
+    )  # leaves a 1-page ring
+    result, _ = guest._wait((m.OpenChannelResult, device.relid), 10)
+    assert isinstance(result, m.OpenChannelResult) and result.status != 0
+    assert EchoVsc(device).echo(b"ok").startswith(b"ok")
+
+
+def echo_steadily(guest: Guest, count: int) -> None:
+    (driver,) = bind_echo(guest)
+    for i in range(count):
+        assert driver.echo(b"%d" % i).startswith(b"%d" % i)
+
+
+@pytest.mark.parametrize(
+    ("target", "expected_errors"),
+    [(corrupt_one_ring, 0), (send_garbage_messages, 8), (misuse_gpadls_and_opens, 4)],
+)
+def test_hostile_child_fails_alone(target: object, expected_errors: int) -> None:
+    with Host() as host:
+        sibling_vsp = EchoVsp()
+        sibling = host.start(echo_steadily, devices=[sibling_vsp], args=(3000,))
+        hostile = host.start(target, devices=[EchoVsp(count=2)])  # type: ignore[arg-type]
+        assert hostile.wait(timeout=60) == 0, "the hostile child's own checks failed"
+        assert hostile.server.protocol_errors >= expected_errors
+        assert sibling.wait(timeout=60) == 0
+        assert sibling_vsp.handlers[0].packets == 3000
+        assert sibling.server.protocol_errors == 0
+
+
+def linger(guest: Guest) -> None:
+    time.sleep(30)
+
+
+def test_child_cannot_see_a_siblings_memory() -> None:
+    with Host() as host:
+        first = host.start(linger, devices=[EchoVsp()])
+        second = host.start(linger, devices=[EchoVsp()])
+        assert wait_until(lambda: first.state == "running" and second.state == "running", 30)
+        maps = Path(f"/proc/{second.pid}/maps").read_text()
+        assert f"vmbus-{second.name}" in maps  # its own guest memory is mapped
+        assert f"vmbus-{first.name}" not in maps
+        fd_dir = f"/proc/{second.pid}/fd"
+        targets = [os.readlink(f"{fd_dir}/{fd}") for fd in os.listdir(fd_dir)]
+        assert any(f"vmbus-{second.name}" in t for t in targets)
+        assert not any(f"vmbus-{first.name}" in t for t in targets), targets
