@@ -149,7 +149,7 @@ class Guest:
         try:
             message = m.decode(payload)
         except m.MessageError as error:
-            log.warning("host sent a bad message: %s", error)
+            log.warning("host sent a bad message: %s", str(error))
             return
         if isinstance(message, m.OfferChannel):
             self._offered(message)

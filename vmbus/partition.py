@@ -144,7 +144,7 @@ class ChildPartition:
             received = self.port.receive(0)
         except MalformedMessage as error:
             self.server.protocol_errors += 1
-            log.warning("%s: %s", self.name, error)
+            log.warning("%s: %s", self.name, str(error))
             return
         if received is not None:
             self._act(self.server.receive(received[0]))
@@ -164,17 +164,20 @@ class ChildPartition:
         try:
             regions = map_channel_rings(self.memory, event.gpadl.pfns, event.inbound_page_offset)
         except GuestMemoryError as error:
-            log.warning("%s: relid %d: %s", self.name, event.relid, error)
+            log.warning("%s: relid %d: %s", self.name, event.relid, str(error))
             self._act(self.server.open_done(event.relid, event.openid, ok=False))
             return
         views = (regions[0].view(), regions[1].view())
         to_guest, to_host = Signal(), Signal()
+        failure = None
         try:
             # The guest's outbound ring is the one the host reads.
             channel = Channel(views[1], views[0], to_guest, to_host, mirrored=True)
             handler = self.vsp_of[event.offer].open(channel, event.offer, event.userdata)
         except (RingCorrupt, ValueError) as error:
-            log.warning("%s: relid %d cannot open: %s", self.name, event.relid, error)
+            failure = str(error)  # not the exception: its traceback pins the views
+        if failure is not None:
+            log.warning("%s: relid %d cannot open: %s", self.name, event.relid, failure)
             for view in views:
                 view.release()
             for region in regions:
@@ -196,9 +199,11 @@ class ChildPartition:
             return
         try:
             open_channel.channel.service(open_channel.handler.on_packet)
+            return
         except Exception as error:  # corrupt ring or a request the VSP chokes on
-            log.warning("%s: relid %d failed, rescinding: %s", self.name, relid, error)
-            self._act(self.server.rescind(relid))
+            log.warning("%s: relid %d failed, rescinding: %s", self.name, relid, str(error))
+        # Outside the handler: its traceback would pin views of the ring.
+        self._act(self.server.rescind(relid))
 
     def _close(self, relid: int) -> None:
         open_channel = self.channels.pop(relid, None)
