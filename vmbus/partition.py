@@ -178,6 +178,7 @@ class ChildPartition:
             failure = str(error)  # not the exception: its traceback pins the views
         if failure is not None:
             log.warning("%s: relid %d cannot open: %s", self.name, event.relid, failure)
+            channel = None  # type: ignore[assignment]  # drop its hold on the rings
             for view in views:
                 view.release()
             for region in regions:
