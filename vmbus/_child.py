@@ -5,9 +5,11 @@ Connects to the parent's VMBus, then runs function(guest, *args)."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import pickle
 import socket
 import sys
+from types import ModuleType
 from typing import Any
 
 from vmbus.guest import Guest
@@ -15,12 +17,26 @@ from vmbus.memory import GuestMemory
 from vmbus.transport import SocketPort
 
 
+def load_module(name: str) -> ModuleType:
+    """Import by module name, or load a script by path (not as __main__, so
+    its `if __name__ == "__main__":` block does not run again)."""
+    if not name.endswith(".py"):
+        return importlib.import_module(name)
+    spec = importlib.util.spec_from_file_location("__vmbus_script__", name)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {name}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def main() -> None:
     port_fd, memory_fd, memory_size = map(int, sys.argv[1:4])
     path, target, args = pickle.loads(sys.stdin.buffer.read())
     sys.path[:0] = [entry for entry in path if entry not in sys.path]
-    module, _, name = target.partition(":")
-    function: Any = importlib.import_module(module)
+    module, _, name = target.rpartition(":")
+    function: Any = load_module(module)
     for part in name.split("."):
         function = getattr(function, part)
     port = SocketPort(socket.socket(fileno=port_fd), accept_fds=True)

@@ -296,7 +296,10 @@ def _target_name(target: Target) -> str:
         return target
     if "<" in target.__qualname__:
         raise ValueError(f"{target.__qualname__} is not importable; use a top-level function")
-    return f"{target.__module__}:{target.__qualname__}"
+    module = target.__module__
+    if module == "__main__":  # a script: the child loads it by path
+        module = os.path.abspath(sys.modules["__main__"].__file__ or "")
+    return f"{module}:{target.__qualname__}"
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
