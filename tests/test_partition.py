@@ -10,6 +10,7 @@ import time
 import pytest
 
 from vmbus.guest import Guest
+from vmbus.host import OfferSpec
 from vmbus.memory import PAGE_SIZE
 from vmbus.partition import Host, wait_until
 from vmbus.testing.echo import ECHO_CLASS_ID, EchoVsc, EchoVsp
@@ -120,3 +121,34 @@ def test_unimportable_target_is_refused_in_the_parent() -> None:
 
     with Host() as host, pytest.raises(ValueError, match="top-level"):
         host.start(local)
+
+
+class SubChannelEchoVsp(EchoVsp):
+    """One echo device with a primary channel and two sub-channels."""
+
+    def offers(self) -> list[OfferSpec]:
+        instance = self.instances[0]
+        return [OfferSpec(ECHO_CLASS_ID, instance, sub_channel_index=i) for i in range(3)]
+
+
+def echo_on_sub_channels(guest: Guest) -> None:
+    drivers = bind_all(guest)
+    indices = sorted(d.device.sub_channel_index for d in drivers)
+    assert indices == [0, 1, 2], indices
+    assert len({d.device.instance_id for d in drivers}) == 1
+    for driver in drivers:
+        assert driver.echo(b"sub %d" % driver.device.sub_channel_index).startswith(b"sub")
+
+
+def bind_all(guest: Guest) -> list[EchoVsc]:
+    drivers: list[EchoVsc] = []
+    guest.register(ECHO_CLASS_ID, lambda device: drivers.append(EchoVsc(device)))
+    return drivers
+
+
+def test_sub_channels_share_class_and_instance() -> None:
+    with Host() as host:
+        vsp = SubChannelEchoVsp()
+        child = host.start(echo_on_sub_channels, devices=[vsp])
+        assert child.wait(timeout=30) == 0
+        assert sorted(h.packets for h in vsp.handlers) == [1, 1, 1]
