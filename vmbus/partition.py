@@ -49,12 +49,22 @@ class ChannelHandler(Protocol):
         """The channel closed (guest request, rescind, or the child died)."""
 
 
+@dataclass(frozen=True)
+class OpenContext:
+    """What a VSP learns when the guest opens one of its channels."""
+
+    offer: h.OfferSpec
+    userdata: bytes  # the 120 bytes of the guest's OPENCHANNEL
+    memory: GuestMemory  # the child's memory, for GPA-direct data (bounds-checked views)
+    partition: str  # the child's name, for logs
+
+
 class Vsp(Protocol):
     """A device back end: what it offers, and how it serves an open channel."""
 
     def offers(self) -> list[h.OfferSpec]: ...
 
-    def open(self, channel: Channel, offer: h.OfferSpec, userdata: bytes) -> ChannelHandler: ...
+    def open(self, channel: Channel, context: OpenContext) -> ChannelHandler: ...
 
 
 Target = Callable[..., Any] | str  # a function, or "module:function"
@@ -173,7 +183,8 @@ class ChildPartition:
         try:
             # The guest's outbound ring is the one the host reads.
             channel = Channel(views[1], views[0], to_guest, to_host, mirrored=True)
-            handler = self.vsp_of[event.offer].open(channel, event.offer, event.userdata)
+            context = OpenContext(event.offer, event.userdata, self.memory, self.name)
+            handler = self.vsp_of[event.offer].open(channel, context)
         except (RingCorrupt, ValueError) as error:
             failure = str(error)  # not the exception: its traceback pins the views
         if failure is not None:

@@ -43,7 +43,7 @@ class EchoVsp:
     def offers(self) -> list[OfferSpec]:
         return [OfferSpec(ECHO_CLASS_ID, instance) for instance in self.instances]
 
-    def open(self, channel: Channel, offer: OfferSpec, userdata: bytes) -> EchoHandler:
+    def open(self, channel: Channel, context: object) -> EchoHandler:
         handler = EchoHandler(channel)
         self.handlers.append(handler)
         return handler
