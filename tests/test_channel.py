@@ -10,10 +10,11 @@ import threading
 
 import pytest
 
+from vmbus._ringpacket import Packet
 from vmbus.channel import COMPLETION_REQUESTED, VM_PKT_COMP, Channel, ChannelTimeout
 from vmbus.memory import GuestMemory
 from vmbus.ring import HEADER_SIZE, init_ring
-from vmbus.testing import channel_pair
+from vmbus.testing import channel_pair, ring_buffer
 from vmbus.transport import Signal
 
 
@@ -201,3 +202,36 @@ def test_channel_between_processes_in_guest_memory() -> None:
         os.close(fd)
         del outbound, inbound
         memory.close()
+
+
+def test_service_takes_requests_only_while_replies_fit() -> None:
+    """A guest floods requests and does not read replies: the host stops taking
+    requests before its replies would overflow, and resumes once they are read."""
+    guest, host = asymmetric_pair(request_ring=64 * 1024, reply_ring=4096)
+    for i in range(200):
+        guest.send(b"%d" % i, flags=COMPLETION_REQUESTED, trans_id=i + 1)
+    served: list[int] = []
+
+    def reply(packet: Packet) -> None:
+        served.append(packet.trans_id)
+        assert host.try_send(bytes(64), type=VM_PKT_COMP, trans_id=packet.trans_id)
+
+    reserve = 16 + 64 + 8  # one reply with its trailer
+    first = host.service(reply, reserve=reserve)
+    assert 0 < first < 200
+    replies = 0
+    while guest.poll() is not None:
+        replies += 1
+    assert replies == first
+    assert host.wake_me.wait(1)  # the guest's reading signalled the host
+    second = host.service(reply, reserve=reserve)
+    assert second > 0
+    assert served == list(range(1, first + second + 1))
+
+
+def asymmetric_pair(request_ring: int, reply_ring: int) -> tuple[Channel, Channel]:
+    requests, replies = ring_buffer(request_ring), ring_buffer(reply_ring)
+    to_host, to_guest = Signal(), Signal()
+    guest = Channel(requests, replies, to_host, to_guest)
+    host = Channel(replies, requests, to_guest, to_host)
+    return guest, host

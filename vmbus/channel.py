@@ -115,14 +115,19 @@ class Channel:
             self.notify_peer.set()
         return copy
 
-    def drain(self, handle: Callable[[Packet], None], limit: int = 1 << 30) -> int:
+    def drain(
+        self, handle: Callable[[Packet], None], limit: int = 1 << 30, reserve: int = 0
+    ) -> int:
         """Hand up to `limit` packets to `handle` as zero-copy views (valid
-        during the call only), then commit once. Returns the count."""
+        during the call only), then commit once. Returns the count. With
+        `reserve`, take a packet only while more than `reserve` bytes are
+        free in the ring we send on, so each request's reply is sure to fit
+        and a flood of requests cannot wedge the channel."""
         count = 0
         while self.backlog and count < limit:
             handle(self.backlog.popleft())
             count += 1
-        while count < limit:
+        while count < limit and not (reserve and self.writer.free_bytes <= reserve):
             packet = self.reader.read()
             if packet is None:
                 break
@@ -132,14 +137,20 @@ class Channel:
             self.notify_peer.set()
         return count
 
-    def service(self, handle: Callable[[Packet], None]) -> int:
+    def service(self, handle: Callable[[Packet], None], reserve: int = 0) -> int:
         """Event-driven draining: clear the signal, drain while masked, and
-        leave the ring unmasked (re-checked) so the next packet signals us."""
+        leave the ring unmasked (re-checked) so the next packet signals us.
+        When replies would not fit (`reserve`), stop and ask the peer to
+        signal once it has read enough of them; that signal resumes us."""
         self.wake_me.clear()
         count = 0
         while True:
             self.reader.begin_drain()
-            count += self.drain(handle)
+            count += self.drain(handle, reserve=reserve)
+            if reserve and self.writer.free_bytes <= reserve:
+                if not self.writer.request_space(reserve):
+                    return count  # masked: the peer's reading wakes us, not its writing
+                continue
             if not self.reader.end_drain():
                 return count
 
