@@ -12,6 +12,7 @@ dies loses everything it had, and no one else notices.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import pickle
@@ -40,7 +41,9 @@ POLL_SECONDS = 0.5  # how often a worker notices a stop request
 
 
 class ChannelHandler(Protocol):
-    """A VSP's service of one open channel."""
+    """A VSP's service of one open channel. A handler may also have an int
+    attribute `reserve`: bytes that must stay free in the ring to the guest
+    before the next request is taken (room for its reply)."""
 
     def on_packet(self, packet: Packet) -> None:
         """One packet from the guest; a view valid during the call only."""
@@ -56,7 +59,9 @@ class OpenContext:
     offer: h.OfferSpec
     userdata: bytes  # the 120 bytes of the guest's OPENCHANNEL
     memory: GuestMemory  # the child's memory, for GPA-direct data (bounds-checked views)
+    ring_pfns: frozenset[int]  # the channel's ring pages: never a target of device data
     partition: str  # the child's name, for logs
+    add_offer: Callable[[h.OfferSpec], None]  # offer another channel, e.g. a sub-channel
 
 
 class Vsp(Protocol):
@@ -183,7 +188,14 @@ class ChildPartition:
         try:
             # The guest's outbound ring is the one the host reads.
             channel = Channel(views[1], views[0], to_guest, to_host, mirrored=True)
-            context = OpenContext(event.offer, event.userdata, self.memory, self.name)
+            context = OpenContext(
+                event.offer,
+                event.userdata,
+                self.memory,
+                frozenset(event.gpadl.pfns),
+                self.name,
+                functools.partial(self._add_offer, self.vsp_of[event.offer]),
+            )
             handler = self.vsp_of[event.offer].open(channel, context)
         except (RingCorrupt, ValueError) as error:
             failure = str(error)  # not the exception: its traceback pins the views
@@ -205,12 +217,17 @@ class ChildPartition:
         self.selector.register(to_host.fileno(), selectors.EVENT_READ, event.relid)
         self._service(event.relid)  # a packet sent before the open's signal is not lost
 
+    def _add_offer(self, vsp: Vsp, offer: h.OfferSpec) -> None:
+        self.vsp_of[offer] = vsp
+        self._act(self.server.add_offer(offer))
+
     def _service(self, relid: int) -> None:
         open_channel = self.channels.get(relid)
         if open_channel is None:
             return
         try:
-            open_channel.channel.service(open_channel.handler.on_packet)
+            reserve = getattr(open_channel.handler, "reserve", 0)
+            open_channel.channel.service(open_channel.handler.on_packet, reserve)
             return
         except Exception as error:  # corrupt ring or a request the VSP chokes on
             log.warning("%s: relid %d failed, rescinding: %s", self.name, relid, str(error))
