@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import select
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from vmbus._ringdefs import ALIGNMENT, DESCRIPTOR_SIZE, TRAILER_SIZE
@@ -227,6 +228,26 @@ class Channel:
         return self.notify_peer.sent
 
 
+def wait_any(channels: Sequence[Channel], timeout: float | None) -> None:
+    """Channel.wait over several channels (a device with sub-channels): spin,
+    then unmask all, re-check, and sleep until any of them is signalled."""
+    spin_end = time.perf_counter() + min(c.spin_seconds for c in channels)
+    while time.perf_counter() < spin_end:
+        if any(c.reader.bytes_available for c in channels):
+            return
+    try:
+        if any([c.reader.end_drain() for c in channels]):  # list: unmask every one
+            return
+        ready = select.select([c.wake_me.fileno() for c in channels], [], [], timeout)[0]
+        if not ready:
+            raise ChannelTimeout("timed out waiting for a packet")
+        for channel in channels:
+            channel.wake_me.clear()
+    finally:
+        for channel in channels:
+            channel.reader.begin_drain()
+
+
 def copied(packet: Packet) -> Packet:
     """A packet that outlives the reader's commit."""
     return Packet(
@@ -269,11 +290,15 @@ class AsyncChannel:
                 return
             await self.space.wait()
 
-    async def request(self, payload: Any, *, header: Any = b"") -> Packet:
+    async def request(
+        self, payload: Any, *, header: Any = b"", type: int = VM_PKT_DATA_INBAND
+    ) -> Packet:
         trans_id = next(self.channel.ids)
         future: asyncio.Future[Packet] = self.loop.create_future()
         self.pending[trans_id] = future
-        await self.send(payload, flags=COMPLETION_REQUESTED, trans_id=trans_id, header=header)
+        await self.send(
+            payload, type=type, flags=COMPLETION_REQUESTED, trans_id=trans_id, header=header
+        )
         return await future
 
     async def receive(self) -> Packet:
