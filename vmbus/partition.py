@@ -22,7 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -62,6 +62,7 @@ class OpenContext:
     ring_pfns: frozenset[int]  # the channel's ring pages: never a target of device data
     partition: str  # the child's name, for logs
     add_offer: Callable[[h.OfferSpec], None]  # offer another channel, e.g. a sub-channel
+    gpadls: Mapping[int, m.Gpadl]  # the child's GPADLs by handle, live (receive buffers, VRAM)
 
 
 class Vsp(Protocol):
@@ -195,6 +196,7 @@ class ChildPartition:
                 frozenset(event.gpadl.pfns),
                 self.name,
                 functools.partial(self._add_offer, self.vsp_of[event.offer]),
+                self.server.gpadls,
             )
             handler = self.vsp_of[event.offer].open(channel, context)
         except (RingCorrupt, ValueError) as error:
