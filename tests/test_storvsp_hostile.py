@@ -35,7 +35,15 @@ class Guest:
         self.memory = memory
         self.channel, host = channel_pair(request_ring)
         context = OpenContext(
-            OfferSpec(guid.SCSI, uuid.uuid4()), bytes(120), memory, RING_PFNS, "test", print, {}
+            OfferSpec(guid.SCSI, uuid.uuid4()),
+            bytes(120),
+            memory,
+            RING_PFNS,
+            "test",
+            print,
+            {},
+            print,
+            print,
         )
         self.host, self.handler = host, vsp.open(host, context)
         self.next_id = 1

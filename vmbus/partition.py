@@ -63,6 +63,10 @@ class OpenContext:
     partition: str  # the child's name, for logs
     add_offer: Callable[[h.OfferSpec], None]  # offer another channel, e.g. a sub-channel
     gpadls: Mapping[int, m.Gpadl]  # the child's GPADLs by handle, live (receive buffers, VRAM)
+    watch: Callable[
+        [int, Callable[[], None]], None
+    ]  # call back (in the worker) when fd is readable
+    unwatch: Callable[[int], None]  # stop watching fd (before closing it)
 
 
 class Vsp(Protocol):
@@ -146,6 +150,8 @@ class ChildPartition:
                         self._message()
                     elif key.data == "exit":
                         raise PortClosed("child exited")
+                    elif callable(key.data):
+                        key.data()
                     else:
                         self._service(key.data)
         except PortClosed:
@@ -197,6 +203,8 @@ class ChildPartition:
                 self.name,
                 functools.partial(self._add_offer, self.vsp_of[event.offer]),
                 self.server.gpadls,
+                self._watch,
+                self.selector.unregister,
             )
             handler = self.vsp_of[event.offer].open(channel, context)
         except (RingCorrupt, ValueError) as error:
@@ -218,6 +226,11 @@ class ChildPartition:
         self.port.post(m.encode(reply.message), [to_guest.fileno(), to_host.fileno()])
         self.selector.register(to_host.fileno(), selectors.EVENT_READ, event.relid)
         self._service(event.relid)  # a packet sent before the open's signal is not lost
+
+    def _watch(self, fd: int, callback: Callable[[], None]) -> None:
+        """A VSP's own descriptor (a TAP device, a switch port) served by this
+        worker, so its channels are only ever touched by one thread."""
+        self.selector.register(fd, selectors.EVENT_READ, callback)
 
     def _add_offer(self, vsp: Vsp, offer: h.OfferSpec) -> None:
         self.vsp_of[offer] = vsp
