@@ -204,7 +204,7 @@ class ChildPartition:
                 functools.partial(self._add_offer, self.vsp_of[event.offer]),
                 self.server.gpadls,
                 self._watch,
-                self.selector.unregister,
+                self._unwatch,
             )
             handler = self.vsp_of[event.offer].open(channel, context)
         except (RingCorrupt, ValueError) as error:
@@ -231,6 +231,9 @@ class ChildPartition:
         """A VSP's own descriptor (a TAP device, a switch port) served by this
         worker, so its channels are only ever touched by one thread."""
         self.selector.register(fd, selectors.EVENT_READ, callback)
+
+    def _unwatch(self, fd: int) -> None:
+        self.selector.unregister(fd)
 
     def _add_offer(self, vsp: Vsp, offer: h.OfferSpec) -> None:
         self.vsp_of[offer] = vsp
