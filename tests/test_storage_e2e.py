@@ -95,3 +95,33 @@ def test_several_luns_and_their_errors() -> None:
         disks = {0: RamBackend(MiB), 5: RamBackend(2 * MiB), 7: ReadOnlyBackend(RamBackend(MiB))}
         child = host.start(two_luns_and_errors, devices=[StorVsp(disks)])
         assert child.wait(timeout=60) == 0
+
+
+def async_io(guest: Guest) -> None:
+    """Child: the asyncio form, many calls at once."""
+    import asyncio
+
+    from vsc.storage import AsyncBlockDevice
+
+    (device,) = scsi_devices(guest)
+    disk = BlockDevice(device, queue_depth=8)
+
+    async def main() -> None:
+        adisk = AsyncBlockDevice(disk)
+        try:
+            blocks = [bytes([i]) * 4096 for i in range(40)]
+            await asyncio.gather(*(adisk.write(i * 4096, b) for i, b in enumerate(blocks)))
+            await adisk.flush()
+            outs = [bytearray(4096) for _ in blocks]
+            await asyncio.gather(*(adisk.read_into(i * 4096, o) for i, o in enumerate(outs)))
+            assert [bytes(o) for o in outs] == blocks
+        finally:
+            adisk.close()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_asyncio_block_device() -> None:
+    with Host() as host:
+        child = host.start(async_io, devices=[StorVsp([RamBackend(MiB)])])
+        assert child.wait(timeout=60) == 0
