@@ -1,0 +1,467 @@
+"""Network backends for the network VSP: a TAP device, a learning switch,
+null, and a pcap-capturing wrapper, all behind `NetBackend`.
+
+The interface (`NetBackend`):
+
+- `fileno()`: a descriptor for `OpenContext.watch`, readable while received
+  frames wait (level-triggered), so the child's worker calls back until drained;
+- `receive(max_frames)`: never blocks; up to `max_frames` waiting frames, as bytes;
+- `send(frames)`: a batch of whole Ethernet frames (14-byte header, no FCS),
+  as bytes or byte-format views valid during the call only (they are copied
+  or written out before it returns); returns how many the medium accepted.
+  A full medium, a link that is down or a malformed frame is a drop: counted
+  in `drops`, never raised;
+- `mac` (a suggested MAC for the guest NIC, or None), `mtu`, `link_up`;
+- `set_link(up)`, and `on_link_change`: a callback the VSP sets, called with
+  the new state from the thread that calls `set_link`, when the state changes;
+- `close()`; counters `frames_in` (frames handed out by `receive`),
+  `frames_out` (frames `send` accepted) and `drops`.
+
+Each backend is served by one thread (its child's worker), except that the
+switch's ports are served by different workers: the switch locks.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any, BinaryIO, Protocol, TypeVar
+
+from pyroute2 import IPRoute
+from pyroute2 import netns as _netns  # not `netns`: TapBackend's argument of that name
+
+__all__ = ["LearningSwitch", "NetBackend", "NullBackend", "PcapCapture", "SwitchPort", "TapBackend"]
+
+Frame = bytes | bytearray | memoryview  # a byte-format buffer
+LinkCallback = Callable[[bool], None]
+_C = TypeVar("_C", bound="_Closing")
+
+ETH_HLEN = 14  # destination, source, EtherType
+VLAN_HLEN = 4  # one 802.1Q tag, which the MTU does not count
+DEFAULT_MTU = 1500
+MAX_MTU = 65535 - ETH_HLEN - VLAN_HLEN  # the largest frame a pcap snaplen or a TAP read holds
+
+
+def max_frame(mtu: int) -> int:
+    """The longest frame a medium with this MTU carries (checked: 68 is IPv4's minimum)."""
+    if not 68 <= mtu <= MAX_MTU:
+        raise ValueError(f"MTU {mtu} is outside 68..{MAX_MTU}")
+    return ETH_HLEN + VLAN_HLEN + mtu
+
+
+class NetBackend(Protocol):
+    """What the network VSP needs of a backend; see the module doc."""
+
+    on_link_change: LinkCallback | None  # set by the VSP; the rest are read only
+    mac: bytes | None
+    mtu: int
+    link_up: bool
+    frames_in: int
+    frames_out: int
+    drops: int
+
+    def fileno(self) -> int: ...
+    def receive(self, max_frames: int) -> list[bytes]: ...
+    def send(self, frames: Sequence[Frame]) -> int: ...
+    def set_link(self, up: bool) -> None: ...
+    def close(self) -> None: ...
+
+
+class _Closing:
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _C) -> _C:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class _Backend(_Closing):
+    """Counters, link state and the descriptor shared by the backends."""
+
+    def __init__(self, mac: bytes | None, mtu: int, fd: int = -1) -> None:
+        if mac is not None and len(mac) != 6:
+            raise ValueError(f"a MAC is 6 bytes, not {len(mac)}")
+        self._fd = fd
+        self.mac = mac
+        self.mtu = mtu
+        self._max_frame = max_frame(mtu)
+        self.link_up = True
+        self.on_link_change: LinkCallback | None = None
+        self.frames_in = 0
+        self.frames_out = 0
+        self.drops = 0
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def set_link(self, up: bool) -> None:
+        if up != self.link_up:
+            self.link_up = up
+            self._link_changed(up)
+
+    def _link_changed(self, up: bool) -> None:
+        if self.on_link_change is not None:
+            self.on_link_change(up)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _eventfd() -> int:
+    return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+
+class NullBackend(_Backend):
+    """A sink: accepts every frame sent (while the link is up) and discards
+    it; never receives. Its fileno is an eventfd that is never signalled."""
+
+    def __init__(self, mac: bytes | None = None, mtu: int = DEFAULT_MTU) -> None:
+        super().__init__(mac, mtu, _eventfd())
+
+    def receive(self, max_frames: int) -> list[bytes]:
+        return []
+
+    def send(self, frames: Sequence[Frame]) -> int:
+        if not self.link_up:
+            self.drops += len(frames)
+            return 0
+        self.frames_out += len(frames)
+        return len(frames)
+
+
+# --- learning switch ---
+
+# Frames waiting at one port: ~1.5 MB of 1500-byte frames. A guest that does
+# not drain its port loses frames there, and only there.
+SWITCH_QUEUE_FRAMES = 1024
+# Learned MACs: a guest spraying source MACs cannot grow the table further;
+# frames to MACs not learned are flooded, as a real switch does.
+SWITCH_TABLE_ENTRIES = 4096
+
+
+class LearningSwitch:
+    """An Ethernet switch in memory between ports (`port()`), each a NetBackend.
+
+    A port's frames go to the port that learned the destination MAC (from
+    the frames it sent), or to every other port for broadcast, multicast and
+    unknown unicast. Frames to the sending port itself are filtered. Each
+    port has its own bounded queue; one lock covers the table and the queues.
+    """
+
+    def __init__(
+        self,
+        mtu: int = DEFAULT_MTU,
+        queue_frames: int = SWITCH_QUEUE_FRAMES,
+        table_entries: int = SWITCH_TABLE_ENTRIES,
+    ) -> None:
+        self.mtu = mtu
+        self._max_frame = max_frame(mtu)
+        self.queue_frames = queue_frames
+        self.table_entries = table_entries
+        self._lock = threading.Lock()
+        self._ports: list[SwitchPort] = []
+        self._table: dict[bytes, SwitchPort] = {}
+
+    def port(self, mac: bytes | None = None) -> SwitchPort:
+        """A new port. Its `mac`, if given, is learned at once, so frames to
+        it arrive before the guest has sent anything."""
+        port = SwitchPort(self, mac)
+        with self._lock:
+            self._ports.append(port)
+            if mac is not None:
+                self._learn(mac, port)
+        return port
+
+    def _learn(self, mac: bytes, port: SwitchPort) -> None:
+        if mac in self._table or len(self._table) < self.table_entries:
+            self._table[mac] = port
+
+    def _forward(self, source: SwitchPort, frames: Sequence[Frame]) -> int:
+        accepted = 0
+        with self._lock:
+            if not source.link_up or source._fd < 0:
+                source.drops += len(frames)
+                return 0
+            for frame in frames:
+                data = bytes(frame)  # the caller's view is valid during the call only
+                if not ETH_HLEN <= len(data) <= self._max_frame:
+                    source.drops += 1
+                    continue
+                accepted += 1
+                if not data[6] & 1:  # a multicast source address is bogus: not learned
+                    self._learn(data[6:12], source)
+                target = None if data[0] & 1 else self._table.get(data[:6])
+                if target is None:
+                    for port in self._ports:
+                        if port is not source:
+                            port._enqueue(data)
+                elif target is not source:
+                    target._enqueue(data)
+            source.frames_out += accepted
+        return accepted
+
+    def _remove(self, port: SwitchPort) -> None:
+        with self._lock:
+            self._ports.remove(port)
+            for mac in [mac for mac, owner in self._table.items() if owner is port]:
+                del self._table[mac]
+            port._flush()
+            _Backend.close(port)
+
+
+class SwitchPort(_Backend):
+    """One port of a LearningSwitch. Its eventfd counts 1 exactly while its
+    queue holds frames (both change under the switch's lock)."""
+
+    def __init__(self, switch: LearningSwitch, mac: bytes | None) -> None:
+        super().__init__(mac, switch.mtu, _eventfd())
+        self.switch = switch
+        self._queue: deque[bytes] = deque()
+
+    def _enqueue(self, frame: bytes) -> None:  # under the switch's lock
+        if not self.link_up or len(self._queue) >= self.switch.queue_frames:
+            self.drops += 1
+            return
+        if not self._queue:
+            os.eventfd_write(self._fd, 1)
+        self._queue.append(frame)
+
+    def _flush(self) -> None:  # under the switch's lock; the lost frames are drops
+        if self._queue:
+            self.drops += len(self._queue)
+            self._queue.clear()
+            os.eventfd_read(self._fd)
+
+    def receive(self, max_frames: int) -> list[bytes]:
+        with self.switch._lock:
+            queue = self._queue
+            count = min(max_frames, len(queue))
+            if count == 0:
+                return []
+            frames = [queue.popleft() for _ in range(count)]
+            if not queue:
+                os.eventfd_read(self._fd)
+            self.frames_in += count
+        return frames
+
+    def send(self, frames: Sequence[Frame]) -> int:
+        return self.switch._forward(self, frames)
+
+    def set_link(self, up: bool) -> None:
+        """Down is a pulled cable: frames waiting here are lost, and frames to
+        and from this port are dropped until it is up again."""
+        with self.switch._lock:
+            changed = up != self.link_up
+            self.link_up = up
+            if not up:
+                self._flush()
+        if changed:
+            self._link_changed(up)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            self.switch._remove(self)
+
+
+# --- TAP device ---
+
+# linux/if_tun.h, with the asm-generic _IOW encoding (x86, arm; not ppc, mips).
+TUNSETIFF = 0x400454CA
+TUNSETCARRIER = 0x400454E2
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000  # frames only: no 4-byte packet information before each
+IFNAMSIZ = 16
+# A write fails with these when the kernel drops the frame (no memory, the
+# device going down, a frame it rejects); anything else is our own misuse.
+_TAP_DROPS = frozenset((errno.EAGAIN, errno.ENOBUFS, errno.ENOMEM, errno.EIO, errno.EINVAL))
+
+
+class TapBackend(_Backend):
+    """A TAP device (IFF_TAP | IFF_NO_PI): frames the guest sends enter the
+    kernel's network stack there, and frames the kernel sends out of it are
+    received. The device exists while this object's descriptor is open.
+
+    With `netns`, the device (created in our own namespace, where the
+    descriptor is opened) is moved into that network namespace, created
+    first if `create_netns` and removed again by `close()`. The MTU, the
+    up state and `address` (e.g. "10.200.1.1/24") are set there.
+    `set_link(False)` sets the interface down and its carrier off.
+    """
+
+    def __init__(
+        self,
+        name: str | None = None,
+        *,
+        netns: str | None = None,
+        address: str | None = None,
+        mtu: int = DEFAULT_MTU,
+        create_netns: bool = False,
+    ) -> None:
+        super().__init__(None, mtu)
+        encoded = (name or "").encode()
+        if len(encoded) >= IFNAMSIZ:
+            raise ValueError(f"interface name {name!r} is longer than {IFNAMSIZ - 1} bytes")
+        self.netns = netns
+        self.index: int = -1
+        self._created_netns = False
+        try:
+            if netns is not None and create_netns:
+                _netns.create(netns)
+                self._created_netns = True
+            self._fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+            ifreq = struct.pack("16sH22x", encoded, IFF_TAP | IFF_NO_PI)
+            answer = fcntl.ioctl(self._fd, TUNSETIFF, ifreq)  # the kernel fills in a name
+            self.name = answer[:IFNAMSIZ].rstrip(b"\0").decode()
+            if netns is not None:
+                with IPRoute(groups=0) as ipr:
+                    (index,) = ipr.link_lookup(ifname=self.name)
+                    ipr.link("set", index=index, net_ns_fd=netns)
+            with self._iproute() as ipr:
+                (self.index,) = ipr.link_lookup(ifname=self.name)
+                ipr.link("set", index=self.index, mtu=mtu, state="up")
+                if address is not None:
+                    ip, _, prefix = address.partition("/")
+                    ipr.addr("add", index=self.index, address=ip, prefixlen=int(prefix or 32))
+        except BaseException:
+            self.close()
+            raise
+
+    def _iproute(self) -> Any:
+        """An RTNL socket in the device's namespace, opened per use: set_link is
+        rare, and a socket kept open would pin the namespace and collect events."""
+        if self.netns is None:
+            return IPRoute(groups=0)
+        return IPRoute(groups=0, netns=self.netns, flags=0)  # flags=0: never create it
+
+    def receive(self, max_frames: int) -> list[bytes]:
+        frames: list[bytes] = []
+        read, fd, size = os.read, self._fd, self._max_frame
+        for _ in range(max_frames):
+            try:
+                frames.append(read(fd, size))
+            except BlockingIOError:
+                break
+        self.frames_in += len(frames)
+        return frames
+
+    def send(self, frames: Sequence[Frame]) -> int:
+        if not self.link_up:
+            self.drops += len(frames)
+            return 0
+        sent = 0
+        write, fd, largest = os.write, self._fd, self._max_frame
+        for frame in frames:
+            if not ETH_HLEN <= len(frame) <= largest:
+                self.drops += 1
+                continue
+            try:
+                write(fd, frame)  # the kernel processes the frame before returning
+            except OSError as error:
+                if error.errno not in _TAP_DROPS:
+                    raise
+                self.drops += 1
+                continue
+            sent += 1
+        self.frames_out += sent
+        return sent
+
+    def set_link(self, up: bool) -> None:
+        if up == self.link_up:
+            return
+        with self._iproute() as ipr:
+            if up:  # carrier first, so the interface comes up with its link
+                fcntl.ioctl(self._fd, TUNSETCARRIER, struct.pack("i", 1))
+            ipr.link("set", index=self.index, state="up" if up else "down")
+            if not up:
+                fcntl.ioctl(self._fd, TUNSETCARRIER, struct.pack("i", 0))
+        self.link_up = up
+        self._link_changed(up)
+
+    def close(self) -> None:
+        """Closing the descriptor deletes the (non-persistent) device."""
+        super().close()
+        if self._created_netns and self.netns is not None:
+            self._created_netns = False
+            _netns.remove(self.netns)
+
+
+# --- pcap capture ---
+
+PCAP_MAGIC = 0xA1B2C3D4  # classic libpcap, microsecond timestamps
+LINKTYPE_ETHERNET = 1
+PCAP_SNAPLEN = 65535  # a whole frame at any MTU up to MAX_MTU
+_PCAP_HEADER = struct.Struct("<IHHiIII")  # magic, version 2.4, zone, sigfigs, snaplen, linktype
+_PCAP_RECORD = struct.Struct("<IIII")  # seconds, microseconds, captured length, frame length
+
+
+def _delegated(name: str) -> Any:
+    """A property for the wrapped backend's attribute."""
+
+    def get(self: PcapCapture) -> Any:
+        return getattr(self.inner, name)
+
+    def put(self: PcapCapture, value: Any) -> None:
+        setattr(self.inner, name, value)
+
+    return property(get, put)
+
+
+class PcapCapture(_Closing):
+    """Wraps a backend and writes each frame offered to `send` (including any
+    the medium then drops) and each frame `receive` returns to a pcap file.
+    Owns the inner backend: `close()` flushes the file and closes both."""
+
+    def __init__(self, inner: NetBackend, path: str | os.PathLike[str]) -> None:
+        self.inner = inner
+        self._file: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed by close()
+        self._file.write(_PCAP_HEADER.pack(PCAP_MAGIC, 2, 4, 0, 0, PCAP_SNAPLEN, LINKTYPE_ETHERNET))
+
+    def _record(self, frame: Frame) -> None:
+        seconds, microseconds = divmod(time.time_ns() // 1000, 1_000_000)
+        data = bytes(frame[:PCAP_SNAPLEN])
+        self._file.write(_PCAP_RECORD.pack(seconds, microseconds, len(data), len(frame)))
+        self._file.write(data)
+
+    on_link_change: LinkCallback | None = _delegated("on_link_change")
+    mac: bytes | None = _delegated("mac")
+    mtu: int = _delegated("mtu")
+    link_up: bool = _delegated("link_up")
+    frames_in: int = _delegated("frames_in")
+    frames_out: int = _delegated("frames_out")
+    drops: int = _delegated("drops")
+
+    def fileno(self) -> int:
+        return self.inner.fileno()
+
+    def receive(self, max_frames: int) -> list[bytes]:
+        frames = self.inner.receive(max_frames)
+        for frame in frames:
+            self._record(frame)
+        return frames
+
+    def send(self, frames: Sequence[Frame]) -> int:
+        for frame in frames:
+            self._record(frame)
+        return self.inner.send(frames)
+
+    def set_link(self, up: bool) -> None:
+        self.inner.set_link(up)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        self.inner.close()
