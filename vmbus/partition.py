@@ -43,7 +43,9 @@ POLL_SECONDS = 0.5  # how often a worker notices a stop request
 class ChannelHandler(Protocol):
     """A VSP's service of one open channel. A handler may also have an int
     attribute `reserve`: bytes that must stay free in the ring to the guest
-    before the next request is taken (room for its reply)."""
+    before the next request is taken (room for its reply); and a method
+    `on_signal()`, called after each wake-up of the channel (e.g. the guest
+    made room for packets the VSP had queued)."""
 
     def on_packet(self, packet: Packet) -> None:
         """One packet from the guest; a view valid during the call only."""
@@ -244,8 +246,11 @@ class ChildPartition:
         if open_channel is None:
             return
         try:
-            reserve = getattr(open_channel.handler, "reserve", 0)
-            open_channel.channel.service(open_channel.handler.on_packet, reserve)
+            handler = open_channel.handler
+            open_channel.channel.service(handler.on_packet, getattr(handler, "reserve", 0))
+            on_signal = getattr(handler, "on_signal", None)
+            if on_signal is not None:
+                on_signal()
             return
         except Exception as error:  # corrupt ring or a request the VSP chokes on
             log.warning("%s: relid %d failed, rescinding: %s", self.name, relid, str(error))
