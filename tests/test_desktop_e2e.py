@@ -128,3 +128,77 @@ def test_vnc_client_sees_the_child_draw_and_types_into_it(tmp_path: Path) -> Non
         assert np.array_equal(shot, rgb(pattern(2 * WIDTH, 2 * HEIGHT, 2)))
         assert video.server.errors.total() == 0
         assert keyboard.server.errors.total() == mouse.server.errors.total() == 0
+
+
+def async_input_child(guest: Guest, workdir: str) -> None:
+    """Child: read injected input with the asyncio form."""
+    import asyncio
+
+    from vsc.input import events
+
+    devices = bound(guest)
+    keyboard, mouse = Keyboard(devices[guid.KEYBOARD]), Mouse(devices[guid.MOUSE])
+
+    async def collect() -> dict[str, list[list[int]]]:
+        keys = [[e.scan_code, e.pressed, e.e0] async for e in _take(events(keyboard), 3)]
+        moves = [[e.x, e.y, e.buttons, e.wheel] async for e in _take(events(mouse), 2)]
+        return {"keys": keys, "moves": moves}
+
+    result = asyncio.run(asyncio.wait_for(collect(), 30))
+    (Path(workdir) / "async.json").write_text(json.dumps(result))
+
+
+async def _take(stream, count):  # type: ignore[no-untyped-def]
+    taken = 0
+    async for item in stream:
+        yield item
+        taken += 1
+        if taken == count:
+            break
+
+
+def test_injected_input_reaches_asyncio_streams(tmp_path: Path) -> None:
+    keyboard, mouse = KeyboardVsp(), MouseVsp()
+    with Host() as host:
+        child = host.start(async_input_child, devices=[keyboard, mouse], args=(str(tmp_path),))
+        assert wait_until(lambda: keyboard.server.negotiated and mouse.server.ready, 30)
+        keyboard.press(0x48, down=True, e0=True)  # up arrow
+        keyboard.press(0x48, down=False, e0=True)
+        keyboard.key(0xFF0D, down=True)  # Return, as a VNC keysym
+        mouse.move(1000, 2000, buttons=2)
+        mouse.move(0, 32767, wheel=-1)
+        assert child.wait(timeout=30) == 0
+        got = json.loads((tmp_path / "async.json").read_text())
+        assert got["keys"] == [[0x48, True, True], [0x48, False, True], [0x1C, True, False]]
+        assert got["moves"] == [[1000, 2000, 2, 0], [0, 32767, 0, -1]]
+
+
+def vram_outside_its_grant(guest: Guest, workdir: str) -> None:
+    """Child: points VRAM at memory it never granted, and asks for a mode
+    bigger than VRAM; then behaves."""
+    from vmbus.protocols import synthvid as sv
+
+    device = bound(guest)[guid.SYNTHVID]
+    channel = device.open(256 * 1024, 256 * 1024)
+    client = sv.SynthvidClient()
+    channel.send(client.start())
+    while client.version is None or not client.resolutions:
+        for reply in client.receive(channel.receive(10).payload):
+            channel.send(reply)
+    channel.send(client.vram_location(guest.memory.size - 4096))  # not granted, too short
+    channel.send(client.situation_update(4000, 4000))  # larger than VRAM
+    channel.send(client.dirt((0, 0, 10, 10)))  # before any mode
+    time.sleep(0.5)
+    assert channel.poll() is None, "the host acknowledged a VRAM it must refuse"
+    (Path(workdir) / "done").write_text("1")
+    channel.close()
+
+
+def test_guest_places_vram_outside_its_grant(tmp_path: Path) -> None:
+    video = VideoVsp(Screen(64, 64))
+    with Host() as host:
+        child = host.start(vram_outside_its_grant, devices=[video], args=(str(tmp_path),))
+        assert child.wait(timeout=30) == 0
+        assert video.vram is None and video.frames == 0
+        assert video.server.errors.total() >= 3
+        assert video.screen.width == 64  # the bad mode was not applied
