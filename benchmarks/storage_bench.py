@@ -1,0 +1,591 @@
+"""Storage benchmarks: a child partition's BlockDevice against the parent's
+storvsp on a raw image file, against fio and a Python os.preadv/pwritev loop
+on the same file, and the bus round trip (the echo device) in the same run.
+
+    python -m benchmarks.storage_bench [--quick] [--repeats N] [--seconds S]
+        [--spin SECONDS] [--dir DIR] [--markdown FILE]
+
+One image (filled with data, read once so the page cache is warm) serves
+every method. Every measurement is time-bounded and each round runs them all,
+alternating the order (A B … B A …); the table gives medians over rounds and
+ratios taken within each round, because the host moves the two vCPUs (see
+/work/shared/BENCHMARKING.md). The child partition times its own loops and
+answers over a Unix socket, with its doorbells and CPU time per request (the
+parent adds those of the VSP's worker thread). The Host stops the child (by
+its pidfd) and the image's temporary directory goes on any exit, SIGTERM
+included. Missing fio is reported and skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import mmap
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from time import clock_gettime, perf_counter, process_time, pthread_getcpuclockid
+
+from vmbus import guid
+from vmbus.channel import DEFAULT_SPIN_SECONDS, Channel
+from vmbus.guest import Guest, GuestDevice
+from vmbus.partition import ChildPartition, Host
+from vmbus.testing.echo import ECHO_CLASS_ID, EchoVsc, EchoVsp
+from vsc.storage import BlockDevice, StorageController
+from vsp.disk_backends import RawFileBackend
+from vsp.storage import StorVsp
+
+KiB, MiB = 1 << 10, 1 << 20
+QUEUE_DEPTH = 32
+MAX_IO = MiB  # one SRB per 1 MiB request, as fio does one syscall
+CHILD_MEMORY = QUEUE_DEPTH * MAX_IO + 16 * MiB  # the bounce slots, rings and room
+CHILD_TARGET = "benchmarks.storage_bench:storage_child"  # importable even as __main__
+TIMEOUT = 60.0
+WARMUP_STEPS = 4
+ECHO_PAYLOAD = bytes(64)
+ECHO_RING = 64 * KiB
+STACK, FIO, URING, PYTHON, ECHO = "stack", "fio psync", "fio io_uring", "Python loop", "bus echo"
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    write: bool
+    random: bool
+    size: int  # bytes per request
+    depth: int  # requests in flight
+
+    @property
+    def fio_rw(self) -> str:
+        return ("rand" if self.random else "") + ("write" if self.write else "read")
+
+
+WORKLOADS = [
+    Workload("4 KiB random read, QD1", False, True, 4 * KiB, 1),
+    Workload("4 KiB random read, QD32", False, True, 4 * KiB, QUEUE_DEPTH),
+    Workload("4 KiB random write, QD1", True, True, 4 * KiB, 1),
+    Workload("4 KiB random write, QD32", True, True, 4 * KiB, QUEUE_DEPTH),
+    Workload("1 MiB sequential read, QD1", False, False, MiB, 1),
+    Workload("1 MiB sequential read, QD4", False, False, MiB, 4),
+    Workload("1 MiB sequential write, QD1", True, False, MiB, 1),
+    Workload("1 MiB sequential write, QD4", True, False, MiB, 4),
+]
+BY_NAME = {w.name: w for w in WORKLOADS}
+ROUND_TRIP = "64 B bus round trip"
+
+
+@dataclass(frozen=True)
+class Settings:
+    repeats: int
+    seconds: float  # per measurement
+    image: int  # bytes
+    spin: float = DEFAULT_SPIN_SECONDS  # the child's poll budget before it sleeps
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One measurement: operations per second (None: the tool failed); for the
+    stack also the doorbells rung per packet each way (the peer had gone to
+    sleep) and the CPU time per request on each side."""
+
+    rate: float | None
+    to_host: float | None = None
+    to_child: float | None = None
+    child_cpu: float | None = None  # seconds per request
+    host_cpu: float | None = None  # the VSP's worker thread, seconds per request
+
+
+QUICK = Settings(repeats=3, seconds=0.25, image=256 * MiB)
+FULL = Settings(repeats=7, seconds=1.0, image=256 * MiB)
+
+
+# --- shared by the child and the parent's Python loop ----------------------------
+
+
+def page_buffer(size: int) -> mmap.mmap:
+    """A page-aligned, pre-faulted buffer (no 4 KiB aliasing against the page cache)."""
+    buffer = mmap.mmap(-1, size)
+    buffer.write(bytes(size))
+    return buffer
+
+
+def offsets(workload: Workload, image: int, seed: int) -> Iterator[int]:
+    """Endless request offsets: random size-aligned ones, or the file in order."""
+    slots = image // workload.size
+    if not workload.random:
+        return itertools.cycle(range(0, slots * workload.size, workload.size))
+    rng = random.Random(seed)
+    return itertools.cycle([rng.randrange(slots) * workload.size for _ in range(1 << 16)])
+
+
+def timed(step: Callable[[], int], seconds: float) -> tuple[int, float]:
+    """Run `step` (it returns the operations it did) for about `seconds`:
+    (operations, elapsed), after a few untimed steps."""
+    for _ in range(WARMUP_STEPS):
+        step()
+    ops, start = 0, perf_counter()
+    deadline = start + seconds
+    while True:
+        ops += step()
+        now = perf_counter()
+        if now >= deadline:
+            return ops, now - start
+
+
+# --- the child partition -------------------------------------------------------
+
+
+def disk_step(disk: BlockDevice, workload: Workload, image: int, seed: int) -> Callable[[], int]:
+    """One call of the BlockDevice API: a request, or `depth` at once."""
+    where = offsets(workload, image, seed)
+    buffers = [page_buffer(workload.size) for _ in range(workload.depth)]
+    if workload.depth == 1:
+        one = disk.write if workload.write else disk.read_into
+        buffer = buffers[0]
+
+        def single() -> int:
+            one(next(where), buffer)
+            return 1
+
+        return single
+    many = disk.write_many if workload.write else disk.read_many
+
+    def batch() -> int:
+        many([(next(where), b) for b in buffers])
+        return len(buffers)
+
+    return batch
+
+
+Counters = tuple[int, int, float]  # signals sent, packets sent, CPU seconds
+
+
+def counters(channel: Channel, cpu_seconds: float) -> Counters:
+    return channel.signals_sent, channel.packets_sent, cpu_seconds
+
+
+def per_packet(before: Counters, after: Counters) -> tuple[float, float]:
+    """(doorbells, CPU seconds) per packet sent between two readings."""
+    packets = max(1, after[1] - before[1])
+    return (after[0] - before[0]) / packets, (after[2] - before[2]) / packets
+
+
+def storage_child(guest: Guest, address: str, image: int, spin: float) -> None:
+    """Child partition: bind the SCSI and echo devices, then run each
+    (workload name, seconds, seed) the parent sends and answer (ops, seconds,
+    (doorbells, CPU seconds) per request it sent). Both channels spin `spin`
+    seconds before they sleep."""
+    scsi: list[GuestDevice] = []
+    echoes: list[EchoVsc] = []
+    guest.register(guid.SCSI, scsi.append)
+    guest.register(ECHO_CLASS_ID, lambda device: echoes.append(EchoVsc(device)))
+    controller = StorageController(
+        scsi[0], queue_depth=QUEUE_DEPTH, max_io_bytes=MAX_IO, spin_seconds=spin
+    )
+    disk = controller.disk(0)
+    echo = echoes[0]
+    echo.channel = echo.device.open(ECHO_RING, ECHO_RING, spin_seconds=spin)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(address)
+    control = Connection(sock.detach())
+
+    def round_trip() -> int:
+        echo.echo(ECHO_PAYLOAD)
+        return 1
+
+    with contextlib.suppress(EOFError):
+        for name, seconds, seed in iter(control.recv, None):
+            step = round_trip if name == ROUND_TRIP else disk_step(disk, BY_NAME[name], image, seed)
+            channel = echo.channel if name == ROUND_TRIP else controller.channel
+            assert channel is not None
+            before = counters(channel, process_time())
+            ops, elapsed = timed(step, seconds)
+            after = counters(channel, process_time())
+            control.send((ops, elapsed, per_packet(before, after)))
+    controller.close()
+    guest.unload()
+
+
+class StackRunner:
+    """The parent's end of the child partition: a StorVsp on the image and an
+    echo device, and the control socket to the child."""
+
+    def __init__(self, host: Host, path: str, settings: Settings, workdir: str) -> None:
+        address = os.path.join(workdir, "control")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(address)
+        listener.listen(1)
+        listener.settimeout(TIMEOUT)
+        self.backend = RawFileBackend(path)
+        self.vsp = StorVsp([self.backend], max_transfer_bytes=MAX_IO)
+        self.echo = EchoVsp()
+        self.child: ChildPartition = host.start(
+            CHILD_TARGET,
+            devices=[self.vsp, self.echo],
+            args=(address, settings.image, settings.spin),
+            memory_size=CHILD_MEMORY,
+        )
+        try:
+            sock, _ = listener.accept()
+        finally:
+            listener.close()
+        sock.settimeout(None)
+        self.control = Connection(sock.detach())
+        assert self.child.worker.ident is not None
+        self.worker_clock = pthread_getcpuclockid(self.child.worker.ident)
+
+    def run(self, name: str, seconds: float, seed: int) -> Sample:
+        """Operations per second as the child timed them; the doorbells and
+        CPU time per request of the child and of the VSP's worker thread."""
+        handler = self.echo.handlers[0] if name == ROUND_TRIP else self.vsp.handlers[0]
+        before = counters(handler.channel, clock_gettime(self.worker_clock))
+        self.control.send((name, seconds, seed))
+        if not self.control.poll(TIMEOUT + seconds):
+            raise TimeoutError(f"child partition {self.child.pid} sent no result")
+        ops, elapsed, (to_host, child_cpu) = self.control.recv()
+        after = counters(handler.channel, clock_gettime(self.worker_clock))
+        to_child, host_cpu = per_packet(before, after)
+        return Sample(ops / elapsed, to_host, to_child, child_cpu, host_cpu)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.control.send(None)
+        self.control.close()
+        if self.child.wait(10) is None:
+            self.child.stop()
+        self.backend.close()
+
+
+# --- the baselines in the parent -------------------------------------------------
+
+
+def python_loop(path: str, workload: Workload, image: int, seconds: float, seed: int) -> Sample:
+    """os.preadv / os.pwritev, one request at a time, into a page-aligned buffer."""
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        where = offsets(workload, image, seed)
+        buffers = [page_buffer(workload.size)]
+        call = os.pwritev if workload.write else os.preadv
+        batch = 64 if workload.size <= 64 * KiB else 1  # keep the clock out of the loop
+
+        def step() -> int:
+            for _ in range(batch):
+                call(fd, buffers, next(where))
+            return batch
+
+        ops, elapsed = timed(step, seconds)
+        return Sample(ops / elapsed)
+    finally:
+        os.close(fd)
+
+
+def fio(path: str, workload: Workload, image: int, seconds: float, engine: str) -> Sample:
+    """fio's IOPS on the image, page cache kept (--invalidate=0)."""
+    command = [
+        "fio",
+        "--name=storage-bench",
+        f"--filename={path}",
+        f"--size={image}",
+        f"--ioengine={engine}",
+        "--direct=0",
+        "--invalidate=0",
+        f"--rw={workload.fio_rw}",
+        f"--bs={workload.size}",
+        f"--iodepth={workload.depth}",
+        "--numjobs=1",
+        "--iomem_align=4096",  # page-aligned buffers, as the stack's
+        "--time_based",
+        f"--runtime={max(1, round(seconds * 1000))}ms",
+        "--output-format=json",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT + seconds)
+    if done.returncode != 0:
+        return Sample(None)
+    job = json.loads(done.stdout)["jobs"][0]
+    return Sample(float(job["write" if workload.write else "read"]["iops"]))
+
+
+# --- the image -------------------------------------------------------------------
+
+
+def make_image(path: str, size: int) -> None:
+    """Fill the image with data (no holes), then read it once: a warm page cache."""
+    chunk = random.Random(1).randbytes(MiB)
+    with open(path, "wb") as out:
+        for _ in range(size // MiB):
+            out.write(chunk)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        buffer = page_buffer(MiB)
+        for offset in range(0, size, MiB):
+            os.preadv(fd, [buffer], offset)
+    finally:
+        os.close(fd)
+
+
+# --- the runner ------------------------------------------------------------------
+
+Key = tuple[str, str]  # (workload, method)
+Results = dict[Key, list[Sample]]  # by round
+Job = Callable[[int], Sample]  # run(seed)
+
+
+def jobs(
+    settings: Settings, stack: StackRunner, path: str, have_fio: bool
+) -> list[tuple[Key, Job]]:
+    """Every measurement of one round. fio runs psync at QD1 and io_uring at
+    QD32; the Python loop one request at a time."""
+    s, image = settings.seconds, settings.image
+
+    def on_stack(name: str) -> Job:
+        return lambda seed: stack.run(name, s, seed)
+
+    def loop(w: Workload) -> Job:
+        return lambda seed: python_loop(path, w, image, s, seed)
+
+    def with_fio(w: Workload, engine: str) -> Job:
+        return lambda seed: fio(path, w, image, s, engine)
+
+    found = [((ROUND_TRIP, ECHO), on_stack(ROUND_TRIP))]
+    for w in WORKLOADS:
+        found.append(((w.name, STACK), on_stack(w.name)))
+        if w.depth == 1:
+            found.append(((w.name, PYTHON), loop(w)))
+        if have_fio and w.depth == 1:
+            found.append(((w.name, FIO), with_fio(w, "psync")))
+        if have_fio and w.depth == QUEUE_DEPTH:
+            found.append(((w.name, URING), with_fio(w, "io_uring")))
+    return found
+
+
+def measure(settings: Settings, workdir: str) -> tuple[Results, bool]:
+    """The image, the child partition, then the interleaved rounds."""
+    path = os.path.join(workdir, "disk.img")
+    make_image(path, settings.image)
+    have_fio = shutil.which("fio") is not None
+    with Host() as host:
+        stack = StackRunner(host, path, settings, workdir)
+        try:
+            round_jobs = jobs(settings, stack, path, have_fio)
+            results: Results = {key: [] for key, _ in round_jobs}
+            for index in range(settings.repeats):
+                order = round_jobs if index % 2 == 0 else list(reversed(round_jobs))
+                for key, run in order:
+                    results[key].append(run(index))
+        finally:
+            stack.close()
+    return results, have_fio
+
+
+# --- the table -------------------------------------------------------------------
+
+
+def baseline(workload: str, method: str) -> Key:
+    """What a row is compared with: the same operation, one request at a time."""
+    return re.sub(r"QD\d+", "QD1", workload), method
+
+
+def ratio(results: Results, key: Key, base: Key, inverse: bool = False) -> float | None:
+    """Median over rounds of rate / the baseline's rate in the same round
+    (the baseline's over ours with `inverse`: a ratio of times)."""
+    pairs = [
+        (a.rate, b.rate)
+        for a, b in zip(results.get(key, []), results.get(base, []), strict=False)
+        if a.rate and b.rate
+    ]
+    if not pairs:
+        return None
+    return statistics.median(b / a if inverse else a / b for a, b in pairs)
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    return "—" if value is None else f"{value:,.{digits}f}"
+
+
+def median_of(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
+HEADERS = [
+    "workload",
+    "method",
+    "K IOPS",
+    "MB/s",
+    "min–max K IOPS",
+    "µs/op",
+    "× fio psync",
+    "× Python loop",
+    "doorbells/req →host, →child",
+    "CPU µs/req child, VSP",
+]
+
+
+def table(results: Results) -> list[list[str]]:
+    rows = []
+    for (name, method), samples in results.items():
+        known = [s.rate for s in samples if s.rate]
+        if not known:
+            rows.append([name, method, "failed", *[""] * (len(HEADERS) - 3)])
+            continue
+        rate = statistics.median(known)
+        size = BY_NAME[name].size if name in BY_NAME else len(ECHO_PAYLOAD)
+        compare = name in BY_NAME and method != PYTHON
+        to_host = median_of([s.to_host for s in samples])
+        to_child = median_of([s.to_child for s in samples])
+        child_cpu = median_of([s.child_cpu for s in samples])
+        host_cpu = median_of([s.host_cpu for s in samples])
+        rows.append(
+            [
+                name,
+                method,
+                fmt(rate / 1e3, 2),
+                fmt(rate * size / 1e6, 0),
+                f"{min(known) / 1e3:,.2f}–{max(known) / 1e3:,.2f}",
+                fmt(1e6 / rate),
+                fmt(ratio(results, (name, method), baseline(name, FIO)), 3) if compare else "",
+                fmt(ratio(results, (name, method), baseline(name, PYTHON)), 3) if compare else "",
+                "" if to_host is None else f"{to_host:.2f}, {fmt(to_child, 2)}",
+                ""
+                if child_cpu is None
+                else f"{child_cpu * 1e6:.1f}, {fmt(host_cpu and host_cpu * 1e6)}",
+            ]
+        )
+    return rows
+
+
+@dataclass(frozen=True)
+class Target:
+    what: str
+    key: Key
+    base: Key
+    threshold: float
+    at_most: bool = False  # a ratio of times that must stay below the threshold
+
+    def check(self, results: Results) -> tuple[float | None, bool]:
+        value = ratio(results, self.key, self.base, inverse=self.at_most)
+        if value is None:
+            return None, False
+        return value, value <= self.threshold if self.at_most else value >= self.threshold
+
+
+SEQ_READ, RANDOM_READ = "1 MiB sequential read, QD", "4 KiB random read, QD"
+TARGETS = [
+    Target(
+        "1 MiB sequential read (QD1) ≥ 60% of fio's bandwidth",
+        (SEQ_READ + "1", STACK),
+        (SEQ_READ + "1", FIO),
+        0.60,
+    ),
+    Target(
+        "  the same with 4 requests in flight (QD4)",
+        (SEQ_READ + "4", STACK),
+        (SEQ_READ + "1", FIO),
+        0.60,
+    ),
+    Target(
+        f"4 KiB random read at QD{QUEUE_DEPTH} ≥ 30% of fio's IOPS (psync, one job)",
+        (f"{RANDOM_READ}{QUEUE_DEPTH}", STACK),
+        (RANDOM_READ + "1", FIO),
+        0.30,
+    ),
+    Target(
+        "QD1 4 KiB read latency ≤ 3 × the bus round trip",
+        (RANDOM_READ + "1", STACK),
+        (ROUND_TRIP, ECHO),
+        3.0,
+        at_most=True,
+    ),
+]
+
+
+def target_lines(results: Results) -> list[str]:
+    lines = []
+    for target in TARGETS:
+        value, met = target.check(results)
+        verdict = "not measured" if value is None else ("met" if met else "MISSED")
+        shown = "—" if value is None else f"{value:.3f}"
+        lines.append(f"- {target.what}: ratio {shown} — **{verdict}**")
+    return lines
+
+
+def render(rows: list[list[str]], markdown: bool) -> str:
+    if markdown:
+        lines = [HEADERS, ["---", "---"] + ["---:"] * (len(HEADERS) - 2), *rows]
+        return "\n".join("| " + " | ".join(line) + " |" for line in lines)
+    widths = [max(len(row[i]) for row in [HEADERS, *rows]) for i in range(len(HEADERS))]
+    return "\n".join(
+        "  ".join(
+            c.ljust(w) if i < 2 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in [HEADERS, *rows]
+    )
+
+
+def report(settings: Settings, command: str, workdir: str | None) -> tuple[str, str]:
+    """Measure; the result as plain text and as Markdown."""
+    load = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="storage-bench-", dir=workdir) as tmp:
+        results, have_fio = measure(settings, tmp)
+    rows = table(results)
+    header = (
+        f"`{command}`: {os.cpu_count()} CPUs, Linux {platform.release()}, Python "
+        f"{platform.python_version()}, load average {load:.1f} → {os.getloadavg()[0]:.1f}; "
+        f"a {settings.image // MiB} MiB image, page cache warm; {settings.repeats} interleaved "
+        f"rounds of {settings.seconds:g} s per measurement; the child spins "
+        f"{settings.spin * 1e6:g} µs before it sleeps; medians, ratios within each round. "
+        "Rows at QD>1 are compared with the QD1 baselines. Doorbells: signals per packet "
+        "(the peer had gone to sleep); CPU: the child process's, and the VSP worker thread's."
+    )
+    notes = [] if have_fio else ["fio is not installed: its rows and ratios are skipped."]
+    lines = ["Targets (ratios from this run):", *target_lines(results), *notes]
+    text, markdown = (
+        "\n\n".join([header, render(rows, md), "\n".join(lines)]) for md in (False, True)
+    )
+    return text, markdown
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="short measurements (< 30 s)")
+    parser.add_argument("--repeats", type=int, help="rounds (default 3 quick, 7 full)")
+    parser.add_argument("--seconds", type=float, help="seconds per measurement")
+    parser.add_argument(
+        "--spin", type=float, default=DEFAULT_SPIN_SECONDS, help="the child's poll budget, s"
+    )
+    parser.add_argument("--dir", help="where the temporary image goes (default: $TMPDIR)")
+    parser.add_argument("--markdown", metavar="FILE", help="also write the result as Markdown")
+    args = parser.parse_args(argv)
+    settings = QUICK if args.quick else FULL
+    settings = Settings(
+        args.repeats or settings.repeats,
+        args.seconds or settings.seconds,
+        settings.image,
+        args.spin,
+    )
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanups on SIGTERM
+    words = sys.argv[1:] if argv is None else list(argv)
+    command = " ".join(["python -m benchmarks.storage_bench", *words])
+    text, markdown = report(settings, command, args.dir)
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "w") as out:
+            out.write(markdown + "\n")
+
+
+if __name__ == "__main__":
+    main()
