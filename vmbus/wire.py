@@ -17,6 +17,7 @@ and `unpack_from`. All integers are little-endian and structs are packed.
 from __future__ import annotations
 
 import dataclasses
+import operator
 import struct
 import uuid
 from collections.abc import Callable
@@ -61,6 +62,9 @@ class WireStruct:
     SIZE: ClassVar[int]
     _struct: ClassVar[struct.Struct]
     _fmts: ClassVar[tuple[Fmt, ...]]
+    _values: ClassVar[Callable[[Any], tuple[Any, ...]]]  # the fields, in wire order
+    _to_wire: ClassVar[tuple[tuple[int, Callable[[Any], Any]], ...]]  # (index, conversion)
+    _from_wire: ClassVar[tuple[tuple[int, Callable[[Any], Any]], ...]]
 
     def pack(self) -> bytes:
         try:
@@ -74,23 +78,31 @@ class WireStruct:
         except struct.error as error:
             raise WireError(f"{type(self).__name__}: {error}") from None
 
-    def _wire_values(self) -> list[Any]:
-        values = []
-        for fmt, field in zip(self._fmts, dataclasses.fields(self), strict=True):  # type: ignore[arg-type]
-            value = getattr(self, field.name)
-            values.append(fmt.to_wire(value) if fmt.to_wire else value)
-        return values
+    def _wire_values(self) -> tuple[Any, ...] | list[Any]:
+        values = type(self)._values(self)
+        if not self._to_wire:
+            return values
+        converted = list(values)
+        for index, convert in self._to_wire:
+            converted[index] = convert(converted[index])
+        return converted
 
     @classmethod
     def unpack_from(cls: type[T], buffer: Any, offset: int = 0) -> T:
         """Decode SIZE bytes at `offset`; bytes after them are ignored."""
-        available = len(memoryview(buffer).cast("B")) - offset
-        if offset < 0 or available < cls.SIZE:
-            raise WireError(f"{cls.__name__} needs {cls.SIZE} bytes, got {max(available, 0)}")
-        raw = cls._struct.unpack_from(buffer, offset)
-        return cls(
-            *(f.from_wire(v) if f.from_wire else v for f, v in zip(cls._fmts, raw, strict=True))
-        )
+        try:
+            if offset < 0:
+                raise struct.error("negative offset")
+            raw = cls._struct.unpack_from(buffer, offset)
+        except struct.error:
+            available = max(memoryview(buffer).nbytes - max(offset, 0), 0)
+            raise WireError(f"{cls.__name__} needs {cls.SIZE} bytes, got {available}") from None
+        if cls._from_wire:
+            values = list(raw)
+            for index, convert in cls._from_wire:
+                values[index] = convert(values[index])
+            return cls(*values)
+        return cls(*raw)
 
     @classmethod
     def unpack(cls: type[T], buffer: Any) -> T:
@@ -111,8 +123,14 @@ def wire_struct(size: int) -> Callable[[type[T]], type[T]]:
         packer = struct.Struct("<" + "".join(f.code for f in fmts))
         if packer.size != size:
             raise TypeError(f"{cls.__name__} is {packer.size} bytes on the wire, declared {size}")
+        names = [field.name for field in dataclasses.fields(cls)]  # type: ignore[arg-type]
+        getter = operator.attrgetter(*names)
         cls._struct = packer
         cls._fmts = tuple(fmts)
+        # staticmethod: a plain function as a class attribute would bind to instances
+        cls._values = staticmethod((lambda obj: (getter(obj),)) if len(names) == 1 else getter)
+        cls._to_wire = tuple((i, f.to_wire) for i, f in enumerate(fmts) if f.to_wire)
+        cls._from_wire = tuple((i, f.from_wire) for i, f in enumerate(fmts) if f.from_wire)
         cls.SIZE = size
         return cls
 
