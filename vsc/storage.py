@@ -14,7 +14,7 @@ import collections
 import struct
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from vmbus.channel import COMPLETION_REQUESTED, AsyncChannel, wait_any
@@ -55,10 +55,16 @@ class _Slot:
 
     pfns: tuple[int, ...]
     view: memoryview
+    headers: dict[int, bytes] = field(default_factory=dict)  # by length: the pages never change
 
     def ranges(self, length: int) -> bytes:
-        pages = -(-length // PAGE_SIZE)
-        return encode_gpa_direct_header([GpaRange(length, 0, self.pfns[:pages])])
+        header = self.headers.get(length)
+        if header is None:
+            pages = -(-length // PAGE_SIZE)
+            header = encode_gpa_direct_header([GpaRange(length, 0, self.pfns[:pages])])
+            if len(self.headers) < 64:
+                self.headers[length] = header
+        return header
 
 
 @dataclass(frozen=True)

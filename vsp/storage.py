@@ -114,7 +114,7 @@ class StorvspChannel:
             self.bad_ranges += 1
             log.info("%s: bad GPA ranges: %s", self.context.partition, error)
             return []
-        if any(pfn in self.context.ring_pfns for r in ranges for pfn in r.pfns):
+        if any(not self.context.ring_pfns.isdisjoint(r.pfns) for r in ranges):
             self.bad_ranges += 1
             log.info("%s: GPA ranges overlap the channel's rings", self.context.partition)
             return []
@@ -146,6 +146,11 @@ def guest_segments(
             break
         start, end = gpa_range.byte_offset, gpa_range.byte_offset + gpa_range.byte_count
         pfns = gpa_range.pfns
+        if pfns == tuple(range(pfns[0], pfns[0] + len(pfns))):  # one run: one view
+            size = min(end - start, length)
+            segments.append(memory.view(pfns[0] * PAGE_SIZE + start, size))
+            length -= size
+            continue
         i = 0
         while i < len(pfns) and start < end and length > 0:
             run = 1
