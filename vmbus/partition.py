@@ -32,7 +32,7 @@ from vmbus._ringpacket import Packet
 from vmbus.channel import Channel
 from vmbus.memory import GuestMemory, GuestMemoryError, MappedRegion, map_channel_rings
 from vmbus.ring import RingCorrupt
-from vmbus.transport import MalformedMessage, PortClosed, Signal, SocketPort
+from vmbus.transport import MalformedMessage, MessagePort, PortClosed, Signal, SocketPort
 
 log = logging.getLogger(__name__)
 
@@ -92,12 +92,14 @@ class _OpenChannel:
 
 @dataclass
 class ChildPartition:
-    """One child process and the parent's state for it."""
+    """One child partition and the parent's state for it: a child process
+    (`Host.start`), or a guest an emulator runs itself (`Host.attach`, with
+    no process: the emulator supplies the memory and the message port)."""
 
     name: str
-    process: subprocess.Popen[bytes]
+    process: subprocess.Popen[bytes] | None
     memory: GuestMemory
-    port: SocketPort
+    port: MessagePort
     devices: Sequence[Vsp]
     state: str = "starting"  # running, exited, crashed, stopped
     exitcode: int | None = None
@@ -112,8 +114,9 @@ class ChildPartition:
             for offer in vsp.offers():
                 self.vsp_of[offer] = vsp
         self.server = h.VmbusServer(list(self.vsp_of), self.memory.page_count)
-        self.pid = self.process.pid
-        self.pidfd = os.pidfd_open(self.pid)
+        # Readable when the child is gone: its pidfd, or an eventfd stop() rings.
+        self.pid = self.process.pid if self.process else os.getpid()
+        self.pidfd = os.pidfd_open(self.pid) if self.process else os.eventfd(0)
         self.worker = threading.Thread(target=self._serve, name=f"vmwp-{self.name}", daemon=True)
 
     # --- lifecycle ---
@@ -136,6 +139,9 @@ class ChildPartition:
         self._signal(signal.SIGKILL)
 
     def _signal(self, signo: int) -> None:
+        if self.process is None:  # embedded: there is only our worker to stop
+            os.eventfd_write(self.pidfd, 1)
+            return
         with contextlib.suppress(ProcessLookupError, OSError):
             signal.pidfd_send_signal(self.pidfd, signo)
 
@@ -280,7 +286,7 @@ class ChildPartition:
             self._close(relid)
         self.selector.close()
         self.port.close()
-        self.exitcode = self.process.wait()
+        self.exitcode = self.process.wait() if self.process else 0
         os.close(self.pidfd)
         if self._stopping:
             self.state = "stopped"
@@ -325,6 +331,19 @@ class Host:
         process.stdin.close()
         child_port.close()
         child = ChildPartition(name, process, memory, parent_port, devices)
+        self.children[name] = child
+        child.worker.start()
+        return child
+
+    def attach(
+        self, memory: GuestMemory, port: MessagePort, *, devices: Sequence[Vsp] = (), name: str
+    ) -> ChildPartition:
+        """Serve the VMBus of a guest the caller runs itself (an emulator's):
+        its memory (a memfd, see GuestMemory.from_fd) and the port its
+        messages arrive on. The server takes over both and closes them."""
+        if name in self.children and self.children[name].state in ("starting", "running"):
+            raise ValueError(f"a child named {name!r} is running")
+        child = ChildPartition(name, None, memory, port, devices)
         self.children[name] = child
         child.worker.start()
         return child
