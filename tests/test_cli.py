@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 
 def vmbus(*args: str) -> subprocess.CompletedProcess[str]:
@@ -20,7 +22,7 @@ def test_info_names_version_and_build() -> None:
 
 
 def test_demo_streams_every_size_with_both_apis() -> None:
-    result = vmbus("demo", "--seconds", "0.05")
+    result = vmbus("demo", "--ring-only", "--seconds", "0.05")
     assert result.returncode == 0, result.stderr
     rows = [line.split() for line in result.stdout.splitlines()[2:]]
     assert [(row[0], row[1]) for row in rows] == [
@@ -34,3 +36,40 @@ def test_bad_arguments_fail_with_a_clear_message() -> None:
     assert result.returncode == 2
     assert "seconds must be in (0, 60]" in result.stderr
     assert vmbus("frobnicate").returncode == 2
+
+
+def test_full_demo_runs_every_device(tmp_path: Path) -> None:
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vmbus",
+            "demo",
+            "--seconds",
+            "1",
+            "--children",
+            "1",
+            "--vnc-port",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    row = next(line for line in result.stdout.splitlines() if line.startswith("| child-1 |"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    ios, verified, mismatches, sent, received, video = map(int, cells[1:7])
+    assert ios > 0 and verified > 0 and mismatches == 0 and sent > 0 and video > 0
+    assert "VNC console of child-1: 127.0.0.1::" in result.stdout
+    assert (tmp_path / "vmbus-demo" / "screen.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "vmbus-demo" / "disk-1.img").stat().st_size == 64 << 20
+
+
+def test_demo_arguments_are_checked() -> None:
+    result = vmbus("demo", "--children", "0")
+    assert result.returncode == 2 and "must be in [1, 8]" in result.stderr
+    result = vmbus("demo", "--net", "carrier-pigeon")
+    assert result.returncode == 2 and "invalid choice" in result.stderr

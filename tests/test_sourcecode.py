@@ -18,7 +18,9 @@ FORBIDDEN = {
     "vmbus.protocols": ("vsp", "vsc"),
     "vsp": ("vsc",),
     "vsc": ("vsp",),
+    "app": (),  # the command line and the demo sit on top of everything
 }
+APP_MODULES = ("vmbus.cli", "vmbus.demo", "vmbus.__main__")
 
 
 def run_tool(*args: str) -> None:
@@ -51,6 +53,8 @@ def imported_modules(path: Path) -> set[str]:
 
 
 def layer_of(module: str) -> str:
+    if module in APP_MODULES:
+        return "app"
     return "vmbus.protocols" if module.startswith("vmbus.protocols") else module.split(".")[0]
 
 

@@ -4,9 +4,20 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 import vmbus
 from vmbus import ring
+
+
+def count(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {text}")
+        return value
+
+    return parse
 
 
 def positive_seconds(text: str) -> float:
@@ -19,9 +30,26 @@ def positive_seconds(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vmbus", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="stream packets between processes through a ring")
+    demo = commands.add_parser(
+        "demo", help="host child partitions with every device and show their figures"
+    )
+    demo.add_argument("--seconds", type=positive_seconds, default=5.0, help="run time (default 5)")
+    demo.add_argument("--children", type=count(1, 8), default=2, help="child partitions (2)")
+    demo.add_argument("--disk-mb", type=count(4, 65536), default=64, help="disk size, MiB (64)")
     demo.add_argument(
-        "--seconds", type=positive_seconds, default=0.5, help="length of each run (default 0.5)"
+        "--net",
+        choices=("switch", "tap"),
+        default="switch",
+        help="network backend: the in-memory switch, or a TAP device (root)",
+    )
+    demo.add_argument(
+        "--vnc-port",
+        type=count(0, 65535),
+        default=5900,
+        help="VNC console port on 127.0.0.1 (5900; 0 picks one)",
+    )
+    demo.add_argument(
+        "--ring-only", action="store_true", help="only the ring throughput between two processes"
     )
     commands.add_parser("info", help="version and build")
     return parser
@@ -29,10 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "demo":
+    if args.command == "demo" and args.ring_only:
+        from vmbus import ring_demo
+
+        ring_demo.main(args.seconds)
+    elif args.command == "demo":
         from vmbus import demo
 
-        demo.main(args.seconds)
+        options = demo.Options(args.seconds, args.children, args.disk_mb, args.net, args.vnc_port)
+        return demo.main(options)
     else:
         print(f"vmbus {vmbus.__version__}, {ring.IMPLEMENTATION} ring")
     return 0

@@ -1,129 +1,200 @@
-"""`vmbus demo`: a producer process streams packets through one VMBus ring in
-shared memory to this process, for a few payload sizes, and prints the
-throughput of the single-packet and batch APIs as it goes."""
+"""`vmbus demo`: the whole stack on one machine. A parent process hosts child
+partitions with every device — a SCSI disk on a sparse image file, a NIC on
+the in-memory switch (or a TAP device), synthetic video shown on a VNC
+console and in a PNG snapshot, a keyboard and a mouse that the parent types
+and points into — and shows each child's figures live.
+
+An application module: it may import the device packages (vsp, and vsc by
+name for the children), which the bus core never does.
+"""
 
 from __future__ import annotations
 
-import mmap
-import multiprocessing
+import json
 import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import TextIO
+from pathlib import Path
+from typing import Any, TextIO
 
-import numpy as np
+from vmbus import ring_demo
+from vmbus.partition import ChildPartition, Host, Vsp
+from vsp.console import Screen
+from vsp.disk_backends import RawFileBackend
+from vsp.input import KeyboardVsp, MouseVsp
+from vsp.net import NetVsp
+from vsp.net_backends import LearningSwitch, NetBackend, TapBackend
+from vsp.storage import StorVsp
+from vsp.video import VideoVsp
+from vsp.vnc import VncServer
 
-from vmbus import ring
-
-DATA_SIZE = 4 * 1024 * 1024
-SIZES = (64, 1024, 16 * 1024, 64 * 1024)
-BATCH_BYTES = 256 * 1024  # payload bytes moved per batch call
-
-
-@dataclass(frozen=True)
-class Result:
-    api: str
-    size: int
-    packets: int
-    seconds: float
-
-    @property
-    def rate(self) -> float:
-        return self.packets / self.seconds
-
-    @property
-    def mbytes(self) -> float:
-        return self.rate * self.size / 1e6
+CHILD_TARGET = "vsc.demo_child:run"
+KEYSYMS = [ord(c) for c in "vmbus"]  # what the parent types, in turn
+MEMORY = 96 << 20  # guest memory per child: VRAM, buffers, bounce slots
 
 
-STOP = 1  # trans_id of the packet that ends a run
+def cache_dir() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    path = base / "vmbus-demo"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
-def _produce(fd: int, size: int, batch: bool, seconds: float) -> None:
-    """Child: write packets as fast as the ring takes them for `seconds`,
-    then one STOP packet."""
-    with mmap.mmap(fd, ring.HEADER_SIZE + DATA_SIZE) as buf:
-        writer = ring.RingWriter(buf)
-        count = max(1, BATCH_BYTES // size) if batch else 1
-        data = bytes(size * count)
-        lengths = np.full(count, size, dtype=np.uint32)
-        deadline = time.perf_counter() + seconds
-        while time.perf_counter() < deadline:
-            for _ in range(64):
-                if batch:
-                    writer.write_packed(data, lengths)
-                else:
-                    writer.write(data)
-                writer.commit()
-        while not writer.write(b"", trans_id=STOP):
-            writer.commit()
-        writer.commit()
-        del writer  # release the buffer before the mapping closes
+@dataclass
+class Options:
+    seconds: float = 5.0
+    children: int = 2
+    disk_mb: int = 64
+    net: str = "switch"  # or "tap" (root)
+    vnc_port: int = 5900
+    ring: bool = True  # start with the ring throughput figures
 
 
-def _consume(reader: ring.RingReader, size: int, batch: bool) -> tuple[int, float]:
-    """Read until STOP; the packet count and the seconds from the first."""
-    out = bytearray(max(BATCH_BYTES, size) + 8)
-    lengths = np.zeros(max(1, BATCH_BYTES // size), dtype=np.uint32)
-    ids = np.zeros(len(lengths), dtype=np.uint64)
-    packets, started = 0, 0.0
-    while True:
-        if batch:
-            n = reader.read_packed(out, lengths, ids)
-            stopped = n > 0 and ids[n - 1] == STOP
-        else:
-            n = int(reader.read_into(out) >= 0)
-            stopped = n > 0 and reader.last_trans_id == STOP
-        if n == 0:
+@dataclass
+class Child:
+    partition: ChildPartition
+    stats_path: Path
+    keyboard: KeyboardVsp
+    mouse: MouseVsp
+    video: VideoVsp
+
+    def stats(self) -> dict[str, Any]:
+        try:
+            loaded: dict[str, Any] = json.loads(self.stats_path.read_text())
+            return loaded
+        except (OSError, ValueError):
+            return {}
+
+
+def main(options: Options, out: TextIO = sys.stdout) -> int:
+    if options.net == "tap" and os.geteuid() != 0:
+        print("vmbus demo: --net tap needs root (it creates a TAP device)", file=sys.stderr)
+        return 2
+    if options.ring:
+        ring_demo.main(seconds=0.2, out=out)
+        print(file=out)
+    workdir = cache_dir()
+    switch = LearningSwitch()
+    screen = Screen(640, 480)
+    children: list[Child] = []
+    with Host() as host:
+        for index in range(options.children):
+            children.append(_start(host, index, options, workdir, switch, screen))
+        vnc = _console(screen, children[0], options.vnc_port)
+        try:
+            print(f"VNC console of child-1: {_address(vnc)} (any VNC client)", file=out)
+            _watch(children, options.seconds, out)
+            snapshot = workdir / "screen.png"
+            screen.snapshot_png(snapshot)
+            failed = [c for c in children if c.partition.wait(timeout=60) != 0]
+        finally:
+            vnc.stop()
+        _summary(children, out)
+        print(f"\nscreen of child-1 saved as {snapshot}", file=out)
+    if failed:
+        names = ", ".join(c.partition.name for c in failed)
+        print(f"vmbus demo: {names} failed (see the output above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _start(
+    host: Host, index: int, options: Options, workdir: Path, switch: LearningSwitch, screen: Screen
+) -> Child:
+    image = workdir / f"disk-{index + 1}.img"
+    disk = RawFileBackend(image, size=options.disk_mb << 20)  # sparse: created on first use
+    backend: NetBackend = switch.port()
+    if options.net == "tap":
+        backend = TapBackend(f"vmbusdemo{index}", address=f"10.203.{index}.1/24")
+    keyboard, mouse = KeyboardVsp(), MouseVsp()
+    video = VideoVsp(screen if index == 0 else Screen(640, 480))
+    stats_path = workdir / f"child-{index + 1}.json"
+    stats_path.unlink(missing_ok=True)
+    devices: list[Vsp] = [StorVsp([disk]), NetVsp(backend), video, keyboard, mouse]
+    partition = host.start(
+        CHILD_TARGET,
+        devices=devices,
+        memory_size=MEMORY,
+        name=f"child-{index + 1}",
+        args=(options.seconds, str(stats_path), index + 1),
+    )
+    return Child(partition, stats_path, keyboard, mouse, video)
+
+
+def _console(screen: Screen, child: Child, port: int) -> VncServer:
+    def pointer(x: int, y: int, buttons: int) -> None:
+        child.mouse.pointer(x, y, buttons, screen.width, screen.height)
+
+    def key(keysym: int, down: bool) -> None:
+        child.keyboard.key(keysym, down)
+
+    for candidate in (port, 0):  # the usual display port, or any free one
+        try:
+            server = VncServer(screen, port=candidate, on_key=key, on_pointer=pointer)
+            server.start()
+            return server
+        except OSError:
             continue
-        started = started or time.perf_counter()
-        reader.commit()
-        packets += n - stopped
-        if stopped:
-            return packets, time.perf_counter() - started
+    raise OSError("no port for the VNC console")
 
 
-def run_one(size: int, batch: bool, seconds: float) -> Result:
-    """Stream `size`-byte packets from a child process for `seconds`."""
-    fd = os.memfd_create("vmbus-demo")
-    try:
-        os.ftruncate(fd, ring.HEADER_SIZE + DATA_SIZE)
-        with mmap.mmap(fd, ring.HEADER_SIZE + DATA_SIZE) as buf:
-            ring.init_ring(buf)
-            reader = ring.RingReader(buf)
-            child = multiprocessing.get_context("fork").Process(
-                target=_produce, args=(fd, size, batch, seconds)
-            )
-            child.start()
-            try:
-                packets, elapsed = _consume(reader, size, batch)
-            finally:
-                child.join(timeout=seconds + 10)
-                if child.is_alive():
-                    child.kill()
-            del reader
-    finally:
-        os.close(fd)
-    return Result("batch" if batch else "single", size, packets, elapsed)
+def _address(vnc: VncServer) -> str:
+    host, port = vnc.address
+    return f"{host}::{port}"
 
 
-def main(seconds: float = 0.5, out: TextIO = sys.stdout) -> list[Result]:
-    """Run every size with both APIs and print a line per run as it ends."""
+def _watch(children: list[Child], seconds: float, out: TextIO) -> None:
+    """Type and point into every child, and show their figures, until done."""
+    started, tick = time.monotonic(), 0
+    live = out.isatty()
+    while True:
+        tick += 1
+        for child in children:
+            keysym = KEYSYMS[tick % len(KEYSYMS)]
+            child.keyboard.key(keysym, True)
+            child.keyboard.key(keysym, False)
+            child.mouse.move(tick * 997 % 32768, tick * 577 % 32768)
+        elapsed = time.monotonic() - started
+        line = "  ".join(_progress(c) for c in children)
+        prefix, end = ("\r", "") if live else ("", "\n")
+        print(f"{prefix}[{elapsed:5.1f}s] {line}", end=end, file=out)
+        out.flush()
+        if all(c.stats().get("done") or c.partition.exitcode is not None for c in children):
+            break
+        time.sleep(0.25 if live else 1.0)
+    if live:
+        print(file=out)
+
+
+def _progress(child: Child) -> str:
+    stats = child.stats()
+    if not stats:
+        return f"{child.partition.name}: starting"
+    disk, net = stats["disk"], stats["net"]
+    return (
+        f"{child.partition.name}: disk {disk['bytes'] / 1e6:7.1f} MB "
+        f"net {net['sent']}/{net['received']} video {stats['video']['frames']} "
+        f"keys {stats['input']['keys']}"
+    )
+
+
+def _summary(children: list[Child], out: TextIO) -> None:
     print(
-        f"VMBus ring demo ({ring.IMPLEMENTATION} ring, {DATA_SIZE >> 20} MiB data area): "
-        "a child process streams packets to this one through shared memory",
+        "\n| child | disk I/Os | verified | mismatches | frames sent | frames received |"
+        " video updates | keys | pointer |",
         file=out,
     )
-    print(f"{'api':>7} {'payload':>8} {'packets/s':>12} {'MB/s':>9}", file=out)
-    results = []
-    for size in SIZES:
-        for batch in (False, True):
-            result = run_one(size, batch, seconds)
-            results.append(result)
-            print(
-                f"{result.api:>7} {size:>8} {result.rate:>12,.0f} {result.mbytes:>9,.0f}",
-                file=out,
-                flush=True,
-            )
-    return results
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|", file=out)
+    for child in children:
+        s = child.stats()
+        if not s:
+            print(f"| {child.partition.name} | (no figures) |", file=out)
+            continue
+        d, n, i = s["disk"], s["net"], s["input"]
+        print(
+            f"| {child.partition.name} | {d['ios']} | {d['verified']} | {d['mismatches']} | "
+            f"{n['sent']} | {n['received']} | {s['video']['frames']} | {i['keys']} | "
+            f"{i['pointer']} |",
+            file=out,
+        )

@@ -39,6 +39,14 @@ class Keyboard(_InputDevice):
         if not self.client.accepted:
             raise keyboard.KeyboardProtocolError("the host refused keyboard protocol 1.0")
 
+    def poll(self) -> keyboard.KeyEvent | None:
+        """A key event that has already arrived, or None (never waits)."""
+        while (packet := self.channel.poll()) is not None:
+            event = self.client.receive(bytes(packet.payload))
+            if event is not None:
+                return event
+        return None
+
     def next_event(self, timeout: float | None = None) -> keyboard.KeyEvent:
         """The next key press or release (a set-1 scan code)."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -74,6 +82,14 @@ class Mouse(_InputDevice):
         for reply in replies:  # the device-info acknowledgement
             self.channel.send(reply)
         return event
+
+    def poll(self) -> hid.MouseEvent | None:
+        """A pointer event that has already arrived, or None (never waits)."""
+        while (packet := self.channel.poll()) is not None:
+            event = self._handle(bytes(packet.payload))
+            if event is not None:
+                return event
+        return None
 
     def next_event(self, timeout: float | None = None) -> hid.MouseEvent:
         deadline = None if timeout is None else time.monotonic() + timeout

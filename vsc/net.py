@@ -125,6 +125,12 @@ class NetAdapter:
 
     # --- receiving ---
 
+    def poll(self) -> bytes | None:
+        """A frame that has already arrived, or None (never waits)."""
+        if not self.frames:
+            self._pump(0)
+        return self.frames.popleft() if self.frames else None
+
     def receive(self, timeout: float | None = None) -> bytes:
         """The next frame the host delivered, waiting for one."""
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -42,6 +42,9 @@ class _InputVsp:
     def offers(self) -> list[OfferSpec]:
         return [OfferSpec(self.class_id, self.instance_id)]
 
+    def on_packet(self, packet: Packet) -> None:
+        raise NotImplementedError  # each device answers its own protocol
+
     def open(self, channel: Channel, context: OpenContext) -> _InputVsp:
         self.channel, self.context = channel, context
         context.watch(self.ready, self._flush)
