@@ -19,6 +19,9 @@ def test_info_names_version_and_build() -> None:
     assert result.returncode == 0
     assert "vmbus 0.1.0" in result.stdout
     assert "cython ring" in result.stdout
+    assert "VMBus versions (host): 2.4, 3.0, 4.0, 4.1, 5.0, 5.1, 5.2, 5.3" in result.stdout
+    for device in ("storage", "network", "keyboard", "mouse", "video"):
+        assert f"  {device} " in result.stdout
 
 
 def test_demo_streams_every_size_with_both_apis() -> None:

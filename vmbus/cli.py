@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import vmbus
 from vmbus import ring
@@ -67,8 +67,36 @@ def main(argv: list[str] | None = None) -> int:
         options = demo.Options(args.seconds, args.children, args.disk_mb, args.net, args.vnc_port)
         return demo.main(options)
     else:
-        print(f"vmbus {vmbus.__version__}, {ring.IMPLEMENTATION} ring")
+        print(info())
     return 0
+
+
+def info() -> str:
+    """Version, build, and what the stack speaks."""
+    from vmbus import guid, messages
+    from vmbus.protocols import hid, keyboard, nvsp, storage, synthvid
+
+    def versions(values: Iterable[int], fmt: Callable[[int], str]) -> str:
+        return ", ".join(fmt(int(v)) for v in values)
+
+    dotted = messages.format_version
+    rows = [
+        f"vmbus {vmbus.__version__}, {ring.IMPLEMENTATION} ring "
+        f"(set VMBUS_RING=python for the reference ring)",
+        f"VMBus versions (host): {versions(messages.HOST_SUPPORTED_VERSIONS, dotted)}",
+        "devices:",
+        f"  storage   {guid.SCSI}  VSTOR {versions(storage.VSP_VERSIONS, _minor8)}",
+        f"  network   {guid.NETWORK}  NVSP {versions(nvsp.NVSP_VERSIONS, dotted)}, RNDIS 1.0",
+        f"  keyboard  {guid.KEYBOARD}  {dotted(keyboard.SYNTH_KBD_VERSION)}",
+        f"  mouse     {guid.MOUSE}  HID {dotted(hid.SYNTHHID_INPUT_VERSION)}",
+        f"  video     {guid.SYNTHVID}  synthvid "
+        + ", ".join("{}.{}".format(*synthvid.version_tuple(v)) for v in synthvid.VSP_VERSIONS),
+    ]
+    return "\n".join(rows)
+
+
+def _minor8(version: int) -> str:
+    return f"{version >> 8}.{version & 0xFF}"
 
 
 if __name__ == "__main__":
