@@ -107,7 +107,7 @@ class VmbusServer:
         try:
             message = m.decode(payload)
         except m.MessageError as error:
-            if isinstance(error, m.GpadlError):
+            if isinstance(error, m.GpadlError) and self.version is not None:
                 return self._gpadl_failed(error)
             return self._error(f"dropped: {error}")
         handler = _HANDLERS.get(type(message))
@@ -207,7 +207,12 @@ class VmbusServer:
 
     def open_done(self, relid: int, openid: int, ok: bool) -> list[Event]:
         """The I/O layer's answer to OpenRequested."""
-        record = self.channels[relid]
+        record = self.channels.get(relid)
+        if record is None or record.state is not ChannelState.OPENING:
+            # Closed, torn down, rescinded or unloaded meanwhile: ChannelClosed
+            # went out then, and the child waits for no answer.
+            log.info("relid %d: open finished after the channel closed; ignored", relid)
+            return []
         record.state = ChannelState.OPEN if ok else ChannelState.OFFERED
         if not ok:
             record.ring_gpadl = None
@@ -272,6 +277,9 @@ class VmbusServer:
         events: list[Event] = []
         if record.state in (ChannelState.OPEN, ChannelState.OPENING):
             events += self._close(record)
+        if not self.offers_requested:  # the child never saw it, so cannot release it
+            del self.channels[relid]
+            return events
         record.state = ChannelState.RESCINDED
         return [*events, Reply(m.RescindChannelOffer(child_relid=relid))]
 
@@ -284,6 +292,8 @@ class VmbusServer:
         events += [GpadlRemoved(gpadl) for gpadl in self.gpadls.values()]
         self.gpadls.clear()
         self.assembler = m.GpadlAssembler()
+        for relid in [r for r, c in self.channels.items() if c.state is ChannelState.RESCINDED]:
+            del self.channels[relid]  # no child will release these now
         self.version = None
         self.offers_requested = False
         return events
