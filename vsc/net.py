@@ -82,7 +82,8 @@ class NetAdapter:
         self.link_up = self._query_u32(r.OID_GEN_MEDIA_CONNECT_STATUS) == 0
         self._control(self.rndis.set(r.OID_GEN_CURRENT_PACKET_FILTER, r.u32(PACKET_FILTER)))
         assert isinstance(init.message, r.InitializeComplete)
-        self.max_packets = init.message.max_pkt_per_msg
+        self.max_packets = max(1, init.message.max_pkt_per_msg)
+        self.alignment = 1 << min(init.message.pkt_alignment_factor, 12)
 
     def _query_u32(self, oid: int) -> int:
         return int.from_bytes(self._control(self.rndis.query(oid)).info[:4], "little")
@@ -120,8 +121,30 @@ class NetAdapter:
         self._send_rndis(message, nvsp.RndisChannel.DATA)
 
     def send_batch(self, frames: Iterable[Any]) -> None:
+        """Send frames, several RNDIS messages per send section (as many as
+        the device allows), so the bus carries one packet per batch."""
+        batch: list[bytes] = []
+        size = 0
         for frame in frames:
-            self.send(frame)
+            message = self._aligned(r.encode_packet(frame))
+            if len(message) > self.send_section:
+                raise ValueError(f"frame of {memoryview(frame).nbytes} bytes is too large")
+            if batch and (
+                len(batch) == self.max_packets or size + len(message) > self.send_section
+            ):
+                self._send_rndis(b"".join(batch), nvsp.RndisChannel.DATA)
+                batch, size = [], 0
+            batch.append(message)
+            size += len(message)
+        if batch:
+            self._send_rndis(b"".join(batch), nvsp.RndisChannel.DATA)
+
+    def _aligned(self, message: bytes) -> bytes:
+        """Pad to the device's alignment; msg_len covers the padding."""
+        padded = -(-len(message) // self.alignment) * self.alignment
+        return (
+            message[:4] + padded.to_bytes(4, "little") + message[8:] + bytes(padded - len(message))
+        )
 
     # --- receiving ---
 

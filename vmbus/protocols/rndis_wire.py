@@ -15,6 +15,7 @@ re-exports all of it.
 from __future__ import annotations
 
 import dataclasses
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import IntEnum
@@ -421,15 +422,29 @@ def encode_packet(frame: Any, ppis: Iterable[tuple[int, bytes]] = ()) -> bytes:
     return header.pack() + info + bytes(frame)
 
 
+# The data path's hot header: unpacked in one struct call, not as a dataclass.
+_PACKET_HEADER = struct.Struct("<9I")  # msg_type .. per_pkt_info_len of PacketHeader
+
+
 def decode_packet(data: Any) -> tuple[memoryview, tuple[Ppi, ...]]:
     """The frame (a view into data) and the PPIs of a PACKET message."""
-    header, view = _decode(data, PacketHeader)
-    frame = area(view, header.data_offset, header.data_len, PacketHeader.SIZE)
+    view = memoryview(data).cast("B")
+    if len(view) < PacketHeader.SIZE:
+        raise RndisError(f"{len(view)}-byte RNDIS PACKET, needs {PacketHeader.SIZE}")
+    msg_type, msg_len, data_offset, data_len, oob_offset, oob_len, _, ppi_offset, ppi_len = (
+        _PACKET_HEADER.unpack_from(view)
+    )
+    if msg_type != _T.PACKET:
+        raise RndisError(f"message type {open_enum(RndisMessageType, msg_type)!r}, not PACKET")
+    if not PacketHeader.SIZE <= msg_len <= len(view):
+        raise RndisError(f"msg_len {msg_len} in {len(view)} bytes")
+    view = view[:msg_len]
+    frame = area(view, data_offset, data_len, PacketHeader.SIZE)
     if not frame:
         raise RndisError("RNDIS packet without a frame")
-    area(view, header.oob_data_offset, header.oob_data_len, PacketHeader.SIZE)  # bounds only
-    info = area(view, header.per_pkt_info_offset, header.per_pkt_info_len, PacketHeader.SIZE)
-    return frame, _decode_ppis(info)
+    area(view, oob_offset, oob_len, PacketHeader.SIZE)  # bounds only
+    info = area(view, ppi_offset, ppi_len, PacketHeader.SIZE)
+    return frame, _decode_ppis(info) if ppi_len else ()
 
 
 def _decode_ppis(info: memoryview) -> tuple[Ppi, ...]:
