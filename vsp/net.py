@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 MAX_PENDING_FRAMES = 1024  # frames for a guest that completes nothing are dropped past this
 RECEIVE_BATCH = 64  # frames taken from the backend per wake-up
+DELIVERY_BATCH = 16  # frames per transfer-page packet (one range each)
 REPLY_RESERVE = DESCRIPTOR_SIZE + nvsp.NVSP_MESSAGE_SIZE + TRAILER_SIZE
 
 
@@ -191,22 +192,25 @@ class NetvspChannel:
         self.to_guest.append(message)
 
     def _deliver(self) -> None:
-        """Write queued messages into free receive sections, one transfer-page
-        packet each; stop when sections or ring space run out."""
+        """Write queued messages into free receive sections, up to
+        DELIVERY_BATCH per transfer-page packet (one range each); stop when
+        sections or ring space run out."""
         sections, entry = self.receive_sections, self.regions.get(nvsp.BufferKind.RECEIVE)
         while self.to_guest and sections is not None and entry is not None:
-            message = self.to_guest[0]
-            if len(message) > sections.section_size:
-                self.to_guest.popleft()
+            while self.to_guest and len(self.to_guest[0]) > sections.section_size:
+                self.to_guest.popleft()  # cannot be delivered: too big for a section
                 self.dropped += 1
-                continue
+            count = min(len(self.to_guest), DELIVERY_BATCH, sections.free_count)
             trans_id = next(self.ids)
-            taken = sections.alloc(trans_id)
+            taken = sections.alloc(trans_id, count) if count else None
             if taken is None:
                 return  # the guest's completions free sections and call us again
-            offset = sections.offset(taken[0])
-            entry[2][offset : offset + len(message)] = message
-            header = transfer_header(nvsp.RECEIVE_BUFFER_ID, [(len(message), offset)])
+            ranges = []
+            for index, section in enumerate(taken):
+                message, offset = self.to_guest[index], sections.offset(section)
+                entry[2][offset : offset + len(message)] = message
+                ranges.append((len(message), offset))
+            header = transfer_header(nvsp.RECEIVE_BUFFER_ID, ranges)
             payload = nvsp.send_rndis_packet(nvsp.RndisChannel.DATA)
             sent = self.channel.try_send(
                 payload, PacketType.DATA_USING_XFER_PAGES, COMPLETION_REQUESTED, trans_id, header
@@ -214,7 +218,8 @@ class NetvspChannel:
             if not sent:
                 sections.free(trans_id)
                 return  # the guest reading makes room and signals us (on_signal)
-            self.to_guest.popleft()
+            for _ in taken:
+                self.to_guest.popleft()
 
     def _completed(self, trans_id: int) -> None:
         if self.receive_sections is not None:
