@@ -10,7 +10,7 @@ from pathlib import Path
 
 def vmbus(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "vmbus", *args], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "vmbus", *args], capture_output=True, text=True, timeout=300
     )
 
 
@@ -76,3 +76,30 @@ def test_demo_arguments_are_checked() -> None:
     assert result.returncode == 2 and "must be in [1, 8]" in result.stderr
     result = vmbus("demo", "--net", "carrier-pigeon")
     assert result.returncode == 2 and "invalid choice" in result.stderr
+
+
+def test_bench_ratios_are_read_from_the_tables() -> None:
+    from vmbus.bench import ratios
+
+    document = (
+        "## ring\n\n| method | msgs/s | × os.pipe |\n|---|---:|---:|\n"
+        "| vmbus single | 2,100,000 | **2.10** |\n| os.pipe | 1,000,000 | 1.00 |\n\nprose\n"
+        "## storage\n\n| workload | stack × fio |\n|---|---:|\n| 4k QD1 | 0.006 |\n"
+    )
+    assert ratios(document) == [
+        ("ring: vmbus single × os.pipe", 2.10),
+        ("ring: os.pipe × os.pipe", 1.00),
+        ("storage: 4k QD1 stack × fio", 0.006),
+    ]
+
+
+def test_bench_runs_a_quick_comparison(tmp_path: Path) -> None:
+    report, chart = tmp_path / "bench.md", tmp_path / "bench.png"
+    result = vmbus(
+        "bench", "--only", "ring", "--quick", "--markdown", str(report), "--plot", str(chart)
+    )
+    assert result.returncode == 0, result.stderr
+    assert "[1/1] ring" in result.stderr
+    text = report.read_text()
+    assert text.startswith("## ring") and "|" in text
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import vmbus
 from vmbus import ring
@@ -51,6 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--ring-only", action="store_true", help="only the ring throughput between two processes"
     )
+    bench = commands.add_parser("bench", help="every comparison benchmark, one report")
+    bench.add_argument("--quick", action="store_true", help="short runs (about 3 minutes)")
+    bench.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        choices=("ring", "channels", "storage", "network", "video"),
+        help="run only this one (repeatable)",
+    )
+    bench.add_argument("--markdown", type=Path, help="write the tables here (else stdout)")
+    bench.add_argument("--plot", type=Path, help="save a PNG chart of the ratios")
     commands.add_parser("info", help="version and build")
     return parser
 
@@ -61,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         from vmbus import ring_demo
 
         ring_demo.main(args.seconds)
+    elif args.command == "bench":
+        from vmbus import bench
+
+        return bench.main(quick=args.quick, only=args.only, markdown=args.markdown, plot=args.plot)
     elif args.command == "demo":
         from vmbus import demo
 
