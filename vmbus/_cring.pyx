@@ -223,6 +223,20 @@ cdef class RingWriter(_RingSide):
         d.flags = flags
         d.trans_id = trans_id
         cdef uint64_t trailer = (<uint64_t>self.cursor) << 32
+        cdef uint8_t *at
+        if self.mirrored or self.cursor + total <= self.dsize:
+            # Fast path, no wrap: stores straight into the ring. A padded
+            # payload's last word is zeroed before the payload lands on it.
+            at = self.data + self.cursor
+            (<Descriptor *>at)[0] = d
+            if header_len:
+                memcpy(at + DESCRIPTOR_SIZE, header, header_len)
+            if padded != length:  # then padded - 8 >= offset: inside the payload
+                (<uint64_t *>(at + padded - 8))[0] = 0
+            memcpy(at + offset, payload, size)
+            (<uint64_t *>(at + padded))[0] = trailer
+            self.cursor = self.advance(self.cursor, total)
+            return READY
         cdef uint32_t pos = self.copy_in(self.cursor, &d, DESCRIPTOR_SIZE)
         if header_len:
             pos = self.copy_in(pos, header, header_len)
