@@ -1,0 +1,716 @@
+"""Video benchmarks: a child partition's Framebuffer streaming to the parent's
+VideoVsp and Screen at 1024x768x32, a VNC client watching it, and a numpy
+copy of the same frames in one process as the reference, in one run.
+
+    python -m benchmarks.video_bench [--quick] [--repeats N] [--seconds S]
+                                     [--only MEASURE ...] [--markdown FILE]
+
+Every measurement is a window [t0, t1] on the shared monotonic clock: each
+process (the child partition, the parent, the VNC client) counts what it did
+inside it. Each round runs every measurement, alternating the order
+(A B … B A …); the table gives medians over rounds and ratios taken within
+each round (see /work/shared/BENCHMARKING.md). The Host stops the child
+partition, and the VNC client process and server go, on any exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import multiprocessing as mp
+import os
+import platform
+import random
+import shlex
+import signal
+import socket
+import statistics
+import struct
+import sys
+import tempfile
+import time
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import astuple, dataclass, field, replace
+from multiprocessing.connection import Connection
+
+import numpy as np
+import numpy.typing as npt
+
+from vmbus import guid
+from vmbus._ringdefs import DESCRIPTOR_SIZE, TRAILER_SIZE
+from vmbus.guest import Guest, GuestDevice
+from vmbus.partition import ChildPartition, Host, wait_until
+from vmbus.protocols import synthvid as sv
+from vsc.video import Framebuffer
+from vsp import rfb
+from vsp.console import Rect, Screen
+from vsp.video import VideoVsp
+from vsp.vnc import VncServer
+
+WIDTH, HEIGHT = 1024, 768
+FRAME_BYTES = WIDTH * HEIGHT * 4
+TILE = 64  # the small rectangles' side
+BATCH = 64  # rectangles per update() in the batched measurement: one DIRT
+CHILD_TARGET = "benchmarks.video_bench:video_child"  # importable even as __main__
+TIMEOUT = 60.0
+MIN_UPDATES = 3  # a VNC window lasts until the client has had at least this many
+Pixels = npt.NDArray[np.uint8]
+
+REFERENCE = "numpy copyto, one process"
+FULL, RECT, RECTS = "full frames", "64×64 rects, 1 per update()", "64×64 rects, 64 per update()"
+RAW, ZRLE = "VNC client, Raw", "VNC client, ZRLE"
+STATIC = "VNC client, Raw, idle child, full requests"
+UNHOOKED = ", VNC server unhooked"
+PER_DIRT = {FULL: 1, RECT: 1, RECTS: BATCH}  # items (frames or rectangles) per DIRT
+ITEM_BYTES = {FULL: FRAME_BYTES, RECT: TILE * TILE * 4, RECTS: TILE * TILE * 4}
+
+
+@dataclass(frozen=True)
+class Settings:
+    repeats: int
+    seconds: float  # the measured window
+    warmup: float  # from a measurement's start to its window
+    tail: float = 0.1  # the child streams this long after the window
+
+
+QUICK = Settings(repeats=3, seconds=0.5, warmup=0.2)
+FULL_RUN = Settings(repeats=7, seconds=2.0, warmup=0.5)
+
+
+@dataclass(frozen=True)
+class Window:
+    """A measurement's marks on time.monotonic(), the same clock in every process."""
+
+    t0: float
+    t1: float
+    end: float
+
+    @classmethod
+    def starting(cls, settings: Settings) -> Window:
+        t0 = time.monotonic() + settings.warmup
+        return cls(t0, t0 + settings.seconds, t0 + settings.seconds + settings.tail)
+
+
+@dataclass
+class Tally:
+    items: int = 0
+    bytes: int = 0
+
+
+@dataclass(frozen=True)
+class Reading:
+    """What one process counted in the window, per second; CPU in cores busy."""
+
+    items: float
+    bytes: float
+    cpu: float
+
+
+def run_window(
+    step: Callable[[Tally], None], window: Window, stop: float, min_items: int = 1
+) -> tuple[int, Reading]:
+    """Call `step` until `stop`: (items in all, rates between the first step
+    boundaries at or after t0 and after t1 with `min_items` done in between)."""
+    tally = Tally()
+    marks: list[tuple[float, int, int, float]] = []  # (time, items, bytes, CPU seconds)
+    while True:
+        now = time.monotonic()
+        first = not marks and now >= window.t0
+        if first or len(marks) == 1 and now >= window.t1 and tally.items - marks[0][1] >= min_items:
+            marks.append((now, tally.items, tally.bytes, time.process_time()))
+        if len(marks) == 2 and now >= stop:
+            break
+        step(tally)
+    (a, ia, ba, ca), (b, ib, bb, cb) = marks
+    return tally.items, Reading((ib - ia) / (b - a), (bb - ba) / (b - a), (cb - ca) / (b - a))
+
+
+def frames(width: int, height: int) -> list[Pixels]:
+    """Two different full frames, their stamp pixels (two corners) black."""
+    y, x = np.mgrid[0:height, 0:width]
+    out = []
+    for seed in (1, 2):
+        frame = np.zeros((height, width, 4), np.uint8)
+        frame[..., 0] = (x * 7 + seed) % 256
+        frame[..., 1] = (y * 5 + seed * 40) % 256
+        frame[..., 2] = (x + y + seed * 3) % 256
+        frame[0, 0] = frame[-1, -1] = 0
+        out.append(frame)
+    return out
+
+
+# --- the child partition ---------------------------------------------------------
+
+
+class Streamer:
+    """The child's drawing: each step draws and sends one DIRT."""
+
+    def __init__(self, fb: Framebuffer, seed: int = 1) -> None:
+        self.fb, self.frames = fb, frames(fb.width, fb.height)
+        self.words = fb.pixels.view(np.uint32)[..., 0]  # (h, w) pixels as numbers
+        self.tiles = [np.full((TILE, TILE, 4), c, np.uint8) for c in (0x40, 0xC0)]
+        rng = random.Random(seed)
+        self.places = [
+            (rng.randrange(fb.width - TILE), rng.randrange(fb.height - TILE)) for _ in range(4096)
+        ]
+        self.count = 0
+
+    def full(self, tally: Tally) -> None:
+        """A new frame, stamped with its number in two opposite corners."""
+        self.count += 1
+        np.copyto(self.fb.pixels, self.frames[self.count & 1])
+        self.words[0, 0] = self.words[-1, -1] = self.count
+        self.fb.update()
+        tally.items += 1
+        tally.bytes += FRAME_BYTES
+
+    def rects(self, n: int) -> Callable[[Tally], None]:
+        def step(tally: Tally) -> None:
+            rects = []
+            for _ in range(n):
+                self.count += 1
+                x, y = self.places[self.count % len(self.places)]
+                self.fb.pixels[y : y + TILE, x : x + TILE] = self.tiles[self.count & 1]
+                rects.append((x, y, x + TILE, y + TILE))
+            self.fb.update(*rects)
+            tally.items += n
+            tally.bytes += n * TILE * TILE * 4
+
+        return step
+
+
+def video_child(guest: Guest, address: str) -> None:
+    """Child partition: run each (measurement, window, hold) the parent sends,
+    past the window's end until the parent says so if `hold`; answer (items
+    sent in all, its Reading)."""
+    devices: list[GuestDevice] = []
+    guest.register(guid.SYNTHVID, devices.append)
+    fb = Framebuffer(devices[0], WIDTH, HEIGHT)
+    fb.wait_ready()
+    streamer = Streamer(fb)
+    steps = {FULL: streamer.full, RECT: streamer.rects(1), RECTS: streamer.rects(BATCH)}
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(address)
+    control = Connection(sock.detach())
+    with contextlib.suppress(EOFError):
+        for name, marks, hold in iter(control.recv, None):
+            window, more = Window(*marks), Tally()
+            sent, reading = run_window(steps[name], window, window.end)
+            while hold and not control.poll():
+                steps[name](more)
+            if hold:
+                control.recv()
+            control.send((sent + more.items, astuple(reading)))
+    fb.close()
+    guest.unload()
+
+
+# --- the VNC client (a process of its own) ---------------------------------------
+
+
+class RfbClient:
+    """A minimal RFB 3.8 viewer: security None, one encoding, the server's 32 bpp."""
+
+    def __init__(self, sock: socket.socket, encoding: int) -> None:
+        self.sock = sock
+        self.inflate = zlib.decompressobj()  # one zlib stream per connection
+        if self.exact(12)[:4] != b"RFB ":
+            raise ConnectionError("not an RFB server")
+        sock.sendall(b"RFB 003.008\n")
+        if 1 not in self.exact(self.exact(1)[0]):
+            raise ConnectionError("the server offers no security None")
+        sock.sendall(b"\x01")
+        if self.exact(4) != bytes(4):
+            raise ConnectionError("security failed")
+        sock.sendall(b"\x01")  # ClientInit: shared
+        self.width, self.height = struct.unpack(">HH", self.exact(4))
+        self.exact(16)  # the pixel format: the frame's own XRGB8888, kept
+        self.exact(struct.unpack(">I", self.exact(4))[0])  # the desktop's name
+        sock.sendall(struct.pack(">BxHi", 2, 1, encoding))  # SetEncodings
+        self.buffer = memoryview(bytearray(2 * self.width * self.height * 4 + 4096))
+
+    def exact(self, n: int, into: memoryview | None = None) -> bytes:
+        """Read `n` bytes: into `into` (returns b""), or as bytes."""
+        view = memoryview(bytearray(n)) if into is None else into[:n]
+        got = 0
+        while got < n:
+            chunk = self.sock.recv_into(view[got:], n - got)
+            if not chunk:
+                raise ConnectionError("the server closed the connection")
+            got += chunk
+        return b"" if into is not None else bytes(view)
+
+    def request(self, incremental: bool) -> None:
+        self.sock.sendall(struct.pack(">BBHHHH", 3, incremental, 0, 0, self.width, self.height))
+
+    def update(self) -> int:
+        """Read one FramebufferUpdate, inflating compressed data; its bytes on the wire."""
+        kind, count = struct.unpack(">BxH", self.exact(4))
+        if kind != 0:
+            raise ConnectionError(f"unexpected server message {kind}")
+        wire = 4
+        for _ in range(count):
+            _, _, w, h, encoding = struct.unpack(">HHHHi", self.exact(12))
+            if encoding == rfb.ENC_RAW:
+                self.exact(w * h * 4, self.buffer)
+                wire += 12 + w * h * 4
+            else:
+                (length,) = struct.unpack(">I", self.exact(4))
+                self.exact(length, self.buffer)
+                self.inflate.decompress(self.buffer[:length])
+                wire += 16 + length
+        return wire
+
+
+def watch(port: int, encoding: int, incremental: bool, window: Window) -> tuple[int, Reading]:
+    """One update request at a time until t1 and MIN_UPDATES: (updates, wire Reading)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        client = RfbClient(sock, encoding)
+        client.request(incremental=False)
+
+        def step(tally: Tally) -> None:
+            tally.bytes += client.update()
+            tally.items += 1
+            client.request(incremental)
+
+        return run_window(step, window, window.t1, MIN_UPDATES)
+
+
+def copies(window: Window) -> tuple[int, Reading]:
+    """The reference: np.copyto of two frames into a third, alternately."""
+    pair = frames(WIDTH, HEIGHT)
+    target = np.zeros_like(pair[0])
+
+    def step(tally: Tally) -> None:
+        np.copyto(target, pair[tally.items & 1])
+        tally.items += 1
+        tally.bytes += FRAME_BYTES
+
+    return run_window(step, window, window.t1)
+
+
+def client_main(control: Connection) -> None:
+    """The VNC client's process, which also runs the reference copy: each
+    ("watch", port, encoding, incremental, marks) or ("copy", marks) the
+    parent sends, answered (items, Reading). The reference runs here so that
+    its big temporary arrays do not change the parent's malloc thresholds."""
+    with contextlib.suppress(EOFError):
+        for kind, *args in iter(control.recv, None):
+            if kind == "copy":
+                items, reading = copies(Window(*args[0]))
+            else:
+                port, encoding, incremental, marks = args
+                items, reading = watch(port, encoding, incremental, Window(*marks))
+            control.send((items, astuple(reading)))
+
+
+# --- the parent ------------------------------------------------------------------
+
+
+class FrameWatch:
+    """A Screen listener: the stamps of each full frame the parent shows."""
+
+    def __init__(self, screen: Screen) -> None:
+        self.screen, self.last, self.new, self.torn = screen, 0, 0, 0
+        self.corners = [(0, 0, 1, 1), (WIDTH - 1, HEIGHT - 1, WIDTH, HEIGHT)]
+        screen.add_listener(self)
+
+    def __call__(self, rects: list[Rect]) -> None:
+        if rects != [(0, 0, WIDTH, HEIGHT)]:
+            return
+        top, bottom = self.screen.capture(self.corners, self.screen.geometry()[0]).pixels
+        stamp = int(top.view(np.uint32)[0, 0, 0])
+        self.torn += stamp != int(bottom.view(np.uint32)[0, 0, 0])
+        self.new += stamp != self.last
+        self.last = stamp
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One measurement: the row's items/s (frames, rectangles or VNC updates),
+    the pixel bytes/s they carry, and what else was counted meanwhile."""
+
+    rate: float
+    pixels: float
+    wire: float | None = None  # VNC bytes/s
+    sent: float | None = None  # the child's items/s
+    shown: float | None = None  # the parent's items/s
+    new: float | None = None  # shown full frames with a new stamp, /s
+    torn: float | None = None  # share of shown full frames whose corner stamps differ
+    lag: float | None = None  # seconds of showing the DIRTs queued in the ring at t1
+    vnc_faults: float | None = None  # the VNC server thread's minor page faults /s
+    vnc_sys: float | None = None  # the share of its CPU time spent in the kernel
+    cpu: dict[str, float] = field(default_factory=dict)  # cores busy, by role
+
+
+@dataclass(frozen=True)
+class Counters:
+    """The parent's counters at one moment."""
+
+    time: float
+    frames: int  # DIRTs shown
+    new: int
+    torn: int
+    queued: int  # bytes of packets in the ring from the child
+    cpu: dict[str, float]  # CPU seconds by thread
+    vnc: tuple[int, int, int]  # the VNC thread's minor faults, user and system CPU ticks
+
+    def rates(self, later: Counters) -> dict[str, float]:
+        span = later.time - self.time
+        return {role: (later.cpu[role] - self.cpu[role]) / span for role in self.cpu}
+
+    def vnc_rates(self, later: Counters) -> dict[str, float | None]:
+        """The VNC thread's faults/s and share of its CPU in the kernel."""
+        faults, user, system = (x - y for x, y in zip(later.vnc, self.vnc, strict=True))
+        share = system / (user + system) if user + system else None
+        return {"vnc_faults": faults / (later.time - self.time), "vnc_sys": share}
+
+
+def task_stat(native_id: int) -> tuple[int, int, int]:
+    """A thread's minor page faults, user and system CPU ticks, from /proc."""
+    with open(f"/proc/self/task/{native_id}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return int(fields[7]), int(fields[11]), int(fields[12])
+
+
+def dirt_packet_bytes(rects: int) -> int:
+    """A DIRT with `rects` rectangles in the ring: descriptor, payload (8-aligned), trailer."""
+    payload = len(sv.SynthvidClient().dirt(*[(0, 0, 1, 1)] * rects))
+    return DESCRIPTOR_SIZE + -(-payload // 8) * 8 + TRAILER_SIZE
+
+
+class Bench:
+    """The parent's side: the VideoVsp on a Screen, a VNC server, the child
+    partition and the VNC client process, each with a control connection."""
+
+    def __init__(self, host: Host, settings: Settings, workdir: str) -> None:
+        self.settings = settings
+        self.screen = Screen(WIDTH, HEIGHT)
+        self.video = VideoVsp(self.screen)
+        self.watch = FrameWatch(self.screen)
+        self.vnc = VncServer(self.screen, port=0)
+        self.cleanup = contextlib.ExitStack()  # undone in reverse on close() or a failed start
+        try:
+            self._start(host, workdir)
+        except BaseException:
+            self.cleanup.close()
+            raise
+
+    def _start(self, host: Host, workdir: str) -> None:
+        self.vnc.start()
+        self.cleanup.callback(self.vnc.stop)
+        spawn = mp.get_context("spawn")
+        self.client_control, theirs = spawn.Pipe()
+        self.client = spawn.Process(target=client_main, args=(theirs,), daemon=True)
+        self.client.start()
+        theirs.close()
+        self.cleanup.callback(self._end_client)
+        address = os.path.join(workdir, "control")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+            listener.bind(address)
+            listener.listen(1)
+            listener.settimeout(TIMEOUT)
+            self.child: ChildPartition = host.start(
+                CHILD_TARGET, devices=[self.video], args=(address,)
+            )
+            self.cleanup.callback(self._end_child)
+            sock, _ = listener.accept()
+        sock.settimeout(None)
+        self.control = Connection(sock.detach())
+        # The VNC server's thread is private; its CPU clock is what we need.
+        threads = {"worker": self.child.worker, "vnc": self.vnc._thread}
+        self.clocks = {
+            role: time.pthread_getcpuclockid(t.ident)
+            for role, t in threads.items()
+            if t is not None and t.ident is not None
+        }
+        assert self.vnc._thread is not None and self.vnc._thread.native_id is not None
+        self.vnc_tid = self.vnc._thread.native_id
+
+    def counters(self, at: float) -> Counters:
+        """Sleep until `at`; the parent's counters then."""
+        time.sleep(max(0.0, at - time.monotonic()))
+        channel = self.video.channel
+        return Counters(
+            time.monotonic(),
+            self.video.frames,
+            self.watch.new,
+            self.watch.torn,
+            0 if channel is None else channel.reader.bytes_available,
+            {role: time.clock_gettime(clock) for role, clock in self.clocks.items()},
+            task_stat(self.vnc_tid),
+        )
+
+    def stream(self, name: str, unhook_vnc: bool = False) -> Sample:
+        """The child streams `name` through a window: what the parent showed.
+        `unhook_vnc`: the VNC server hears nothing of the Screen meanwhile."""
+        if not unhook_vnc:
+            return self._stream(name, Window.starting(self.settings), None)[0]
+        self.screen.remove_listener(self.vnc._on_damage)
+        try:
+            return self._stream(name, Window.starting(self.settings), None)[0]
+        finally:
+            self.screen.add_listener(self.vnc._on_damage)
+
+    def vnc_stream(self, encoding: int) -> Sample:
+        """The child streams full frames while the VNC client watches."""
+        window = Window.starting(self.settings)
+        self.client_control.send(("watch", self.vnc.address[1], encoding, True, astuple(window)))
+        shown, seen = self._stream(FULL, window, self.client_control)
+        assert seen is not None
+        return replace(
+            shown,
+            rate=seen.items,
+            pixels=seen.items * FRAME_BYTES,
+            wire=seen.bytes,
+            cpu=shown.cpu | {"client": seen.cpu},
+        )
+
+    def _stream(
+        self, name: str, window: Window, client: Connection | None
+    ) -> tuple[Sample, Reading | None]:
+        base, per = self.video.frames, PER_DIRT[name]
+        self.control.send((name, astuple(window), client is not None))
+        a, b = self.counters(window.t0), self.counters(window.t1)
+        seen = None
+        if client is not None:  # the child streams on until the client is done
+            seen = receive(client, "the VNC client")[1]
+            self.control.send("stop")
+        sent, child = receive(self.control, "the child partition")
+        if not wait_until(lambda: self.video.frames >= base + sent // per, TIMEOUT):
+            raise TimeoutError("the parent did not show every update")
+        span, full = b.time - a.time, name == FULL
+        dirts = (b.frames - a.frames) / span
+        return (
+            Sample(
+                dirts * per,
+                dirts * per * ITEM_BYTES[name],
+                sent=child.items,
+                shown=dirts * per,
+                new=(b.new - a.new) / span if full else None,
+                torn=(b.torn - a.torn) / max(1, b.frames - a.frames) if full else None,
+                lag=b.queued / dirt_packet_bytes(per) / dirts if dirts else None,
+                cpu=a.rates(b) | {"child": child.cpu},
+                **a.vnc_rates(b),
+            ),
+            seen,
+        )
+
+    def static(self) -> Sample:
+        """The VNC client asks for the whole (unchanging) screen, one request at a time."""
+        window = Window.starting(self.settings)
+        port = self.vnc.address[1]
+        self.client_control.send(("watch", port, rfb.ENC_RAW, False, astuple(window)))
+        a, b = self.counters(window.t0), self.counters(window.t1)
+        seen = receive(self.client_control, "the VNC client")[1]
+        cpu = a.rates(b) | {"client": seen.cpu}
+        return Sample(seen.items, seen.items * FRAME_BYTES, seen.bytes, cpu=cpu, **a.vnc_rates(b))
+
+    def reference(self) -> Sample:
+        """The numpy copy, in the client's process (nothing else runs meanwhile)."""
+        window = Window.starting(self.settings)
+        self.client_control.send(("copy", astuple(window)))
+        reading = receive(self.client_control, "the reference copy")[1]
+        return Sample(reading.items, reading.bytes, cpu={"client": reading.cpu})
+
+    def _end_client(self) -> None:
+        with contextlib.suppress(OSError):
+            self.client_control.send(None)
+        self.client_control.close()
+        self.client.join(5)
+        if self.client.is_alive():
+            self.client.kill()
+            self.client.join(5)
+
+    def _end_child(self) -> None:
+        control = getattr(self, "control", None)
+        if control is not None:
+            with contextlib.suppress(OSError):
+                control.send(None)
+            control.close()
+        if self.child.wait(10) is None:
+            self.child.stop()
+
+    def close(self) -> None:
+        self.cleanup.close()
+
+
+def receive(control: Connection, who: str) -> tuple[int, Reading]:
+    if not control.poll(TIMEOUT):
+        raise TimeoutError(f"{who} sent no result")
+    items, reading = control.recv()  # plain tuples: classes of __main__ do not unpickle
+    return int(items), Reading(*reading)
+
+
+# --- the runner ------------------------------------------------------------------
+
+Results = dict[str, list[Sample]]  # by measurement, one per round
+ALL = [REFERENCE, FULL, FULL + UNHOOKED, RECT, RECT + UNHOOKED, RECTS, RAW, ZRLE, STATIC]
+
+
+def measure(settings: Settings, workdir: str, names: Sequence[str]) -> Results:
+    with Host() as host:
+        bench = Bench(host, settings, workdir)
+        try:
+            jobs: dict[str, Callable[[], Sample]] = {
+                REFERENCE: bench.reference,
+                FULL: lambda: bench.stream(FULL),
+                FULL + UNHOOKED: lambda: bench.stream(FULL, unhook_vnc=True),
+                RECT: lambda: bench.stream(RECT),
+                RECT + UNHOOKED: lambda: bench.stream(RECT, unhook_vnc=True),
+                RECTS: lambda: bench.stream(RECTS),
+                RAW: lambda: bench.vnc_stream(rfb.ENC_RAW),
+                ZRLE: lambda: bench.vnc_stream(rfb.ENC_ZRLE),
+                STATIC: bench.static,
+            }
+            order = [n for n in ALL if n in names]
+            results: Results = {name: [] for name in order}
+            for index in range(settings.repeats):
+                for name in order if index % 2 == 0 else reversed(order):
+                    results[name].append(jobs[name]())
+        finally:
+            bench.close()
+    return results
+
+
+# --- the table -------------------------------------------------------------------
+
+
+def median(values: Iterable[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
+def fmt(value: float | None, digits: int = 0) -> str:
+    return "—" if value is None else f"{value:,.{digits}f}"
+
+
+HEADERS = [
+    "measure",
+    "rate /s",
+    "min–max",
+    "pixel MB/s",
+    "× numpy copy",
+    "child sent /s",
+    "parent shown /s",
+    "new frames /s, torn",
+    "queue at t1, ms",
+    "wire MB/s",
+    "VNC thread faults/update, sys",
+    "CPU % child, worker, VNC, client",
+    "CPU µs/item child, parent",
+]
+LEGEND = (
+    "Rate: the parent's DIRTs shown (× rectangles per DIRT), or the VNC client's "
+    "FramebufferUpdates received (one request at a time, compressed data inflated), or the "
+    "numpy copies. New frames: shown full frames carrying a new stamp (the child numbers "
+    "each frame in two corners); torn: shown frames whose two stamps differ. Queue: the "
+    "DIRTs waiting in the ring at the window's end, in milliseconds of showing. CPU %: "
+    "cores busy in the window (the child partition; the parent's worker and VNC server "
+    "threads; the VNC client's process, which also runs the numpy copy); µs/item: CPU per "
+    "row item of the child and of the thread that serves the row (the worker, the VNC "
+    "server, or the numpy copy's process). Unhooked: "
+    "the VNC server's Screen listener removed for the measurement. VNC thread: its minor "
+    "page faults per update received, and the share of its CPU time spent in the kernel."
+)
+UNITS = {REFERENCE: "frames", FULL: "frames", RECT: "rects", RECTS: "rects"}
+ROLES = ("child", "worker", "vnc", "client")
+
+
+def per_item(samples: list[Sample], role: str) -> float | None:
+    return median(s.cpu[role] / s.rate * 1e6 if role in s.cpu and s.rate else None for s in samples)
+
+
+def vnc_faults(samples: list[Sample]) -> str:
+    faults = median(s.vnc_faults / s.rate if s.vnc_faults is not None else None for s in samples)
+    system = median(s.vnc_sys for s in samples)
+    return f"{fmt(faults)}, {fmt(system and system * 100)} %"
+
+
+def row(name: str, samples: list[Sample], reference: list[Sample] | None) -> list[str]:
+    rates = [s.rate for s in samples]
+    ratio = None
+    if reference:
+        ratio = median(s.pixels / r.pixels for s, r in zip(samples, reference, strict=True))
+    new, torn, lag = (median(getattr(s, k) for s in samples) for k in ("new", "torn", "lag"))
+    cpu = [median(s.cpu.get(role) for s in samples) for role in ROLES]
+    parent = "client" if name == REFERENCE else "vnc" if name.startswith("VNC") else "worker"
+    kind = name.removesuffix(UNHOOKED)
+    child = per_item(samples, "child") if kind in PER_DIRT else None
+    return [
+        name,
+        f"{statistics.median(rates):,.0f} {UNITS.get(kind, 'updates')}",
+        f"{min(rates):,.0f}–{max(rates):,.0f}",
+        fmt(median(s.pixels / 1e6 for s in samples)),
+        "—" if ratio is None else f"{ratio:.3g}",
+        fmt(median(s.sent for s in samples)),
+        fmt(median(s.shown for s in samples)),
+        "—" if new is None or torn is None else f"{new:,.0f}, {torn * 100:.1f} %",
+        fmt(lag and lag * 1e3, 1),
+        fmt(median(s.wire and s.wire / 1e6 for s in samples)),
+        vnc_faults(samples) if name.startswith("VNC") else "—",
+        ", ".join(fmt(c and c * 100) for c in cpu),
+        f"{fmt(child, 1)}, {fmt(per_item(samples, parent), 1)}",
+    ]
+
+
+def render(rows: list[list[str]], markdown: bool) -> str:
+    if markdown:
+        lines = [HEADERS, ["---"] + ["---:"] * (len(HEADERS) - 1), *rows]
+        return "\n".join("| " + " | ".join(line) + " |" for line in lines)
+    widths = [max(len(r[i]) for r in [HEADERS, *rows]) for i in range(len(HEADERS))]
+    return "\n".join(
+        "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+        for r in [HEADERS, *rows]
+    )
+
+
+def report(settings: Settings, command: str, names: Sequence[str]) -> tuple[str, str]:
+    load = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="video-bench-") as tmp:
+        results = measure(settings, tmp, names)
+    reference = results.get(REFERENCE)
+    rows = [row(name, samples, reference) for name, samples in results.items()]
+    header = (
+        f"`{command}`: {os.cpu_count()} CPUs, Linux {platform.release()}, Python "
+        f"{platform.python_version()}, load average {load:.1f} → {os.getloadavg()[0]:.1f}; "
+        f"{WIDTH}×{HEIGHT}×32; {settings.repeats} interleaved rounds, {settings.seconds:g} s "
+        "windows; medians, and ratios of pixel bytes/s to the numpy copy's within each round."
+    )
+    text, markdown = ("\n\n".join([header, render(rows, md), LEGEND]) for md in (False, True))
+    return text, markdown
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="short measurements (< 30 s)")
+    parser.add_argument("--repeats", type=int, help="rounds (default 3 quick, 7 full)")
+    parser.add_argument("--seconds", type=float, help="seconds per measured window")
+    parser.add_argument("--only", action="append", choices=ALL, help="these measurements only")
+    parser.add_argument(
+        "--malloc-warm",
+        action="store_true",
+        help="free a 16 MiB block first: glibc's malloc then keeps the VNC server's 3 MiB buffers",
+    )
+    parser.add_argument("--markdown", metavar="FILE", help="also write the result as Markdown")
+    args = parser.parse_args(argv)
+    if args.malloc_warm:  # freeing an mmap()ed block raises glibc's mmap and trim thresholds
+        np.empty(16 << 20, np.uint8)
+    base = QUICK if args.quick else FULL_RUN
+    settings = Settings(args.repeats or base.repeats, args.seconds or base.seconds, base.warmup)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanups on SIGTERM
+    words = sys.argv[1:] if argv is None else list(argv)
+    command = shlex.join(["python", "-m", "benchmarks.video_bench", *words])
+    text, markdown = report(settings, command, args.only or ALL)
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "w") as out:
+            out.write(markdown + "\n")
+
+
+if __name__ == "__main__":
+    main()
