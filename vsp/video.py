@@ -38,6 +38,7 @@ class VideoVsp:
         self.context: OpenContext | None = None
         self.vram: np.ndarray | None = None  # the guest's VRAM, (vram_size,) uint8 view
         self.frames = 0  # DIRT messages shown
+        self.pending: list[tuple[int, int, int, int]] | None = []  # None: the whole screen
         self.dirt_requested = False
 
     def offers(self) -> list[OfferSpec]:
@@ -75,7 +76,22 @@ class VideoVsp:
                     self.channel.send(self.server.feature_change(dirt=True), timeout=0)
             elif isinstance(event, sv.Dirty):
                 self.frames += 1
-                self._show(list(event.rects))
+                self._dirty(event.rects)
+
+    def _dirty(self, rects: tuple[tuple[int, int, int, int], ...]) -> None:
+        """Collect a drain's dirty rectangles; on_signal copies them once,
+        so a burst of updates of one region costs one copy, not one each."""
+        if self.pending is None:
+            return  # already the whole screen
+        self.pending.extend(rects)
+        if len(self.pending) > sv.MAX_DIRT_RECTS:
+            self.pending = None
+
+    def on_signal(self) -> None:
+        """After the worker drained the channel: show what changed."""
+        if self.pending != []:
+            self._show(self.pending)
+            self.pending = []
 
     def _show(self, rects: list[tuple[int, int, int, int]] | None) -> None:
         mode = self.server.mode

@@ -162,6 +162,7 @@ class VncServer:
         self._clients: dict[socket.socket, _Client] = {}
         self._damage: collections.deque[list[Rect]] = collections.deque()
         self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_pending = False
         self._wake_w.setblocking(False)
         self._selector = selectors.DefaultSelector()
 
@@ -218,9 +219,15 @@ class VncServer:
             self._wake_w.send(b"!")
 
     def _on_damage(self, rects: list[Rect]) -> None:
-        # The Screen's (the VSP's) thread: hand over, never block.
+        # The Screen's (the VSP's) thread: hand over, never block. With no
+        # client there is nothing to do (a new client gets a full frame), and
+        # one wake-up is enough until the server loop has caught up.
+        if not self._clients:
+            return
         self._damage.append(rects)
-        self._wake()
+        if not self._wake_pending:
+            self._wake_pending = True
+            self._wake()
 
     def _run(self) -> None:
         while self._running:
@@ -235,6 +242,7 @@ class VncServer:
             if key.fileobj is self._listener:
                 self._accept()
             elif key.fileobj is self._wake_r:
+                self._wake_pending = False  # before draining: later damage wakes us again
                 with contextlib.suppress(BlockingIOError):
                     self._wake_r.recv(4096)
             elif key.data.sock in self._clients:
