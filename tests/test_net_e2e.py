@@ -202,3 +202,32 @@ def test_batched_frames_arrive_in_order(tmp_path: Path) -> None:
         got = json.loads((tmp_path / "got.json").read_text())
         assert got == [f"{i:06d}" for i in range(200)]
         assert a_vsp.handler is not None and a_vsp.handler.nvsp.errors.total() == 0
+
+
+def async_receiver(guest: Guest, workdir: str) -> None:
+    """Child: the asyncio form of receive."""
+    import asyncio
+
+    nic = adapter(guest)
+    (Path(workdir) / "ready").write_text("1")
+    frames = asyncio.run(asyncio.wait_for(_collect(nic, 3), 20))
+    (Path(workdir) / "got.json").write_text(json.dumps([f[14:20].hex() for f in frames]))
+
+
+async def _collect(nic: NetAdapter, count: int) -> list[bytes]:
+    return [await nic.areceive() for _ in range(count)]
+
+
+def test_frames_reach_an_asyncio_receiver(tmp_path: Path) -> None:
+    switch = LearningSwitch()
+    injector = switch.port(MAC_A)
+    with Host() as host:
+        child = host.start(
+            async_receiver, devices=[NetVsp(switch.port(MAC_B), mac=MAC_B)], args=(str(tmp_path),)
+        )
+        assert wait_until(lambda: (tmp_path / "ready").exists(), 30)
+        time.sleep(0.2)  # the child is now awaiting
+        payloads = [bytes([i]) * 6 for i in (1, 2, 3)]
+        injector.send([eth.ethernet(MAC_B, MAC_A, 0x88B5, p) for p in payloads])
+        assert child.wait(timeout=30) == 0
+        assert json.loads((tmp_path / "got.json").read_text()) == [p.hex() for p in payloads]

@@ -125,3 +125,21 @@ def test_asyncio_block_device() -> None:
     with Host() as host:
         child = host.start(async_io, devices=[StorVsp([RamBackend(MiB)])])
         assert child.wait(timeout=60) == 0
+
+
+def two_controllers(guest: Guest) -> None:
+    """Child: two SCSI controllers (two offers of the SCSI class), one disk each."""
+    devices = scsi_devices(guest)
+    assert len(devices) == 2 and devices[0].instance_id != devices[1].instance_id
+    disks = [BlockDevice(device) for device in devices]
+    for i, disk in enumerate(disks):
+        disk.write(0, bytes([i + 1]) * 4096)
+    assert [disk.read(0, 512)[:1] for disk in disks] == [b"\x01", b"\x02"]
+    assert sorted(disk.capacity for disk in disks) == [MiB, 2 * MiB]
+
+
+def test_several_controllers_per_child() -> None:
+    with Host() as host:
+        vsps = [StorVsp([RamBackend(MiB)]), StorVsp([RamBackend(2 * MiB)])]
+        child = host.start(two_controllers, devices=vsps)
+        assert child.wait(timeout=60) == 0
