@@ -19,7 +19,7 @@ from enum import IntEnum
 from typing import Annotated, Any, NamedTuple, Protocol
 
 from vmbus._ringpacket import Packet
-from vmbus.wire import U8, U16, U32, WireStruct, wire_struct
+from vmbus.wire import U8, U16, U32, WireStruct, open_enum, wire_struct
 
 
 class PacketError(ValueError):
@@ -48,10 +48,7 @@ class PacketType(IntEnum):
 
 def packet_type(value: int) -> PacketType | int:
     """Open enum: the PacketType member for a known value, else the plain int."""
-    try:
-        return PacketType(value)
-    except ValueError:
-        return value
+    return open_enum(PacketType, value)
 
 
 # VMBUS_DATA_PACKET_FLAG_COMPLETION_REQUESTED: the receiver must answer with a

@@ -22,6 +22,7 @@ import struct
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import Any, ClassVar, TypeVar, get_type_hints
 
 
@@ -54,6 +55,17 @@ def Bytes(n: int) -> Fmt:  # noqa: N802 - reads as a type in annotations
 
 
 T = TypeVar("T", bound="WireStruct")
+E = TypeVar("E", bound=IntEnum)
+
+
+def open_enum(enum: type[E], value: int) -> E | int:
+    """Open enums for values read off the wire: the member for a known
+    value, the plain int for an unknown one (which the protocol then
+    answers as unrecognized)."""
+    try:
+        return enum(value)
+    except ValueError:
+        return value
 
 
 class WireStruct:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from enum import Enum, IntEnum
 from typing import Annotated
 
-from vmbus.wire import U8, U16, U32, Bytes, Fmt, WireError, WireStruct, wire_struct
+from vmbus.wire import U8, U16, U32, Bytes, Fmt, WireError, WireStruct, open_enum, wire_struct
 
 Buffer = bytes | bytearray | memoryview
 I8 = Fmt("b")
@@ -111,10 +111,7 @@ class MessageType(IntEnum):
 
 def message_type(value: int) -> MessageType | int:
     """Open enum: the MessageType member for a known value, else the int."""
-    try:
-        return MessageType(value)
-    except ValueError:
-        return value
+    return open_enum(MessageType, value)
 
 
 @wire_struct(size=PIPE_HEADER_SIZE)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 from typing import Annotated
 
-from vmbus.wire import U16, U32, WireError, WireStruct, wire_struct
+from vmbus.wire import U16, U32, WireError, WireStruct, open_enum, wire_struct
 
 Buffer = bytes | bytearray | memoryview
 
@@ -50,10 +50,7 @@ class MessageType(IntEnum):
 
 def message_type(value: int) -> MessageType | int:
     """Open enum: the MessageType member for a known value, else the int."""
-    try:
-        return MessageType(value)
-    except ValueError:
-        return value
+    return open_enum(MessageType, value)
 
 
 class KeystrokeInfo(IntFlag):

@@ -69,10 +69,9 @@ from vmbus.protocols.nvsp_wire import (
     decode,
     encode,
     message_type,
-    open_enum,
     type_of,
 )
-from vmbus.wire import WireStruct
+from vmbus.wire import WireStruct, open_enum
 
 
 @dataclass(frozen=True)

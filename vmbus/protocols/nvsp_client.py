@@ -38,9 +38,8 @@ from vmbus.protocols.nvsp_wire import (
     SubChannelRequest,
     decode,
     encode,
-    open_enum,
 )
-from vmbus.wire import WireStruct
+from vmbus.wire import WireStruct, open_enum
 
 ETH_HLEN = 14  # Linux's NDIS_CONFIG mtu includes the Ethernet header
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from enum import Enum, IntEnum
 from typing import Annotated, Any, TypeVar
 
-from vmbus.wire import U16, U32, U64, WireStruct, wire_struct
+from vmbus.wire import U16, U32, U64, WireStruct, open_enum, wire_struct
 
 # Protocol versions (§6.1), newest first as Linux tries them.
 NVSP_PROTOCOL_VERSION_1 = 0x00000002
@@ -107,16 +107,7 @@ class RndisChannel(IntEnum):
     CONTROL = 1  # RMC_CONTROL: everything else
 
 
-_E = TypeVar("_E", bound=IntEnum)
 _M = TypeVar("_M", bound=WireStruct)
-
-
-def open_enum(enum: type[_E], value: int) -> _E | int:
-    """Open enum: the member for a known value, else the plain int."""
-    try:
-        return enum(value)
-    except ValueError:
-        return value
 
 
 # --- Wire structs: each is the message type, then its union member (§6.3) ----

@@ -99,10 +99,9 @@ from vmbus.protocols.rndis_wire import (
     encode,
     encode_packet,
     message_view,
-    open_enum,
     type_of,
 )
-from vmbus.wire import WireStruct
+from vmbus.wire import WireStruct, open_enum
 
 DEFAULT_LINK_SPEED = 100_000_000  # 10 Gbit/s, in GEN_LINK_SPEED's 100 bit/s units
 DEFAULT_FRIENDLY_NAME = "Network Adapter"  # Hyper-V's default, which Linux ignores

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Annotated, Any, ClassVar, NamedTuple, TypeVar, cast
 
-from vmbus.wire import U32, WireStruct, wire_struct
+from vmbus.wire import U32, WireStruct, open_enum, wire_struct
 
 RNDIS_MAJOR_VERSION = 1
 RNDIS_MINOR_VERSION = 0
@@ -98,17 +98,8 @@ class PpiType(IntEnum):
 PPI_INTERNAL = 1 << 31  # type bit: a Hyper-V internal PPI
 RNDIS_PKTINFO_ID = PPI_INTERNAL | 1  # RSC fragment info
 
-_E = TypeVar("_E", bound=IntEnum)
 _M = TypeVar("_M", bound=WireStruct)
 _T = RndisMessageType
-
-
-def open_enum(enum: type[_E], value: int) -> _E | int:
-    """Open enum: the member for a known value, else the plain int."""
-    try:
-        return enum(value)
-    except ValueError:
-        return value
 
 
 # --- Messages (§6.5): header included; BUFFER names a trailing buffer's fields --

@@ -27,10 +27,10 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from enum import Enum, IntEnum, IntFlag
-from typing import Annotated, TypeVar
+from typing import Annotated
 
 from vmbus.packet import MAX_GPA_PFNS, PAGE_SIZE, GpaRange
-from vmbus.wire import U8, U16, U32, U64, Bytes, WireError, WireStruct, wire_struct
+from vmbus.wire import U8, U16, U32, U64, Bytes, WireError, WireStruct, open_enum, wire_struct
 
 # Protocol versions (§5.1): major << 8 | minor.
 VSTOR_VERSION_WIN6 = 0x0200
@@ -145,17 +145,6 @@ class DataDirection(IntEnum):
     WRITE_TYPE = 0
     READ_TYPE = 1
     UNKNOWN_TYPE = 2  # no data
-
-
-E = TypeVar("E", bound=IntEnum)
-
-
-def _open(enum: type[E], value: int) -> E | int:
-    """Open enum: the member for a known value, else the plain int."""
-    try:
-        return enum(value)
-    except ValueError:
-        return value
 
 
 def _fit(value: bytes, size: int, what: str) -> bytes:
@@ -436,7 +425,7 @@ class StorvspProtocol:
         else:
             size = minimum = self.packet_size
         packet = VstorPacket.decode(view[:size], min_size=0)
-        op = _open(Operation, packet.operation)
+        op = open_enum(Operation, packet.operation)
         if len(view) < minimum:
             reason = f"{len(view)}-byte packet, needs {minimum}"
             return self._refuse(packet, size, STATUS_INVALID_PARAMETER, "malformed", reason)
@@ -501,7 +490,7 @@ class StorvspProtocol:
             return f"cdb_length {request.cdb_length} is not in 1..{MAX_CDB_LENGTH}"
         if request.sense_info_length > SENSE_BUFFER_SIZE:
             return f"sense_info_length {request.sense_info_length} is over {SENSE_BUFFER_SIZE}"
-        direction = _open(DataDirection, request.data_in)
+        direction = open_enum(DataDirection, request.data_in)
         if not isinstance(direction, DataDirection):
             return f"data_in {request.data_in} is no direction"
         length = request.data_transfer_length
@@ -584,7 +573,7 @@ def _decode_reply(payload: bytes | bytearray | memoryview) -> VstorPacket:
     except WireError as error:
         raise StorageProtocolError(str(error)) from None
     if packet.operation != Operation.COMPLETE_IO:
-        raise StorageProtocolError(f"reply is operation {_open(Operation, packet.operation)!r}")
+        raise StorageProtocolError(f"reply is operation {open_enum(Operation, packet.operation)!r}")
     return packet
 
 

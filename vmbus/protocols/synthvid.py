@@ -29,7 +29,7 @@ from enum import IntEnum
 from typing import Annotated
 
 from vmbus.protocols.hid import PIPE_HEADER_SIZE, PIPE_MESSAGE_DATA, Buffer, PipeHeader
-from vmbus.wire import I32, U8, U16, U32, U64, Bytes, WireError, WireStruct, wire_struct
+from vmbus.wire import I32, U8, U16, U32, U64, Bytes, WireError, WireStruct, open_enum, wire_struct
 
 
 def synthvid_version(major: int, minor: int) -> int:
@@ -93,10 +93,7 @@ class MessageType(IntEnum):
 
 def message_type(value: int) -> MessageType | int:
     """Open enum: the MessageType member for a known value, else the int."""
-    try:
-        return MessageType(value)
-    except ValueError:
-        return value
+    return open_enum(MessageType, value)
 
 
 @wire_struct(size=SYNTHVID_HEADER_SIZE)
