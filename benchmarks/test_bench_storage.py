@@ -25,7 +25,7 @@ from benchmarks.storage_bench import page_buffer
 from vmbus import guid
 from vmbus.channel import COMPLETION_REQUESTED, Channel
 from vmbus.host import OfferSpec
-from vmbus.memory import PAGE_SIZE, GuestMemory, PageAllocator
+from vmbus.memory import PAGE_SIZE, GuestMemory, PageAllocator, guest_segments
 from vmbus.packet import (
     GpaRange,
     PacketType,
@@ -40,7 +40,7 @@ from vmbus.testing import ring_buffer
 from vmbus.transport import Signal
 from vsc.storage import BlockDevice, StorageController
 from vsp.disk_backends import RamBackend, RawFileBackend
-from vsp.storage import StorVsp, StorvspChannel, guest_segments
+from vsp.storage import StorVsp, StorvspChannel
 
 KiB, MiB = 1 << 10, 1 << 20
 DISK = 64 * MiB

@@ -24,6 +24,8 @@ import mmap
 import os
 from collections.abc import Sequence
 
+from vmbus.packet import GpaRange
+
 __all__ = [
     "PAGE_SIZE",
     "DoubleFree",
@@ -37,6 +39,7 @@ __all__ = [
     "PageAllocator",
     "map_channel_rings",
     "map_contiguous",
+    "guest_segments",
     "map_ring",
 ]
 
@@ -417,3 +420,33 @@ def map_channel_rings(
         outbound.close()
         raise
     return outbound, inbound
+
+
+def guest_segments(
+    memory: GuestMemory, ranges: Sequence[GpaRange], length: int
+) -> list[memoryview]:
+    """Views of the guest's buffer, `length` bytes through the ranges, one
+    view per run of consecutive pages (so a file backend does one iovec each)."""
+    segments: list[memoryview] = []
+    for gpa_range in ranges:
+        if length <= 0:
+            break
+        start, end = gpa_range.byte_offset, gpa_range.byte_offset + gpa_range.byte_count
+        pfns = gpa_range.pfns
+        if pfns == tuple(range(pfns[0], pfns[0] + len(pfns))):  # one run: one view
+            size = min(end - start, length)
+            segments.append(memory.view(pfns[0] * PAGE_SIZE + start, size))
+            length -= size
+            continue
+        i = 0
+        while i < len(pfns) and start < end and length > 0:
+            run = 1
+            while i + run < len(pfns) and pfns[i + run] == pfns[i] + run:
+                run += 1
+            run_end = min(end, (i + run) * PAGE_SIZE)
+            size = min(run_end - start, length)
+            segments.append(memory.view(pfns[i] * PAGE_SIZE + start - i * PAGE_SIZE, size))
+            length -= size
+            start = run_end
+            i += run
+    return segments

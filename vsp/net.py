@@ -27,14 +27,13 @@ from vmbus._ringdefs import DESCRIPTOR_SIZE, TRAILER_SIZE
 from vmbus._ringpacket import Packet
 from vmbus.channel import COMPLETION_REQUESTED, Channel
 from vmbus.host import OfferSpec
-from vmbus.memory import MappedRegion, map_contiguous
+from vmbus.memory import MappedRegion, guest_segments, map_contiguous
 from vmbus.packet import PacketError, PacketType, decode_gpa_direct_header
 from vmbus.packet import encode_transfer_page_header as transfer_header
 from vmbus.partition import OpenContext
 from vmbus.protocols import nvsp
 from vmbus.protocols import rndis as r
 from vsp.net_backends import NetBackend
-from vsp.storage import guest_segments
 
 log = logging.getLogger(__name__)
 

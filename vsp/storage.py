@@ -20,7 +20,7 @@ from vmbus._ringdefs import DESCRIPTOR_SIZE, TRAILER_SIZE
 from vmbus._ringpacket import Packet
 from vmbus.channel import Channel
 from vmbus.host import OfferSpec
-from vmbus.memory import PAGE_SIZE, GuestMemory
+from vmbus.memory import GuestMemory, guest_segments
 from vmbus.packet import GpaRange, PacketError, PacketType, decode_gpa_direct_header
 from vmbus.partition import OpenContext
 from vmbus.protocols import storage as vstor
@@ -133,33 +133,3 @@ class StorvspChannel:
 
     def close(self) -> None:
         pass
-
-
-def guest_segments(
-    memory: GuestMemory, ranges: Sequence[GpaRange], length: int
-) -> list[memoryview]:
-    """Views of the guest's buffer, `length` bytes through the ranges, one
-    view per run of consecutive pages (so a file backend does one iovec each)."""
-    segments: list[memoryview] = []
-    for gpa_range in ranges:
-        if length <= 0:
-            break
-        start, end = gpa_range.byte_offset, gpa_range.byte_offset + gpa_range.byte_count
-        pfns = gpa_range.pfns
-        if pfns == tuple(range(pfns[0], pfns[0] + len(pfns))):  # one run: one view
-            size = min(end - start, length)
-            segments.append(memory.view(pfns[0] * PAGE_SIZE + start, size))
-            length -= size
-            continue
-        i = 0
-        while i < len(pfns) and start < end and length > 0:
-            run = 1
-            while i + run < len(pfns) and pfns[i + run] == pfns[i] + run:
-                run += 1
-            run_end = min(end, (i + run) * PAGE_SIZE)
-            size = min(run_end - start, length)
-            segments.append(memory.view(pfns[i] * PAGE_SIZE + start - i * PAGE_SIZE, size))
-            length -= size
-            start = run_end
-            i += run
-    return segments
