@@ -41,6 +41,9 @@ def build() -> Path:
         partial.unlink(missing_ok=True)
         raise RuntimeError(f"compiling {SOURCE.name} failed:\n{done.stderr}")
     partial.replace(binary)
+    for stale in binary.parent.glob("cring-*"):  # builds of older sources
+        if stale != binary and not stale.name.endswith(".tmp"):
+            stale.unlink(missing_ok=True)
     return binary
 
 

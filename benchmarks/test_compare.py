@@ -14,7 +14,17 @@ def test_compare_runs_and_writes_markdown(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     report = tmp_path / "table.md"
-    args = ["--quick", "--repeat", "1", "--sizes", "64", "64K", "--markdown", str(report)]
+    args = [
+        "--quick",
+        "--strict",
+        "--repeat",
+        "1",
+        "--sizes",
+        "64",
+        "64K",
+        "--markdown",
+        str(report),
+    ]
     assert compare.main([*args, "--only", "os.pipe", "ring single (cython)", "C ring"]) == 0
     table = capsys.readouterr().out
     assert "ring single (cython)" in table and "os.pipe" in table
