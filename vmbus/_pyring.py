@@ -82,13 +82,17 @@ class _RingSide:
         self._dsize = data_size_of(len(view), mirrored)
         self._mirrored = mirrored
         self._data = view[HEADER_SIZE:]
+        # The control fields through a u32 view: each access is one aligned
+        # 4-byte load or store. struct.pack_into is not: it zeroes the
+        # destination before writing, so a peer could read a 0 in between.
+        self._control = view[:HEADER_SIZE].cast("I")
 
     @property
     def data_size(self) -> int:
         return self._dsize
 
     def _load_index(self, offset: int, name: str) -> int:
-        value: int = _U32.unpack_from(self._view, offset)[0]
+        value: int = self._control[offset // 4]
         if value >= self._dsize or value % ALIGNMENT:
             raise RingCorrupt(f"{name} {value} is not an 8-aligned offset below {self._dsize}")
         return value
@@ -214,20 +218,20 @@ class RingWriter(_RingSide):
         if self._write == self._published:
             return False
         old = self._published
-        _U32.pack_into(self._view, WRITE_INDEX_OFFSET, self._write)  # TSO: after the data
+        self._control[WRITE_INDEX_OFFSET // 4] = self._write  # TSO: after the data
         self._published = self._write
         _full_fence()  # publish before reading interrupt_mask and read_index
-        if _U32.unpack_from(self._view, INTERRUPT_MASK_OFFSET)[0]:
+        if self._control[INTERRUPT_MASK_OFFSET // 4]:
             return False
         return self._load_index(READ_INDEX_OFFSET, "read_index") == old
 
     def request_space(self, nbytes: int) -> bool:
         """For a writer that found the ring full: ask the reader to signal when
         more than `nbytes` are free. True if they already are (no wait)."""
-        _U32.pack_into(self._view, PENDING_SEND_SZ_OFFSET, nbytes)
+        self._control[PENDING_SEND_SZ_OFFSET // 4] = nbytes
         _full_fence()  # the request is visible before we re-read read_index
         if self.free_bytes > nbytes:
-            _U32.pack_into(self._view, PENDING_SEND_SZ_OFFSET, 0)
+            self._control[PENDING_SEND_SZ_OFFSET // 4] = 0
             return True
         return False
 
@@ -331,12 +335,12 @@ class RingReader(_RingSide):
         if self._read == self._committed:
             return False
         old = self._committed
-        _U32.pack_into(self._view, READ_INDEX_OFFSET, self._read)  # TSO: after the reads
+        self._control[READ_INDEX_OFFSET // 4] = self._read  # TSO: after the reads
         self._committed = self._read
-        if not _U32.unpack_from(self._view, FEATURE_BITS_OFFSET)[0] & FEAT_PENDING_SEND_SZ:
+        if not self._control[FEATURE_BITS_OFFSET // 4] & FEAT_PENDING_SEND_SZ:
             return False
         _full_fence()  # publish read_index before reading pending_send_sz
-        pending: int = _U32.unpack_from(self._view, PENDING_SEND_SZ_OFFSET)[0]
+        pending: int = self._control[PENDING_SEND_SZ_OFFSET // 4]
         if not pending:
             return False
         write = self._load_index(WRITE_INDEX_OFFSET, "write_index")
@@ -346,13 +350,13 @@ class RingReader(_RingSide):
 
     def begin_drain(self) -> None:
         """Mask the writer's signals while this side drains the ring."""
-        _U32.pack_into(self._view, INTERRUPT_MASK_OFFSET, 1)
+        self._control[INTERRUPT_MASK_OFFSET // 4] = 1
         _full_fence()
 
     def end_drain(self) -> bool:
         """Unmask signals. True if packets arrived meanwhile: drain again,
         since the writer may have skipped its signal while masked."""
-        _U32.pack_into(self._view, INTERRUPT_MASK_OFFSET, 0)
+        self._control[INTERRUPT_MASK_OFFSET // 4] = 0
         _full_fence()  # unmask before re-loading write_index
         return self.bytes_available != 0
 
