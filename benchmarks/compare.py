@@ -67,6 +67,8 @@ def methods() -> tuple[list[Entry], list[str]]:
         from vmbus import _cring
 
         entries.append(Entry("ring single (cython)", ipc.ring_single(_cring), 8e6, 5e4))
+        single_commit = ipc.ring_single(_cring, signalled=True)
+        entries.append(Entry("ring single, commit (cython)", single_commit, 6e6, 5e4))
         entries.append(Entry("ring batch (cython)", ipc.ring_batch(_cring), 8e7, 5e4))
     except ImportError as error:
         skipped.append(f"Cython ring: {error}")

@@ -149,15 +149,18 @@ def _shared_ring(impl: ModuleType) -> mmap.mmap:
     return ring
 
 
-def ring_single(impl: ModuleType) -> Method:
-    """write + commit / read_into + commit per packet, busy-polling."""
+def ring_single(impl: ModuleType, signalled: bool = False) -> Method:
+    """write + publish / read_into + publish per packet, busy-polling (both
+    ends poll, so neither needs commit's signalling decision and its full
+    fence); with `signalled`, commit per packet instead, as an end that
+    sleeps between packets must."""
 
     def run(messages: int, size: int, timeout: float = TIMEOUT) -> float:
         ring = _shared_ring(impl)
 
         def producer() -> Callable[[], int]:
             writer = impl.RingWriter(ring)
-            write, commit = writer.write, writer.commit
+            write, commit = writer.write, writer.commit if signalled else writer.publish
             payload = page_buffer(size)
 
             def loop() -> int:
@@ -174,7 +177,7 @@ def ring_single(impl: ModuleType) -> Method:
 
         def consumer() -> Callable[[], int]:
             reader = impl.RingReader(ring)
-            read_into, commit = reader.read_into, reader.commit
+            read_into, commit = reader.read_into, reader.commit if signalled else reader.publish
             out = page_buffer(padded(size))
 
             def loop() -> int:

@@ -333,3 +333,15 @@ def test_attaching_to_a_corrupt_control_page_fails(ring_impl: ModuleType) -> Non
         ring_impl.RingReader(buf)
     with pytest.raises(RingCorrupt):
         ring_impl.RingWriter(buf)
+
+
+def test_publish_hands_over_without_a_signal_decision(ring_impl: ModuleType) -> None:
+    buf = make_ring(ring_impl, data_size=128)
+    writer, reader = ring_impl.RingWriter(buf), ring_impl.RingReader(buf)
+    writer.write(b"polled")
+    assert writer.publish() is None
+    assert index(buf, 0) == 32 and writer.pending_bytes == 0
+    assert bytes(reader.read().payload).rstrip(b"\0") == b"polled"
+    reader.publish()
+    assert index(buf, 4) == 32
+    assert reader.commit() is False  # nothing left to hand back

@@ -151,6 +151,18 @@ class RingPair(RuleBasedStateMachine):
             pos += sizes[i]
 
     @rule()
+    def publish_writer(self) -> None:
+        for writer in self.writers:
+            writer.publish()
+        self.published.extend(self.unpublished)
+        self.unpublished.clear()
+
+    @rule()
+    def publish_reader(self) -> None:
+        for reader in self.readers:
+            reader.publish()
+
+    @rule()
     def commit_reader(self) -> None:
         same_outcome([r.commit for r in self.readers])
 

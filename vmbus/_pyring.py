@@ -225,6 +225,12 @@ class RingWriter(_RingSide):
             return False
         return self._load_index(READ_INDEX_OFFSET, "read_index") == old
 
+    def publish(self) -> None:
+        """Publish what was written, without the signalling decision: for a
+        reader that polls. Saves commit's full fence."""
+        self._control[WRITE_INDEX_OFFSET // 4] = self._write  # TSO: after the data
+        self._published = self._write
+
     def request_space(self, nbytes: int) -> bool:
         """For a writer that found the ring full: ask the reader to signal when
         more than `nbytes` are free. True if they already are (no wait)."""
@@ -347,6 +353,12 @@ class RingReader(_RingSide):
         free = self._dsize - (write - self._read) % self._dsize
         freed = (self._read - old) % self._dsize
         return free - freed <= pending < free
+
+    def publish(self) -> None:
+        """Hand the space back without the wake-the-writer decision: for a
+        writer that polls rather than waits on pending_send_sz."""
+        self._control[READ_INDEX_OFFSET // 4] = self._read  # TSO: after the reads
+        self._committed = self._read
 
     def begin_drain(self) -> None:
         """Mask the writer's signals while this side drains the ring."""
