@@ -35,6 +35,7 @@ from multiprocessing.process import BaseProcess
 from time import perf_counter
 from typing import Any
 
+from benchmarks.harness import render_table
 from vmbus.channel import COMPLETION_REQUESTED, DEFAULT_SPIN_SECONDS, Channel
 from vmbus.guest import Guest
 from vmbus.memory import GuestMemory
@@ -785,17 +786,7 @@ def stream_table(results: dict[Key, list[Sample]], size: int) -> list[list[str]]
 
 
 def render(headers: list[str], rows: list[list[str]], markdown: bool) -> str:
-    if markdown:
-        lines = [headers, ["---", "---"] + ["---:"] * (len(headers) - 2), *rows]
-        return "\n".join("| " + " | ".join(line) + " |" for line in lines)
-    widths = [max(len(row[i]) for row in [headers, *rows]) for i in range(len(headers))]
-    return "\n".join(
-        "  ".join(
-            c.ljust(w) if i < 2 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(row, widths, strict=True))
-        )
-        for row in [headers, *rows]
-    )
+    return render_table(headers, rows, markdown)
 
 
 def report(settings: Settings, command: str) -> tuple[str, str]:

@@ -138,3 +138,19 @@ def others_cpu(before: tuple[float, float, float], after: tuple[float, float, fl
     two snapshots: 0 on a quiet machine, up to the vCPU count."""
     wall, busy, mine = (a - b for a, b in zip(after, before, strict=True))
     return max(0.0, (busy - mine) / wall) if wall > 0 else 0.0
+
+
+def render_table(headers: list[str], rows: list[list[str]], markdown: bool, labels: int = 2) -> str:
+    """A table as Markdown, or as aligned text: the first `labels` columns
+    left-aligned, the figures right-aligned."""
+    if markdown:
+        lines = [headers, ["---"] * labels + ["---:"] * (len(headers) - labels), *rows]
+        return "\n".join("| " + " | ".join(line) + " |" for line in lines)
+    widths = [max(len(row[i]) for row in [headers, *rows]) for i in range(len(headers))]
+    return "\n".join(
+        "  ".join(
+            c.ljust(w) if i < labels else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in [headers, *rows]
+    )

@@ -41,6 +41,7 @@ from multiprocessing.connection import Connection
 from time import clock_gettime, perf_counter, process_time, pthread_getcpuclockid
 from typing import NamedTuple
 
+from benchmarks.harness import render_table
 from vmbus import guid
 from vmbus.channel import ChannelTimeout
 from vmbus.guest import Guest, GuestDevice
@@ -461,17 +462,7 @@ def verdict(results: Results) -> str:
 
 
 def render(rows: list[list[str]], markdown: bool) -> str:
-    if markdown:
-        lines = [HEADERS, ["---", "---"] + ["---:"] * (len(HEADERS) - 2), *rows]
-        return "\n".join("| " + " | ".join(line) + " |" for line in lines)
-    widths = [max(len(row[i]) for row in [HEADERS, *rows]) for i in range(len(HEADERS))]
-    return "\n".join(
-        "  ".join(
-            c.ljust(w) if i < 2 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(row, widths, strict=True))
-        )
-        for row in [HEADERS, *rows]
-    )
+    return render_table(HEADERS, rows, markdown)
 
 
 def report(settings: Settings, command: str) -> tuple[str, str]:

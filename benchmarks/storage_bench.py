@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from time import clock_gettime, perf_counter, process_time, pthread_getcpuclockid
 
+from benchmarks.harness import render_table
 from vmbus import guid
 from vmbus.channel import DEFAULT_SPIN_SECONDS, Channel
 from vmbus.guest import Guest, GuestDevice
@@ -523,17 +524,7 @@ def target_lines(results: Results) -> list[str]:
 
 
 def render(rows: list[list[str]], markdown: bool) -> str:
-    if markdown:
-        lines = [HEADERS, ["---", "---"] + ["---:"] * (len(HEADERS) - 2), *rows]
-        return "\n".join("| " + " | ".join(line) + " |" for line in lines)
-    widths = [max(len(row[i]) for row in [HEADERS, *rows]) for i in range(len(HEADERS))]
-    return "\n".join(
-        "  ".join(
-            c.ljust(w) if i < 2 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(row, widths, strict=True))
-        )
-        for row in [HEADERS, *rows]
-    )
+    return render_table(HEADERS, rows, markdown)
 
 
 def report(settings: Settings, command: str, workdir: str | None) -> tuple[str, str]:

@@ -37,6 +37,7 @@ from multiprocessing.connection import Connection
 import numpy as np
 import numpy.typing as npt
 
+from benchmarks.harness import render_table
 from vmbus import guid
 from vmbus._ringdefs import DESCRIPTOR_SIZE, TRAILER_SIZE
 from vmbus.guest import Guest, GuestDevice
@@ -656,17 +657,7 @@ def row(name: str, samples: list[Sample], reference: list[Sample] | None) -> lis
 
 
 def render(rows: list[list[str]], markdown: bool) -> str:
-    if markdown:
-        lines = [HEADERS, ["---"] + ["---:"] * (len(HEADERS) - 1), *rows]
-        return "\n".join("| " + " | ".join(line) + " |" for line in lines)
-    widths = [max(len(r[i]) for r in [HEADERS, *rows]) for i in range(len(HEADERS))]
-    return "\n".join(
-        "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(r, widths, strict=True))
-        )
-        for r in [HEADERS, *rows]
-    )
+    return render_table(HEADERS, rows, markdown, labels=1)
 
 
 def report(settings: Settings, command: str, names: Sequence[str]) -> tuple[str, str]:
