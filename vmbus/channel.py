@@ -28,6 +28,8 @@ VM_PKT_DATA_INBAND = 0x6
 VM_PKT_COMP = 0xB
 COMPLETION_REQUESTED = 0x1
 DEFAULT_SPIN_SECONDS = 20e-6  # a cross-core wake-up costs ~70 µs here
+SPIN_MISSES = 4  # fruitless spins in a row before poll mode backs off
+SPIN_PROBE = 32  # then spin on one wait in this many
 
 
 class ChannelTimeout(TimeoutError):
@@ -52,6 +54,8 @@ class Channel:
         self.notify_peer = notify_peer
         self.wake_me = wake_me
         self.spin_seconds = spin_seconds
+        self.spin_misses = 0  # spins in a row that found nothing
+        self.waits = 0
         self.ids = itertools.count(1)  # 0 is for unsolicited packets (§2.6)
         self.backlog: collections.deque[Packet] = collections.deque()
         self.completions: dict[int, Packet] = {}
@@ -167,10 +171,12 @@ class Channel:
     def wait(self, deadline: float | None) -> None:
         """Wait until the peer may have written: spin on the ring for the
         poll budget, then unmask, re-check, and sleep on the signal."""
-        spin_end = time.perf_counter() + self.spin_seconds
+        spin_end = time.perf_counter() + self._spin_budget()
         while time.perf_counter() < spin_end:
             if self.reader.bytes_available:
+                self.spin_misses = 0
                 return
+        self.spin_misses += 1
         if self.reader.end_drain():  # arrived while masked: no signal is coming
             self.reader.begin_drain()
             return
@@ -178,6 +184,16 @@ class Channel:
             self._sleep(deadline, "a packet")
         finally:
             self.reader.begin_drain()
+
+    def _spin_budget(self) -> float:
+        """Adaptive poll mode: spin while spinning pays. After SPIN_MISSES
+        spins in a row that ended asleep anyway (a slow peer, or a peer that
+        shares our CPU and cannot run while we spin), spin only every
+        SPIN_PROBE-th wait, to notice when it pays again."""
+        self.waits += 1
+        if self.spin_misses < SPIN_MISSES or self.waits % SPIN_PROBE == 0:
+            return self.spin_seconds
+        return 0.0
 
     def _sleep(self, deadline: float | None, what: str) -> None:
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
