@@ -8,9 +8,8 @@ item walker written here, independent of vmbus.protocols.hid.
 
 from __future__ import annotations
 
-import dataclasses
 import struct
-from typing import Any, get_type_hints
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -20,32 +19,9 @@ from vmbus.protocols import hid, keyboard
 from vmbus.protocols.hid import MouseClient, MouseEvent, MouseServer, MouseState
 from vmbus.protocols.keyboard import KeyboardClient, KeyboardServer, KeyEvent
 from vmbus.protocols.scancodes import KEYSYM_TO_SCANCODE, ScanCode, keysym_to_scancode
-from vmbus.wire import Fmt, WireError, WireStruct
-
-
-def h(text: str) -> bytes:
-    """Hex with spaces and # comments, one field per line."""
-    return bytes.fromhex("".join(line.split("#")[0] for line in text.splitlines()))
-
-
-def field_strategy(fmt: Fmt) -> st.SearchStrategy[Any]:
-    if fmt.code.endswith("s"):
-        n = int(fmt.code[:-1])
-        return st.binary(min_size=n, max_size=n)
-    bits = 8 * struct.calcsize(fmt.code)
-    if fmt.code.islower():  # signed
-        return st.integers(-(1 << (bits - 1)), (1 << (bits - 1)) - 1)
-    return st.integers(0, (1 << bits) - 1)
-
-
-def any_struct(cls: type) -> st.SearchStrategy[Any]:
-    """Any field values, read off the class's own field table."""
-    hints = get_type_hints(cls, include_extras=True)
-    fields = {
-        f.name: field_strategy(next(m for m in hints[f.name].__metadata__ if isinstance(m, Fmt)))
-        for f in dataclasses.fields(cls)
-    }
-    return st.builds(cls, **fields)
+from vmbus.testing.strategies import from_hex as h
+from vmbus.testing.strategies import wire_values as any_struct
+from vmbus.wire import WireError, WireStruct
 
 
 def negotiated_keyboard() -> tuple[KeyboardServer, KeyboardClient]:

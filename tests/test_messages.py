@@ -6,9 +6,7 @@ PROTOCOL-FACTS §3.3 (not produced by the code under test).
 
 from __future__ import annotations
 
-import dataclasses
 import uuid
-from typing import Any, get_type_hints
 
 import pytest
 from hypothesis import example, given
@@ -57,7 +55,8 @@ from vmbus.messages import (
     gpadl_messages,
     initiate_contact_connection_id,
 )
-from vmbus.wire import GUID, U8, U16, U32, U64, Fmt, WireError
+from vmbus.testing.strategies import wire_values
+from vmbus.wire import WireError
 
 INSTANCE = uuid.UUID("12345678-9abc-def0-1122-334455667788")
 GPADL = 0xE1E10  # Linux's first GPADL handle
@@ -331,29 +330,6 @@ FIXED_CLASSES = [cls for cls in MESSAGE_CLASSES if cls not in (GpadlHeader, Gpad
 U64_MAX = 2**64 - 1
 
 
-def field_strategy(fmt: Fmt) -> st.SearchStrategy[Any]:
-    ints = {U8: 0xFF, U16: 0xFFFF, U32: 0xFFFF_FFFF, U64: U64_MAX}
-    if fmt in ints:
-        return st.integers(0, ints[fmt])
-    if fmt is GUID:
-        return st.uuids()
-    size = int(fmt.code[:-1])  # Bytes(n)
-    return st.binary(min_size=size, max_size=size)
-
-
-def fixed_message(cls: type[Message]) -> st.SearchStrategy[Message]:
-    """Any field values, read off the class's own field table."""
-    hints = get_type_hints(cls, include_extras=True)
-    fields = {
-        field.name: field_strategy(
-            next(m for m in hints[field.name].__metadata__ if isinstance(m, Fmt))
-        )
-        for field in dataclasses.fields(cls)  # type: ignore[arg-type]
-        if field.name != "msgtype"
-    }
-    return st.builds(cls, **fields)
-
-
 @st.composite
 def gpadl_header(draw: st.DrawFn) -> GpadlHeader:
     here = draw(st.integers(0, GPADL_HEADER_MAX_PFNS))
@@ -381,8 +357,9 @@ gpadl_body = st.builds(
     pfns=st.lists(st.integers(0, U64_MAX), max_size=GPADL_BODY_MAX_PFNS).map(tuple),
 )
 
+# skip=1: msgtype stays the class's own
 any_message = st.one_of(
-    [fixed_message(cls) for cls in FIXED_CLASSES] + [gpadl_header(), gpadl_body]
+    [wire_values(cls, skip=1) for cls in FIXED_CLASSES] + [gpadl_header(), gpadl_body]
 )
 
 

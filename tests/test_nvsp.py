@@ -9,9 +9,8 @@ PROTOCOL-FACTS §6.3 (not produced by the code under test).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Mapping
-from typing import Any, get_type_hints
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -69,13 +68,9 @@ from vmbus.protocols.nvsp import (
     send_rndis_packet,
     type_of,
 )
-from vmbus.wire import U8, U16, U32, U64, Fmt, WireError
-
-
-def h(text: str) -> bytes:
-    """Hex with spaces and # comments, one field per line."""
-    return bytes.fromhex("".join(line.split("#")[0] for line in text.splitlines()))
-
+from vmbus.testing.strategies import from_hex as h
+from vmbus.testing.strategies import wire_values
+from vmbus.wire import WireError
 
 RECV_GPADL, SEND_GPADL, SMALL_GPADL = 0x1001, 0x1002, 0x1003
 MiB = 1 << 20
@@ -210,25 +205,11 @@ def test_struct_sizes_and_enum_values() -> None:
 # --- Round trips and hostile bytes --------------------------------------------
 
 
-def field_strategy(fmt: Fmt) -> st.SearchStrategy[Any]:
-    bits = {U8: 8, U16: 16, U32: 32, U64: 64}[fmt]
-    return st.integers(0, (1 << bits) - 1)
-
-
-def any_message(cls: type[Any]) -> st.SearchStrategy[Any]:
-    hints = get_type_hints(cls, include_extras=True)
-    fields = {
-        f.name: field_strategy(next(m for m in hints[f.name].__metadata__ if isinstance(m, Fmt)))
-        for f in dataclasses.fields(cls)[1:]  # not msg_type
-    }
-    return st.builds(cls, **fields)
-
-
 @pytest.mark.parametrize("cls", MESSAGES, ids=lambda c: c.__name__)
 @given(data=st.data(), tail=st.binary(max_size=64))
 @settings(max_examples=30)
 def test_every_message_round_trips(cls: type[Any], data: st.DataObject, tail: bytes) -> None:
-    message = data.draw(any_message(cls))
+    message = data.draw(wire_values(cls, skip=1))  # not msg_type
     wire = encode(message)
     assert len(wire) == NVSP_MESSAGE_SIZE
     assert decode(wire, cls) == message

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, get_type_hints
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -80,13 +80,8 @@ from vmbus.protocols.rndis import (
     type_of,
     u32,
 )
-from vmbus.wire import U8, U16, U32, Fmt
-
-
-def h(text: str) -> bytes:
-    """Hex with spaces and # comments, one field per line."""
-    return bytes.fromhex("".join(line.split("#")[0] for line in text.splitlines()))
-
+from vmbus.testing.strategies import from_hex as h
+from vmbus.testing.strategies import wire_values as any_struct
 
 MAC = bytes.fromhex("00155d000001")
 OTHER_MAC = bytes.fromhex("00155d0000aa")
@@ -255,19 +250,6 @@ def test_struct_sizes_and_values() -> None:
 
 
 # --- Round trips and hostile bytes --------------------------------------------
-
-
-BITS = {U8: 8, U16: 16, U32: 32}
-
-
-def any_struct(cls: type[Any], skip: int) -> st.SearchStrategy[Any]:
-    """Any value for each field after the first `skip`."""
-    hints = get_type_hints(cls, include_extras=True)
-    fields = {}
-    for field in dataclasses.fields(cls)[skip:]:
-        fmt = next(m for m in hints[field.name].__metadata__ if isinstance(m, Fmt))
-        fields[field.name] = st.integers(0, (1 << BITS[fmt]) - 1)
-    return st.builds(cls, **fields)
 
 
 STRUCTS = (*MESSAGES, PpiHeader, ConfigParameterInfo, NdisObjectHeader, RecvScaleCapabilities)

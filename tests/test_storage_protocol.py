@@ -8,7 +8,7 @@ PROTOCOL-FACTS §5.3/§5.4 (not produced by the code under test).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, get_type_hints
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -53,13 +53,9 @@ from vmbus.protocols.storage import (
     build_srb,
     parse_completion,
 )
-from vmbus.wire import U8, U16, U32, U64, Fmt, WireError
-
-
-def h(text: str) -> bytes:
-    """Hex with spaces and # comments, one field per line."""
-    return bytes.fromhex("".join(line.split("#")[0] for line in text.splitlines()))
-
+from vmbus.testing.strategies import from_hex as h
+from vmbus.testing.strategies import wire_values as any_struct
+from vmbus.wire import WireError
 
 READ10 = bytes.fromhex("28 00 00000800 00 0008 00")  # READ(10): LBA 0x800, 8 blocks
 ONE_PAGE = (GpaRange(4096, 0, (0x1234,)),)
@@ -290,23 +286,6 @@ def test_byte_fields_pad_and_refuse_overflow() -> None:
 
 
 # --- Round trips --------------------------------------------------------------
-
-
-def field_strategy(fmt: Fmt) -> st.SearchStrategy[Any]:
-    ints = {U8: 0xFF, U16: 0xFFFF, U32: 0xFFFF_FFFF, U64: 2**64 - 1}
-    if fmt in ints:
-        return st.integers(0, ints[fmt])
-    return st.binary(max_size=int(fmt.code[:-1]))  # Bytes(n): shorter values pad
-
-
-def any_struct(cls: type) -> st.SearchStrategy[Any]:
-    """Any field values, read off the class's own field table."""
-    hints = get_type_hints(cls, include_extras=True)
-    fields = {
-        f.name: field_strategy(next(m for m in hints[f.name].__metadata__ if isinstance(m, Fmt)))
-        for f in dataclasses.fields(cls)
-    }
-    return st.builds(cls, **fields)
 
 
 STRUCTS = [VstorPacket, VmScsiRequest, StorageChannelProperties, ProtocolVersion, SubChannelCount]

@@ -7,9 +7,8 @@ Golden vectors are written by hand from the tables of PROTOCOL-FACTS §8
 
 from __future__ import annotations
 
-import dataclasses
 import struct
-from typing import Any, get_type_hints
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -29,15 +28,12 @@ from vmbus.protocols.synthvid import (
     SynthvidServer,
     VramLocation,
 )
-from vmbus.wire import Fmt, WireError, WireStruct
+from vmbus.testing.strategies import from_hex as h
+from vmbus.testing.strategies import wire_values as any_struct
+from vmbus.wire import WireError, WireStruct
 
 VRAM = 8 << 20  # the WIN8 framebuffer size
 GPA = 0xF800_0000  # where Linux's VRAM typically sits (MMIO below 4 GiB)
-
-
-def h(text: str) -> bytes:
-    """Hex with spaces and # comments, one field per line."""
-    return bytes.fromhex("".join(line.split("#")[0] for line in text.splitlines()))
 
 
 def any_ram(gpa: int, size: int) -> bool:
@@ -248,25 +244,6 @@ def test_golden_hidden_pointer() -> None:
 
 
 # --- Round trips ----------------------------------------------------------------
-
-
-def field_strategy(fmt: Fmt) -> st.SearchStrategy[Any]:
-    if fmt.code.endswith("s"):
-        n = int(fmt.code[:-1])
-        return st.binary(min_size=n, max_size=n)
-    bits = 8 * struct.calcsize(fmt.code)
-    if fmt.code.islower():  # signed
-        return st.integers(-(1 << (bits - 1)), (1 << (bits - 1)) - 1)
-    return st.integers(0, (1 << bits) - 1)
-
-
-def any_struct(cls: type) -> st.SearchStrategy[Any]:
-    hints = get_type_hints(cls, include_extras=True)
-    fields = {
-        f.name: field_strategy(next(m for m in hints[f.name].__metadata__ if isinstance(m, Fmt)))
-        for f in dataclasses.fields(cls)
-    }
-    return st.builds(cls, **fields)
 
 
 STRUCTS: list[type[WireStruct]] = [

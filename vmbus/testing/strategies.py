@@ -10,21 +10,27 @@ GPA ranges, control messages, and the raw bytes a hostile peer may send.
 
 from __future__ import annotations
 
+import dataclasses
+import struct
 from dataclasses import dataclass
+from typing import Any, get_type_hints
 
 from hypothesis import strategies as st
 
 from vmbus import messages as m
 from vmbus.packet import GpaRange, PacketType
+from vmbus.wire import GUID, Fmt, WireStruct
 
 __all__ = [
     "RingPacket",
     "control_messages",
+    "from_hex",
     "gpa_range",
     "gpa_ranges",
     "hostile_bytes",
     "ring_packets",
     "trans_ids",
+    "wire_values",
 ]
 
 U32 = st.integers(0, 2**32 - 1)
@@ -119,3 +125,36 @@ def hostile_bytes(max_size: int = 512) -> st.SearchStrategy[bytes]:
         st.binary(max_size=max_size),
         st.builds(mutated, valid, st.integers(0, 16), st.integers(0, 255)),
     )
+
+
+def field_values(fmt: Fmt) -> st.SearchStrategy[Any]:
+    """Any value of one wire field: integers of its width and sign, GUIDs,
+    or byte strings of its exact size."""
+    if fmt is GUID:
+        return st.uuids()
+    if fmt.code.endswith("s"):
+        size = int(fmt.code[:-1])
+        return st.binary(min_size=size, max_size=size)
+    bits = 8 * struct.calcsize(fmt.code)
+    if fmt.code.islower():  # signed
+        return st.integers(-(1 << (bits - 1)), (1 << (bits - 1)) - 1)
+    return st.integers(0, (1 << bits) - 1)
+
+
+def wire_values(cls: type[WireStruct], skip: int = 0) -> st.SearchStrategy[Any]:
+    """Instances of a wire struct with any field values, read off its own
+    field table; the first `skip` fields (e.g. a message type) keep their
+    defaults."""
+    hints = get_type_hints(cls, include_extras=True)
+    fields = {
+        field.name: field_values(
+            next(m for m in hints[field.name].__metadata__ if isinstance(m, Fmt))
+        )
+        for field in dataclasses.fields(cls)[skip:]  # type: ignore[arg-type]
+    }
+    return st.builds(cls, **fields)
+
+
+def from_hex(text: str) -> bytes:
+    """Golden bytes written as hex, one field per line, with # comments."""
+    return bytes.fromhex("".join(line.split("#")[0] for line in text.splitlines()))
