@@ -92,16 +92,20 @@ def echo_steadily(guest: Guest, count: int) -> None:
 
 
 @pytest.mark.parametrize(
-    ("target", "expected_errors"),
-    [(corrupt_one_ring, 0), (send_garbage_messages, 8), (misuse_gpadls_and_opens, 4)],
+    ("target", "expected_errors", "channels_left"),
+    [(corrupt_one_ring, 0, 1), (send_garbage_messages, 8, 2), (misuse_gpadls_and_opens, 4, 2)],
 )
-def test_hostile_child_fails_alone(target: object, expected_errors: int) -> None:
+def test_hostile_child_fails_alone(
+    target: object, expected_errors: int, channels_left: int
+) -> None:
     with Host() as host:
         sibling_vsp = EchoVsp()
         sibling = host.start(echo_steadily, devices=[sibling_vsp], args=(3000,))
         hostile = host.start(target, devices=[EchoVsp(count=2)])  # type: ignore[arg-type]
         assert hostile.wait(timeout=60) == 0, "the hostile child's own checks failed"
         assert hostile.server.protocol_errors >= expected_errors
+        # A corrupt ring costs that channel (rescinded, then released) only.
+        assert len(hostile.server.channels) == channels_left
         assert sibling.wait(timeout=60) == 0
         assert sibling_vsp.handlers[0].packets == 3000
         assert sibling.server.protocol_errors == 0
