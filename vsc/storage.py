@@ -188,6 +188,20 @@ class StorageController:
         self._next_channel = (index + 1) % len(self.channels)
         channel = self.channels[index]
         trans_id = next(channel.ids)
+        packet, header, packet_type = self._packet(command, slot)
+        channel.send(
+            packet,
+            type=packet_type,
+            flags=COMPLETION_REQUESTED,
+            trans_id=trans_id,
+            header=header,
+            timeout=TIMEOUT,
+        )
+        return index, trans_id
+
+    def _packet(self, command: _Command, slot: _Slot) -> tuple[bytes, bytes, int]:
+        """The SRB packet, its GPA-direct header (the slot's pages) and its
+        VMBus packet type; data to write is copied into the slot first."""
         packet = vstor.build_srb(
             command.cdb,
             command.lun,
@@ -195,20 +209,11 @@ class StorageController:
             command.length,
             version=self.protocol.version or vstor.VSTOR_VERSION_WIN10,
         )
-        header = b""
-        if command.length:
-            header = slot.ranges(command.length)
-            if command.out is not None:
-                slot.view[: command.length] = command.out
-        channel.send(
-            packet,
-            type=PacketType.DATA_USING_GPA_DIRECT if header else PacketType.DATA_INBAND,
-            flags=COMPLETION_REQUESTED,
-            trans_id=trans_id,
-            header=header,
-            timeout=TIMEOUT,
-        )
-        return index, trans_id
+        if not command.length:
+            return packet, b"", PacketType.DATA_INBAND
+        if command.out is not None:
+            slot.view[: command.length] = command.out
+        return packet, slot.ranges(command.length), PacketType.DATA_USING_GPA_DIRECT
 
     def _next_completion(
         self, in_flight: dict[tuple[int, int], Any]
@@ -390,17 +395,7 @@ class AsyncBlockDevice:
     async def _run(self, command: _Command) -> None:
         slot = await self.slots.get()
         try:
-            packet = vstor.build_srb(
-                command.cdb,
-                command.lun,
-                command.direction,
-                command.length,
-                version=self.controller.protocol.version or vstor.VSTOR_VERSION_WIN10,
-            )
-            header = slot.ranges(command.length) if command.length else b""
-            if command.out is not None:
-                slot.view[: command.length] = command.out
-            packet_type = PacketType.DATA_USING_GPA_DIRECT if header else PacketType.DATA_INBAND
+            packet, header, packet_type = self.controller._packet(command, slot)
             reply = await self.channel.request(packet, header=header, type=packet_type)
             completion = vstor.parse_completion(reply.payload)
             failure = self.controller._finish(command, slot, completion)
