@@ -115,10 +115,7 @@ class NetAdapter:
 
     def send(self, frame: Any) -> None:
         """Send one Ethernet frame (14-byte header, no FCS)."""
-        message = r.encode_packet(frame)
-        if len(message) > self.send_section:
-            raise ValueError(f"frame of {memoryview(frame).nbytes} bytes is too large")
-        self._send_rndis(message, nvsp.RndisChannel.DATA)
+        self.send_batch((frame,))
 
     def send_batch(self, frames: Iterable[Any]) -> None:
         """Send frames, several RNDIS messages per send section (as many as
