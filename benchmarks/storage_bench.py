@@ -46,8 +46,8 @@ from vmbus.guest import Guest, GuestDevice
 from vmbus.partition import ChildPartition, Host
 from vmbus.testing.echo import ECHO_CLASS_ID, EchoVsc, EchoVsp
 from vsc.storage import BlockDevice, StorageController
-from vsp.disk_backends import RawFileBackend
 from vsp.storage import StorVsp
+from vsp.storage.backends import RawFileBackend
 
 KiB, MiB = 1 << 10, 1 << 20
 QUEUE_DEPTH = 32

@@ -23,13 +23,13 @@ from vmbus.host import OfferSpec
 from vmbus.memory import PAGE_SIZE, GuestMemory, PageAllocator
 from vmbus.packet import decode_transfer_page_header, encode_transfer_page_header
 from vmbus.partition import OpenContext
-from vmbus.protocols import nvsp
-from vmbus.protocols import rndis as r
+from vmbus.protocols.net import nvsp
+from vmbus.protocols.net import rndis as r
 from vmbus.testing import ring_buffer
 from vmbus.transport import Signal
 from vsc.net import NetAdapter
 from vsp.net import NetVsp, NetvspChannel
-from vsp.net_backends import LearningSwitch, NullBackend, SwitchPort, TapBackend
+from vsp.net.backends import LearningSwitch, NullBackend, SwitchPort, TapBackend
 
 SIZES = pytest.mark.parametrize("size", [64, 1500], ids=["64B", "1500B"])
 BATCH = 64  # frames per call where a test says so

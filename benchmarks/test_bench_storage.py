@@ -34,13 +34,13 @@ from vmbus.packet import (
 )
 from vmbus.partition import OpenContext
 from vmbus.protocols import storage as vstor
-from vmbus.protocols.scsi import BlockBackend, ScsiDisk
-from vmbus.protocols.scsi_wire import DataDirection, Opcode
+from vmbus.protocols.storage.scsi_wire import DataDirection, Opcode
 from vmbus.testing import ring_buffer
 from vmbus.transport import Signal
 from vsc.storage import BlockDevice, StorageController
-from vsp.disk_backends import RamBackend, RawFileBackend
 from vsp.storage import StorVsp, StorvspChannel
+from vsp.storage.backends import RamBackend, RawFileBackend
+from vsp.storage.scsi import BlockBackend, ScsiDisk
 
 KiB, MiB = 1 << 10, 1 << 20
 DISK = 64 * MiB

@@ -35,9 +35,8 @@ from vmbus.partition import OpenContext
 from vmbus.testing import ring_buffer
 from vmbus.transport import Signal
 from vsc.video import Framebuffer
-from vsp import rfb
-from vsp.console import Rect, Screen
-from vsp.video import VideoVsp
+from vsp.video import VideoVsp, rfb
+from vsp.video.screen import Rect, Screen
 
 MiB = 1 << 20
 RING = 256 * 1024

@@ -42,12 +42,11 @@ from vmbus import guid
 from vmbus._ringdefs import DESCRIPTOR_SIZE, TRAILER_SIZE
 from vmbus.guest import Guest, GuestDevice
 from vmbus.partition import ChildPartition, Host, wait_until
-from vmbus.protocols import synthvid as sv
+from vmbus.protocols import video as sv
 from vsc.video import Framebuffer
-from vsp import rfb
-from vsp.console import Rect, Screen
-from vsp.video import VideoVsp
-from vsp.vnc import VncServer
+from vsp.video import VideoVsp, rfb
+from vsp.video.screen import Rect, Screen
+from vsp.video.vnc import VncServer
 
 WIDTH, HEIGHT = 1024, 768
 FRAME_BYTES = WIDTH * HEIGHT * 4

@@ -20,7 +20,7 @@ FORBIDDEN = {
     "vsc": ("vsp",),
     "app": (),  # the command line and the demo sit on top of everything
 }
-APP_MODULES = ("vmbus.cli", "vmbus.demo", "vmbus.bench", "vmbus.__main__")
+APP_MODULES = ("vmbus.cli", "demo.parent", "benchmarks.bench", "vmbus.__main__")
 
 
 def run_tool(*args: str) -> None:

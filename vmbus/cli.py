@@ -70,15 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "demo" and args.ring_only:
-        from vmbus import ring_demo
+        from demo import ring as ring_demo
 
         ring_demo.main(args.seconds)
     elif args.command == "bench":
-        from vmbus import bench
+        from benchmarks import bench
 
         return bench.main(quick=args.quick, only=args.only, markdown=args.markdown, plot=args.plot)
     elif args.command == "demo":
-        from vmbus import demo
+        from demo import parent as demo
 
         options = demo.Options(args.seconds, args.children, args.disk_mb, args.net, args.vnc_port)
         return demo.main(options)
@@ -90,7 +90,10 @@ def main(argv: list[str] | None = None) -> int:
 def info() -> str:
     """Version, build, and what the stack speaks."""
     from vmbus import guid, messages
-    from vmbus.protocols import hid, keyboard, nvsp, storage, synthvid
+    from vmbus.protocols import storage
+    from vmbus.protocols import video as synthvid
+    from vmbus.protocols.input import hid, keyboard
+    from vmbus.protocols.net import nvsp
 
     def versions(values: Iterable[int], fmt: Callable[[int], str]) -> str:
         return ", ".join(fmt(int(v)) for v in values)

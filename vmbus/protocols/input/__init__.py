@@ -1,0 +1,1 @@
+"""Input (synthetic keyboard, HID mouse): wire formats and sans-I/O state machines."""

@@ -1,0 +1,1 @@
+"""Network (NVSP carrying RNDIS): wire formats and sans-I/O state machines."""

@@ -1,0 +1,509 @@
+"""A VNC (RFB 3.8, also 3.3 and 3.7) server for a `vsp.video.screen.Screen`.
+
+``VncServer(screen, host="127.0.0.1", port=5900, password=None, on_key=None,
+on_pointer=None, name="vmbus")``; ``start()`` binds (port 0: any free port,
+see ``address``) and serves from one background thread; ``stop()`` ends it.
+``on_key(keysym, down)`` and ``on_pointer(x, y, buttons)`` are called from that
+thread; pointer positions are clamped to the screen.
+
+Security: None (1), or VNC Authentication (2) when a password is set (DES of a
+random challenge; like every VNC server only the first 8 bytes of the password
+count). Encodings: Raw, Zlib (6), ZRLE (16) and the DesktopSize pseudo-encoding
+(-223); the client's first supported preference wins. Pixel formats: any
+true-colour 8/16/32 bpp format (shifts, maxima, endianness); a colour-mapped
+8 bpp format gets a BGR233 colour map.
+
+Updates follow the Screen's dirty rectangles: each client accumulates them and
+gets the part inside its request on its next FramebufferUpdateRequest; a
+non-incremental request gets the requested region in full. Robustness: one
+thread multiplexes all clients with non-blocking sockets; a client that sends
+garbage, stalls its reads or idles in the handshake is dropped alone. Bounds
+per client: MAX_INPUT_BYTES of unparsed input, MAX_DIRTY_RECTS dirty
+rectangles, at most one update queued (the next is encoded only once the last
+one has been sent) plus MAX_QUEUED_MESSAGES small replies, and SEND_STALL_TIMEOUT
+seconds without send progress; MAX_CLIENTS connections.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import hmac
+import logging
+import os
+import re
+import selectors
+import socket
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Callable
+
+import numpy as np
+import numpy.typing as npt
+
+from vsp.video import rfb
+from vsp.video.screen import Rect, Screen, bounding_box, clip
+
+__all__ = [
+    "HANDSHAKE_TIMEOUT",
+    "MAX_CLIENTS",
+    "MAX_DIRTY_RECTS",
+    "MAX_INPUT_BYTES",
+    "MAX_QUEUED_MESSAGES",
+    "SEND_STALL_TIMEOUT",
+    "VncServer",
+]
+
+log = logging.getLogger(__name__)
+
+MAX_CLIENTS = 16
+# Above the largest legal client message: SetEncodings with 65535 entries (256 KiB).
+MAX_INPUT_BYTES = 512 * 1024
+MAX_DIRTY_RECTS = 32  # more are merged into their bounding box
+# Output: one update at most (the next is encoded once it is sent) and this many
+# messages behind it (replies to input, each at most 1.5 KiB).
+MAX_QUEUED_MESSAGES = 64
+HANDSHAKE_TIMEOUT = 10.0  # seconds from accept to ServerInit
+SEND_STALL_TIMEOUT = 10.0  # seconds a queued update may make no progress
+
+SEC_NONE, SEC_VNC_AUTH = 1, 2
+_SERVER_VERSION = b"RFB 003.008\n"
+_VERSION_RE = re.compile(rb"RFB (\d{3})\.(\d{3})\n")
+_U32 = struct.Struct(">I")
+_RECT_HEADER = struct.Struct(">HHHHi")
+
+
+def _intersect(a: Rect, b: Rect) -> Rect | None:
+    x1, y1, x2, y2 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
+    return (x1, y1, x2, y2) if x1 < x2 and y1 < y2 else None
+
+
+def _subtract(a: Rect, b: Rect) -> list[Rect]:
+    """`a` minus `b`, as up to four rectangles."""
+    i = _intersect(a, b)
+    if i is None:
+        return [a]
+    (x1, y1, x2, y2), (ix1, iy1, ix2, iy2) = a, i
+    parts = [(x1, y1, x2, iy1), (x1, iy2, x2, y2), (x1, iy1, ix1, iy2), (ix2, iy1, x2, iy2)]
+    return [p for p in parts if p[0] < p[2] and p[1] < p[3]]
+
+
+class _Client:
+    """One connection's protocol state; touched only by the server thread."""
+
+    def __init__(self, sock: socket.socket, generation: int) -> None:
+        self.sock = sock
+        self.inbuf = bytearray()
+        self.out: collections.deque[memoryview] = collections.deque()
+        self.state = "version"
+        self.minor = 8
+        self.challenge = b""
+        self.discard = 0  # ClientCutText bytes still to skip
+        self.closing = False  # drop once the output is sent
+        self.accepted = self.since = time.monotonic()  # since: the last send progress
+        self.generation = generation
+        self.fmt = rfb.DEFAULT_FORMAT
+        self.encoding = rfb.ENC_RAW
+        self.desktop_size = False
+        self.zlib = zlib.compressobj()
+        self.zrle = zlib.compressobj()
+        self.dirty: list[Rect] = []
+        self.want_full: Rect | None = None  # union of pending non-incremental requests
+        self.want_incr: Rect | None = None
+
+    def send(self, data: bytes) -> None:
+        # Updates are queued only onto an empty queue: the rest is small replies.
+        if len(self.out) >= MAX_QUEUED_MESSAGES:
+            raise _Drop("not reading its replies")
+        if not self.out:
+            self.since = time.monotonic()
+        self.out.append(memoryview(data))
+
+    def add_dirty(self, rect: Rect) -> None:
+        if any(_subtract(rect, d) == [] for d in self.dirty):
+            return  # already covered
+        self.dirty = [d for d in self.dirty if _subtract(d, rect)] + [rect]
+        if len(self.dirty) > MAX_DIRTY_RECTS:
+            self.dirty = [bounding_box(self.dirty)]
+
+
+class _Drop(Exception):
+    """The client broke the protocol: log and disconnect it."""
+
+
+class VncServer:
+    """Serves `screen` to VNC clients from one background thread."""
+
+    def __init__(
+        self,
+        screen: Screen,
+        host: str = "127.0.0.1",
+        port: int = 5900,
+        password: str | None = None,
+        on_key: Callable[[int, bool], None] | None = None,
+        on_pointer: Callable[[int, int, int], None] | None = None,
+        name: str = "vmbus",
+        *,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        send_stall_timeout: float = SEND_STALL_TIMEOUT,
+    ) -> None:
+        self.screen = screen
+        self.host, self.port = host, port
+        self.password = password
+        self.on_key, self.on_pointer = on_key, on_pointer
+        self.name = name.encode()
+        self.handshake_timeout = handshake_timeout
+        self.send_stall_timeout = send_stall_timeout
+        self._listener: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self._clients: dict[socket.socket, _Client] = {}
+        self._damage: collections.deque[list[Rect]] = collections.deque()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_pending = False
+        self._wake_w.setblocking(False)
+        self._selector = selectors.DefaultSelector()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        if self._listener is None:
+            raise RuntimeError("the server is not started")
+        host, port = self._listener.getsockname()[:2]
+        return host, port
+
+    @property
+    def client_count(self) -> int:
+        return len(self._clients)
+
+    def start(self) -> None:
+        if self._listener is not None:
+            raise RuntimeError("already started")
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        self._listener = socket.create_server((self.host, self.port), family=family, backlog=8)
+        self._listener.setblocking(False)
+        self._selector.register(self._listener, selectors.EVENT_READ)
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        self.screen.add_listener(self._on_damage)
+        self._running = True
+        self._thread = threading.Thread(target=self._run, name="vnc-server", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if not self._running:
+            return
+        self._running = False
+        self.screen.remove_listener(self._on_damage)
+        self._wake()
+        if self._thread is not None:
+            self._thread.join()
+        for client in list(self._clients.values()):
+            self._drop(client)
+        assert self._listener is not None
+        self._selector.close()
+        self._listener.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def __enter__(self) -> VncServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _wake(self) -> None:
+        # Full: a wake-up is pending anyway; closed: stopping.
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"!")
+
+    def _on_damage(self, rects: list[Rect]) -> None:
+        # The Screen's (the VSP's) thread: hand over, never block. With no
+        # client there is nothing to do (a new client gets a full frame), and
+        # one wake-up is enough until the server loop has caught up.
+        if not self._clients:
+            return
+        self._damage.append(rects)
+        if not self._wake_pending:
+            self._wake_pending = True
+            self._wake()
+
+    def _run(self) -> None:
+        while self._running:
+            try:
+                self._step()
+            except Exception:  # keep serving: per-client faults are handled in _guard
+                log.exception("vnc: server loop failed")
+                time.sleep(0.1)
+
+    def _step(self) -> None:
+        for key, events in self._selector.select(timeout=0.25):
+            if key.fileobj is self._listener:
+                self._accept()
+            elif key.fileobj is self._wake_r:
+                self._wake_pending = False  # before draining: later damage wakes us again
+                with contextlib.suppress(BlockingIOError):
+                    self._wake_r.recv(4096)
+            elif key.data.sock in self._clients:
+                self._serve(key.data, events)
+        while self._damage:
+            rects = self._damage.popleft()
+            for client in self._clients.values():
+                if client.state == "normal":
+                    for rect in rects:
+                        client.add_dirty(rect)
+        now = time.monotonic()
+        for client in list(self._clients.values()):
+            if client.state != "normal" and now - client.accepted > self.handshake_timeout:
+                self._drop(client, "handshake timeout")
+            elif client.out and now - client.since > self.send_stall_timeout:
+                self._drop(client, "not reading its updates")
+            else:
+                self._guard(client, self._update)
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        try:
+            sock, _ = self._listener.accept()
+        except OSError:
+            return
+        if len(self._clients) >= MAX_CLIENTS:
+            sock.close()
+            return
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        client = _Client(sock, self.screen.geometry()[0])
+        self._clients[sock] = client
+        self._selector.register(sock, selectors.EVENT_READ, client)
+        client.send(_SERVER_VERSION)
+        self._guard(client, self._flush)
+
+    def _drop(self, client: _Client, reason: str = "") -> None:
+        if reason:
+            log.info("vnc: dropping client: %s", reason)
+        if self._clients.pop(client.sock, None) is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(client.sock)
+        client.sock.close()
+
+    def _guard(self, client: _Client, step: Callable[[_Client], None]) -> None:
+        if client.sock not in self._clients:
+            return
+        try:
+            step(client)
+        except _Drop as e:
+            self._drop(client, str(e))
+        except OSError as e:
+            self._drop(client, f"socket error: {e}")
+        except Exception:  # a bug one client triggers must not stop the others
+            log.exception("vnc: client failed")
+            self._drop(client)
+
+    def _serve(self, client: _Client, events: int) -> None:
+        if events & selectors.EVENT_WRITE:
+            self._guard(client, self._flush)
+        if events & selectors.EVENT_READ:
+            self._guard(client, self._receive)
+
+    def _receive(self, client: _Client) -> None:
+        try:
+            data = client.sock.recv(65536)
+        except BlockingIOError:
+            return
+        if not data:
+            raise _Drop("disconnected")
+        if client.closing:
+            return
+        client.inbuf += data
+        buf, off = memoryview(bytes(client.inbuf)), 0
+        while off < len(buf) and not client.closing:
+            if client.discard:  # ClientCutText: skipped as it streams in, never buffered
+                skip = min(client.discard, len(buf) - off)
+                client.discard -= skip
+                off += skip
+                continue
+            used = self._parse(client, buf[off:])
+            if used == 0:
+                break
+            off += used
+        client.inbuf = bytearray(buf[off:])
+        if len(client.inbuf) > MAX_INPUT_BYTES:
+            raise _Drop("input buffer overflow")
+        self._flush(client)
+
+    def _flush(self, client: _Client) -> None:
+        while client.out:
+            chunk = client.out[0]
+            try:
+                sent = client.sock.send(chunk)
+            except BlockingIOError:
+                break
+            client.since = time.monotonic()
+            if sent == len(chunk):
+                client.out.popleft()
+            else:
+                client.out[0] = chunk[sent:]
+        if not client.out and client.closing:
+            raise _Drop("")
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if client.out else 0)
+        self._selector.modify(client.sock, events, client)
+
+    def _fail(self, client: _Client, reason: str) -> None:
+        """SecurityResult failed (with a reason from 3.8 on), then disconnect."""
+        client.send(_U32.pack(1) + (_U32.pack(len(reason)) + reason.encode()) * (client.minor >= 8))
+        client.closing = True
+        log.info("vnc: %s", reason)
+
+    def _parse(self, client: _Client, buf: memoryview) -> int:
+        """Handles one message at the head of `buf`; returns its length, 0 if incomplete."""
+        state = client.state
+        if state == "version":
+            if len(buf) < 12:
+                return 0
+            m = _VERSION_RE.fullmatch(bytes(buf[:12]))
+            if m is None or int(m[1]) != 3:
+                raise _Drop("not an RFB 3.x client")
+            minor = int(m[2])
+            client.minor = 8 if minor >= 8 else 7 if minor == 7 else 3
+            sec = SEC_VNC_AUTH if self.password is not None else SEC_NONE
+            if client.minor == 3:  # the server chooses
+                client.send(_U32.pack(sec))
+                self._start_security(client, sec)
+            else:
+                client.send(bytes([1, sec]))
+                client.state = "security"
+            return 12
+        if state == "security":
+            sec = SEC_VNC_AUTH if self.password is not None else SEC_NONE
+            if buf[0] != sec:
+                self._fail(client, "unsupported security type")
+            else:
+                self._start_security(client, sec)
+            return 1
+        if state == "auth":
+            if len(buf) < 16:
+                return 0
+            assert self.password is not None
+            if hmac.compare_digest(
+                bytes(buf[:16]), rfb.vnc_auth_response(self.password, client.challenge)
+            ):
+                client.send(_U32.pack(0))
+                client.state = "init"
+            else:
+                self._fail(client, "authentication failed")
+            return 16
+        if state == "init":  # ClientInit: the shared flag; every session is shared
+            gen, w, h = self.screen.geometry()
+            client.generation = gen
+            client.send(struct.pack(">HH", w, h) + client.fmt.pack())
+            client.send(_U32.pack(len(self.name)) + self.name)
+            client.state = "normal"
+            return 1
+        return self._message(client, buf)
+
+    def _start_security(self, client: _Client, sec: int) -> None:
+        if sec == SEC_VNC_AUTH:
+            client.challenge = os.urandom(16)
+            client.send(client.challenge)
+            client.state = "auth"
+        else:
+            if client.minor >= 8:  # 3.3 and 3.7 send no SecurityResult for None
+                client.send(_U32.pack(0))
+            client.state = "init"
+
+    def _message(self, client: _Client, buf: memoryview) -> int:
+        kind = buf[0]
+        need = {0: 20, 2: 4, 3: 10, 4: 8, 5: 6, 6: 8}.get(kind)
+        if need is None:
+            raise _Drop(f"unknown message type {kind}")
+        if kind == 2 and len(buf) >= 4:
+            need += 4 * int.from_bytes(buf[2:4], "big")
+        if len(buf) < need:
+            return 0
+        if kind == 0:
+            fmt = rfb.PixelFormat.unpack(bytes(buf[4:20]))
+            if not fmt.valid():
+                raise _Drop(f"unsupported pixel format {fmt}")
+            if not fmt.true_colour:
+                client.send(rfb.colour_map())
+                fmt = rfb.BGR233
+            client.fmt = fmt
+        elif kind == 2:
+            encodings = struct.unpack(f">{(need - 4) // 4}i", buf[4:need])
+            client.desktop_size = rfb.ENC_DESKTOP_SIZE in encodings
+            preferred = [e for e in encodings if e in (rfb.ENC_RAW, rfb.ENC_ZLIB, rfb.ENC_ZRLE)]
+            client.encoding = preferred[0] if preferred else rfb.ENC_RAW
+        elif kind == 3:
+            incremental, x, y, w, h = struct.unpack(">xBHHHH", buf[:10])
+            rect = (x, y, x + w, y + h)
+            if incremental:
+                client.want_incr = rect
+            else:
+                old = client.want_full
+                client.want_full = bounding_box([old, rect]) if old else rect
+        elif kind == 4:
+            down, keysym = struct.unpack(">x?2xI", buf[:8])
+            self._callback(self.on_key, keysym, down)
+        elif kind == 5:
+            buttons, x, y = struct.unpack(">xBHH", buf[:6])
+            _, w, h = self.screen.geometry()
+            self._callback(self.on_pointer, min(x, w - 1), min(y, h - 1), buttons)
+        else:  # ClientCutText: ignored
+            client.discard = _U32.unpack(buf[4:8])[0]
+        return need
+
+    @staticmethod
+    def _callback(fn: Callable[..., None] | None, *args: object) -> None:
+        if fn is not None:
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("vnc: input callback failed")
+
+    def _update(self, client: _Client) -> None:
+        """Send an update if one is asked for and the previous one has been sent."""
+        if client.state != "normal" or client.out or client.closing:
+            return
+        if client.want_full is None and client.want_incr is None:
+            return
+        gen, w, h = self.screen.geometry()
+        rects = [client.want_full] if client.want_full else []
+        if client.want_incr is not None:
+            rects += [r for d in client.dirty if (r := _intersect(d, client.want_incr))]
+        rects = [c for r in rects if (c := clip(r, w, h)) is not None]
+        if not rects and gen == client.generation and client.want_full is None:
+            return  # an incremental request waits for a change
+        cap = self.screen.capture(rects, client.generation)
+        resized = cap.generation != client.generation
+        client.generation = cap.generation
+        if resized:
+            client.dirty = []
+        else:
+            for sent in cap.rects:
+                client.dirty = [p for d in client.dirty for p in _subtract(d, sent)]
+            if len(client.dirty) > MAX_DIRTY_RECTS:
+                client.dirty = [bounding_box(client.dirty)]
+        client.want_full = client.want_incr = None
+        parts = []
+        if resized and client.desktop_size:  # first, so the client resizes before drawing
+            parts.append(_RECT_HEADER.pack(0, 0, cap.width, cap.height, rfb.ENC_DESKTOP_SIZE))
+        for (x1, y1, x2, y2), pix in zip(cap.rects, cap.pixels, strict=True):
+            parts.append(_RECT_HEADER.pack(x1, y1, x2 - x1, y2 - y1, client.encoding))
+            parts.append(_encode_rect(client, pix))
+        count = len(cap.rects) + (resized and client.desktop_size)
+        client.send(struct.pack(">BxH", 0, count) + b"".join(parts))
+        self._flush(client)
+
+
+def _encode_rect(client: _Client, pix: npt.NDArray[np.uint8]) -> bytes:
+    if client.encoding == rfb.ENC_RAW:
+        return rfb.encode_pixels(client.fmt, pix)
+    if client.encoding == rfb.ENC_ZRLE:
+        values = rfb.pixel_values(client.fmt, pix)
+        stream, data = client.zrle, rfb.zrle_tiles(client.fmt, values)
+    else:
+        stream, data = client.zlib, rfb.encode_pixels(client.fmt, pix)
+    # One zlib stream per encoding per connection; each rectangle ends on a sync flush.
+    out = stream.compress(data) + stream.flush(zlib.Z_SYNC_FLUSH)
+    return _U32.pack(len(out)) + out
