@@ -70,21 +70,42 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "demo" and args.ring_only:
-        from demo import ring as ring_demo
+        try:
+            from demo import ring as ring_demo
+        except ModuleNotFoundError as error:
+            return checkout_only(error, "demo")
 
         ring_demo.main(args.seconds)
     elif args.command == "bench":
-        from benchmarks import bench
+        try:
+            from benchmarks import bench
+        except ModuleNotFoundError as error:
+            return checkout_only(error, "bench")
 
         return bench.main(quick=args.quick, only=args.only, markdown=args.markdown, plot=args.plot)
     elif args.command == "demo":
-        from demo import parent as demo
+        try:
+            from demo import parent as demo
+        except ModuleNotFoundError as error:
+            return checkout_only(error, "demo")
 
         options = demo.Options(args.seconds, args.children, args.disk_mb, args.net, args.vnc_port)
         return demo.main(options)
     else:
         print(info())
     return 0
+
+
+def checkout_only(error: ModuleNotFoundError, command: str) -> int:
+    """`demo` and `bench` run from the source checkout; a wheel has neither package."""
+    if error.name not in ("demo", "benchmarks"):
+        raise error
+    what = "the demo ships" if command == "demo" else "the benchmarks ship"
+    print(
+        f"vmbus {command}: {what} with the source checkout: run ./run {command} there",
+        file=sys.stderr,
+    )
+    return 2
 
 
 def info() -> str:
