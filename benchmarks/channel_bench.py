@@ -40,10 +40,12 @@ from vmbus.channel import COMPLETION_REQUESTED, DEFAULT_SPIN_SECONDS, Channel
 from vmbus.guest import Guest
 from vmbus.memory import GuestMemory
 from vmbus.partition import Host
+from vmbus.protocols.echo import ECHO_CLASS_ID
 from vmbus.ring import HEADER_SIZE, init_ring
 from vmbus.testing import channel_pair
-from vmbus.testing.echo import ECHO_CLASS_ID, EchoVsc, EchoVsp
 from vmbus.transport import Signal
+from vsc.echo import EchoVsc
+from vsp.echo import EchoVsp
 
 PAYLOAD = bytes(64)
 RING_DATA = 64 * 1024  # data bytes per direction; the ring adds a header page

@@ -44,8 +44,10 @@ from vmbus import guid
 from vmbus.channel import DEFAULT_SPIN_SECONDS, Channel
 from vmbus.guest import Guest, GuestDevice
 from vmbus.partition import ChildPartition, Host
-from vmbus.testing.echo import ECHO_CLASS_ID, EchoVsc, EchoVsp
+from vmbus.protocols.echo import ECHO_CLASS_ID
+from vsc.echo import EchoVsc
 from vsc.storage import BlockDevice, StorageController
+from vsp.echo import EchoVsp
 from vsp.storage import StorVsp
 from vsp.storage.backends import RawFileBackend
 

@@ -19,10 +19,10 @@ from benchmarks.net_bench import MAC_A, MAC_B, NS_IP, TAP_NIC, TAP_NIC_IP, inter
 from vmbus import guid
 from vmbus import messages as m
 from vmbus.channel import COMPLETION_REQUESTED, Channel
+from vmbus.device import OpenContext
 from vmbus.host import OfferSpec
 from vmbus.memory import PAGE_SIZE, GuestMemory, PageAllocator
 from vmbus.packet import decode_transfer_page_header, encode_transfer_page_header
-from vmbus.partition import OpenContext
 from vmbus.protocols.net import nvsp
 from vmbus.protocols.net import rndis as r
 from vmbus.testing import ring_buffer

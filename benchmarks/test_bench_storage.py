@@ -24,6 +24,7 @@ import vsc.storage
 from benchmarks.storage_bench import page_buffer
 from vmbus import guid
 from vmbus.channel import COMPLETION_REQUESTED, Channel
+from vmbus.device import OpenContext
 from vmbus.host import OfferSpec
 from vmbus.memory import PAGE_SIZE, GuestMemory, PageAllocator, guest_segments
 from vmbus.packet import (
@@ -32,7 +33,6 @@ from vmbus.packet import (
     decode_gpa_direct_header,
     encode_gpa_direct_header,
 )
-from vmbus.partition import OpenContext
 from vmbus.protocols import storage as vstor
 from vmbus.protocols.storage.scsi_wire import DataDirection, Opcode
 from vmbus.testing import ring_buffer

@@ -29,9 +29,9 @@ from benchmarks import video_bench
 from benchmarks.video_bench import BATCH, FRAME_BYTES, HEIGHT, TILE, WIDTH, Pixels, frames
 from vmbus import messages as m
 from vmbus.channel import Channel
+from vmbus.device import OpenContext
 from vmbus.guest import GuestDevice
 from vmbus.memory import PAGE_SIZE, GuestMemory, PageAllocator
-from vmbus.partition import OpenContext
 from vmbus.testing import ring_buffer
 from vmbus.transport import Signal
 from vsc.video import Framebuffer

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from demo import ring as ring_demo
-from vmbus.partition import ChildPartition, Host, Vsp
+from vmbus.device import Vsp
+from vmbus.partition import ChildPartition, Host
 from vsp.input import KeyboardVsp, MouseVsp
 from vsp.net import NetVsp
 from vsp.net.backends import LearningSwitch, NetBackend, TapBackend

@@ -1,7 +1,9 @@
 """A parent process hosts one child partition with an echo device."""
 
 from vmbus.partition import Host
-from vmbus.testing.echo import ECHO_CLASS_ID, EchoVsc, EchoVsp
+from vmbus.protocols.echo import ECHO_CLASS_ID
+from vsc.echo import EchoVsc
+from vsp.echo import EchoVsp
 
 
 def child(guest):  # type: ignore[no-untyped-def]  # runs in the child process

@@ -11,8 +11,10 @@ The server needs only two things from the emulator:
 from vmbus.guest import Guest
 from vmbus.memory import GuestMemory
 from vmbus.partition import Host
-from vmbus.testing.echo import ECHO_CLASS_ID, EchoVsc, EchoVsp
+from vmbus.protocols.echo import ECHO_CLASS_ID
 from vmbus.transport import LocalPort
+from vsc.echo import EchoVsc
+from vsp.echo import EchoVsp
 
 
 def main() -> None:

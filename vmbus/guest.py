@@ -220,6 +220,8 @@ class Guest:
 
     def close(self) -> None:
         self.port.close()
+        if self._reader is not threading.current_thread():
+            self._reader.join(1.0)  # it sees the close and ends
 
     # --- channels ---
 

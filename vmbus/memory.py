@@ -23,6 +23,7 @@ import fcntl
 import mmap
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from vmbus.packet import GpaRange
 
@@ -241,32 +242,56 @@ def _check_pfns(memory: GuestMemory, pfns: Sequence[int]) -> tuple[int, ...]:
     return checked
 
 
+@dataclass(frozen=True)
 class Gpadl:
-    """The parent's record of a granted page list: `byte_count` bytes starting
-    `byte_offset` into the first page. GPADL offsets below are relative to
-    that first byte. The PFNs come from the untrusted child and are all
-    checked here; pages may repeat or be in any order (harmless aliasing)."""
+    """A GPADL: the page list a guest granted, `byte_count` bytes starting
+    `byte_offset` into the first page (offsets below are relative to that
+    first byte). The one record of a grant, from the control messages that
+    built it (the host's reassembly) to the views a VSP takes of it. The PFNs
+    come from the untrusted child: `check` tests them against its memory;
+    pages may repeat or be in any order (harmless aliasing)."""
 
-    def __init__(
-        self, memory: GuestMemory, pfns: Sequence[int], byte_count: int, byte_offset: int = 0
-    ) -> None:
-        self.pfns = _check_pfns(memory, pfns)
-        if not 0 <= byte_offset < PAGE_SIZE:
-            raise GuestMemoryError(f"GPADL byte_offset {byte_offset} is not inside the first page")
-        room = len(self.pfns) * PAGE_SIZE - byte_offset
-        if not 0 <= byte_count <= room:
-            raise GuestMemoryError(
-                f"GPADL byte_count {byte_count} does not fit {len(self.pfns)} pages "
-                f"from byte_offset {byte_offset} ({room} bytes)"
-            )
-        self.memory = memory
-        self.byte_count = byte_count
-        self.byte_offset = byte_offset
+    child_relid: int
+    gpadl: int  # the handle
+    byte_count: int
+    byte_offset: int
+    pfns: tuple[int, ...]
 
     def __len__(self) -> int:
         return self.byte_count
 
-    def segments(self, offset: int, n: int) -> list[memoryview]:
+    @classmethod
+    def grant(
+        cls,
+        memory: GuestMemory,
+        pfns: Sequence[int],
+        byte_count: int,
+        byte_offset: int = 0,
+        *,
+        child_relid: int = 0,
+        gpadl: int = 0,
+    ) -> Gpadl:
+        """A checked GPADL of `memory` (GuestMemoryError if it does not fit)."""
+        record = cls(child_relid, gpadl, byte_count, byte_offset, tuple(pfns))
+        record.check(memory)
+        return record
+
+    def check(self, memory: GuestMemory) -> None:
+        """Raise GuestMemoryError unless every page lies in `memory` and the
+        byte range fits the pages."""
+        _check_pfns(memory, self.pfns)
+        if not 0 <= self.byte_offset < PAGE_SIZE:
+            raise GuestMemoryError(
+                f"GPADL byte_offset {self.byte_offset} is not inside the first page"
+            )
+        room = len(self.pfns) * PAGE_SIZE - self.byte_offset
+        if not 0 <= self.byte_count <= room:
+            raise GuestMemoryError(
+                f"GPADL byte_count {self.byte_count} does not fit {len(self.pfns)} pages "
+                f"from byte_offset {self.byte_offset} ({room} bytes)"
+            )
+
+    def segments(self, memory: GuestMemory, offset: int, n: int) -> list[memoryview]:
         """Views of GPADL bytes [offset, offset + n), in order: one per run of
         physically consecutive pages. No copy; the views hold the memory open."""
         if offset < 0 or n < 0 or offset + n > self.byte_count:
@@ -283,22 +308,22 @@ class Gpadl:
             else:
                 ranges.append([gpa, chunk])
             pos += chunk
-        return [self.memory.view(gpa, length) for gpa, length in ranges]
+        return [memory.view(gpa, length) for gpa, length in ranges]
 
-    def read(self, offset: int, n: int) -> bytes:
+    def read(self, memory: GuestMemory, offset: int, n: int) -> bytes:
         """A copy of GPADL bytes [offset, offset + n)."""
-        parts = self.segments(offset, n)
+        parts = self.segments(memory, offset, n)
         try:
             return b"".join(parts)
         finally:
             for part in parts:
                 part.release()
 
-    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+    def write(self, memory: GuestMemory, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Copy `data` into the GPADL at `offset` (all of it, or nothing)."""
         src = memoryview(data).cast("B")
         pos = 0
-        for part in self.segments(offset, len(src)):
+        for part in self.segments(memory, offset, len(src)):
             with part:
                 part[:] = src[pos : pos + len(part)]
                 pos += len(part)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 from typing import Annotated, Any, ClassVar, TypeVar
 
+from vmbus.memory import Gpadl  # the one GPADL record; re-exported here
 from vmbus.wire import GUID, U8, U16, U32, U64, Bytes, WireError, WireStruct, wire_struct
 
 __all__ = [
@@ -699,17 +700,6 @@ def gpadl_messages(
     for start in range(head, len(pfns), GPADL_BODY_MAX_PFNS):
         messages.append(GpadlBody(gpadl=gpadl, pfns=pfns[start : start + GPADL_BODY_MAX_PFNS]))
     return messages
-
-
-@dataclass(frozen=True)
-class Gpadl:
-    """A GPADL received whole: the guest pages behind one buffer."""
-
-    child_relid: int
-    gpadl: int
-    byte_count: int
-    byte_offset: int
-    pfns: tuple[int, ...]
 
 
 @dataclass

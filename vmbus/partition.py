@@ -22,14 +22,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from vmbus import host as h
 from vmbus import messages as m
-from vmbus._ringpacket import Packet
 from vmbus.channel import DEFAULT_SPIN_SECONDS, Channel
+from vmbus.device import ChannelHandler, OpenContext, Vsp
+from vmbus.errors import PeerError, PeerLog, UsageError
 from vmbus.memory import GuestMemory, GuestMemoryError, MappedRegion, map_channel_rings
 from vmbus.ring import RingCorrupt
 from vmbus.transport import MalformedMessage, MessagePort, PortClosed, Signal, SocketPort
@@ -38,45 +39,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MEMORY = 32 * 1024 * 1024
 POLL_SECONDS = 0.5  # how often a worker notices a stop request
-
-
-class ChannelHandler(Protocol):
-    """A VSP's service of one open channel. A handler may also have an int
-    attribute `reserve`: bytes that must stay free in the ring to the guest
-    before the next request is taken (room for its reply); and a method
-    `on_signal()`, called after each wake-up of the channel (e.g. the guest
-    made room for packets the VSP had queued)."""
-
-    def on_packet(self, packet: Packet) -> None:
-        """One packet from the guest; a view valid during the call only."""
-
-    def close(self) -> None:
-        """The channel closed (guest request, rescind, or the child died)."""
-
-
-@dataclass(frozen=True)
-class OpenContext:
-    """What a VSP learns when the guest opens one of its channels."""
-
-    offer: h.OfferSpec
-    userdata: bytes  # the 120 bytes of the guest's OPENCHANNEL
-    memory: GuestMemory  # the child's memory, for GPA-direct data (bounds-checked views)
-    ring_pfns: frozenset[int]  # the channel's ring pages: never a target of device data
-    partition: str  # the child's name, for logs
-    add_offer: Callable[[h.OfferSpec], None]  # offer another channel, e.g. a sub-channel
-    gpadls: Mapping[int, m.Gpadl]  # the child's GPADLs by handle, live (receive buffers, VRAM)
-    watch: Callable[
-        [int, Callable[[], None]], None
-    ]  # call back (in the worker) when fd is readable
-    unwatch: Callable[[int], None]  # stop watching fd (before closing it)
-
-
-class Vsp(Protocol):
-    """A device back end: what it offers, and how it serves an open channel."""
-
-    def offers(self) -> list[h.OfferSpec]: ...
-
-    def open(self, channel: Channel, context: OpenContext) -> ChannelHandler: ...
 
 
 Target = Callable[..., Any] | str  # a function, or "module:function"
@@ -115,6 +77,7 @@ class ChildPartition:
             for offer in vsp.offers():
                 self.vsp_of[offer] = vsp
         self.server = h.VmbusServer(list(self.vsp_of), self.memory.page_count)
+        self.peer_log = PeerLog(log, self.name)  # the child's protocol errors, rate-limited
         # Readable when the child is gone: its pidfd, or an eventfd stop() rings.
         self.pid = self.process.pid if self.process else os.getpid()
         self.pidfd = os.pidfd_open(self.pid) if self.process else os.eventfd(0)
@@ -199,7 +162,7 @@ class ChildPartition:
             received = self.port.receive(0)
         except MalformedMessage as error:
             self.server.protocol_errors += 1
-            log.warning("%s: %s", self.name, str(error))
+            self.peer_log("%s", str(error))
             return
         if received is not None:
             self._act(self.server.receive(received[0]))
@@ -230,17 +193,18 @@ class ChildPartition:
             channel = Channel(views[1], views[0], to_guest, to_host, mirrored=True)
             context = OpenContext(
                 event.offer,
-                event.userdata,
                 self.memory,
-                frozenset(event.gpadl.pfns),
-                self.name,
-                functools.partial(self._add_offer, self.vsp_of[event.offer]),
-                self.server.gpadls,
-                self._watch,
-                self._unwatch,
+                userdata=event.userdata,
+                ring_pfns=frozenset(event.gpadl.pfns),
+                partition=self.name,
+                gpadls=self.server.gpadls,
+                add_offer=functools.partial(self._add_offer, self.vsp_of[event.offer]),
+                watch=self._watch,
+                unwatch=self._unwatch,
+                peer_log=self.peer_log,
             )
             handler = self.vsp_of[event.offer].open(channel, context)
-        except (RingCorrupt, ValueError) as error:
+        except (RingCorrupt, PeerError, ValueError) as error:
             failure = str(error)  # not the exception: its traceback pins the views
         if failure is not None:
             log.warning("%s: relid %d cannot open: %s", self.name, event.relid, failure)
@@ -278,10 +242,8 @@ class ChildPartition:
             return
         try:
             handler = open_channel.handler
-            open_channel.channel.service(handler.on_packet, getattr(handler, "reserve", 0))
-            on_signal = getattr(handler, "on_signal", None)
-            if on_signal is not None:
-                on_signal()
+            open_channel.channel.service(handler.on_packet, handler.reserve)
+            handler.on_signal()
             return
         except Exception as error:  # corrupt ring or a request the VSP chokes on
             log.warning("%s: relid %d failed, rescinding: %s", self.name, relid, str(error))
@@ -343,7 +305,7 @@ class Host:
         worker polls its channels for `spin_seconds` before sleeping."""
         name = name or f"child-{next(self._names)}"
         if name in self.children and self.children[name].state in ("starting", "running"):
-            raise ValueError(f"a child named {name!r} is running")
+            raise UsageError(f"a child named {name!r} is running")
         memory = GuestMemory.create(memory_size, name=f"vmbus-{name}")
         parent_port, child_port = SocketPort.pair()
         fds = (child_port.fileno(), memory.fileno())
@@ -371,7 +333,7 @@ class Host:
         its memory (a memfd, see GuestMemory.from_fd) and the port its
         messages arrive on. The server takes over both and closes them."""
         if name in self.children and self.children[name].state in ("starting", "running"):
-            raise ValueError(f"a child named {name!r} is running")
+            raise UsageError(f"a child named {name!r} is running")
         child = ChildPartition(name, None, memory, port, devices)
         self.children[name] = child
         child.worker.start()
@@ -394,7 +356,7 @@ def _target_name(target: Target) -> str:
     if isinstance(target, str):
         return target
     if "<" in target.__qualname__:
-        raise ValueError(f"{target.__qualname__} is not importable; use a top-level function")
+        raise UsageError(f"{target.__qualname__} is not importable; use a top-level function")
     module = target.__module__
     if module == "__main__":  # a script: the child loads it by path
         module = os.path.abspath(sys.modules["__main__"].__file__ or "")

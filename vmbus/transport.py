@@ -149,10 +149,17 @@ class LocalPort:
         os.eventfd_write(peer.ready, 1)
 
     def receive(self, timeout: float | None = None) -> tuple[bytes, list[int]] | None:
-        if not select.select([self.ready], [], [], timeout)[0]:
-            return None
-        os.eventfd_read(self.ready)
+        try:
+            if not select.select([self.ready], [], [], timeout)[0]:
+                return None
+            os.eventfd_read(self.ready)
+        except (OSError, ValueError):  # closed by another thread while we waited
+            if self.closed:
+                raise PortClosed("port closed") from None
+            raise
         with self.lock:
+            if self.closed:
+                raise PortClosed("port closed")
             if not self.inbox:
                 raise PortClosed("peer closed the port")
             return self.inbox.popleft()
@@ -166,6 +173,7 @@ class LocalPort:
         self.closed = True
         if self.peer is not None and not self.peer.closed:
             os.eventfd_write(self.peer.ready, 1)  # wakes the peer to see EOF
+        os.eventfd_write(self.ready, 1)  # and our own receiver, to see the close
         with self.lock:
             for _, fds in self.inbox:
                 for fd in fds:

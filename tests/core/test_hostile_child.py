@@ -14,8 +14,10 @@ import pytest
 from vmbus import messages as m
 from vmbus.guest import Guest, GuestError
 from vmbus.partition import Host, wait_until
-from vmbus.testing.echo import ECHO_CLASS_ID, EchoVsc, EchoVsp
+from vmbus.protocols.echo import ECHO_CLASS_ID
 from vmbus.transport import SYNIC_HEADER
+from vsc.echo import EchoVsc
+from vsp.echo import EchoVsp
 
 
 def bind_echo(guest: Guest) -> list[EchoVsc]:

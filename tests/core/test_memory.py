@@ -201,7 +201,7 @@ def test_memory_close_refuses_while_views_exist_then_is_final() -> None:
     with pytest.raises(BufferError, match="release them first"):
         mem.close()
     view[:] = b"live"  # still mapped and usable
-    gpadl = Gpadl(mem, [0], 100)
+    gpadl = Gpadl.grant(mem, [0], 100)
     view.release()
     mem.close()
     mem.close()  # idempotent
@@ -209,7 +209,7 @@ def test_memory_close_refuses_while_views_exist_then_is_final() -> None:
     with pytest.raises(GuestMemoryError, match="closed"):
         mem.view(0, 1)
     with pytest.raises(GuestMemoryError, match="closed"):
-        gpadl.read(0, 1)
+        gpadl.read(mem, 0, 1)
     with pytest.raises(GuestMemoryError, match="closed"):
         map_contiguous(mem, [0])
 
@@ -440,22 +440,25 @@ def test_allocator_runs_out_then_reuses_freed_pages(memory: GuestMemory) -> None
 def test_child_grants_pfn_beyond_its_memory(memory: GuestMemory) -> None:
     for pfns in ([0, PAGES], [PAGES + 1000], [3, -1], [2**64]):
         with pytest.raises(OutOfBounds, match="beyond guest memory"):
-            Gpadl(memory, pfns, PAGE_SIZE)
-    assert Gpadl(memory, [0, PAGES - 1], PAGE_SIZE).pfns == (0, PAGES - 1)
+            Gpadl.grant(memory, pfns, PAGE_SIZE)
+    assert Gpadl.grant(memory, [0, PAGES - 1], PAGE_SIZE).pfns == (0, PAGES - 1)
 
 
 def test_child_grants_byte_offset_past_first_page(memory: GuestMemory) -> None:
     for offset in (PAGE_SIZE, PAGE_SIZE + 1, -1, 2**64):
         with pytest.raises(GuestMemoryError, match="byte_offset"):
-            Gpadl(memory, [1, 2], 100, byte_offset=offset)
-    assert Gpadl(memory, [1, 2], 100, byte_offset=PAGE_SIZE - 1).byte_offset == PAGE_SIZE - 1
+            Gpadl.grant(memory, [1, 2], 100, byte_offset=offset)
+    assert Gpadl.grant(memory, [1, 2], 100, byte_offset=PAGE_SIZE - 1).byte_offset == PAGE_SIZE - 1
 
 
 def test_child_grants_byte_count_larger_than_pages(memory: GuestMemory) -> None:
     for count, offset in ((2 * PAGE_SIZE + 1, 0), (2 * PAGE_SIZE - 199, 200), (-1, 0)):
         with pytest.raises(GuestMemoryError, match="byte_count"):
-            Gpadl(memory, [1, 2], count, byte_offset=offset)
-    assert len(Gpadl(memory, [1, 2], 2 * PAGE_SIZE - 200, byte_offset=200)) == 2 * PAGE_SIZE - 200
+            Gpadl.grant(memory, [1, 2], count, byte_offset=offset)
+    assert (
+        len(Gpadl.grant(memory, [1, 2], 2 * PAGE_SIZE - 200, byte_offset=200))
+        == 2 * PAGE_SIZE - 200
+    )
 
 
 @pytest.mark.parametrize(
@@ -470,8 +473,8 @@ def test_child_ring_gpadl_too_small_for_inbound_offset(
 
 def test_gpadl_segments_follow_physical_runs(memory: GuestMemory) -> None:
     _fill(memory, PATTERN)
-    gpadl = Gpadl(memory, [5, 2, 3, 9], 4 * PAGE_SIZE - 150, byte_offset=100)
-    segments = gpadl.segments(0, len(gpadl))
+    gpadl = Gpadl.grant(memory, [5, 2, 3, 9], 4 * PAGE_SIZE - 150, byte_offset=100)
+    segments = gpadl.segments(memory, 0, len(gpadl))
     try:
         assert [len(s) for s in segments] == [PAGE_SIZE - 100, 2 * PAGE_SIZE, PAGE_SIZE - 50]
         assert segments[0] == _page(memory, 5)[100:]
@@ -481,9 +484,9 @@ def test_gpadl_segments_follow_physical_runs(memory: GuestMemory) -> None:
         for segment in segments:
             segment.release()
     with pytest.raises(OutOfBounds):
-        gpadl.write(len(gpadl) - 1, b"ab")
+        gpadl.write(memory, len(gpadl) - 1, b"ab")
     with pytest.raises(OutOfBounds):
-        gpadl.write(-1, b"a")
+        gpadl.write(memory, -1, b"a")
     with memory.view(0, SIZE) as view:
         assert view == PATTERN  # a refused write writes nothing
 
@@ -505,13 +508,13 @@ def _granted(pfns: list[int], byte_count: int, byte_offset: int) -> bytes:
 def test_gpadl_read_is_exact_or_out_of_bounds(
     patterned: GuestMemory, grant: tuple[list[int], int, int], data: st.DataObject
 ) -> None:
-    gpadl = Gpadl(patterned, *grant)
+    gpadl = Gpadl.grant(patterned, *grant)
     offset, n = data.draw(ranges(gpadl.byte_count))
     if offset >= 0 and n >= 0 and offset + n <= gpadl.byte_count:
-        assert gpadl.read(offset, n) == _granted(*grant)[offset : offset + n]
+        assert gpadl.read(patterned, offset, n) == _granted(*grant)[offset : offset + n]
     else:
         with pytest.raises(OutOfBounds):
-            gpadl.read(offset, n)
+            gpadl.read(patterned, offset, n)
 
 
 @given(grant=gpadls(unique=True), data=st.data())
@@ -519,7 +522,7 @@ def test_gpadl_write_lands_only_in_the_granted_bytes(
     patterned: GuestMemory, grant: tuple[list[int], int, int], data: st.DataObject
 ) -> None:
     pfns, byte_count, byte_offset = grant
-    gpadl = Gpadl(patterned, pfns, byte_count, byte_offset)
+    gpadl = Gpadl.grant(patterned, pfns, byte_count, byte_offset)
     offset = data.draw(st.integers(0, byte_count))
     payload = random.Random(offset).randbytes(data.draw(st.integers(0, byte_count - offset)))
     expected = bytearray(PATTERN)
@@ -527,8 +530,8 @@ def test_gpadl_write_lands_only_in_the_granted_bytes(
         pos = byte_offset + offset + i
         expected[pfns[pos // PAGE_SIZE] * PAGE_SIZE + pos % PAGE_SIZE] = byte
     try:
-        gpadl.write(offset, payload)
-        assert gpadl.read(offset, len(payload)) == payload
+        gpadl.write(patterned, offset, payload)
+        assert gpadl.read(patterned, offset, len(payload)) == payload
         with patterned.view(0, SIZE) as view:
             assert view == expected
     finally:

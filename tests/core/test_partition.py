@@ -13,7 +13,9 @@ from vmbus.guest import Guest
 from vmbus.host import OfferSpec
 from vmbus.memory import PAGE_SIZE
 from vmbus.partition import Host, wait_until
-from vmbus.testing.echo import ECHO_CLASS_ID, EchoVsc, EchoVsp
+from vmbus.protocols.echo import ECHO_CLASS_ID
+from vsc.echo import EchoVsc
+from vsp.echo import EchoVsp
 
 
 def echo_many(guest: Guest, count: int, ring_size: int = 64 * 1024) -> None:

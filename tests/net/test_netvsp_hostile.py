@@ -12,10 +12,10 @@ import pytest
 from vmbus import guid
 from vmbus import messages as m
 from vmbus.channel import COMPLETION_REQUESTED, Channel
+from vmbus.device import OpenContext
 from vmbus.host import OfferSpec
 from vmbus.memory import PAGE_SIZE, GuestMemory
 from vmbus.packet import PacketType
-from vmbus.partition import OpenContext
 from vmbus.protocols.net import nvsp
 from vmbus.protocols.net import rndis as r
 from vmbus.testing import channel_pair
@@ -41,14 +41,12 @@ class Guest:
         self.watched: dict[int, object] = {}
         context = OpenContext(
             OfferSpec(guid.NETWORK, uuid.uuid4()),
-            bytes(120),
             memory,
-            frozenset({0, 1}),
-            "test",
-            print,
-            GPADLS,
-            self.watched.__setitem__,
-            self.watched.pop,
+            ring_pfns=frozenset({0, 1}),
+            partition="test",
+            gpadls=GPADLS,
+            watch=self.watched.__setitem__,
+            unwatch=self.watched.pop,
         )
         self.host: Channel = host
         self.handler = self.vsp.open(host, context)

@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 
 from vmbus import guid
 from vmbus.channel import COMPLETION_REQUESTED
+from vmbus.device import OpenContext
 from vmbus.host import OfferSpec
 from vmbus.memory import PAGE_SIZE, GuestMemory
 from vmbus.packet import GpaRange, PacketType, encode_gpa_direct_header
-from vmbus.partition import OpenContext
 from vmbus.protocols import storage as vstor
 from vmbus.testing import channel_pair
 from vsp.storage import StorVsp
@@ -36,14 +36,10 @@ class Guest:
         self.channel, host = channel_pair(request_ring)
         context = OpenContext(
             OfferSpec(guid.SCSI, uuid.uuid4()),
-            bytes(120),
             memory,
-            RING_PFNS,
-            "test",
-            print,
-            {},
-            print,
-            print,
+            ring_pfns=RING_PFNS,
+            partition="test",
+            add_offer=print,
         )
         self.host, self.handler = host, vsp.open(host, context)
         self.next_id = 1

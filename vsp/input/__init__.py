@@ -17,16 +17,18 @@ import uuid
 from vmbus import guid
 from vmbus._ringpacket import Packet
 from vmbus.channel import Channel
+from vmbus.device import OpenContext, Vsp
 from vmbus.host import OfferSpec
-from vmbus.partition import OpenContext
 from vmbus.protocols.input import hid, keyboard
 from vmbus.protocols.input.scancodes import keysym_to_scancode
 
 MAX_QUEUED_EVENTS = 4096  # a guest that never reads cannot grow our memory
 
 
-class _InputVsp:
+class _InputVsp(Vsp):
     """One device of one child: an offer, one open channel, a queue."""
+
+    reserve = 0  # interim: moves to the ChannelHandler contract
 
     class_id: uuid.UUID
 
@@ -45,7 +47,7 @@ class _InputVsp:
     def on_packet(self, packet: Packet) -> None:
         raise NotImplementedError  # each device answers its own protocol
 
-    def open(self, channel: Channel, context: OpenContext) -> _InputVsp:
+    def open(self, channel: Channel, context: OpenContext) -> _InputVsp:  # type: ignore[override]  # interim
         self.channel, self.context = channel, context
         context.watch(self.ready, self._flush)
         return self

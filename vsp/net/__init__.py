@@ -26,11 +26,11 @@ from vmbus import guid
 from vmbus._ringdefs import DESCRIPTOR_SIZE, TRAILER_SIZE
 from vmbus._ringpacket import Packet
 from vmbus.channel import COMPLETION_REQUESTED, Channel
+from vmbus.device import ChannelHandler, OpenContext, Vsp
 from vmbus.host import OfferSpec
 from vmbus.memory import MappedRegion, guest_segments, map_contiguous
 from vmbus.packet import PacketError, PacketType, decode_gpa_direct_header
 from vmbus.packet import encode_transfer_page_header as transfer_header
-from vmbus.partition import OpenContext
 from vmbus.protocols.net import nvsp
 from vmbus.protocols.net import rndis as r
 from vsp.net.backends import NetBackend
@@ -50,7 +50,7 @@ def random_mac() -> bytes:
     return bytes(mac)
 
 
-class NetVsp:
+class NetVsp(Vsp):
     """One network adapter of one child, attached to `backend`."""
 
     def __init__(
@@ -76,13 +76,14 @@ class NetVsp:
         return self.handler
 
 
-class NetvspChannel:
+class NetvspChannel(ChannelHandler):
     """The service of the adapter's channel."""
 
     reserve = REPLY_RESERVE
 
     def __init__(self, vsp: NetVsp, channel: Channel, context: OpenContext) -> None:
-        self.vsp, self.channel, self.context = vsp, channel, context
+        super().__init__(channel, context)
+        self.vsp = vsp
         self.backend = vsp.backend
         self.nvsp = nvsp.NvspServer(*vsp.sections)
         self.rndis = r.RndisDevice(vsp.mac, self.backend.mtu, self.backend.link_up)

@@ -19,10 +19,10 @@ from vmbus import guid
 from vmbus._ringdefs import DESCRIPTOR_SIZE, TRAILER_SIZE
 from vmbus._ringpacket import Packet
 from vmbus.channel import Channel
+from vmbus.device import ChannelHandler, OpenContext, Vsp
 from vmbus.host import OfferSpec
 from vmbus.memory import GuestMemory, guest_segments
 from vmbus.packet import GpaRange, PacketError, PacketType, decode_gpa_direct_header
-from vmbus.partition import OpenContext
 from vmbus.protocols import storage as vstor
 from vmbus.protocols.storage.scsi_wire import GOOD, Opcode
 from vsp.storage.scsi import BlockBackend, ScsiDisk, ScsiTarget
@@ -34,7 +34,7 @@ DEFAULT_MAX_TRANSFER = 1 << 20
 REPLY_RESERVE = DESCRIPTOR_SIZE + vstor.VSTOR_PACKET_SIZE + TRAILER_SIZE
 
 
-class StorVsp:
+class StorVsp(Vsp):
     """A SCSI controller with `disks` by LUN, offered as one VMBus device."""
 
     def __init__(
@@ -75,13 +75,14 @@ class StorVsp:
         return sum(self.protocol.errors.values()) + sum(h.bad_ranges for h in self.handlers)
 
 
-class StorvspChannel:
+class StorvspChannel(ChannelHandler):
     """The service of one open channel (primary or sub-channel)."""
 
     reserve = REPLY_RESERVE  # take a request only when its reply fits
 
     def __init__(self, vsp: StorVsp, channel: Channel, context: OpenContext) -> None:
-        self.vsp, self.channel, self.context = vsp, channel, context
+        super().__init__(channel, context)
+        self.vsp = vsp
         self.memory: GuestMemory = context.memory
         self.requests = 0
         self.bad_ranges = 0

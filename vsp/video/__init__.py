@@ -12,16 +12,18 @@ import numpy as np
 from vmbus import guid
 from vmbus._ringpacket import Packet
 from vmbus.channel import Channel
+from vmbus.device import OpenContext, Vsp
 from vmbus.host import OfferSpec
-from vmbus.partition import OpenContext
 from vmbus.protocols import video as sv
 from vsp.video.screen import Screen
 
 DEFAULT_VRAM_MB = 8  # what Hyper-V offers a WIN8+ guest
 
 
-class VideoVsp:
+class VideoVsp(Vsp):
     """One synthetic video device of one child, shown on `screen`."""
+
+    reserve = 0  # interim: moves to the ChannelHandler contract
 
     def __init__(
         self,
@@ -44,7 +46,7 @@ class VideoVsp:
     def offers(self) -> list[OfferSpec]:
         return [OfferSpec(guid.SYNTHVID, self.instance_id, mmio_megabytes=self.vram_size >> 20)]
 
-    def open(self, channel: Channel, context: OpenContext) -> VideoVsp:
+    def open(self, channel: Channel, context: OpenContext) -> VideoVsp:  # type: ignore[override]  # interim
         self.channel, self.context = channel, context
         self.server = sv.SynthvidServer(self.vram_size)
         self.vram, self.dirt_requested = None, False
