@@ -7,6 +7,8 @@ Layout: ../shared/PROTOCOL-FACTS.md §1.1 (struct hv_ring_buffer) and §2.1
 
 from __future__ import annotations
 
+from vmbus.errors import PeerError
+
 # struct hv_ring_buffer: the control page, one 4 KiB page on x86.
 HEADER_SIZE = 4096
 WRITE_INDEX_OFFSET = 0
@@ -35,7 +37,7 @@ KNOWN_FLAGS = 0x1
 MIN_DATA_SIZE = 32
 
 
-class RingCorrupt(Exception):
+class RingCorrupt(PeerError):
     """The peer left the ring's shared memory in a state no correct peer can
     produce (bad index, bad descriptor). Fail the channel; the ring never
     reads or writes outside its buffer."""

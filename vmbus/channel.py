@@ -21,6 +21,7 @@ from typing import Any
 
 from vmbus._ringdefs import ALIGNMENT, DESCRIPTOR_SIZE, TRAILER_SIZE
 from vmbus._ringpacket import Packet
+from vmbus.errors import VmbusError
 from vmbus.ring import RingReader, RingWriter
 from vmbus.transport import Signal
 
@@ -32,7 +33,7 @@ SPIN_MISSES = 4  # fruitless spins in a row before poll mode backs off
 SPIN_PROBE = 32  # then spin on one wait in this many
 
 
-class ChannelTimeout(TimeoutError):
+class ChannelTimeout(VmbusError, TimeoutError):
     """No space, packet or completion arrived in time."""
 
 

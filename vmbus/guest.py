@@ -18,6 +18,7 @@ from uuid import UUID
 
 from vmbus import messages as m
 from vmbus.channel import DEFAULT_SPIN_SECONDS, Channel
+from vmbus.errors import VmbusError
 from vmbus.memory import PAGE_SIZE, GuestMemory, MappedRegion, PageAllocator, map_channel_rings
 from vmbus.ring import init_ring
 from vmbus.transport import MessagePort, PortClosed, Signal
@@ -29,7 +30,7 @@ DEFAULT_RING_SIZE = 64 * 1024  # bytes per direction, header page included
 DEFAULT_TIMEOUT = 10.0
 
 
-class GuestError(Exception):
+class GuestError(VmbusError):
     """The host refused or did not answer a control request."""
 
 

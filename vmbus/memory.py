@@ -25,6 +25,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from vmbus.errors import PeerError, UsageError, VmbusError
 from vmbus.packet import GpaRange
 
 __all__ = [
@@ -54,23 +55,23 @@ _MAP_NORESERVE = 0x4000  # Linux; not exported by Python's mmap module
 _MAP_FIXED = 0x10
 
 
-class GuestMemoryError(ValueError):
+class GuestMemoryError(VmbusError, ValueError):
     """A request names memory it may not: out of bounds, bad GPADL, closed."""
 
 
-class OutOfBounds(GuestMemoryError):
+class OutOfBounds(GuestMemoryError, PeerError):
     """A GPA, PFN or byte range is not fully inside the memory or GPADL."""
 
 
-class OutOfMemory(GuestMemoryError):
+class OutOfMemory(GuestMemoryError, UsageError):
     """The page allocator has no free pages (or no free run) for a request."""
 
 
-class DoubleFree(GuestMemoryError):
+class DoubleFree(GuestMemoryError, UsageError):
     """A PFN being freed is not allocated: freed twice or never allocated."""
 
 
-class ForeignPage(GuestMemoryError):
+class ForeignPage(GuestMemoryError, UsageError):
     """A PFN being freed does not belong to this allocator's memory."""
 
 

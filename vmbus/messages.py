@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 from typing import Annotated, Any, ClassVar, TypeVar
 
+from vmbus.errors import PeerError
 from vmbus.memory import Gpadl  # the one GPADL record; re-exported here
 from vmbus.wire import GUID, U8, U16, U32, U64, Bytes, WireError, WireStruct, wire_struct
 
@@ -191,7 +192,7 @@ class OfferFlags(IntFlag):
     TLNPI_PROVIDER_OFFER = 0x2000
 
 
-class MessageError(ValueError):
+class MessageError(PeerError, ValueError):
     """The peer sent bytes that are not a valid message (a remote error)."""
 
 

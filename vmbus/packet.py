@@ -19,10 +19,11 @@ from enum import IntEnum
 from typing import Annotated, Any, NamedTuple, Protocol
 
 from vmbus._ringpacket import Packet
+from vmbus.errors import PeerError
 from vmbus.wire import U8, U16, U32, WireStruct, open_enum, wire_struct
 
 
-class PacketError(ValueError):
+class PacketError(PeerError, ValueError):
     """A packet header that is malformed, over a limit, or of a type we do
     not handle; or values that cannot be encoded as one."""
 

@@ -20,6 +20,8 @@ import threading
 from collections.abc import Sequence
 from typing import Protocol
 
+from vmbus.errors import PeerError, VmbusError
+
 # struct hv_message_header (PROTOCOL-FACTS §3.1)
 SYNIC_HEADER = struct.Struct("<IBBHQ")  # message_type, payload_size, flags, reserved, port
 MAX_PAYLOAD = 240
@@ -27,11 +29,11 @@ HVMSG_VMBUS = 1  # message type the VMBus control protocol posts under
 MAX_FDS = 4  # eventfds handed over with one message; more is a protocol error
 
 
-class PortClosed(Exception):
+class PortClosed(VmbusError):
     """The other side of the port is gone."""
 
 
-class MalformedMessage(ValueError):
+class MalformedMessage(PeerError, ValueError):
     """A transport frame that is not a SynIC message; the receiver drops it."""
 
 

@@ -25,8 +25,10 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, ClassVar, TypeVar, get_type_hints
 
+from vmbus.errors import PeerError
 
-class WireError(ValueError):
+
+class WireError(PeerError, ValueError):
     """Bytes that cannot be decoded as the struct asked for (too short), or a
     value that cannot be encoded (out of range for its field)."""
 
