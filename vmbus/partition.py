@@ -139,23 +139,39 @@ class ChildPartition:
         """Poll mode: before sleeping, spin on the open channels for
         `spin_seconds` with their signals masked (the guest skips its
         doorbell), since waking a sleeping thread costs far more than a
-        short spin. True if a channel had packets (served; poll again)."""
+        short spin. True only if a channel's packets were consumed, so a
+        peer that leaves packets we cannot take (no room for replies) sends
+        the worker back to its select, not into a busy loop. A channel whose
+        ring is corrupt fails alone, here as in `_service`."""
         channels = [(relid, c.channel) for relid, c in self.channels.items()]
         if not self.spin_seconds or not channels:
             return False
-        for _, channel in channels:
-            channel.reader.begin_drain()
+        failed: dict[int, str] = {}
+
+        def check(relid: int, step: Callable[[], object]) -> object:
+            try:
+                return step()
+            except Exception as error:  # a corrupt ring: that channel only
+                failed.setdefault(relid, str(error))
+                return None
+
+        for relid, channel in channels:
+            check(relid, channel.reader.begin_drain)
         end = time.perf_counter() + self.spin_seconds
         ready = None
-        while ready is None and time.perf_counter() < end:
-            ready = next((r for r, c in channels if c.reader.bytes_available), None)
+        while ready is None and not failed and time.perf_counter() < end:
+            for relid, channel in channels:
+                if check(relid, functools.partial(_bytes_available, channel)):
+                    ready = relid
+                    break
         for relid, channel in channels:  # unmask; anything that slipped in is served
-            if channel.reader.end_drain() and ready is None:
+            if check(relid, channel.reader.end_drain) and ready is None:
                 ready = relid
-        if ready is None:
+        for relid, reason in failed.items():
+            self._fail(relid, reason)
+        if ready is None or ready in failed:
             return False
-        self._service(ready)
-        return True
+        return self._service(ready) > 0
 
     def _message(self) -> None:
         try:
@@ -236,19 +252,28 @@ class ChildPartition:
         self.vsp_of[offer] = vsp
         self._act(self.server.add_offer(offer))
 
-    def _service(self, relid: int) -> None:
+    def _service(self, relid: int) -> int:
+        """Serve one channel's packets; the count consumed. Any error (a
+        corrupt ring, a request the VSP chokes on) fails that channel only."""
         open_channel = self.channels.get(relid)
         if open_channel is None:
-            return
+            return 0
+        failure = None
         try:
             handler = open_channel.handler
-            open_channel.channel.service(handler.on_packet, handler.reserve)
+            count = open_channel.channel.service(handler.on_packet, handler.reserve)
             handler.on_signal()
-            return
-        except Exception as error:  # corrupt ring or a request the VSP chokes on
-            log.warning("%s: relid %d failed, rescinding: %s", self.name, relid, str(error))
-        # Outside the handler: its traceback would pin views of the ring.
-        self._act(self.server.rescind(relid))
+            return count
+        except Exception as error:
+            failure = str(error)  # not the exception: its traceback pins views of the ring
+        self._fail(relid, failure)
+        return 0
+
+    def _fail(self, relid: int, reason: str) -> None:
+        """Rescind a channel that failed; the child's others go on."""
+        if relid in self.channels:
+            log.warning("%s: relid %d failed, rescinding: %s", self.name, relid, reason)
+            self._act(self.server.rescind(relid))
 
     def _close(self, relid: int) -> None:
         open_channel = self.channels.pop(relid, None)
@@ -361,6 +386,10 @@ def _target_name(target: Target) -> str:
     if module == "__main__":  # a script: the child loads it by path
         module = os.path.abspath(sys.modules["__main__"].__file__ or "")
     return f"{module}:{target.__qualname__}"
+
+
+def _bytes_available(channel: Channel) -> int:
+    return int(channel.reader.bytes_available)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:

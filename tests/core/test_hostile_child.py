@@ -43,6 +43,23 @@ def corrupt_one_ring(guest: Guest) -> None:
     good_channel.close()
 
 
+def corrupt_one_ring_while_polled(guest: Guest) -> None:
+    """Child: corrupt a ring without signalling, so only the parent's poll
+    loop can notice; it must rescind that channel alone, not let the error
+    end its worker (which took every channel of the child down)."""
+    bad, good = bind_echo(guest)
+    bad_channel, good_channel = bad.open(), good.open()
+    assert bad.echo(b"fine").startswith(b"fine")
+    struct.pack_into("<I", bad_channel.views[0], 0, 12)  # misaligned write_index, no doorbell
+    deadline = time.monotonic() + 10
+    while not bad.device.rescinded:
+        assert time.monotonic() < deadline, "the poll loop did not rescind the corrupt channel"
+        time.sleep(0.01)
+    for i in range(100):
+        assert good.echo(b"%d" % i).startswith(b"%d" % i)
+    good_channel.close()
+
+
 def send_garbage_messages(guest: Guest) -> None:
     """Child: bad frames and bad messages, then normal service."""
     sock = guest.port.sock  # type: ignore[attr-defined]
@@ -95,7 +112,12 @@ def echo_steadily(guest: Guest, count: int) -> None:
 
 @pytest.mark.parametrize(
     ("target", "expected_errors", "channels_left"),
-    [(corrupt_one_ring, 0, 1), (send_garbage_messages, 8, 2), (misuse_gpadls_and_opens, 4, 2)],
+    [
+        (corrupt_one_ring, 0, 1),
+        (corrupt_one_ring_while_polled, 0, 1),
+        (send_garbage_messages, 8, 2),
+        (misuse_gpadls_and_opens, 4, 2),
+    ],
 )
 def test_hostile_child_fails_alone(
     target: object, expected_errors: int, channels_left: int
