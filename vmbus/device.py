@@ -206,11 +206,14 @@ class ChannelHandler:
 
     # --- sending -------------------------------------------------------------
 
-    def reply(self, trans_id: int, payload: Any, header: Any = b"") -> None:
-        """Complete request `trans_id`. The reserve guarantees the room."""
+    def reply(
+        self, trans_id: int, payload: Any, header: Any = b"", *, type: int = VM_PKT_COMP
+    ) -> None:
+        """Complete request `trans_id`. The reserve guarantees the room.
+        `type`: protocols that answer inband (synthvid, synthhid) say so."""
         if memoryview(payload).nbytes + memoryview(header).nbytes > self.max_reply:
             raise UsageError(f"a reply of {memoryview(payload).nbytes} bytes exceeds max_reply")
-        self.channel.send(payload, type=VM_PKT_COMP, trans_id=trans_id, header=header, timeout=0)
+        self.channel.send(payload, type=type, trans_id=trans_id, header=header, timeout=0)
 
     def post(
         self, payload: Any, *, type: int = VM_PKT_DATA_INBAND, flags: int = 0, trans_id: int = 0
