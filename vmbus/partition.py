@@ -233,11 +233,13 @@ class ChildPartition:
             to_host.close()
             self._act(self.server.open_done(event.relid, event.openid, ok=False))
             return
+        # Recorded and watched before the reply goes out: if the child is
+        # gone by then, cleanup finds the channel whole.
         self.channels[event.relid] = _OpenChannel(channel, handler, regions, views)
+        self.selector.register(to_host.fileno(), selectors.EVENT_READ, event.relid)
         (reply,) = self.server.open_done(event.relid, event.openid, ok=True)
         assert isinstance(reply, h.Reply)
         self.port.post(m.encode(reply.message), [to_guest.fileno(), to_host.fileno()])
-        self.selector.register(to_host.fileno(), selectors.EVENT_READ, event.relid)
         self._service(event.relid)  # a packet sent before the open's signal is not lost
 
     def _watch(self, fd: int, callback: Callable[[], None]) -> None:
@@ -276,36 +278,48 @@ class ChildPartition:
             self._act(self.server.rescind(relid))
 
     def _close(self, relid: int) -> None:
+        """Release one channel: every step is tried, whatever failed before."""
         open_channel = self.channels.pop(relid, None)
         if open_channel is None:
             return
-        self.selector.unregister(open_channel.channel.wake_me.fileno())
-        try:
-            open_channel.handler.close()
-        except Exception:
-            log.exception("%s: VSP failed to close relid %d", self.name, relid)
         channel = open_channel.channel
-        channel.notify_peer.close()
-        channel.wake_me.close()
+        self._attempt("unwatch", relid, self.selector.unregister, channel.wake_me.fileno())
+        self._attempt("close the VSP of", relid, open_channel.handler.close)
+        self._attempt("close the signals of", relid, channel.notify_peer.close)
+        self._attempt("close the signals of", relid, channel.wake_me.close)
         del channel.writer, channel.reader  # drop the ring buffers before unmapping
         for view in open_channel.views:
             view.release()
         for region in open_channel.regions:
-            region.close()
+            self._attempt("unmap the rings of", relid, region.close)
+
+    def _attempt(self, what: str, relid: int, step: Callable[..., object], *args: object) -> None:
+        try:
+            step(*args)
+        except Exception:
+            log.exception("%s: failed to %s relid %d", self.name, what, relid)
 
     def _cleanup(self) -> None:
-        for relid in list(self.channels):
-            self._close(relid)
-        self.selector.close()
-        self.port.close()
-        self.exitcode = self.process.wait() if self.process else 0
-        os.close(self.pidfd)
-        if self._stopping:
-            self.state = "stopped"
-        else:
-            self.state = "exited" if self.exitcode == 0 else "crashed"
-        self.memory.close()
-        self._exited.set()
+        """Release everything of the child; a failing step does not stop the
+        others, and the exit is always reported."""
+        try:
+            for relid in list(self.channels):
+                self._close(relid)
+            for step in (self.selector.close, self.port.close):
+                self._attempt("release, after", -1, step)
+            self.exitcode = self.process.wait() if self.process else 0
+            self._attempt("close the pidfd, after", -1, os.close, self.pidfd)
+            try:
+                self.memory.close()
+            except BufferError:  # a VSP still holds a view: unmapped when it lets go
+                log.warning("%s: guest memory still viewed after cleanup", self.name)
+                self.memory._close(detach=True)
+        finally:
+            if self._stopping:
+                self.state = "stopped"
+            else:
+                self.state = "exited" if self.exitcode == 0 else "crashed"
+            self._exited.set()
 
 
 class Host:

@@ -12,12 +12,14 @@ from pathlib import Path
 import pytest
 
 from vmbus import messages as m
+from vmbus.channel import Channel
+from vmbus.device import OpenContext
 from vmbus.guest import Guest, GuestError
 from vmbus.partition import Host, wait_until
 from vmbus.protocols.echo import ECHO_CLASS_ID
 from vmbus.transport import SYNIC_HEADER
 from vsc.echo import EchoVsc
-from vsp.echo import EchoVsp
+from vsp.echo import EchoHandler, EchoVsp
 
 
 def bind_echo(guest: Guest) -> list[EchoVsc]:
@@ -151,3 +153,51 @@ def test_child_cannot_see_a_siblings_memory() -> None:
         targets = [os.readlink(f"{fd_dir}/{fd}") for fd in os.listdir(fd_dir)]
         assert any(f"vmbus-{second.name}" in t for t in targets)
         assert not any(f"vmbus-{first.name}" in t for t in targets), targets
+
+
+def die_right_after_asking_to_open(guest: Guest) -> None:
+    """Child: grant a ring, ask to open the channel, and die before the answer."""
+    device = next(iter(guest.devices.values()))
+    pfns = guest.allocator.alloc(8, contiguous=False)
+    gpadl = guest.create_gpadl(device.relid, pfns)
+    guest.post(
+        m.OpenChannel(
+            child_relid=device.relid,
+            openid=device.relid,
+            ringbuffer_gpadlhandle=gpadl,
+            downstream_ringbuffer_pageoffset=4,
+        )
+    )
+    os._exit(0)
+
+
+class SlowToOpenEcho(EchoVsp):
+    """Takes its time to open, so the child is surely gone before the reply."""
+
+    def open(self, channel: Channel, context: OpenContext) -> EchoHandler:
+        time.sleep(0.2)
+        return super().open(channel, context)
+
+
+def _parent_resources() -> tuple[int, int]:
+    """The parent's open descriptors and mappings."""
+    fds = len(os.listdir("/proc/self/fd"))
+    maps = Path("/proc/self/maps").read_text().count("\n")
+    return fds, maps
+
+
+def test_child_that_dies_right_after_asking_to_open_leaks_nothing() -> None:
+    """The open's reply finds the child gone; cleanup must still release the
+    channel's rings, signals and the whole partition (it raised KeyError)."""
+    with Host() as host:
+        warm = host.start(die_right_after_asking_to_open, devices=[SlowToOpenEcho()])
+        warm.wait(timeout=30)
+        baseline = _parent_resources()
+        for _ in range(5):
+            child = host.start(die_right_after_asking_to_open, devices=[SlowToOpenEcho()])
+            assert child.wait(timeout=30) == 0
+            assert child.state == "exited" and not child.channels
+            assert child.memory.closed
+        fds, maps = _parent_resources()
+        assert fds <= baseline[0] + 2, "descriptors leaked"
+        assert maps <= baseline[1] + 8, "mappings leaked"
