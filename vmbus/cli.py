@@ -113,7 +113,7 @@ def info() -> str:
     from vmbus import guid, messages
     from vmbus.protocols import storage
     from vmbus.protocols import video as synthvid
-    from vmbus.protocols.input import hid, keyboard
+    from vmbus.protocols.input import SYNTH_KBD_VERSION, SYNTHHID_INPUT_VERSION
     from vmbus.protocols.net import nvsp
 
     def versions(values: Iterable[int], fmt: Callable[[int], str]) -> str:
@@ -127,8 +127,8 @@ def info() -> str:
         "devices:",
         f"  storage   {guid.SCSI}  VSTOR {versions(storage.VSP_VERSIONS, _minor8)}",
         f"  network   {guid.NETWORK}  NVSP {versions(nvsp.NVSP_VERSIONS, dotted)}, RNDIS 1.0",
-        f"  keyboard  {guid.KEYBOARD}  {dotted(keyboard.SYNTH_KBD_VERSION)}",
-        f"  mouse     {guid.MOUSE}  HID {dotted(hid.SYNTHHID_INPUT_VERSION)}",
+        f"  keyboard  {guid.KEYBOARD}  {dotted(SYNTH_KBD_VERSION)}",
+        f"  mouse     {guid.MOUSE}  HID {dotted(SYNTHHID_INPUT_VERSION)}",
         f"  video     {guid.SYNTHVID}  synthvid "
         + ", ".join("{}.{}".format(*synthvid.version_tuple(v)) for v in synthvid.VSP_VERSIONS),
     ]

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+__all__ = ["KEYSYM_TO_SCANCODE", "ScanCode", "keysym_to_scancode"]
+
 
 class ScanCode(NamedTuple):
     make_code: int  # set-1 make code, 0x01..0x7F

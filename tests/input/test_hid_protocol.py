@@ -1,9 +1,9 @@
-"""Synthetic keyboard and HID mouse: golden bytes, round trips, the VSPs
-against their VSCs in-process, a hostile guest, and the keysym table.
+"""The synthetic HID mouse's protocol: golden bytes, the report descriptor,
+round trips, and a hostile guest.
 
-Golden vectors are written by hand from PROTOCOL-FACTS §7 and §10 (not
+Golden vectors are written by hand from PROTOCOL-FACTS §7.2 and §10 (not
 produced by the code under test); the report descriptor is checked by a HID
-item walker written here, independent of vmbus.protocols.input.hid.
+item walker written here, independent of vmbus.protocols.input.wire.
 """
 
 from __future__ import annotations
@@ -15,21 +15,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vmbus.protocols.input import hid, keyboard
-from vmbus.protocols.input.hid import MouseClient, MouseEvent, MouseServer, MouseState
-from vmbus.protocols.input.keyboard import KeyboardClient, KeyboardServer, KeyEvent
-from vmbus.protocols.input.scancodes import KEYSYM_TO_SCANCODE, ScanCode, keysym_to_scancode
+from vmbus.memory import PAGE_SIZE
+from vmbus.protocols.input import (
+    HidProtocolError,
+    MouseClient,
+    MouseEvent,
+    MouseServer,
+    MouseState,
+    wire,
+)
 from vmbus.testing.strategies import from_hex as h
 from vmbus.testing.strategies import wire_values as any_struct
 from vmbus.wire import WireError, WireStruct
-
-
-def negotiated_keyboard() -> tuple[KeyboardServer, KeyboardClient]:
-    server, client = KeyboardServer(), KeyboardClient()
-    for reply in server.receive(client.request()):
-        client.receive(reply)
-    assert client.accepted
-    return server, client
 
 
 def ready_mouse() -> tuple[MouseServer, MouseClient]:
@@ -41,111 +38,6 @@ def ready_mouse() -> tuple[MouseServer, MouseClient]:
             pending += server.receive(reply)
     assert server.state == MouseState.READY and client.approved
     return server, client
-
-
-# --- Keyboard golden bytes ----------------------------------------------------
-
-KBD_PROTOCOL_REQUEST = h(
-    """
-    01000000   # type PROTOCOL_REQUEST
-    00000100   # version 1.0 (major 1 << 16 | minor 0)
-    """
-)
-KBD_PROTOCOL_ACCEPTED = h(
-    """
-    02000000   # type PROTOCOL_RESPONSE
-    01000000   # proto_status: bit 0 PROTOCOL_ACCEPTED
-    """
-)
-
-
-def test_golden_keyboard_protocol_exchange() -> None:
-    server, client = KeyboardServer(), KeyboardClient()
-    assert client.request() == KBD_PROTOCOL_REQUEST
-    assert server.receive(KBD_PROTOCOL_REQUEST) == [KBD_PROTOCOL_ACCEPTED]
-    refused = h("02000000  # PROTOCOL_RESPONSE\n 00000000  # proto_status: not accepted")
-    assert KeyboardServer().receive(h("01000000 00000200  # version 2.0")) == [refused]
-
-
-def test_golden_keystrokes() -> None:
-    server, _ = negotiated_keyboard()
-    a_down = h(
-        """
-        03000000   # type EVENT
-        1e00       # make_code 0x1E ('a')
-        0000       # reserved0
-        00000000   # info: a make, no prefix
-        """
-    )
-    right_up = h(
-        """
-        03000000   # type EVENT
-        4d00       # make_code 0x4D (Right, with E0)
-        0000       # reserved0
-        06000000   # info: IS_BREAK (bit 1) | IS_E0 (bit 2)
-        """
-    )
-    assert server.keystroke(0x1E, down=True) == a_down
-    assert server.keystroke(0x4D, down=False, e0=True) == right_up
-
-
-def test_keystrokes_reach_the_client_as_linux_sees_them() -> None:
-    server, client = negotiated_keyboard()
-    up = client.receive(server.keystroke(0x4D, down=False, e0=True) or b"")
-    assert up == KeyEvent(0x4D, pressed=False, e0=True)
-    assert up.serio_bytes == b"\xe0\xcd"  # E0 prefix, then 0x80 | make
-    pause = client.receive(server.keystroke(0x1D, down=True, e1=True) or b"")
-    assert pause is not None and pause.serio_bytes == b"\xe1\x1d"
-    unit = client.receive(server.keystroke(0x20AC, down=True, unicode=True) or b"")
-    assert unit == KeyEvent(0x20AC, pressed=True, unicode=True)
-
-
-@given(
-    code=st.integers(0, 0x7F),
-    down=st.booleans(),
-    prefix=st.sampled_from(["", "e0", "e1"]),
-)
-def test_keystroke_round_trip(code: int, down: bool, prefix: str) -> None:
-    server, client = negotiated_keyboard()
-    wire = server.keystroke(code, down=down, e0=prefix == "e0", e1=prefix == "e1")
-    assert wire is not None and len(wire) == 12
-    event = client.receive(wire)
-    assert event == KeyEvent(code, down, prefix == "e0", prefix == "e1")
-
-
-def test_keyboard_refuses_other_versions_and_renegotiates() -> None:
-    server, client = KeyboardServer(), KeyboardClient()
-    client.receive(server.receive(client.request(0x0002_0000))[0])
-    assert client.accepted is False and not server.negotiated
-    assert server.keystroke(0x1E, down=True) is None
-    client.receive(server.receive(client.request())[0])
-    assert client.accepted and server.keystroke(0x1E, down=True) is not None
-
-
-def test_keystroke_misuse_is_a_local_error() -> None:
-    server, _ = negotiated_keyboard()
-    with pytest.raises(ValueError):
-        server.keystroke(0x80, down=True)  # bit 7 is the break bit
-    with pytest.raises(ValueError):
-        server.keystroke(0x1D, down=True, e0=True, e1=True)
-    with pytest.raises(ValueError):
-        server.keystroke(0x10000, down=True, unicode=True)
-
-
-def test_led_indicators_are_recorded_raw() -> None:
-    server, _ = negotiated_keyboard()
-    assert server.receive(h("04000000  # LED_INDICATORS\n 0300 0000")) == []
-    assert server.leds == bytes.fromhex("03000000")
-    assert server.receive(h("04000000")) == [] and server.leds == b""
-    assert not server.errors
-
-
-def test_keyboard_client_refuses_what_it_cannot_use() -> None:
-    client = KeyboardClient()
-    with pytest.raises(keyboard.KeyboardProtocolError):
-        client.receive(b"\x02\x00")  # no header
-    with pytest.raises(keyboard.KeyboardProtocolError):
-        client.receive(h("03000000 1e000000 00000000"))  # a keystroke before acceptance
 
 
 # --- HID golden bytes ---------------------------------------------------------
@@ -193,7 +85,7 @@ def test_golden_hid_protocol_exchange() -> None:
 
 def test_golden_initial_device_info() -> None:
     _, info = MouseServer().receive(HID_PROTOCOL_REQUEST)
-    descriptor = hid.MOUSE_REPORT_DESCRIPTOR
+    descriptor = wire.MOUSE_REPORT_DESCRIPTOR
     n = len(descriptor)
     head = h(
         f"""
@@ -257,7 +149,7 @@ def walk_hid_items(descriptor: bytes) -> list[dict[str, Any]]:
 
 
 def test_report_descriptor_describes_a_six_byte_absolute_mouse() -> None:
-    descriptor = hid.MOUSE_REPORT_DESCRIPTOR
+    descriptor = wire.MOUSE_REPORT_DESCRIPTOR
     assert descriptor[:6] == bytes([0x05, 0x01, 0x09, 0x02, 0xA1, 0x01])  # desktop / mouse / app
     assert descriptor[14] != 0x25  # Linux would rewrite it to 0x29
     buttons, padding, xy, wheel = walk_hid_items(descriptor)
@@ -269,13 +161,13 @@ def test_report_descriptor_describes_a_six_byte_absolute_mouse() -> None:
     assert (wheel["usages"], wheel["flags"]) == ([0x38], 0x06)  # relative
     assert (wheel["lmin"], wheel["lmax"], wheel["size"], wheel["count"]) == (-127, 127, 8, 1)
     bits = sum(i["size"] * i["count"] for i in (buttons, padding, xy, wheel))
-    assert bits == 48 == 8 * hid.MouseReport.SIZE
+    assert bits == 48 == 8 * wire.MouseReport.SIZE
 
 
 def test_golden_input_report() -> None:
     server, client = ready_mouse()
-    wire = server.report(0x1234, 0x7FFF, 0b101, wheel=-1)
-    assert wire == h(
+    raw = server.report(0x1234, 0x7FFF, 0b101, wheel=-1)
+    assert raw == h(
         """
         01000000   # pipe type PIPE_MESSAGE_DATA
         0e000000   # pipe size 14
@@ -287,12 +179,12 @@ def test_golden_input_report() -> None:
         ff         # wheel -1
         """
     )
-    assert client.receive(wire) == ([], MouseEvent(0x1234, 0x7FFF, 0b101, -1))
+    assert client.receive(raw or b"") == ([], MouseEvent(0x1234, 0x7FFF, 0b101, -1))
 
 
 @given(
-    x=st.integers(0, hid.ABS_MAX),
-    y=st.integers(0, hid.ABS_MAX),
+    x=st.integers(0, wire.ABS_MAX),
+    y=st.integers(0, wire.ABS_MAX),
     buttons=st.integers(0, 7),
     wheel=st.integers(-127, 127),
 )
@@ -307,9 +199,9 @@ def test_input_report_round_trip(x: int, y: int, buttons: int, wheel: int) -> No
 
 def test_mouse_sequence_and_client_view() -> None:
     server, client = ready_mouse()
-    assert client.info == hid.HvInputDevInfo()
+    assert client.info == wire.HvInputDevInfo()
     assert client.info.vendor == 0x045E and client.info.product == 0x0621
-    assert client.report_descriptor == hid.MOUSE_REPORT_DESCRIPTOR
+    assert client.report_descriptor == wire.MOUSE_REPORT_DESCRIPTOR
     assert server.errors == {} and server.dropped_reports == 0
 
 
@@ -332,55 +224,47 @@ def test_report_misuse_is_a_local_error() -> None:
 
 def test_mouse_client_refuses_a_report_layout_it_cannot_decode() -> None:
     other = bytes.fromhex("05010902a101 7508 9504 8102 c0")  # a 4-byte report
-    body = hid.device_info_body(report_descriptor=other)
-    with pytest.raises(hid.HidProtocolError):
-        MouseClient().receive(hid.encode_message(hid.MessageType.INITIAL_DEVICE_INFO, body))
-    with pytest.raises(hid.HidProtocolError):
+    body = wire.device_info_body(report_descriptor=other)
+    with pytest.raises(HidProtocolError):
+        message = wire.encode_hid_message(wire.HidMessageType.INITIAL_DEVICE_INFO, body)
+        MouseClient().receive(message)
+    with pytest.raises(HidProtocolError):
         MouseClient().receive(b"\x01\x00\x00\x00\xff\x00\x00\x00")  # pipe size past the end
 
 
 # --- Round trips ----------------------------------------------------------------
 
 STRUCTS: list[type[WireStruct]] = [
-    keyboard.KeyboardHeader,
-    keyboard.ProtocolRequest,
-    keyboard.ProtocolResponse,
-    keyboard.Keystroke,
-    hid.PipeHeader,
-    hid.SynthhidHeader,
-    hid.ProtocolRequest,
-    hid.ProtocolResponse,
-    hid.HvInputDevInfo,
-    hid.HidDescriptor,
-    hid.DeviceInfoAck,
-    hid.MouseReport,
+    wire.PipeHeader,
+    wire.SynthhidHeader,
+    wire.HidProtocolRequest,
+    wire.HidProtocolResponse,
+    wire.HvInputDevInfo,
+    wire.HidDescriptor,
+    wire.DeviceInfoAck,
+    wire.MouseReport,
 ]
 
 
-@pytest.mark.parametrize("cls", STRUCTS, ids=lambda c: f"{c.__module__[17:]}.{c.__name__}")
+@pytest.mark.parametrize("cls", STRUCTS, ids=lambda c: c.__name__)
 @given(data=st.data())
 @settings(max_examples=30)
 def test_every_struct_round_trips(cls: type[WireStruct], data: st.DataObject) -> None:
     value = data.draw(any_struct(cls))
-    wire = value.pack()
-    assert len(wire) == cls.SIZE
-    assert cls.unpack(wire) == value
+    raw = value.pack()
+    assert len(raw) == cls.SIZE
+    assert cls.unpack(raw) == value
 
 
 @given(msg_type=st.integers(0, 2**32 - 1), body=st.binary(max_size=64), pad=st.integers(0, 7))
 def test_hid_messages_round_trip(msg_type: int, body: bytes, pad: int) -> None:
-    wire = hid.encode_message(msg_type, body)
-    assert hid.decode_message(wire + bytes(pad)) == (msg_type, body)  # ring padding ignored
-
-
-@given(msg_type=st.integers(0, 2**32 - 1), body=st.binary(max_size=64))
-def test_keyboard_messages_round_trip(msg_type: int, body: bytes) -> None:
-    assert keyboard.decode_message(keyboard.encode_message(msg_type, body)) == (msg_type, body)
+    raw = wire.encode_hid_message(msg_type, body)
+    assert wire.decode_hid_message(raw + bytes(pad)) == (msg_type, body)  # ring padding ignored
 
 
 def test_byte_fields_refuse_the_wrong_length() -> None:
     with pytest.raises(WireError):
-        hid.HvInputDevInfo(reserved=bytes(23))
+        wire.HvInputDevInfo(reserved=bytes(23))
 
 
 # --- A hostile guest --------------------------------------------------------------
@@ -401,11 +285,7 @@ def test_guest_sends_oversize_hid_ack() -> None:
     assert server.receive(HID_DEVICE_INFO_ACK) == [] and server.ready  # service goes on
 
 
-def test_guest_sends_messages_before_negotiation() -> None:
-    keys = KeyboardServer()
-    assert keys.receive(h("04000000 01000000")) == []  # LED_INDICATORS first
-    assert keys.errors["before_negotiation"] == 1 and keys.leds is None
-    assert keys.keystroke(0x1E, down=True) is None and keys.dropped_keystrokes == 1
+def test_guest_acks_before_negotiation() -> None:
     mouse = MouseServer()
     assert mouse.receive(HID_DEVICE_INFO_ACK) == []  # an ACK before any device info
     assert mouse.errors["out_of_order"] == 1 and mouse.state == MouseState.WAIT_PROTOCOL
@@ -442,27 +322,6 @@ def test_guest_sends_broken_hid_message(payload: bytes, kind: str) -> None:
     assert server.errors == {kind: 1} and server.last_error
 
 
-def test_guest_sends_oversize_keyboard_message() -> None:
-    server, _ = negotiated_keyboard()
-    assert server.receive(h("04000000") + bytes(300)) == []
-    assert server.errors == {"oversize": 1} and server.leds is None
-
-
-@pytest.mark.parametrize(
-    ("payload", "kind"),
-    [
-        (b"\x01\x00", "malformed"),  # no header
-        (h("01000000 0000"), "malformed"),  # PROTOCOL_REQUEST without a full version
-        (h("03000000 1e000000 00000000"), "unsupported"),  # EVENT is host-only
-        (h("ffffffff"), "unsupported"),
-    ],
-)
-def test_guest_sends_broken_keyboard_message(payload: bytes, kind: str) -> None:
-    server = KeyboardServer()
-    assert server.receive(payload) == []
-    assert server.errors == {kind: 1}
-
-
 @pytest.mark.parametrize("steps", [0, 1, 2])
 @given(payload=st.binary(max_size=300))
 @settings(max_examples=100)
@@ -470,11 +329,8 @@ def test_arbitrary_bytes_never_raise(steps: int, payload: bytes) -> None:
     mouse = MouseServer()
     for message in [HID_PROTOCOL_REQUEST, HID_DEVICE_INFO_ACK][:steps]:
         mouse.receive(message)
-    keys = KeyboardServer()
-    if steps:
-        keys.receive(KBD_PROTOCOL_REQUEST)
-    for replies in (mouse.receive(payload), keys.receive(payload)):
-        assert all(isinstance(r, bytes) and len(r) + 16 <= 4096 for r in replies)
+    replies = mouse.receive(payload)
+    assert all(isinstance(r, bytes) and len(r) + 16 <= PAGE_SIZE for r in replies)
 
 
 @given(
@@ -491,74 +347,3 @@ def test_framed_garbage_never_raises(
     server.receive(struct.pack("<IIII", 1, pipe, msg_type, inner) + body)
     server.receive(HID_PROTOCOL_REQUEST)
     server.receive(struct.pack("<IIII", 1, pipe, msg_type, inner) + body)
-
-
-# --- Keysyms to scan codes ------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("keysym", "expected"),
-    [
-        (ord("a"), ScanCode(0x1E)),
-        (ord("A"), ScanCode(0x1E)),  # Shift comes as its own key
-        (ord("1"), ScanCode(0x02)),
-        (ord("!"), ScanCode(0x02)),
-        (ord("0"), ScanCode(0x0B)),
-        (ord("?"), ScanCode(0x35)),
-        (ord("`"), ScanCode(0x29)),
-        (ord("~"), ScanCode(0x29)),
-        (ord("\\"), ScanCode(0x2B)),
-        (ord("|"), ScanCode(0x2B)),
-        (ord(" "), ScanCode(0x39)),
-        (ord("m"), ScanCode(0x32)),
-        (ord("p"), ScanCode(0x19)),
-        (0xFF0D, ScanCode(0x1C)),  # Return
-        (0xFF1B, ScanCode(0x01)),  # Escape
-        (0xFF08, ScanCode(0x0E)),  # BackSpace
-        (0xFF09, ScanCode(0x0F)),  # Tab
-        (0xFFE1, ScanCode(0x2A)),  # Shift_L
-        (0xFFE2, ScanCode(0x36)),  # Shift_R
-        (0xFFE3, ScanCode(0x1D)),  # Control_L
-        (0xFFE4, ScanCode(0x1D, True)),  # Control_R
-        (0xFFE9, ScanCode(0x38)),  # Alt_L
-        (0xFFEA, ScanCode(0x38, True)),  # Alt_R
-        (0xFFE5, ScanCode(0x3A)),  # Caps_Lock
-        (0xFFBE, ScanCode(0x3B)),  # F1
-        (0xFFC7, ScanCode(0x44)),  # F10
-        (0xFFC8, ScanCode(0x57)),  # F11
-        (0xFFC9, ScanCode(0x58)),  # F12
-        (0xFF51, ScanCode(0x4B, True)),  # Left
-        (0xFF52, ScanCode(0x48, True)),  # Up
-        (0xFF53, ScanCode(0x4D, True)),  # Right
-        (0xFF54, ScanCode(0x50, True)),  # Down
-        (0xFF50, ScanCode(0x47, True)),  # Home
-        (0xFF57, ScanCode(0x4F, True)),  # End
-        (0xFF55, ScanCode(0x49, True)),  # Page_Up
-        (0xFF56, ScanCode(0x51, True)),  # Page_Down
-        (0xFF63, ScanCode(0x52, True)),  # Insert
-        (0xFFFF, ScanCode(0x53, True)),  # Delete
-        (0xFFB7, ScanCode(0x47)),  # KP_7: Home's key without E0
-        (0xFFB0, ScanCode(0x52)),  # KP_0
-        (0xFFAE, ScanCode(0x53)),  # KP_Decimal
-        (0xFF8D, ScanCode(0x1C, True)),  # KP_Enter
-        (0xFFAF, ScanCode(0x35, True)),  # KP_Divide
-        (0xFFAA, ScanCode(0x37)),  # KP_Multiply
-        (0xFFAD, ScanCode(0x4A)),  # KP_Subtract
-        (0xFFAB, ScanCode(0x4E)),  # KP_Add
-        (0xFF7F, ScanCode(0x45)),  # Num_Lock
-    ],
-)
-def test_keysym_to_scancode(keysym: int, expected: ScanCode) -> None:
-    assert keysym_to_scancode(keysym) == expected
-
-
-def test_scancode_table_covers_the_us_keyboard() -> None:
-    printable = [chr(c) for c in range(0x20, 0x7F)]
-    assert all(ord(c) in KEYSYM_TO_SCANCODE for c in printable)
-    for c in "abcdefghijklmnopqrstuvwxyz":
-        assert keysym_to_scancode(ord(c.upper())) == keysym_to_scancode(ord(c))
-    assert all(0 < code.make_code <= 0x7F for code in KEYSYM_TO_SCANCODE.values())
-    # Distinct unshifted characters are distinct keys.
-    plain = "`1234567890-=qwertyuiop[]\\asdfghjkl;'zxcvbnm,./ "
-    assert len({keysym_to_scancode(ord(c)) for c in plain}) == len(plain)
-    assert keysym_to_scancode(0x1234) is None
