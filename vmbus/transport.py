@@ -194,7 +194,10 @@ class Signal:
 
     def set(self) -> None:
         self.sent += 1
-        os.eventfd_write(self.fd, 1)
+        # A full counter (the peer, sharing the eventfd, filled it) still
+        # reads as signalled: the doorbell is rung either way.
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_write(self.fd, 1)
 
     def wait(self, timeout: float | None) -> bool:
         """Sleep until signalled (True) or timeout (False); consumes it."""

@@ -4,8 +4,10 @@ fails only the offending channel, and its siblings never notice."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
+import threading
 import time
 from pathlib import Path
 
@@ -60,6 +62,31 @@ def corrupt_one_ring_while_polled(guest: Guest) -> None:
     for i in range(100):
         assert good.echo(b"%d" % i).startswith(b"%d" % i)
     good_channel.close()
+
+
+def fill_the_eventfd_the_parent_signals(guest: Guest) -> None:
+    """Child: keep the counter of the eventfd the parent rings at its maximum
+    (a second thread refills it), so the parent's doorbells would fail;
+    service must go on."""
+    driver, _ = bind_echo(guest)
+    # No spinning: every reply needs the parent's doorbell.
+    channel = driver.channel = driver.device.open(64 << 10, 64 << 10, spin_seconds=0)
+    done = threading.Event()
+
+    def refill() -> None:
+        while not done.is_set():
+            with contextlib.suppress(BlockingIOError):  # already full
+                os.eventfd_write(channel.wake_me.fileno(), 0xFFFF_FFFF_FFFF_FFFE)
+
+    filler = threading.Thread(target=refill)
+    filler.start()
+    try:
+        for i in range(300):
+            assert driver.echo(b"%d" % i).startswith(b"%d" % i)
+    finally:
+        done.set()
+        filler.join()
+    channel.close()
 
 
 def send_garbage_messages(guest: Guest) -> None:
@@ -117,6 +144,7 @@ def echo_steadily(guest: Guest, count: int) -> None:
     [
         (corrupt_one_ring, 0, 1),
         (corrupt_one_ring_while_polled, 0, 1),
+        (fill_the_eventfd_the_parent_signals, 0, 2),
         (send_garbage_messages, 8, 2),
         (misuse_gpadls_and_opens, 4, 2),
     ],

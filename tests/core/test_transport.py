@@ -126,3 +126,17 @@ def test_socket_port_survives_peer_killing_socket_mid_message() -> None:
     with pytest.raises(PortClosed):
         parent.post(b"x")
     parent.close()
+
+
+def test_peer_that_fills_the_eventfd_counter_cannot_break_the_doorbell() -> None:
+    """The peer shares the eventfd and can push its counter to the maximum;
+    ringing it must neither raise nor go unnoticed."""
+    signal = Signal()
+    try:
+        os.eventfd_write(signal.fileno(), 0xFFFF_FFFF_FFFF_FFFE)  # the counter's maximum
+        signal.set()  # would be EAGAIN
+        assert signal.sent == 1
+        assert signal.wait(0)  # still reads as signalled
+        assert not signal.wait(0)
+    finally:
+        signal.close()
