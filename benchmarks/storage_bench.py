@@ -48,8 +48,7 @@ from vmbus.protocols.echo import ECHO_CLASS_ID
 from vsc.echo import EchoVsc
 from vsc.storage import BlockDevice, StorageController
 from vsp.echo import EchoVsp
-from vsp.storage import StorVsp
-from vsp.storage.backends import RawFileBackend
+from vsp.storage import RawFileBackend, StorVsp
 
 KiB, MiB = 1 << 10, 1 << 20
 QUEUE_DEPTH = 32

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-import vsc.storage
+import vsc.storage.device
 from benchmarks.storage_bench import page_buffer
 from vmbus import guid
 from vmbus.channel import COMPLETION_REQUESTED, Channel
@@ -38,9 +38,14 @@ from vmbus.protocols.storage.scsi_wire import DataDirection, Opcode
 from vmbus.testing import ring_buffer
 from vmbus.transport import Signal
 from vsc.storage import BlockDevice, StorageController
-from vsp.storage import StorVsp, StorvspChannel
-from vsp.storage.backends import RamBackend, RawFileBackend
-from vsp.storage.scsi import BlockBackend, ScsiDisk
+from vsp.storage import (
+    BlockBackend,
+    RamBackend,
+    RawFileBackend,
+    ScsiDisk,
+    StorVsp,
+    StorvspChannel,
+)
 
 KiB, MiB = 1 << 10, 1 << 20
 DISK = 64 * MiB
@@ -264,7 +269,7 @@ def controller(
     backend: BlockBackend, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[StorageController]:
     """A StorageController (QD32, 1 MiB requests) on a loopback to a StorVsp."""
-    monkeypatch.setattr(vsc.storage, "wait_any", pumped_wait_any)
+    monkeypatch.setattr(vsc.storage.device, "wait_any", pumped_wait_any)
     vsp = StorVsp([backend], max_transfer_bytes=MiB)
     device: Any = Loopback(vsp, QUEUE_DEPTH * MiB + 4 * MiB)
     yield StorageController(device, queue_depth=QUEUE_DEPTH, max_io_bytes=MiB, ring_size=RING)

@@ -24,8 +24,7 @@ from vmbus.partition import ChildPartition, Host
 from vsp.input import KeyboardVsp, MouseVsp
 from vsp.net import NetVsp
 from vsp.net.backends import LearningSwitch, NetBackend, TapBackend
-from vsp.storage import StorVsp
-from vsp.storage.backends import RawFileBackend
+from vsp.storage import RawFileBackend, StorVsp
 from vsp.video import VideoVsp
 from vsp.video.screen import Screen
 from vsp.video.vnc import VncServer

@@ -12,13 +12,13 @@ import pytest
 
 from vsp.storage import backends as disk_backends
 from vsp.storage.backends import (
+    BlockBackend,
     FaultyBackend,
     NullBackend,
     RamBackend,
     RawFileBackend,
     ReadOnlyBackend,
 )
-from vsp.storage.scsi import BlockBackend
 
 MIB = 1 << 20
 

@@ -110,7 +110,7 @@ def test_standard_inquiry(disk: ScsiDisk) -> None:
 
 
 VPD_B0 = struct.pack(
-    ">BBHBBHIIIIIIIQ20x", 0, 0xB0, 0x3C, 1, 0, 0, 4096, 0, 0, 2 * MIB, 256, 8, 0, 512 * 1024
+    ">BBHBBHIIIIIIIQ20x", 0, 0xB0, 0x3C, 1, 0, 0, 2048, 0, 0, 2 * MIB, 256, 8, 0, 512 * 1024
 )
 
 

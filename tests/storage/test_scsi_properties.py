@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scsi_support import IN, LBA_RANGE, NONE, OUT, Unit, execute, pattern, run, rw, unmap
 
+from vsp.storage import BlockBackend, ScsiDisk, ScsiTarget
 from vsp.storage.backends import RamBackend, ReadOnlyBackend
-from vsp.storage.scsi import BlockBackend, ScsiDisk, ScsiTarget
 
 MODEL_BLOCKS = 64
 operations = st.tuples(

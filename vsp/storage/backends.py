@@ -1,8 +1,9 @@
-"""Disk backends for the storage VSP, behind vsp.storage.scsi.BlockBackend:
-a raw image file, RAM, null, and read-only and fault-injecting wrappers.
+"""Disk backends for the storage VSP: the `BlockBackend` protocol a ScsiDisk
+drives, and a raw image file, RAM, null, and read-only and fault-injecting
+wrappers.
 
 Offsets and lengths are bytes. A request outside the disk is our own misuse
-(the SCSI target checks LBAs first) and raises ValueError; I/O failures are
+(the SCSI target checks LBAs first) and raises UsageError; I/O failures are
 OSError, which the target turns into MEDIUM ERROR for that command only.
 
 FUA: the backend has a single cache, so a FUA write is a write followed by
@@ -16,11 +17,12 @@ import errno
 import os
 from collections.abc import Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from vsp.storage.scsi import BlockBackend
+from vmbus.errors import UsageError
 
 __all__ = [
+    "BlockBackend",
     "FaultyBackend",
     "NullBackend",
     "RamBackend",
@@ -50,6 +52,37 @@ try:
     _fallocate.restype = ctypes.c_int
 except (OSError, AttributeError):  # no such libc call: the fallbacks write zeros
     _fallocate = None
+
+
+class BlockBackend(Protocol):
+    """The storage behind a ScsiDisk. Offsets and lengths are in bytes and
+    within `block_size * block_count`; the I/O methods raise OSError."""
+
+    @property
+    def block_size(self) -> int:
+        """512 or 4096."""
+
+    @property
+    def block_count(self) -> int:
+        """May change at run time; then call ScsiDisk.notify_capacity_changed."""
+
+    @property
+    def read_only(self) -> bool: ...
+
+    def readv(self, offset: int, buffers: Sequence[memoryview]) -> None:
+        """Fill `buffers`, in order, from `offset`."""
+
+    def writev(self, offset: int, buffers: Sequence[memoryview]) -> None:
+        """Write `buffers`, in order, at `offset`."""
+
+    def flush(self) -> None:
+        """Make every completed write stable."""
+
+    def discard(self, offset: int, length: int) -> None:
+        """Deallocate; the range reads back as zeros afterwards."""
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Write zeros over the range."""
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
@@ -82,9 +115,9 @@ class _Backend:
 
     def __init__(self, size: int, block_size: int, read_only: bool) -> None:
         if block_size not in BLOCK_SIZES:
-            raise ValueError(f"block size {block_size} is not one of {BLOCK_SIZES}")
+            raise UsageError(f"block size {block_size} is not one of {BLOCK_SIZES}")
         if size < block_size or size % block_size:
-            raise ValueError(f"size {size} is not a positive multiple of {block_size}")
+            raise UsageError(f"size {size} is not a positive multiple of {block_size}")
         self.block_size = block_size
         self.block_count = size // block_size
         self.read_only = read_only
@@ -95,7 +128,7 @@ class _Backend:
 
     def _check(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:
-            raise ValueError(f"bytes {offset}+{length} are outside the {self.size}-byte disk")
+            raise UsageError(f"bytes {offset}+{length} are outside the {self.size}-byte disk")
 
     def _check_write(self, offset: int, length: int) -> None:
         self._check(offset, length)

@@ -21,7 +21,7 @@ Choices where SPC-4/SBC-3 leave room:
   declared OUT; an unknown direction allows no data phase.
 - READ/WRITE-type transfers are all or nothing: a buffer shorter than the
   transfer, a data phase against the declared direction, or a transfer over
-  MAX_TRANSFER_BYTES is INVALID FIELD IN CDB and moves nothing; a longer
+  the disk's max_transfer_bytes is INVALID FIELD IN CDB and moves nothing; a longer
   buffer leaves a residual. Commands with an ALLOCATION LENGTH return as much
   as fits in both it and the buffer (SPC-4 §4.2.5.6).
 - Checks run in this order: unit attention, opcode, CDB fields, caps, data
@@ -46,11 +46,10 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Protocol
 
+from vmbus.errors import UsageError
 from vmbus.protocols.storage import scsi_data as d
 from vmbus.protocols.storage import scsi_wire as w
-from vmbus.protocols.storage.scsi_data import DiskIdentity, Limits, block_descriptor, mode_pages
 from vmbus.protocols.storage.scsi_wire import DataDirection, Opcode
 from vsp.storage._scsi_unit import (
     GOOD_RESULT,
@@ -61,6 +60,8 @@ from vsp.storage._scsi_unit import (
     backend_errors,
     invalid_if,
 )
+from vsp.storage.backends import BlockBackend
+from vsp.storage.pages import DiskIdentity, Limits, block_descriptor, mode_pages
 
 __all__ = [
     "LIMITS",
@@ -68,17 +69,18 @@ __all__ = [
     "MAX_UNMAP_BYTES",
     "MAX_UNMAP_DESCRIPTORS",
     "MAX_WRITE_SAME_BYTES",
-    "BlockBackend",
     "DataDirection",
     "DiskIdentity",
+    "Limits",
     "ScsiDisk",
     "ScsiResult",
     "ScsiTarget",
 ]
 
-# One command moves at most this much: bounds the memory and time of one
-# request (storvsc splits larger I/O; reported in VPD 0xB0).
-MAX_TRANSFER_BYTES = 2 << 20
+# One command moves at most this much by default: bounds the memory and time
+# of one request (storvsc splits larger I/O; reported in VPD 0xB0). StorVsp
+# gives its disks its own max_transfer_bytes, so VPD 0xB0 says what VSTOR allows.
+MAX_TRANSFER_BYTES = 1 << 20
 # Replicating a WRITE SAME block costs O(length): bound one command's work.
 MAX_WRITE_SAME_BYTES = 256 << 20
 # Punching holes is cheap, but a backend's write-zeros fallback is O(length).
@@ -88,43 +90,13 @@ MAX_UNMAP_DESCRIPTORS = 256
 LIMITS = Limits(MAX_TRANSFER_BYTES, MAX_WRITE_SAME_BYTES, MAX_UNMAP_BYTES, MAX_UNMAP_DESCRIPTORS)
 
 
-class BlockBackend(Protocol):
-    """The storage behind a ScsiDisk. Offsets and lengths are in bytes and
-    within `block_size * block_count`; the I/O methods raise OSError."""
-
-    @property
-    def block_size(self) -> int:
-        """512 or 4096."""
-
-    @property
-    def block_count(self) -> int:
-        """May change at run time; then call ScsiDisk.notify_capacity_changed."""
-
-    @property
-    def read_only(self) -> bool: ...
-
-    def readv(self, offset: int, buffers: Sequence[memoryview]) -> None:
-        """Fill `buffers`, in order, from `offset`."""
-
-    def writev(self, offset: int, buffers: Sequence[memoryview]) -> None:
-        """Write `buffers`, in order, at `offset`."""
-
-    def flush(self) -> None:
-        """Make every completed write stable."""
-
-    def discard(self, offset: int, length: int) -> None:
-        """Deallocate; the range reads back as zeros afterwards."""
-
-    def write_zeroes(self, offset: int, length: int) -> None:
-        """Write zeros over the range."""
-
-
 class ScsiDisk(LogicalUnit):
     """A direct-access block device (SBC-3) over a BlockBackend.
 
     Pass a stable `serial` so the guest's /dev/disk/by-id names survive
     restarts; `device_id` (60 bits) becomes the NAA designator in VPD 0x83
-    and defaults to a hash of the serial.
+    and defaults to a hash of the serial. `limits` are advertised in VPD
+    0xB0 and enforced, the same numbers.
     """
 
     def __init__(
@@ -136,9 +108,13 @@ class ScsiDisk(LogicalUnit):
         revision: str = "0001",
         serial: str | None = None,
         device_id: int | None = None,
+        limits: Limits = LIMITS,
     ) -> None:
         super().__init__()
+        if limits.max_transfer_bytes < backend.block_size:
+            raise UsageError(f"max_transfer_bytes {limits.max_transfer_bytes} is under a block")
         self.backend = backend
+        self.limits = limits
         serial = serial if serial is not None else uuid.uuid4().hex
         self.identity = DiskIdentity(serial, vendor, product, revision, device_id)
         self._inquiry_data = self.identity.standard_inquiry()
@@ -168,7 +144,7 @@ class ScsiDisk(LogicalUnit):
         """Validate a READ/WRITE; return its byte offset and length."""
         invalid_if(flags & w.PROTECT_MASK)  # no protection information
         block_size = self.backend.block_size
-        invalid_if(blocks * block_size > MAX_TRANSFER_BYTES)
+        invalid_if(blocks * block_size > self.limits.max_transfer_bytes)
         buf.expect(direction, blocks * block_size)
         self._check_range(lba, blocks)
         if direction == DataDirection.OUT:
@@ -232,14 +208,14 @@ class ScsiDisk(LogicalUnit):
         if d.UnmapHeader.SIZE + header.descriptor_length > length:
             raise Check(w.INVALID_FIELD_IN_PARAMETER_LIST)
         count = header.descriptor_length // d.UnmapDescriptor.SIZE  # a partial one is ignored
-        if count > MAX_UNMAP_DESCRIPTORS:
+        if count > self.limits.max_unmap_descriptors:
             raise Check(w.INVALID_FIELD_IN_PARAMETER_LIST)
         ranges = [
             d.UnmapDescriptor.unpack_from(params, d.UnmapHeader.SIZE + i * d.UnmapDescriptor.SIZE)
             for i in range(count)
         ]
         block_size = self.backend.block_size
-        if sum(r.blocks for r in ranges) * block_size > MAX_UNMAP_BYTES:
+        if sum(r.blocks for r in ranges) * block_size > self.limits.max_unmap_bytes:
             raise Check(w.INVALID_FIELD_IN_PARAMETER_LIST)
         for r in ranges:  # all are checked before any is applied
             self._check_range(r.lba, r.blocks)
@@ -253,7 +229,7 @@ class ScsiDisk(LogicalUnit):
     def _write_same(self, cdb: w.Rw10Cdb | w.Rw16Cdb, buf: Buffer) -> ScsiResult:
         block_size, blocks = self.backend.block_size, cdb.transfer_length
         invalid_if(cdb.flags & (w.PROTECT_MASK | w.WS_ANCHOR | w.WS_LBDATA_PBDATA))
-        invalid_if(blocks == 0 or blocks * block_size > MAX_WRITE_SAME_BYTES)
+        invalid_if(blocks == 0 or blocks * block_size > self.limits.max_write_same_bytes)
         no_data = cdb.opcode == Opcode.WRITE_SAME_16 and cdb.flags & w.WS_NDOB
         consumed = 0 if no_data else block_size
         buf.expect(DataDirection.OUT, consumed)
@@ -271,7 +247,7 @@ class ScsiDisk(LogicalUnit):
         return ScsiResult(w.GOOD, b"", consumed)
 
     def _replicate(self, block: memoryview, offset: int, blocks: int) -> None:
-        per_call = MAX_TRANSFER_BYTES // len(block)
+        per_call = max(1, self.limits.max_transfer_bytes // len(block))
         for done in range(0, blocks, per_call):
             count = min(per_call, blocks - done)
             self.backend.writev(offset + done * len(block), [block] * count)
@@ -302,7 +278,9 @@ class ScsiDisk(LogicalUnit):
         if not cdb.flags & w.INQUIRY_EVPD:
             invalid_if(cdb.page_code)
             return buf.fill(self._inquiry_data, cdb.allocation_length)
-        page = self.identity.vpd_page(cdb.page_code, self.backend.block_size, self.thin, LIMITS)
+        page = self.identity.vpd_page(
+            cdb.page_code, self.backend.block_size, self.thin, self.limits
+        )
         if page is None:
             raise Check(w.INVALID_FIELD_IN_CDB)
         return buf.fill(page, cdb.allocation_length)
@@ -401,6 +379,9 @@ class _TargetUnit(LogicalUnit):
     }
 
 
+_REPORT_LUNS = bytes((Opcode.REPORT_LUNS,))
+
+
 class ScsiTarget:
     """Disks by LUN (0..16383; single-level, flat addressing past 255).
 
@@ -411,7 +392,7 @@ class ScsiTarget:
         self.disks: dict[int, ScsiDisk] = dict(disks or {})
         for lun in self.disks:
             if not 0 <= lun <= d.MAX_FLAT_LUN:
-                raise ValueError(f"LUN {lun} is outside 0..{d.MAX_FLAT_LUN}")
+                raise UsageError(f"LUN {lun} is outside 0..{d.MAX_FLAT_LUN}")
         self._unit = _TargetUnit(self)
 
     def execute(
@@ -421,8 +402,9 @@ class ScsiTarget:
         data: Sequence[memoryview] = (),
         direction: int = DataDirection.NONE,
     ) -> ScsiResult:
-        """Run one command on `lun`, as ScsiDisk.execute does."""
+        """Run one command on `lun`, as ScsiDisk.execute does. `cdb` is the
+        request's private copy: it is decoded once, against its layout."""
         disk = self.disks.get(lun)
-        if disk is None or bytes(cdb[:1]) == bytes((Opcode.REPORT_LUNS,)):
+        if disk is None or cdb[:1] == _REPORT_LUNS:
             return self._unit.execute(cdb, data, direction)
         return disk.execute(cdb, data, direction)

@@ -1,6 +1,6 @@
 """SCSI parameter data: the layouts of what commands return or take (UNMAP
 list, READ CAPACITY, INQUIRY and VPD pages, mode pages, REPORT LUNS), each
-declared once, and the pages a disk describes itself with.
+declared once. What a disk fills them with is the target's (vsp.storage.pages).
 
 Source: SPC-4 §6.6.2 (standard INQUIRY), §7.8 (VPD), §7.5 (mode pages),
 §6.33 (REPORT LUNS); SBC-3 §5.16, §5.28, §6.4, §6.6 (block device data).
@@ -9,7 +9,6 @@ All big-endian, as the CDBs in scsi_wire.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -28,7 +27,6 @@ __all__ = [
     "LBP_LBPWS",
     "LBP_LBPWS10",
     "MAX_FLAT_LUN",
-    "MAX_SERIAL_LENGTH",
     "MODE_DPOFUA",
     "MODE_PAGE_CACHING",
     "MODE_PAGE_CONTROL",
@@ -37,12 +35,10 @@ __all__ = [
     "PROVISIONING_THIN",
     "RC16_LBPME",
     "RC16_LBPRZ",
-    "UNMAP_GRANULARITY_BYTES",
     "VPD_BLOCK_CHARACTERISTICS",
     "VPD_BLOCK_LIMITS",
     "VPD_DEVICE_ID",
     "VPD_LOGICAL_BLOCK_PROVISIONING",
-    "VPD_PAGES",
     "VPD_SUPPORTED_PAGES",
     "VPD_UNIT_SERIAL",
     "BlockCharacteristicsPage",
@@ -51,8 +47,6 @@ __all__ = [
     "CachingPage",
     "ControlPage",
     "Designator",
-    "DiskIdentity",
-    "Limits",
     "LunEntry",
     "ModeHeader10",
     "ModeHeader6",
@@ -64,16 +58,10 @@ __all__ = [
     "UnmapDescriptor",
     "UnmapHeader",
     "VpdHeader",
-    "block_descriptor",
-    "mode_pages",
 ]
 
-# A T10 vendor designator (8-byte vendor + serial) must fit its one-byte length.
-MAX_SERIAL_LENGTH = 64
 # Identifies an NAA 3 ("locally assigned") designator: no IEEE OUI needed.
 NAA_LOCALLY_ASSIGNED = 0x3
-# Unmapping less than a host page frees nothing in a file or in RAM.
-UNMAP_GRANULARITY_BYTES = 4096
 
 # Designation descriptor header values (SPC-4 §7.8.6).
 CODE_SET_BINARY = 0x1
@@ -332,132 +320,3 @@ class LunEntry(WireStruct):
 
     address: Annotated[int, U16]
     reserved: Annotated[bytes, Bytes(6)] = b""
-
-
-def _ascii(text: str, width: int) -> bytes:
-    """An SPC ASCII field: left-aligned, space-padded, printable."""
-    raw = text.encode("ascii")  # UnicodeEncodeError is a ValueError
-    if len(raw) > width or not all(0x20 <= c < 0x7F for c in raw):
-        raise ValueError(f"{text!r} is not printable ASCII of at most {width} characters")
-    return raw.ljust(width)
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What VPD 0xB0 and 0xB2 advertise; the target enforces the same numbers."""
-
-    max_transfer_bytes: int
-    max_write_same_bytes: int
-    max_unmap_bytes: int
-    max_unmap_descriptors: int
-
-
-@dataclass(frozen=True)
-class DiskIdentity:
-    """The names a disk answers INQUIRY with. `device_id` (60 bits) is the
-    NAA designator in VPD 0x83; by default a hash of the serial."""
-
-    serial: str
-    vendor: str = "VMBUSPY"
-    product: str = "VirtualDisk"
-    revision: str = "0001"
-    device_id: int | None = None
-
-    def __post_init__(self) -> None:
-        for text, width in ((self.vendor, 8), (self.product, 16), (self.revision, 4)):
-            _ascii(text, width)
-        if not self.serial.strip():
-            raise ValueError("the serial must not be blank")
-        _ascii(self.serial, MAX_SERIAL_LENGTH)
-        if self.device_id is not None and not 0 <= self.device_id < 1 << 60:
-            raise ValueError("device_id must fit 60 bits")
-
-    @property
-    def naa_id(self) -> int:
-        device_id = self.device_id
-        if device_id is None:
-            digest = hashlib.sha256(self.serial.encode("ascii")).digest()
-            device_id = int.from_bytes(digest[:8], "big") & ((1 << 60) - 1)
-        return NAA_LOCALLY_ASSIGNED << 60 | device_id
-
-    def standard_inquiry(self) -> bytes:
-        return StandardInquiry(
-            peripheral=0x00,  # connected direct-access block device
-            vendor=_ascii(self.vendor, 8),
-            product=_ascii(self.product, 16),
-            revision=_ascii(self.revision, 4),
-        ).pack()
-
-    def vpd_page(self, code: int, block_size: int, thin: bool, limits: Limits) -> bytes | None:
-        """The VPD page `code` with its header, or None if not supported."""
-        if code == VPD_SUPPORTED_PAGES:
-            body = bytes(sorted(VPD_PAGES))
-        elif code == VPD_UNIT_SERIAL:
-            body = self.serial.encode("ascii")
-        elif code == VPD_DEVICE_ID:
-            t10 = _ascii(self.vendor, 8) + self.serial.encode("ascii")
-            body = (
-                Designator(CODE_SET_BINARY, DESIGNATOR_NAA, 0, 8).pack()
-                + self.naa_id.to_bytes(8, "big")
-                + Designator(CODE_SET_ASCII, DESIGNATOR_T10_VENDOR, 0, len(t10)).pack()
-                + t10
-            )
-        elif code == VPD_BLOCK_LIMITS:
-            return _block_limits(block_size, thin, limits)
-        elif code == VPD_BLOCK_CHARACTERISTICS:
-            return BlockCharacteristicsPage(0, code, 0x3C, rotation_rate=1).pack()
-        elif code == VPD_LOGICAL_BLOCK_PROVISIONING:
-            flags = LBP_LBPU | LBP_LBPWS | LBP_LBPWS10 | LBP_LBPRZ
-            return ProvisioningPage(
-                0, code, 4, 0, flags if thin else 0, PROVISIONING_THIN if thin else 0
-            ).pack()
-        else:
-            return None
-        return VpdHeader(0, code, len(body)).pack() + body
-
-
-VPD_PAGES = (
-    VPD_SUPPORTED_PAGES,
-    VPD_UNIT_SERIAL,
-    VPD_DEVICE_ID,
-    VPD_BLOCK_LIMITS,
-    VPD_BLOCK_CHARACTERISTICS,
-    VPD_LOGICAL_BLOCK_PROVISIONING,
-)
-
-
-def _block_limits(block_size: int, thin: bool, limits: Limits) -> bytes:
-    unmap_blocks = limits.max_unmap_bytes // block_size if thin else 0
-    return BlockLimitsPage(
-        peripheral=0,
-        page_code=VPD_BLOCK_LIMITS,
-        page_length=0x3C,
-        wsnz=1,
-        max_compare_write=0,
-        optimal_granularity=0,
-        max_transfer_length=limits.max_transfer_bytes // block_size,
-        optimal_transfer_length=0,
-        max_prefetch_length=0,
-        max_unmap_lba_count=unmap_blocks,
-        max_unmap_descriptor_count=limits.max_unmap_descriptors if thin else 0,
-        optimal_unmap_granularity=max(1, UNMAP_GRANULARITY_BYTES // block_size) if thin else 0,
-        unmap_granularity_alignment=0,
-        max_write_same_length=limits.max_write_same_bytes // block_size,
-    ).pack()
-
-
-def mode_pages() -> dict[int, bytes]:
-    """Current (= default) values of the mode pages, by page code, ascending."""
-    return {
-        # Write cache on: the backend has a cache that SYNCHRONIZE CACHE flushes.
-        MODE_PAGE_CACHING: CachingPage(MODE_PAGE_CACHING, 0x12, CACHING_WCE).pack(),
-        # Queue algorithm modifier 1: commands may be reordered.
-        MODE_PAGE_CONTROL: ControlPage(MODE_PAGE_CONTROL, 0x0A, queueing=0x10).pack(),
-    }
-
-
-def block_descriptor(block_count: int, block_size: int) -> bytes:
-    """The short LBA block descriptor; the count saturates (SBC-3 §6.4.2)."""
-    return BlockDescriptor(
-        min(block_count, 0xFFFFFFFF), 0, block_size >> 16, block_size & 0xFFFF
-    ).pack()

@@ -1,0 +1,184 @@
+"""storvsp: a synthetic SCSI controller on the VMBus (enlightened SCSI).
+
+The guest's SCSI CDBs arrive in VSTOR packets; their data moves through
+GPA-direct page ranges straight between guest memory and the backend (for a
+raw file: one preadv/pwritev on the guest's pages). There is no device
+emulation in between: each request is copied out of the ring once, parsed
+once (`StorvspProtocol.receive`), and its CDB goes to the SCSI target as
+that private copy.
+
+One `StorVsp` is one controller of one child: one SCSI target (path 0,
+target 0, as Hyper-V presents a controller) with its LUNs, its primary
+channel and the sub-channels the guest creates for parallelism. Other
+paths and targets hold no device: they answer SRB_STATUS_INVALID_LUN, the
+status Linux's storvsc takes for "nothing here" (DID_NO_CONNECT). Because
+Linux forces every INQUIRY completion to success and reads what was moved,
+an INQUIRY there also returns the "no logical unit" INQUIRY data
+(qualifier 3, type 1Fh) rather than nothing, which Linux would read as an
+all-zero buffer: a direct-access disk.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+
+from vmbus import guid
+from vmbus._ringpacket import Packet
+from vmbus.channel import Channel
+from vmbus.device import BadGpaRanges, ChannelHandler, OpenContext, Vsp
+from vmbus.host import OfferSpec
+from vmbus.memory import guest_segments
+from vmbus.packet import GpaRange, PacketType
+from vmbus.protocols import storage as vstor
+from vmbus.protocols.storage.scsi_wire import GOOD, Opcode
+from vsp.storage.backends import BlockBackend
+from vsp.storage.scsi import LIMITS, MAX_TRANSFER_BYTES, ScsiDisk, ScsiTarget
+
+__all__ = ["DEFAULT_MAX_TRANSFER", "StorVsp", "StorvspChannel"]
+
+DEFAULT_MAX_TRANSFER = MAX_TRANSFER_BYTES
+# (path_id, target_id) of the one SCSI target a controller presents.
+TARGET_ADDRESS = (0, 0)
+# Commands a target answers for a LUN that holds no disk (SPC-4 §4.6.4);
+# anything else there is SRB_STATUS_INVALID_LUN, which Linux takes as "LUN gone".
+_TARGET_COMMANDS = frozenset(
+    bytes((op,)) for op in (Opcode.INQUIRY, Opcode.REPORT_LUNS, Opcode.REQUEST_SENSE)
+)
+_INQUIRY = bytes((Opcode.INQUIRY,))
+_NOBODY = ScsiTarget()  # answers INQUIRY at an address with no target: no logical unit
+
+
+class StorVsp(Vsp):
+    """A SCSI controller with `disks` by LUN, offered as one VMBus device.
+
+    `max_transfer_bytes` is the one transfer limit: what QUERY_PROPERTIES
+    offers, what each SRB is checked against, and what every disk
+    advertises in VPD 0xB0 and enforces."""
+
+    def __init__(
+        self,
+        disks: Mapping[int, BlockBackend] | Sequence[BlockBackend],
+        *,
+        instance_id: uuid.UUID | None = None,
+        max_transfer_bytes: int = DEFAULT_MAX_TRANSFER,
+        channels: int = 1,
+        serial: str = "vmbus",
+    ) -> None:
+        by_lun = dict(disks) if isinstance(disks, Mapping) else dict(enumerate(disks))
+        self.instance_id = instance_id or uuid.uuid4()
+        self.max_transfer_bytes = max_transfer_bytes
+        self.channels = channels
+        self.protocol = self._new_protocol()  # checks the configuration first
+        limits = replace(LIMITS, max_transfer_bytes=max_transfer_bytes)
+        self.target = ScsiTarget(
+            {
+                lun: ScsiDisk(backend, serial=f"{serial}-{lun}", limits=limits)
+                for lun, backend in by_lun.items()
+            }
+        )
+        self.targets = {TARGET_ADDRESS: self.target}  # the addresses that answer
+        self.handlers: list[StorvspChannel] = []  # the open channels
+        self.offered: set[int] = set()  # sub-channel indexes offered: each once
+        self.served: Counter[int] = Counter()  # requests by sub-channel index, all time
+        self._retired_errors = 0  # errors of closed channels and replaced protocols
+
+    def _new_protocol(self) -> vstor.StorvspProtocol:
+        return vstor.StorvspProtocol(self.max_transfer_bytes, self.channels)
+
+    def offers(self) -> list[OfferSpec]:
+        return [OfferSpec(guid.SCSI, self.instance_id)]
+
+    def open(self, channel: Channel, context: OpenContext) -> StorvspChannel:
+        if context.offer.sub_channel_index == 0:  # a (re)opened primary starts over
+            self._retired_errors += sum(self.protocol.errors.values())
+            self.protocol = self._new_protocol()
+        handler = StorvspChannel(self, channel, context)
+        self.handlers.append(handler)
+        return handler
+
+    def offer_sub_channels(self, count: int, context: OpenContext) -> None:
+        """Offer sub-channels 1..count that were never offered: a sub-channel
+        the guest creates again (after reopening the primary) reuses its offer."""
+        for index in range(1, count + 1):
+            if index not in self.offered:
+                self.offered.add(index)
+                context.add_offer(OfferSpec(guid.SCSI, self.instance_id, index))
+
+    def closed(self, handler: StorvspChannel) -> None:
+        """A channel closed: forget its handler, keep what it counted."""
+        if handler in self.handlers:
+            self.handlers.remove(handler)
+            self._retired_errors += handler.bad_ranges
+            self.served[handler.context.offer.sub_channel_index] += handler.requests
+
+    @property
+    def errors(self) -> int:
+        """Bad requests answered with an error status, on every channel, ever."""
+        live = sum(self.protocol.errors.values()) + sum(h.bad_ranges for h in self.handlers)
+        return self._retired_errors + live
+
+
+class StorvspChannel(ChannelHandler):
+    """The service of one open channel (primary or sub-channel)."""
+
+    max_reply = vstor.VSTOR_PACKET_SIZE  # every completion is one vstor_packet
+
+    def __init__(self, vsp: StorVsp, channel: Channel, context: OpenContext) -> None:
+        super().__init__(channel, context)
+        self.vsp = vsp
+        self.requests = 0
+        self.bad_ranges = 0
+
+    def on_packet(self, packet: Packet) -> None:
+        self.requests += 1
+        ranges: Sequence[GpaRange] = ()
+        if packet.type == PacketType.DATA_USING_GPA_DIRECT:
+            try:
+                ranges = self.context.gpa_ranges(packet.header)  # counted and logged there
+            except BadGpaRanges:
+                self.bad_ranges += 1  # no buffer: an SRB with data fails as INVALID_REQUEST
+        event = self.vsp.protocol.receive(packet.payload, ranges)
+        if isinstance(event, vstor.ExecuteSrb):
+            reply = self._execute(event)
+        elif isinstance(event, vstor.CreateSubChannels):
+            self.vsp.offer_sub_channels(event.count, self.context)
+            reply = event.reply
+        else:
+            if event.error:
+                self.context.protocol_error("storage request refused: %s", event.error)
+            reply = event.payload
+        self.reply(packet.trans_id, reply)
+
+    def _execute(self, srb: vstor.ExecuteSrb) -> bytes:
+        protocol = self.vsp.protocol
+        path_id, target_id, lun = srb.address
+        target = self.vsp.targets.get((path_id, target_id))
+        if target is None:
+            return self._absent(srb)
+        if lun not in target.disks and srb.cdb[:1] not in _TARGET_COMMANDS:
+            return protocol.complete_srb(srb.request, vstor.SrbStatus.INVALID_LUN)
+        data = guest_segments(self.context.memory, srb.ranges, srb.transfer_length)
+        result = target.execute(lun, srb.cdb, data, srb.direction)
+        status = vstor.SrbStatus.SUCCESS if result.status == GOOD else vstor.SrbStatus.ERROR
+        return protocol.complete_srb(
+            srb.request, status, result.status, result.sense, result.transferred
+        )
+
+    def _absent(self, srb: vstor.ExecuteSrb) -> bytes:
+        """An address with no target: INVALID_LUN, with "no logical unit"
+        INQUIRY data for an INQUIRY (see the module doc)."""
+        moved = 0
+        if srb.cdb[:1] == _INQUIRY:
+            data = guest_segments(self.context.memory, srb.ranges, srb.transfer_length)
+            result = _NOBODY.execute(srb.lun, srb.cdb, data, srb.direction)
+            moved = result.transferred if result.status == GOOD else 0
+        return self.vsp.protocol.complete_srb(
+            srb.request, vstor.SrbStatus.INVALID_LUN, transferred=moved
+        )
+
+    def close(self) -> None:
+        super().close()
+        self.vsp.closed(self)
