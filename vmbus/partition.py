@@ -11,6 +11,7 @@ dies loses everything it had, and no one else notices.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import logging
@@ -323,11 +324,31 @@ class ChildPartition:
 
 
 class Host:
-    """The root partition: starts child partitions and serves their VMBus."""
+    """The root partition: starts child partitions and serves their VMBus.
+
+    `children` holds the children that may still run, by name. A finished
+    child (its worker has cleaned up) is forgotten there at the next
+    `start` or `attach` and kept only in `finished`, the last
+    `FINISHED_KEPT` of them, newest last: a long-lived host that starts and
+    stops children forever holds a bounded record of them. The caller's own
+    reference to a ChildPartition stays valid after it is forgotten."""
+
+    FINISHED_KEPT = 16
 
     def __init__(self) -> None:
         self.children: dict[str, ChildPartition] = {}
+        self.finished: collections.deque[ChildPartition] = collections.deque(
+            maxlen=self.FINISHED_KEPT
+        )
         self._names = iter(range(1, 1 << 30))
+
+    def _admit(self, name: str) -> None:
+        """Forget finished children; refuse a name a running child has."""
+        for done in [c for c in self.children.values() if c._exited.is_set()]:
+            del self.children[done.name]
+            self.finished.append(done)
+        if name in self.children:
+            raise UsageError(f"a child named {name!r} is running")
 
     def start(
         self,
@@ -343,8 +364,7 @@ class Host:
         VMBus is connected; its exit code is 0 if that returns. The parent's
         worker polls its channels for `spin_seconds` before sleeping."""
         name = name or f"child-{next(self._names)}"
-        if name in self.children and self.children[name].state in ("starting", "running"):
-            raise UsageError(f"a child named {name!r} is running")
+        self._admit(name)
         memory = GuestMemory.create(memory_size, name=f"vmbus-{name}")
         parent_port, child_port = SocketPort.pair()
         fds = (child_port.fileno(), memory.fileno())
@@ -371,8 +391,7 @@ class Host:
         """Serve the VMBus of a guest the caller runs itself (an emulator's):
         its memory (a memfd, see GuestMemory.from_fd) and the port its
         messages arrive on. The server takes over both and closes them."""
-        if name in self.children and self.children[name].state in ("starting", "running"):
-            raise UsageError(f"a child named {name!r} is running")
+        self._admit(name)
         child = ChildPartition(name, None, memory, port, devices)
         self.children[name] = child
         child.worker.start()

@@ -154,3 +154,20 @@ def test_sub_channels_share_class_and_instance() -> None:
         child = host.start(echo_on_sub_channels, devices=[vsp])
         assert child.wait(timeout=30) == 0
         assert sorted(h.packets for h in vsp.handlers) == [1, 1, 1]
+
+
+def exit_at_once(guest: Guest) -> None:
+    """Child: connect, then end."""
+
+
+def test_host_that_starts_and_stops_children_forever_forgets_finished_ones() -> None:
+    with Host() as host:
+        for _ in range(50):
+            child = host.start(exit_at_once, devices=[EchoVsp()], memory_size=1 << 20)
+            child.stop()
+            assert child.state in ("exited", "stopped")
+        assert list(host.children.values()) in ([], [child])  # the last, until the next start
+        assert len(host.finished) == Host.FINISHED_KEPT
+        assert len({c.name for c in host.finished}) == Host.FINISHED_KEPT  # each one once
+        host.start(exit_at_once, memory_size=1 << 20).wait(30)
+        assert host.finished[-1] is child and child.name not in host.children
