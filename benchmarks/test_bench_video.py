@@ -1,9 +1,9 @@
 """pytest-benchmark tests of the video path's pieces in one process and one
 thread: the parent's Screen copy of dirty rectangles, a DIRT's whole trip
-from a Framebuffer through an in-process channel to the VideoVsp and its
-Screen, and the VNC server's Raw and ZRLE encodings of a full frame. No
-process wakes another: these are CPU costs, the floor of the cross-process
-figures.
+from the guest through an in-process channel (vmbus.testing.VspHarness) to
+the VideoVsp and its Screen, and the VNC server's Raw and ZRLE encodings of
+a full frame. No process wakes another: these are CPU costs, the floor of
+the cross-process figures.
 
     .venv/bin/pytest benchmarks/test_bench_video.py --benchmark-enable -p no:cacheprovider
 
@@ -17,24 +17,18 @@ import multiprocessing
 import random
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, cast
+from typing import cast
 
 import numpy as np
 import pytest
 
 from benchmarks import video_bench
 from benchmarks.video_bench import BATCH, FRAME_BYTES, HEIGHT, TILE, WIDTH, Pixels, frames
-from vmbus import messages as m
-from vmbus.channel import Channel
-from vmbus.device import OpenContext
-from vmbus.guest import GuestDevice
-from vmbus.memory import PAGE_SIZE, GuestMemory, PageAllocator
-from vmbus.testing import ring_buffer
-from vmbus.transport import Signal
-from vsc.video import Framebuffer
+from vmbus.memory import PAGE_SIZE
+from vmbus.protocols import video as sv
+from vmbus.testing import VspHarness
 from vsp.video import VideoVsp, rfb
 from vsp.video.screen import Rect, Screen
 
@@ -87,115 +81,82 @@ def test_screen_capture_full_frame(benchmark) -> None:  # type: ignore[no-untype
 # --- a DIRT's whole trip, child to Screen ------------------------------------------
 
 
-class PumpedChannel(Channel):
-    """The guest's end of an in-process channel whose waits serve the VSP."""
+class Guest:
+    """The guest's side of a VideoVsp in the harness, spoken by hand with a
+    SynthvidClient (in this thread: `pump` serves the VSP): negotiated, VRAM
+    granted and placed, the mode set and DIRT asked for. `pixels` is VRAM."""
 
-    serve: Any = None
+    def __init__(self, harness: VspHarness) -> None:
+        self.harness, self.client = harness, sv.SynthvidClient()
+        vsp = cast(VideoVsp, harness.vsp)
+        gpa = harness.grant(vsp.vram_size // PAGE_SIZE).pfns[0] * PAGE_SIZE
+        self.exchange([self.client.start()], lambda: self.client.negotiated)
+        self.exchange([self.client.vram_location(gpa)], lambda: self.client.vram_acked)
+        mode = [*self.client.hide_pointer(), self.client.situation_update(WIDTH, HEIGHT)]
+        self.exchange(mode, lambda: self.client.dirt_needed)
+        view = harness.memory.view(gpa, FRAME_BYTES)
+        self.pixels = np.frombuffer(view, np.uint8).reshape(HEIGHT, WIDTH, 4)
 
-    def wait(self, deadline: float | None) -> None:
-        self.serve()
-
-    def _sleep(self, deadline: float | None, what: str) -> None:
-        self.serve()
-
-    def close(self) -> None:
-        pass
-
-
-class Loopback:
-    """Just enough of a GuestDevice (and its Guest) for a Framebuffer: guest
-    memory for VRAM, GPADLs the VideoVsp can check, and open() wiring a
-    PumpedChannel to the VSP."""
-
-    def __init__(self, vsp: VideoVsp) -> None:
-        self.vsp = vsp
-        self.memory = GuestMemory.create(vsp.vram_size + 4 * MiB, name="video-bench")
-        self.allocator = PageAllocator(self.memory)
-        self.guest, self.relid = self, 1
-        self.offer = SimpleNamespace(mmio_megabytes=vsp.vram_size >> 20)
-        self.gpadls: dict[int, m.Gpadl] = {}
-        self.host: Channel | None = None
-
-    def create_gpadl(self, relid: int, pfns: list[int]) -> int:
-        handle = len(self.gpadls) + 1
-        self.gpadls[handle] = m.Gpadl(relid, handle, len(pfns) * PAGE_SIZE, 0, tuple(pfns))
-        return handle
-
-    def teardown_gpadl(self, relid: int, handle: int) -> None:
-        del self.gpadls[handle]
-
-    def open(self, send_size: int, receive_size: int) -> Channel:
-        outbound, inbound = ring_buffer(send_size), ring_buffer(receive_size)
-        to_host, to_guest = Signal(), Signal()
-        guest = PumpedChannel(outbound, inbound, to_host, to_guest, spin_seconds=0.0)
-        self.host = Channel(inbound, outbound, to_guest, to_host, spin_seconds=0.0)
-        context = OpenContext(
-            offer=self.vsp.offers()[0],
-            userdata=b"",
-            memory=self.memory,
-            ring_pfns=frozenset(),  # the rings are not in guest memory here
-            partition="bench",
-            add_offer=lambda offer: None,
-            gpadls=self.gpadls,
-            watch=lambda fd, callback: None,
-            unwatch=lambda fd: None,
-        )
-        self.vsp.open(self.host, context)
-        guest.serve = self.serve
-        return guest
-
-    def serve(self) -> None:
-        assert self.host is not None
-        self.host.service(self.vsp.on_packet)
+    def exchange(self, payloads: list[bytes], done: Callable[[], bool]) -> None:
+        for _ in range(16):
+            for payload in payloads:
+                self.harness.guest.send(payload)
+            self.harness.pump()
+            payloads = []
+            while (packet := self.harness.guest.poll()) is not None:
+                payloads += self.client.receive(packet.payload)
+            if done() and not payloads:
+                return
+        raise AssertionError("the VSP did not answer")
 
 
 @pytest.fixture
-def loopback() -> Iterator[tuple[Framebuffer, Loopback]]:
+def guest() -> Iterator[Guest]:
     vsp = VideoVsp(Screen(WIDTH, HEIGHT))
-    device = Loopback(vsp)
-    fb = Framebuffer(cast(GuestDevice, device), WIDTH, HEIGHT)
-    fb.wait_ready()
-    fb.pixels[:] = frames(WIDTH, HEIGHT)[0]
-    yield fb, device
-    fb.close()
-    vsp.close()  # drops its VRAM view
-    device.memory.close()
+    with VspHarness(vsp, memory_size=vsp.vram_size + 4 * MiB, ring_size=RING) as harness:
+        guest = Guest(harness)
+        guest.pixels[:] = frames(WIDTH, HEIGHT)[0]
+        yield guest
+        del guest.pixels  # the harness closes guest memory
 
 
 @pytest.mark.parametrize("rects", [0, 1, BATCH], ids=["full", "one-64x64", "64-64x64"])
-def test_dirt_to_screen(benchmark, loopback, rects: int) -> None:  # type: ignore[no-untyped-def]
-    """Framebuffer.update(), then the VSP serves the channel: encode, ring,
-    decode, validate and Screen.update (the child's pixel writes left out)."""
-    fb, device = loopback
-    dirty = places(rects)
+def test_dirt_to_screen(benchmark, guest: Guest, rects: int) -> None:  # type: ignore[no-untyped-def]
+    """A DIRT sent, then the VSP serves the channel as its worker does:
+    encode, ring, copy out, decode, validate and Screen.update (the child's
+    pixel writes left out)."""
+    dirty = places(rects) or [(0, 0, WIDTH, HEIGHT)]
+    vsp = cast(VideoVsp, guest.harness.vsp)
 
     def trip() -> None:
-        fb.update(*dirty)
-        device.serve()
+        guest.harness.guest.send(guest.client.dirt(*dirty))
+        guest.harness.pump()
 
-    before = device.vsp.frames
+    before = vsp.frames
     benchmark(trip)
-    assert device.vsp.frames > before and device.vsp.server.errors.total() == 0
-    assert np.array_equal(device.vsp.screen.frame_copy(), fb.pixels)
+    assert vsp.frames > before and vsp.errors.total() == 0
+    x1, y1, x2, y2 = dirty[0]
+    shown = vsp.screen.frame_copy()
+    assert np.array_equal(shown[y1:y2, x1:x2], guest.pixels[y1:y2, x1:x2])
 
 
 @pytest.mark.parametrize("rects", [1, BATCH], ids=["one-64x64", "64-64x64"])
-def test_dirt_encode(benchmark, loopback, rects: int) -> None:  # type: ignore[no-untyped-def]
+def test_dirt_encode(benchmark, rects: int) -> None:  # type: ignore[no-untyped-def]
     """The child's side of a DIRT: SynthvidClient.dirt (the VSC's message)."""
-    fb, _ = loopback
     dirty = places(rects)
-    assert len(benchmark(fb.client.dirt, *dirty)) == 10 + 16 * rects + 8
+    assert len(benchmark(sv.SynthvidClient().dirt, *dirty)) == 10 + 16 * rects + 8
 
 
 @pytest.mark.parametrize("rects", [1, BATCH], ids=["one-64x64", "64-64x64"])
-def test_dirt_decode(benchmark, loopback, rects: int) -> None:  # type: ignore[no-untyped-def]
+def test_dirt_decode(benchmark, guest: Guest, rects: int) -> None:  # type: ignore[no-untyped-def]
     """The parent's side before the copy: SynthvidServer.receive decodes and clips."""
-    fb, device = loopback
-    payload = fb.client.dirt(*places(rects))
-    server = device.vsp.server
+    payload = guest.client.dirt(*places(rects))
+    handler = cast(VideoVsp, guest.harness.vsp).handler
+    assert handler is not None
+    server = handler.server
 
     def decode() -> object:
-        return server.receive(payload, vram_ok=device.vsp.vram_ok)
+        return server.receive(payload, vram_ok=lambda gpa, size: False)
 
     replies, events = benchmark(decode)
     assert not replies and len(events) == 1 and server.errors.total() == 0

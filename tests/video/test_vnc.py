@@ -37,10 +37,16 @@ def pattern(height: int, width: int, seed: int = 0) -> np.ndarray:
     return pix
 
 
+def padding(pf: tuple[int, ...]) -> int:
+    """The unused bits of a 32 bpp pixel, which must arrive set (opaque to noVNC)."""
+    used = sum(m << s for m, s in zip(pf[4:7], pf[7:10], strict=True))
+    return 0xFFFFFFFF & ~used if pf[0] == 32 else 0
+
+
 def expected_values(pix: np.ndarray, pf: tuple[int, ...]) -> np.ndarray:
     """The pixel values a client with true-colour format `pf` must receive."""
     maxes, shifts = pf[4:7], pf[7:10]
-    value = np.zeros(pix.shape[:2], np.uint32)
+    value = np.full(pix.shape[:2], padding(pf), np.uint32)
     for channel, cmax, shift in zip((2, 1, 0), maxes, shifts, strict=True):
         value |= ((pix[:, :, channel].astype(np.uint32) * cmax + 127) // 255) << shift
     return value
@@ -163,7 +169,7 @@ class Rfb:
         if bpp == 32 and depth <= 24 and (mask < 1 << 24 or mask & 0xFF == 0):
             low = mask < 1 << 24
             cp = np.frombuffer(data[: 3 * n], np.uint8).reshape(n, 3)
-            full = np.zeros((n, 4), np.uint8)
+            full = np.full((n, 4), 0xFF, np.uint8)  # the padding byte ZRLE leaves out
             col = 0 if low != bool(be) else 1
             full[:, col : col + 3] = cp
             return self.values(full.tobytes(), 1, n)[0], 3 * n
@@ -230,6 +236,8 @@ def serve(screen: Screen, events: Events) -> Iterator[Callable[..., VncServer]]:
     servers: list[VncServer] = []
 
     def make(**kwargs: Any) -> VncServer:
+        # Security None unless the test sets a password (the default is tested on its own).
+        kwargs.setdefault("authenticate", kwargs.get("password") is not None)
         kwargs.setdefault("on_key", events.on_key)
         kwargs.setdefault("on_pointer", events.on_pointer)
         server = VncServer(kwargs.pop("screen", screen), port=0, name="test-console", **kwargs)
@@ -266,7 +274,7 @@ def test_des_known_answer() -> None:
 
 
 def test_binds_loopback_by_default(screen: Screen) -> None:
-    with VncServer(screen, port=0) as server:
+    with VncServer(screen, port=0, authenticate=False) as server:
         assert server.address[0] == "127.0.0.1" and server.address[1] > 0
 
 
@@ -402,7 +410,7 @@ def test_resize(server: VncServer, screen: Screen, desktop_size: bool) -> None:
     else:
         assert rects == [(0, 0, 90, 40, RAW)]
         client.fb = client.fb[:40, :90]
-    assert not client.fb.any()
+    assert (client.fb == padding(DEFAULT_PF)).all()  # black, opaque
     screen.update(pattern(40, 90, seed=7), [(10, 5, 80, 35)])
     client.request(True)
     assert (10, 5, 70, 30, RAW) in client.read_update()

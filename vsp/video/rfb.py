@@ -62,6 +62,19 @@ class PixelFormat:
         bpp, depth, be, tc, *rest = _PIXEL_FORMAT.unpack(data)
         return cls(bpp, depth, bool(be), bool(tc), *rest)
 
+    @property
+    def padding(self) -> int:
+        """The bits of a 32 bpp pixel no channel uses, sent set: clients that
+        read them as alpha (noVNC 1.3 does) would otherwise show a blank screen."""
+        if self.bpp != 32 or not self.true_colour:
+            return 0
+        used = (
+            (self.red_max << self.red_shift)
+            | (self.green_max << self.green_shift)
+            | (self.blue_max << self.blue_shift)
+        )
+        return 0xFFFFFFFF & ~used
+
     def valid(self) -> bool:
         if self.bpp not in (8, 16, 32):
             return False
@@ -94,6 +107,8 @@ def pixel_values(fmt: PixelFormat, pix: Pixels) -> Values:
         if cmax != 255:
             c = (c * cmax + 127) // 255
         value |= c << shift
+    if fmt.padding:
+        value |= np.uint32(fmt.padding)
     return value
 
 
@@ -103,13 +118,14 @@ def value_bytes(fmt: PixelFormat, values: Values) -> bytes:
 
 
 def encode_pixels(fmt: PixelFormat, pix: Pixels) -> bytes:
-    if fmt == DEFAULT_FORMAT:  # the frame's own layout, less the guest's unused byte
-        return (np.ascontiguousarray(pix).view("<u4") & np.uint32(0xFFFFFF)).tobytes()
+    if fmt == DEFAULT_FORMAT:  # the frame's own layout, the guest's unused byte set
+        return (np.ascontiguousarray(pix).view("<u4") | np.uint32(0xFF000000)).tobytes()
     return value_bytes(fmt, pixel_values(fmt, pix))
 
 
 def cpixel_bytes(fmt: PixelFormat, values: Values) -> bytes:
-    """ZRLE's compressed pixels: 3 bytes where a 32 bpp pixel's colour fits in 3."""
+    """ZRLE's compressed pixels: 3 bytes where a 32 bpp pixel's colour fits in 3
+    (RFC 6143 7.7.6: the padding byte is left out), else the whole pixel."""
     raw = value_bytes(fmt, values)
     if fmt.bpp != 32 or not fmt.true_colour or fmt.depth > 24:
         return raw

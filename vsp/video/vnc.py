@@ -1,27 +1,41 @@
 """A VNC (RFB 3.8, also 3.3 and 3.7) server for a `vsp.video.screen.Screen`.
 
 ``VncServer(screen, host="127.0.0.1", port=5900, password=None, on_key=None,
-on_pointer=None, name="vmbus")``; ``start()`` binds (port 0: any free port,
+on_pointer=None, name="vmbus", *, authenticate=True, max_clients=16,
+idle_timeout=600, ...)``; ``start()`` binds (port 0: any free port,
 see ``address``) and serves from one background thread; ``stop()`` ends it.
 ``on_key(keysym, down)`` and ``on_pointer(x, y, buttons)`` are called from that
 thread; pointer positions are clamped to the screen.
 
-Security: None (1), or VNC Authentication (2) when a password is set (DES of a
-random challenge; like every VNC server only the first 8 bytes of the password
-count). Encodings: Raw, Zlib (6), ZRLE (16) and the DesktopSize pseudo-encoding
+Security: VNC Authentication (2) (DES of a random challenge; like every VNC
+server only the first 8 bytes of the password count). With no password given
+the server makes one for the run (``password``, for the caller to show);
+``authenticate=False`` serves security None (1) instead, for trusted setups
+only: any local process could then watch the guest and type into it. After a
+failed login a source (IP address) waits a growing, bounded delay
+(`vsp.video.access.LoginBackoff`) before its next login is checked.
+
+Encodings: Raw, Zlib (6), ZRLE (16) and the DesktopSize pseudo-encoding
 (-223); the client's first supported preference wins. Pixel formats: any
 true-colour 8/16/32 bpp format (shifts, maxima, endianness); a colour-mapped
-8 bpp format gets a BGR233 colour map.
+8 bpp format gets a BGR233 colour map. The unused bits of 32 bpp pixels are
+sent set: clients that read them as alpha (noVNC) show an opaque screen.
 
 Updates follow the Screen's dirty rectangles: each client accumulates them and
 gets the part inside its request on its next FramebufferUpdateRequest; a
 non-incremental request gets the requested region in full. Robustness: one
 thread multiplexes all clients with non-blocking sockets; a client that sends
-garbage, stalls its reads or idles in the handshake is dropped alone. Bounds
-per client: MAX_INPUT_BYTES of unparsed input, MAX_DIRTY_RECTS dirty
-rectangles, at most one update queued (the next is encoded only once the last
-one has been sent) plus MAX_QUEUED_MESSAGES small replies, and SEND_STALL_TIMEOUT
-seconds without send progress; MAX_CLIENTS connections.
+garbage, stalls its reads, idles in the handshake or sends nothing for
+``idle_timeout`` seconds is dropped alone. Bounds per client: MAX_INPUT_BYTES
+of unparsed input, MAX_DIRTY_RECTS dirty rectangles, at most one update queued
+(the next is encoded only once the last one has been sent) plus
+MAX_QUEUED_MESSAGES small replies, and SEND_STALL_TIMEOUT seconds without send
+progress. At most ``max_clients`` (MAX_CLIENTS) clients past security; one
+more is refused with an RFB failure reason. Connections still in the handshake
+do not count against it; at most MAX_PENDING of them at once.
+
+A client that does not announce DesktopSize keeps the framebuffer size it was
+told at ServerInit: after a mode change it gets only what fits in it.
 """
 
 from __future__ import annotations
@@ -30,6 +44,7 @@ import collections
 import contextlib
 import hmac
 import logging
+import math
 import os
 import re
 import selectors
@@ -43,14 +58,18 @@ from collections.abc import Callable
 import numpy as np
 import numpy.typing as npt
 
+from vmbus.errors import UsageError
 from vsp.video import rfb
+from vsp.video.access import LoginBackoff, generate_password
 from vsp.video.screen import Rect, Screen, bounding_box, clip
 
 __all__ = [
     "HANDSHAKE_TIMEOUT",
+    "IDLE_TIMEOUT",
     "MAX_CLIENTS",
     "MAX_DIRTY_RECTS",
     "MAX_INPUT_BYTES",
+    "MAX_PENDING",
     "MAX_QUEUED_MESSAGES",
     "SEND_STALL_TIMEOUT",
     "VncServer",
@@ -58,7 +77,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MAX_CLIENTS = 16
+MAX_CLIENTS = 16  # past security; the default of max_clients
+MAX_PENDING = 16  # connections still in the handshake
 # Above the largest legal client message: SetEncodings with 65535 entries (256 KiB).
 MAX_INPUT_BYTES = 512 * 1024
 MAX_DIRTY_RECTS = 32  # more are merged into their bounding box
@@ -66,6 +86,7 @@ MAX_DIRTY_RECTS = 32  # more are merged into their bounding box
 # messages behind it (replies to input, each at most 1.5 KiB).
 MAX_QUEUED_MESSAGES = 64
 HANDSHAKE_TIMEOUT = 10.0  # seconds from accept to ServerInit
+IDLE_TIMEOUT = 600.0  # seconds a client may send nothing (a viewer asks for updates)
 SEND_STALL_TIMEOUT = 10.0  # seconds a queued update may make no progress
 
 SEC_NONE, SEC_VNC_AUTH = 1, 2
@@ -93,8 +114,9 @@ def _subtract(a: Rect, b: Rect) -> list[Rect]:
 class _Client:
     """One connection's protocol state; touched only by the server thread."""
 
-    def __init__(self, sock: socket.socket, generation: int) -> None:
+    def __init__(self, sock: socket.socket, source: str, generation: int) -> None:
         self.sock = sock
+        self.source = source  # the peer's address, for the login backoff
         self.inbuf = bytearray()
         self.out: collections.deque[memoryview] = collections.deque()
         self.state = "version"
@@ -103,15 +125,22 @@ class _Client:
         self.discard = 0  # ClientCutText bytes still to skip
         self.closing = False  # drop once the output is sent
         self.accepted = self.since = time.monotonic()  # since: the last send progress
+        self.active = self.accepted  # the last message from the client
         self.generation = generation
         self.fmt = rfb.DEFAULT_FORMAT
         self.encoding = rfb.ENC_RAW
         self.desktop_size = False
+        self.width = self.height = 0  # the client's framebuffer: ServerInit's, or DesktopSize's
         self.zlib = zlib.compressobj()
         self.zrle = zlib.compressobj()
         self.dirty: list[Rect] = []
         self.want_full: Rect | None = None  # union of pending non-incremental requests
         self.want_incr: Rect | None = None
+
+    @property
+    def admitted(self) -> bool:
+        """Past security: counts against the client limit."""
+        return self.state in ("init", "normal")
 
     def send(self, data: bytes) -> None:
         # Updates are queued only onto an empty queue: the rest is small replies.
@@ -146,12 +175,24 @@ class VncServer:
         on_pointer: Callable[[int, int, int], None] | None = None,
         name: str = "vmbus",
         *,
+        authenticate: bool = True,
+        max_clients: int = MAX_CLIENTS,
+        idle_timeout: float = IDLE_TIMEOUT,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         send_stall_timeout: float = SEND_STALL_TIMEOUT,
+        backoff: LoginBackoff | None = None,
     ) -> None:
+        if not authenticate and password is not None:
+            raise UsageError("a password with authenticate=False")
+        if max_clients < 1:
+            raise UsageError(f"max_clients {max_clients}: at least 1")
         self.screen = screen
         self.host, self.port = host, port
-        self.password = password
+        # VNC authentication unless the caller chose None; a password of its own if none given.
+        self.password: str | None = (password or generate_password()) if authenticate else None
+        self.max_clients = max_clients
+        self.idle_timeout = idle_timeout
+        self.backoff = backoff or LoginBackoff()
         self.on_key, self.on_pointer = on_key, on_pointer
         self.name = name.encode()
         self.handshake_timeout = handshake_timeout
@@ -175,7 +216,13 @@ class VncServer:
 
     @property
     def client_count(self) -> int:
+        """Connections, in the handshake or past it."""
         return len(self._clients)
+
+    @property
+    def admitted_count(self) -> int:
+        """Clients past security: what `max_clients` bounds."""
+        return sum(client.admitted for client in self._clients.values())
 
     def start(self) -> None:
         if self._listener is not None:
@@ -257,6 +304,8 @@ class VncServer:
         for client in list(self._clients.values()):
             if client.state != "normal" and now - client.accepted > self.handshake_timeout:
                 self._drop(client, "handshake timeout")
+            elif client.state == "normal" and now - client.active > self.idle_timeout:
+                self._drop(client, f"idle for {self.idle_timeout:g} s")
             elif client.out and now - client.since > self.send_stall_timeout:
                 self._drop(client, "not reading its updates")
             else:
@@ -265,15 +314,16 @@ class VncServer:
     def _accept(self) -> None:
         assert self._listener is not None
         try:
-            sock, _ = self._listener.accept()
+            sock, address = self._listener.accept()
         except OSError:
             return
-        if len(self._clients) >= MAX_CLIENTS:
+        if len(self._clients) - self.admitted_count >= MAX_PENDING:
+            log.info("vnc: refusing %s: %d connections in the handshake", address[0], MAX_PENDING)
             sock.close()
             return
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        client = _Client(sock, self.screen.geometry()[0])
+        client = _Client(sock, str(address[0]), self.screen.geometry()[0])
         self._clients[sock] = client
         self._selector.register(sock, selectors.EVENT_READ, client)
         client.send(_SERVER_VERSION)
@@ -315,6 +365,7 @@ class VncServer:
             raise _Drop("disconnected")
         if client.closing:
             return
+        client.active = time.monotonic()
         client.inbuf += data
         buf, off = memoryview(bytes(client.inbuf)), 0
         while off < len(buf) and not client.closing:
@@ -353,7 +404,23 @@ class VncServer:
         """SecurityResult failed (with a reason from 3.8 on), then disconnect."""
         client.send(_U32.pack(1) + (_U32.pack(len(reason)) + reason.encode()) * (client.minor >= 8))
         client.closing = True
-        log.info("vnc: %s", reason)
+        log.info("vnc: %s: %s", client.source, reason)
+
+    def _refuse(self, client: _Client, reason: str) -> None:
+        """No security types (3.3: security type 0) and the reason, then disconnect."""
+        zero = _U32.pack(0) if client.minor == 3 else b"\0"
+        client.send(zero + _U32.pack(len(reason)) + reason.encode())
+        client.closing = True
+        log.info("vnc: refusing %s: %s", client.source, reason)
+
+    def _refusal(self, client: _Client) -> str | None:
+        """Why `client` may not log in now, if it may not."""
+        if self.admitted_count >= self.max_clients:
+            return f"too many clients (at most {self.max_clients})"
+        wait = self.backoff.wait(client.source) if self.password is not None else 0.0
+        if wait > 0:
+            return f"too many authentication failures: retry in {math.ceil(wait)} s"
+        return None
 
     def _parse(self, client: _Client, buf: memoryview) -> int:
         """Handles one message at the head of `buf`; returns its length, 0 if incomplete."""
@@ -366,6 +433,10 @@ class VncServer:
                 raise _Drop("not an RFB 3.x client")
             minor = int(m[2])
             client.minor = 8 if minor >= 8 else 7 if minor == 7 else 3
+            refusal = self._refusal(client)
+            if refusal is not None:
+                self._refuse(client, refusal)
+                return 12
             sec = SEC_VNC_AUTH if self.password is not None else SEC_NONE
             if client.minor == 3:  # the server chooses
                 client.send(_U32.pack(sec))
@@ -385,17 +456,24 @@ class VncServer:
             if len(buf) < 16:
                 return 0
             assert self.password is not None
-            if hmac.compare_digest(
+            if self.backoff.wait(client.source) > 0:  # a guess made in parallel: not checked
+                self._fail(client, "too many authentication failures")
+            elif not hmac.compare_digest(
                 bytes(buf[:16]), rfb.vnc_auth_response(self.password, client.challenge)
             ):
+                delay = self.backoff.failed(client.source)
+                self._fail(client, "authentication failed")
+                log.info("vnc: %s waits %.1f s before its next login", client.source, delay)
+            elif self.admitted_count >= self.max_clients:
+                self._fail(client, f"too many clients (at most {self.max_clients})")
+            else:
+                self.backoff.succeeded(client.source)
                 client.send(_U32.pack(0))
                 client.state = "init"
-            else:
-                self._fail(client, "authentication failed")
             return 16
         if state == "init":  # ClientInit: the shared flag; every session is shared
             gen, w, h = self.screen.geometry()
-            client.generation = gen
+            client.generation, client.width, client.height = gen, w, h
             client.send(struct.pack(">HH", w, h) + client.fmt.pack())
             client.send(_U32.pack(len(self.name)) + self.name)
             client.state = "normal"
@@ -407,6 +485,11 @@ class VncServer:
             client.challenge = os.urandom(16)
             client.send(client.challenge)
             client.state = "auth"
+        elif self.admitted_count >= self.max_clients:  # another got in meanwhile
+            if client.minor >= 8:
+                self._fail(client, f"too many clients (at most {self.max_clients})")
+            else:  # 3.3 and 3.7 have no SecurityResult for None: no way to say why
+                client.closing = True
         else:
             if client.minor >= 8:  # 3.3 and 3.7 send no SecurityResult for None
                 client.send(_U32.pack(0))
@@ -477,6 +560,9 @@ class VncServer:
         cap = self.screen.capture(rects, client.generation)
         resized = cap.generation != client.generation
         client.generation = cap.generation
+        announce = resized and client.desktop_size
+        if announce:
+            client.width, client.height = cap.width, cap.height
         if resized:
             client.dirty = []
         else:
@@ -486,12 +572,20 @@ class VncServer:
                 client.dirty = [bounding_box(client.dirty)]
         client.want_full = client.want_incr = None
         parts = []
-        if resized and client.desktop_size:  # first, so the client resizes before drawing
+        if announce:  # first, so the client resizes before drawing
             parts.append(_RECT_HEADER.pack(0, 0, cap.width, cap.height, rfb.ENC_DESKTOP_SIZE))
-        for (x1, y1, x2, y2), pix in zip(cap.rects, cap.pixels, strict=True):
+        count = int(announce)
+        for rect, pix in zip(cap.rects, cap.pixels, strict=True):
+            # Only what fits the client's framebuffer: one that missed a
+            # resize (no DesktopSize) keeps its own size.
+            fits = clip(rect, client.width, client.height)
+            if fits is None:
+                continue
+            x1, y1, x2, y2 = fits
+            pix = pix[y1 - rect[1] : y2 - rect[1], x1 - rect[0] : x2 - rect[0]]
             parts.append(_RECT_HEADER.pack(x1, y1, x2 - x1, y2 - y1, client.encoding))
             parts.append(_encode_rect(client, pix))
-        count = len(cap.rects) + (resized and client.desktop_size)
+            count += 1
         client.send(struct.pack(">BxH", 0, count) + b"".join(parts))
         self._flush(client)
 

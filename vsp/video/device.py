@@ -1,0 +1,145 @@
+"""The synthetic video VSP: the guest's framebuffer lives in its own memory
+(VRAM it grants through a GPADL); mode changes and dirty rectangles arrive
+over the channel, and the VSP copies the dirty regions into a `Screen`,
+which the PNG snapshot and the VNC server show."""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+
+import numpy as np
+import numpy.typing as npt
+
+from vmbus import guid
+from vmbus._ringpacket import Packet
+from vmbus.channel import VM_PKT_DATA_INBAND, Channel
+from vmbus.device import ChannelHandler, OpenContext, Vsp
+from vmbus.host import OfferSpec
+from vmbus.memory import Gpadl
+from vmbus.protocols import video as sv
+from vsp.video.screen import Rect, Screen
+
+DEFAULT_VRAM_MB = 8  # what Hyper-V offers a WIN8+ guest
+
+
+class VideoHandler(ChannelHandler):
+    """The service of one open synthvid channel: answers the guest (one
+    answer per message, within the reserve), asks it for dirty rectangles
+    once a mode is set, and shows what it draws on the VSP's `Screen`."""
+
+    max_reply = sv.MAX_HOST_MESSAGE  # a RESOLUTION_RESPONSE, the largest answer
+
+    def __init__(self, channel: Channel, context: OpenContext, screen: Screen, vram_size: int):
+        super().__init__(channel, context)
+        self.screen = screen
+        self.vram_size = vram_size
+        self.server = sv.SynthvidServer(vram_size)
+        self.vram: npt.NDArray[np.uint8] | None = None  # the guest's VRAM, (vram_size,) uint8
+        self.vram_gpadl: Gpadl | None = None  # the grant it lies in
+        self.frames = 0  # DIRT messages shown
+        self.pending: list[Rect] | None = []  # None: the whole screen
+        self.dirt_requested = False
+
+    def _vram_ok(self, gpa: int, size: int) -> bool:
+        """VRAM must be guest memory the guest granted us through one GPADL."""
+        memory = self.context.memory
+        if gpa < 0 or gpa + size > memory.size:
+            return False
+        self.vram_gpadl = self.context.gpadl_covering(gpa, size)
+        return self.vram_gpadl is not None
+
+    def on_packet(self, packet: Packet) -> None:
+        errors = self.server.errors.total()
+        # One copy out of the ring; the server decodes that copy once.
+        replies, events = self.server.receive(bytes(packet.payload), vram_ok=self._vram_ok)
+        if self.server.errors.total() != errors:
+            self.context.protocol_error("synthvid: %s", self.server.last_error)
+        for reply in replies:  # an answer: the reserve holds its room
+            self.reply(packet.trans_id, reply, type=VM_PKT_DATA_INBAND)
+        for event in events:
+            if isinstance(event, sv.VramLocation):
+                view = self.context.memory.view(event.gpa, self.vram_size)
+                self.vram = np.frombuffer(view, np.uint8)
+            elif isinstance(event, sv.ModeSet):
+                if (self.screen.width, self.screen.height) != (event.width, event.height):
+                    self.screen.resize(event.width, event.height)
+                self._show(None)
+                if not self.dirt_requested:  # start the guest's dirty-rectangle updates
+                    self.dirt_requested = True
+                    self.post(self.server.feature_change(dirt=True))  # unsolicited
+            elif isinstance(event, sv.Dirty):
+                self.frames += 1
+                self._dirty(event.rects)
+
+    def _dirty(self, rects: tuple[Rect, ...]) -> None:
+        """Collect a drain's dirty rectangles; on_signal copies them once,
+        so a burst of updates of one region costs one copy, not one each."""
+        if self.pending is None:
+            return  # already the whole screen
+        self.pending.extend(rects)
+        if len(self.pending) > sv.MAX_DIRT_RECTS:
+            self.pending = None
+
+    def on_signal(self) -> None:
+        """After the worker drained the channel: send what waited for room,
+        then show what changed."""
+        super().on_signal()
+        if self.pending != []:
+            self._show(self.pending)
+            self.pending = []
+
+    def _show(self, rects: list[Rect] | None) -> None:
+        mode = self.server.mode
+        if self.vram is None or mode is None:
+            return
+        if self.vram_gpadl is not None and self.vram_gpadl.gpadl not in self.context.gpadls:
+            self.vram = self.vram_gpadl = None  # the guest revoked its grant
+            return
+        # The protocol checked offset + pitch * height fits the VRAM.
+        rows = self.vram[mode.vram_offset : mode.vram_offset + mode.pitch * mode.height]
+        pixels = np.lib.stride_tricks.as_strided(
+            rows, (mode.height, mode.width, 4), (mode.pitch, 4, 1), writeable=False
+        )
+        self.screen.update(pixels, rects)
+
+    def close(self) -> None:
+        self.vram = self.vram_gpadl = None
+        super().close()
+
+
+class VideoVsp(Vsp):
+    """One synthetic video device of one child, shown on `screen`."""
+
+    def __init__(
+        self,
+        screen: Screen | None = None,
+        *,
+        vram_megabytes: int = DEFAULT_VRAM_MB,
+        instance_id: uuid.UUID | None = None,
+    ) -> None:
+        self.screen = screen or Screen(1024, 768)
+        self.vram_size = vram_megabytes << 20
+        self.instance_id = instance_id or uuid.uuid4()
+        self.handler: VideoHandler | None = None  # the open (or last) channel's
+
+    def offers(self) -> list[OfferSpec]:
+        return [OfferSpec(guid.SYNTHVID, self.instance_id, mmio_megabytes=self.vram_size >> 20)]
+
+    def open(self, channel: Channel, context: OpenContext) -> VideoHandler:
+        self.handler = VideoHandler(channel, context, self.screen, self.vram_size)
+        return self.handler
+
+    # What the open (or last) channel did, for the console and tests.
+
+    @property
+    def frames(self) -> int:
+        return 0 if self.handler is None else self.handler.frames
+
+    @property
+    def errors(self) -> Counter[str]:
+        return Counter() if self.handler is None else self.handler.server.errors
+
+    @property
+    def vram(self) -> npt.NDArray[np.uint8] | None:
+        return None if self.handler is None else self.handler.vram
