@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from vmbus import messages as m
-from vmbus.channel import Channel
+from vmbus.channel import COMPLETION_REQUESTED, Channel
 from vmbus.device import OpenContext
 from vmbus.guest import Guest, GuestError
 from vmbus.partition import Host, wait_until
@@ -229,3 +229,38 @@ def test_child_that_dies_right_after_asking_to_open_leaks_nothing() -> None:
         fds, maps = _parent_resources()
         assert fds <= baseline[0] + 2, "descriptors leaked"
         assert maps <= baseline[1] + 8, "mappings leaked"
+
+
+def flood_and_never_read(guest: Guest) -> None:
+    """Child: fill both rings (requests it sends, replies it never reads),
+    then sit still; the parent must not spin on the requests it cannot take."""
+    driver, _ = bind_echo(guest)
+    channel = driver.channel = driver.device.open(16 << 10, 16 << 10)
+    sent = 0
+    while channel.try_send(bytes(256), flags=COMPLETION_REQUESTED, trans_id=sent + 1):
+        sent += 1
+    assert sent > 10
+    time.sleep(0.3)  # the parent takes what fits its reserve, then waits
+    while channel.try_send(bytes(256), flags=COMPLETION_REQUESTED, trans_id=sent + 1):
+        sent += 1
+    print("flooded", flush=True)
+    time.sleep(2.0)
+
+
+def _thread_cpu_seconds(native_id: int) -> float:
+    fields = Path(f"/proc/self/task/{native_id}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_child_that_floods_and_never_reads_costs_the_worker_no_cpu() -> None:
+    """Back-pressure (no room for replies) sends the parent's worker to
+    sleep on the guest's signal; in poll mode it used to spin at 100 %."""
+    with Host() as host:
+        child = host.start(flood_and_never_read, devices=[EchoVsp(count=2)], spin_seconds=50e-6)
+        assert wait_until(lambda: bool(child.channels), 30)
+        time.sleep(0.8)  # the flood is in; both rings are full
+        before = _thread_cpu_seconds(child.worker.native_id)
+        time.sleep(1.0)
+        used = _thread_cpu_seconds(child.worker.native_id) - before
+        assert used < 0.2, f"the worker used {used:.2f} s of CPU in 1 s on a stuck peer"
+        assert child.wait(timeout=30) == 0
