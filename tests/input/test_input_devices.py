@@ -172,3 +172,29 @@ def test_keyboard_and_mouse_vscs_in_process() -> None:
         assert keyboard_vsp.server.errors.total() == mouse_vsp.server.errors.total() == 0
         keyboard.close()
         mouse.close()
+
+
+def test_guest_vsc_that_stops_reading_while_10000_keys_are_injected_keeps_its_channel() -> None:
+    """The same through the parent's real worker: nothing it sends waits or
+    fails, so the channel is never rescinded."""
+    vsp = KeyboardVsp()
+    devices: dict[UUID, GuestDevice] = {}
+
+    def register(guest: Guest) -> None:
+        guest.register(KEYBOARD, lambda device: devices.setdefault(device.class_id, device))
+
+    with loopback([vsp], register) as (_, partition):
+        keyboard = Keyboard(devices[KEYBOARD])  # negotiates, then stops reading
+        handler = vsp.handler
+        assert isinstance(handler, KeyboardHandler)
+        sent = [KeyEvent(1 + i % 0x7F, (i // 0x7F) % 2 == 0) for i in range(10_000)]
+        for event in sent:
+            vsp.press(event.scan_code, down=event.pressed)
+        assert wait_until(lambda: not handler.pending, 30)  # the worker took them all
+        keyboard.channel.send(keyboard.client.request())  # renegotiating meanwhile
+        lost = handler.dropped + handler.overflow
+        assert lost < len(sent)
+        keys = [keyboard.next_event(timeout=30) for _ in range(len(sent) - lost)]
+        assert keys == sent[: len(keys)]  # in order; only the newest were lost
+        assert keyboard.client.accepted and len(partition.channels) == 1  # not rescinded
+        keyboard.close()
