@@ -49,6 +49,7 @@ from vmbus.protocols.storage import (
     VmScsiRequest,
     VscState,
     VspState,
+    VstorHeader,
     VstorPacket,
     build_srb,
     parse_completion,
@@ -288,7 +289,14 @@ def test_byte_fields_pad_and_refuse_overflow() -> None:
 # --- Round trips --------------------------------------------------------------
 
 
-STRUCTS = [VstorPacket, VmScsiRequest, StorageChannelProperties, ProtocolVersion, SubChannelCount]
+STRUCTS = [
+    VstorHeader,
+    VstorPacket,
+    VmScsiRequest,
+    StorageChannelProperties,
+    ProtocolVersion,
+    SubChannelCount,
+]
 
 
 @pytest.mark.parametrize("cls", STRUCTS, ids=lambda c: c.__name__)
@@ -808,6 +816,20 @@ def test_vsc_clamps_sense_a_vsp_overstates() -> None:
     assert completion.sense == b"\x70" * 20
 
 
+def test_vsp_reports_sense_bytes_without_autosense_valid() -> None:
+    """Sense is valid only with AUTOSENSE_VALID (Linux copies it only then):
+    bytes left in the union otherwise are no sense."""
+    srb = VmScsiRequest(
+        srb_status=SrbStatus.ERROR, scsi_status=2, sense_info_length=18, data=NOT_READY_SENSE
+    )
+    completion = parse_completion(VstorPacket(1, 0, 0, srb.pack()).encode())
+    assert completion.sense == b"" and not completion.succeeded
+    flagged = dataclasses.replace(srb, srb_status=SrbStatus.ERROR | SrbStatus.AUTOSENSE_VALID)
+    assert parse_completion(VstorPacket(1, 0, 0, flagged.pack()).encode()).sense == (
+        NOT_READY_SENSE
+    )
+
+
 def test_bad_configuration_is_refused() -> None:
     with pytest.raises(ValueError, match="max_transfer_bytes"):
         StorvspProtocol(0)
@@ -830,3 +852,27 @@ def test_vsc_rejects_a_vsp_that_refuses_or_answers_wrongly() -> None:
         vsc.receive(VstorPacket(3).encode())
     with pytest.raises(StorageProtocolError, match="needs 48"):
         parse_completion(bytes(20))
+
+
+# --- Parse once -------------------------------------------------------------------
+
+
+def test_srb_is_parsed_once_from_a_private_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One copy of the packet, each struct decoded once; the guest rewriting
+    its ring afterwards changes nothing the VSP acts on."""
+    vsp = ready_vsp()
+    decoded: list[str] = []
+    for cls in (VstorHeader, VstorPacket, VmScsiRequest):
+        original = cls.unpack_from.__func__  # type: ignore[attr-defined]
+
+        def counting(c: Any, buffer: Any, offset: int = 0, _original: Any = original) -> Any:
+            decoded.append(c.__name__)
+            return _original(c, buffer, offset)
+
+        monkeypatch.setattr(cls, "unpack_from", classmethod(counting))
+    ring = bytearray(READ10_REQUEST)
+    event = vsp.receive(memoryview(ring), ONE_PAGE)
+    assert sorted(decoded) == ["VmScsiRequest", "VstorHeader"]
+    ring[12:] = bytes(52)  # a double fetch would now see no SRB at all
+    assert isinstance(event, ExecuteSrb)
+    assert (event.cdb, event.lun, event.transfer_length) == (READ10, 1, 4096)
