@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
+from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -15,12 +16,14 @@ from vmbus import guid
 from vmbus._ringpacket import Packet
 from vmbus.channel import VM_PKT_DATA_INBAND, Channel
 from vmbus.device import ChannelHandler, OpenContext, Vsp
+from vmbus.errors import UsageError
 from vmbus.host import OfferSpec
 from vmbus.memory import Gpadl
 from vmbus.protocols import video as sv
 from vsp.video.screen import Rect, Screen
 
 DEFAULT_VRAM_MB = 8  # what Hyper-V offers a WIN8+ guest
+DEFAULT_MODE = (1024, 768)
 
 
 class VideoHandler(ChannelHandler):
@@ -30,11 +33,11 @@ class VideoHandler(ChannelHandler):
 
     max_reply = sv.MAX_HOST_MESSAGE  # a RESOLUTION_RESPONSE, the largest answer
 
-    def __init__(self, channel: Channel, context: OpenContext, screen: Screen, vram_size: int):
+    def __init__(self, channel: Channel, context: OpenContext, vsp: VideoVsp) -> None:
         super().__init__(channel, context)
-        self.screen = screen
-        self.vram_size = vram_size
-        self.server = sv.SynthvidServer(vram_size)
+        self.screen = vsp.screen
+        self.vram_size = vsp.vram_size
+        self.server = sv.SynthvidServer(vsp.vram_size, vsp.resolutions, vsp.default)
         self.vram: npt.NDArray[np.uint8] | None = None  # the guest's VRAM, (vram_size,) uint8
         self.vram_gpadl: Gpadl | None = None  # the grant it lies in
         self.frames = 0  # DIRT messages shown
@@ -109,17 +112,32 @@ class VideoHandler(ChannelHandler):
 
 
 class VideoVsp(Vsp):
-    """One synthetic video device of one child, shown on `screen`."""
+    """One synthetic video device of one child, shown on `screen`. The
+    guest is offered `resolutions` (by default the standard ones that fit
+    its VRAM) and prefers `default` (1024x768 when offered)."""
 
     def __init__(
         self,
         screen: Screen | None = None,
         *,
         vram_megabytes: int = DEFAULT_VRAM_MB,
+        resolutions: Sequence[tuple[int, int]] | None = None,
+        default: tuple[int, int] | None = None,
         instance_id: uuid.UUID | None = None,
     ) -> None:
         self.screen = screen or Screen(1024, 768)
         self.vram_size = vram_megabytes << 20
+        if resolutions is None:
+            resolutions = [
+                (w, h)
+                for w, h in sv.STANDARD_RESOLUTIONS
+                if w * h * sv.BYTES_PER_PIXEL <= self.vram_size
+            ]
+        if not resolutions:
+            raise UsageError(f"{vram_megabytes} MiB of VRAM fits no standard resolution")
+        self.resolutions = tuple(resolutions)
+        self.default = default or (DEFAULT_MODE if DEFAULT_MODE in resolutions else resolutions[0])
+        sv.SynthvidServer(self.vram_size, self.resolutions, self.default)  # checks them now
         self.instance_id = instance_id or uuid.uuid4()
         self.handler: VideoHandler | None = None  # the open (or last) channel's
 
@@ -127,7 +145,7 @@ class VideoVsp(Vsp):
         return [OfferSpec(guid.SYNTHVID, self.instance_id, mmio_megabytes=self.vram_size >> 20)]
 
     def open(self, channel: Channel, context: OpenContext) -> VideoHandler:
-        self.handler = VideoHandler(channel, context, self.screen, self.vram_size)
+        self.handler = VideoHandler(channel, context, self)
         return self.handler
 
     # What the open (or last) channel did, for the console and tests.
