@@ -81,13 +81,19 @@ def _disk_round(disk: BlockDevice, rng: random.Random, stats: dict[str, Any]) ->
     stats["verified" if back == data else "mismatches"] += 1
 
 
+def colour(index: int) -> int:
+    """The red level of child `index` (from 1): 97 is odd, so up to 256
+    children all differ, and every one is a byte (8 children once overflowed)."""
+    return index * 97 % 256
+
+
 def _draw(screen: Framebuffer, seq: int, index: int) -> None:
     """A bar sweeping across a gradient, in the child's own colour."""
     if seq == 1:
         x = np.arange(WIDTH, dtype=np.uint8)
         screen.pixels[..., 0] = x[None, :]
         screen.pixels[..., 1] = np.arange(HEIGHT, dtype=np.uint8)[:, None]
-        screen.pixels[..., 2] = 40 * index
+        screen.pixels[..., 2] = colour(index)
         screen.update()
         return
     column = (seq * 8) % WIDTH

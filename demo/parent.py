@@ -22,12 +22,9 @@ from demo import ring as ring_demo
 from vmbus.device import Vsp
 from vmbus.partition import ChildPartition, Host
 from vsp.input import KeyboardVsp, MouseVsp
-from vsp.net import NetVsp
-from vsp.net.backends import LearningSwitch, NetBackend, TapBackend
+from vsp.net import LearningSwitch, NetBackend, NetVsp, TapBackend
 from vsp.storage import RawFileBackend, StorVsp
-from vsp.video import VideoVsp
-from vsp.video.screen import Screen
-from vsp.video.vnc import VncServer
+from vsp.video import Screen, VideoVsp, VncServer
 
 CHILD_TARGET = "demo.child:run"
 KEYSYMS = [ord(c) for c in "vmbus"]  # what the parent types, in turn
@@ -48,6 +45,7 @@ class Options:
     disk_mb: int = 64
     net: str = "switch"  # or "tap" (root)
     vnc_port: int = 5900
+    vnc_password: str | None = None  # None: the console makes one for this run
     ring: bool = True  # start with the ring throughput figures
 
 
@@ -81,9 +79,13 @@ def main(options: Options, out: TextIO = sys.stdout) -> int:
     with Host() as host:
         for index in range(options.children):
             children.append(_start(host, index, options, workdir, switch, screen))
-        vnc = _console(screen, children[0], options.vnc_port)
+        vnc = _console(screen, children[0], options.vnc_port, options.vnc_password)
         try:
-            print(f"VNC console of child-1: {_address(vnc)} (any VNC client)", file=out)
+            print(
+                f"VNC console of child-1: {_address(vnc)} (any VNC client), "
+                f"password {vnc.password}",
+                file=out,
+            )
             _watch(children, options.seconds, out)
             snapshot = workdir / "screen.png"
             screen.snapshot_png(snapshot)
@@ -122,7 +124,10 @@ def _start(
     return Child(partition, stats_path, keyboard, mouse, video)
 
 
-def _console(screen: Screen, child: Child, port: int) -> VncServer:
+def _console(screen: Screen, child: Child, port: int, password: str | None) -> VncServer:
+    """The console of `child`, behind VNC authentication: `password`, or one
+    made for this run (any local process could otherwise watch and type)."""
+
     def pointer(x: int, y: int, buttons: int) -> None:
         child.mouse.pointer(x, y, buttons, screen.width, screen.height)
 
@@ -131,7 +136,9 @@ def _console(screen: Screen, child: Child, port: int) -> VncServer:
 
     for candidate in (port, 0):  # the usual display port, or any free one
         try:
-            server = VncServer(screen, port=candidate, on_key=key, on_pointer=pointer)
+            server = VncServer(
+                screen, port=candidate, password=password, on_key=key, on_pointer=pointer
+            )
             server.start()
             return server
         except OSError:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import cast
+
+import numpy as np
 
 
 def vmbus(*args: str) -> subprocess.CompletedProcess[str]:
@@ -66,9 +70,36 @@ def test_full_demo_runs_every_device(tmp_path: Path) -> None:
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     ios, verified, mismatches, sent, received, video = map(int, cells[1:7])
     assert ios > 0 and verified > 0 and mismatches == 0 and sent > 0 and video > 0
-    assert "VNC console of child-1: 127.0.0.1::" in result.stdout
+    console = next(line for line in result.stdout.splitlines() if "VNC console" in line)
+    # Behind a password made for the run, which the demo prints.
+    assert re.fullmatch(r"VNC console of child-1: 127\.0\.0\.1::\d+ .*password \S{8}", console)
     assert (tmp_path / "vmbus-demo" / "screen.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "vmbus-demo" / "disk-1.img").stat().st_size == 64 << 20
+
+
+def test_demo_children_up_to_the_flags_maximum_draw_in_colours_of_their_own() -> None:
+    """`vmbus demo --children 8` once died with an OverflowError: child 7's
+    colour (40 * 7) did not fit a byte."""
+    from demo import child
+    from vmbus.cli import build_parser
+    from vsc.video import Framebuffer
+
+    most = 8
+    assert build_parser().parse_args(["demo", "--children", str(most)]).children == most
+
+    class Screen:
+        pixels = np.zeros((child.HEIGHT, child.WIDTH, 4), np.uint8)
+
+        def update(self, *rects: tuple[int, int, int, int]) -> None:
+            pass
+
+    reds = set()
+    for index in range(1, most + 1):
+        screen = Screen()
+        for seq in (1, 2):
+            child._draw(cast(Framebuffer, screen), seq, index)
+        reds.add(int(screen.pixels[0, -1, 2]))
+    assert len(reds) == most
 
 
 def test_demo_arguments_are_checked() -> None:
