@@ -9,7 +9,9 @@ rather than adding a cryptography dependency for it.
 from __future__ import annotations
 
 import struct
+import zlib
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -25,6 +27,7 @@ __all__ = [
     "colour_map",
     "des_encrypt",
     "encode_pixels",
+    "encode_rect",
     "pixel_values",
     "vnc_auth_response",
     "zrle_tiles",
@@ -176,6 +179,28 @@ def zrle_tiles(fmt: PixelFormat, values: Values) -> bytes:
             else:
                 out += [b"\x00", cpixel_bytes(fmt, tile)]
     return b"".join(out)
+
+
+class Compressor(Protocol):
+    """A zlib compression stream (zlib.compressobj())."""
+
+    def compress(self, data: bytes, /) -> bytes: ...
+    def flush(self, mode: int = ..., /) -> bytes: ...
+
+
+def encode_rect(
+    encoding: int, fmt: PixelFormat, pix: Pixels, zlib_stream: Compressor, zrle_stream: Compressor
+) -> bytes:
+    """One rectangle's data in `encoding`. The zlib streams are the
+    connection's (one per encoding); each rectangle ends on a sync flush."""
+    if encoding == ENC_RAW:
+        return encode_pixels(fmt, pix)
+    if encoding == ENC_ZRLE:
+        stream, data = zrle_stream, zrle_tiles(fmt, pixel_values(fmt, pix))
+    else:
+        stream, data = zlib_stream, encode_pixels(fmt, pix)
+    out = stream.compress(data) + stream.flush(zlib.Z_SYNC_FLUSH)
+    return struct.pack(">I", len(out)) + out
 
 
 def colour_map() -> bytes:

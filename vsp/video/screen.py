@@ -10,7 +10,7 @@ Interface:
   (byte 0 blue, 1 green, 2 red, 3 unused). New and resized frames are black.
 - ``Screen.resize(width, height)``: a mode change. Listeners are told the whole
   new frame is dirty; VNC clients get a DesktopSize update if they support it,
-  otherwise a full update of the new size.
+  otherwise what of the new frame fits the framebuffer they have.
 - ``Screen.update(pixels, rects=None)``: ``pixels`` is the guest's VRAM as a
   (h, w, 4) uint8 view (strided views, e.g. a pitch wider than the mode, are
   fine); ``rects`` are the dirty rectangles ``(x1, y1, x2, y2)``, ends
@@ -25,7 +25,8 @@ Interface:
   encoders; a stale ``generation`` (a resize happened) yields the whole frame.
 
 Backends: ``vsp.video.vnc.VncServer(screen, host="127.0.0.1", port=5900,
-password=None, on_key=..., on_pointer=...)`` serves the Screen over RFB 3.8 and
+password=None, on_key=..., on_pointer=...)`` serves the Screen over RFB 3.8
+(behind VNC authentication: a password made for the run if none is given) and
 calls ``on_key(keysym: int, down: bool)`` and ``on_pointer(x: int, y: int,
 buttons: int)`` (from its own thread) for the VSP to forward to the guest's
 keyboard and mouse. ``vsp.video.png.encode_png`` / ``write_png`` encode RGB frames.
@@ -44,7 +45,17 @@ import numpy.typing as npt
 
 from vsp.video.png import write_png
 
-__all__ = ["MAX_DIMENSION", "MAX_UPDATE_RECTS", "Capture", "Rect", "Screen"]
+__all__ = [
+    "MAX_DIMENSION",
+    "MAX_UPDATE_RECTS",
+    "Capture",
+    "Rect",
+    "Screen",
+    "bounding_box",
+    "clip",
+    "intersect",
+    "subtract",
+]
 
 Rect = tuple[int, int, int, int]
 Frame = npt.NDArray[np.uint8]
@@ -61,6 +72,21 @@ def clip(rect: Rect, width: int, height: int) -> Rect | None:
     """`rect` clipped to a width x height frame, or None when nothing is left."""
     x1, y1, x2, y2 = max(rect[0], 0), max(rect[1], 0), min(rect[2], width), min(rect[3], height)
     return (x1, y1, x2, y2) if x1 < x2 and y1 < y2 else None
+
+
+def intersect(a: Rect, b: Rect) -> Rect | None:
+    x1, y1, x2, y2 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
+    return (x1, y1, x2, y2) if x1 < x2 and y1 < y2 else None
+
+
+def subtract(a: Rect, b: Rect) -> list[Rect]:
+    """`a` minus `b`, as up to four rectangles."""
+    i = intersect(a, b)
+    if i is None:
+        return [a]
+    (x1, y1, x2, y2), (ix1, iy1, ix2, iy2) = a, i
+    parts = [(x1, y1, x2, iy1), (x1, iy2, x2, y2), (x1, iy1, ix1, iy2), (ix2, iy1, x2, iy2)]
+    return [p for p in parts if p[0] < p[2] and p[1] < p[3]]
 
 
 def bounding_box(rects: Sequence[Rect]) -> Rect:

@@ -55,13 +55,10 @@ import time
 import zlib
 from collections.abc import Callable
 
-import numpy as np
-import numpy.typing as npt
-
 from vmbus.errors import UsageError
 from vsp.video import rfb
 from vsp.video.access import LoginBackoff, generate_password
-from vsp.video.screen import Rect, Screen, bounding_box, clip
+from vsp.video.screen import Rect, Screen, bounding_box, clip, intersect, subtract
 
 __all__ = [
     "HANDSHAKE_TIMEOUT",
@@ -94,21 +91,6 @@ _SERVER_VERSION = b"RFB 003.008\n"
 _VERSION_RE = re.compile(rb"RFB (\d{3})\.(\d{3})\n")
 _U32 = struct.Struct(">I")
 _RECT_HEADER = struct.Struct(">HHHHi")
-
-
-def _intersect(a: Rect, b: Rect) -> Rect | None:
-    x1, y1, x2, y2 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
-    return (x1, y1, x2, y2) if x1 < x2 and y1 < y2 else None
-
-
-def _subtract(a: Rect, b: Rect) -> list[Rect]:
-    """`a` minus `b`, as up to four rectangles."""
-    i = _intersect(a, b)
-    if i is None:
-        return [a]
-    (x1, y1, x2, y2), (ix1, iy1, ix2, iy2) = a, i
-    parts = [(x1, y1, x2, iy1), (x1, iy2, x2, y2), (x1, iy1, ix1, iy2), (ix2, iy1, x2, iy2)]
-    return [p for p in parts if p[0] < p[2] and p[1] < p[3]]
 
 
 class _Client:
@@ -151,9 +133,9 @@ class _Client:
         self.out.append(memoryview(data))
 
     def add_dirty(self, rect: Rect) -> None:
-        if any(_subtract(rect, d) == [] for d in self.dirty):
+        if any(subtract(rect, d) == [] for d in self.dirty):
             return  # already covered
-        self.dirty = [d for d in self.dirty if _subtract(d, rect)] + [rect]
+        self.dirty = [d for d in self.dirty if subtract(d, rect)] + [rect]
         if len(self.dirty) > MAX_DIRTY_RECTS:
             self.dirty = [bounding_box(self.dirty)]
 
@@ -553,7 +535,7 @@ class VncServer:
         gen, w, h = self.screen.geometry()
         rects = [client.want_full] if client.want_full else []
         if client.want_incr is not None:
-            rects += [r for d in client.dirty if (r := _intersect(d, client.want_incr))]
+            rects += [r for d in client.dirty if (r := intersect(d, client.want_incr))]
         rects = [c for r in rects if (c := clip(r, w, h)) is not None]
         if not rects and gen == client.generation and client.want_full is None:
             return  # an incremental request waits for a change
@@ -567,7 +549,7 @@ class VncServer:
             client.dirty = []
         else:
             for sent in cap.rects:
-                client.dirty = [p for d in client.dirty for p in _subtract(d, sent)]
+                client.dirty = [p for d in client.dirty for p in subtract(d, sent)]
             if len(client.dirty) > MAX_DIRTY_RECTS:
                 client.dirty = [bounding_box(client.dirty)]
         client.want_full = client.want_incr = None
@@ -584,20 +566,9 @@ class VncServer:
             x1, y1, x2, y2 = fits
             pix = pix[y1 - rect[1] : y2 - rect[1], x1 - rect[0] : x2 - rect[0]]
             parts.append(_RECT_HEADER.pack(x1, y1, x2 - x1, y2 - y1, client.encoding))
-            parts.append(_encode_rect(client, pix))
+            parts.append(
+                rfb.encode_rect(client.encoding, client.fmt, pix, client.zlib, client.zrle)
+            )
             count += 1
         client.send(struct.pack(">BxH", 0, count) + b"".join(parts))
         self._flush(client)
-
-
-def _encode_rect(client: _Client, pix: npt.NDArray[np.uint8]) -> bytes:
-    if client.encoding == rfb.ENC_RAW:
-        return rfb.encode_pixels(client.fmt, pix)
-    if client.encoding == rfb.ENC_ZRLE:
-        values = rfb.pixel_values(client.fmt, pix)
-        stream, data = client.zrle, rfb.zrle_tiles(client.fmt, values)
-    else:
-        stream, data = client.zlib, rfb.encode_pixels(client.fmt, pix)
-    # One zlib stream per encoding per connection; each rectangle ends on a sync flush.
-    out = stream.compress(data) + stream.flush(zlib.Z_SYNC_FLUSH)
-    return _U32.pack(len(out)) + out
