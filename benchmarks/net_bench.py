@@ -48,8 +48,7 @@ from vmbus.guest import Guest, GuestDevice
 from vmbus.partition import ChildPartition, Host
 from vmbus.testing import ethernet as eth
 from vsc.net import NetAdapter
-from vsp.net import NetVsp
-from vsp.net.backends import LearningSwitch, TapBackend
+from vsp.net import LearningSwitch, NetVsp, TapBackend
 
 CHILD_TARGET = "benchmarks.net_bench:net_child"  # importable even as __main__
 TIMEOUT = 60.0

@@ -114,7 +114,7 @@ def info() -> str:
     from vmbus.protocols import storage
     from vmbus.protocols import video as synthvid
     from vmbus.protocols.input import SYNTH_KBD_VERSION, SYNTHHID_INPUT_VERSION
-    from vmbus.protocols.net import nvsp
+    from vmbus.protocols.net import NVSP_VERSIONS
 
     def versions(values: Iterable[int], fmt: Callable[[int], str]) -> str:
         return ", ".join(fmt(int(v)) for v in values)
@@ -126,7 +126,7 @@ def info() -> str:
         f"VMBus versions (host): {versions(messages.HOST_SUPPORTED_VERSIONS, dotted)}",
         "devices:",
         f"  storage   {guid.SCSI}  VSTOR {versions(storage.VSP_VERSIONS, _minor8)}",
-        f"  network   {guid.NETWORK}  NVSP {versions(nvsp.NVSP_VERSIONS, dotted)}, RNDIS 1.0",
+        f"  network   {guid.NETWORK}  NVSP {versions(NVSP_VERSIONS, dotted)}, RNDIS 1.0",
         f"  keyboard  {guid.KEYBOARD}  {dotted(SYNTH_KBD_VERSION)}",
         f"  mouse     {guid.MOUSE}  HID {dotted(SYNTHHID_INPUT_VERSION)}",
         f"  video     {guid.SYNTHVID}  synthvid "

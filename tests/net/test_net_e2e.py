@@ -19,8 +19,7 @@ from vmbus.guest import Guest, GuestDevice
 from vmbus.partition import Host, wait_until
 from vmbus.testing import ethernet as eth
 from vsc.net import NetAdapter
-from vsp.net import NetVsp
-from vsp.net.backends import LearningSwitch, TapBackend
+from vsp.net import LearningSwitch, NetVsp, TapBackend
 
 MAC_A, MAC_B = bytes.fromhex("020000000a01"), bytes.fromhex("020000000b02")
 IP_A, IP_B = "10.201.0.1", "10.201.0.2"

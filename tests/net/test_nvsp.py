@@ -17,7 +17,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invariant, rule
 
-from vmbus.protocols.net.nvsp import (
+from vmbus.protocols.net.vsc import (
+    NvspClient,
+    VscState,
+)
+from vmbus.protocols.net.vsp import (
+    AllocateSubChannels,
+    BufferEstablished,
+    BufferRevoked,
+    NoReply,
+    NvspServer,
+    NvspState,
+    ReceiveSections,
+    Reply,
+    RndisPacket,
+)
+from vmbus.protocols.net.wire import (
     INVALID_SECTION_INDEX,
     MAX_RECEIVE_SECTIONS,
     MESSAGES,
@@ -30,26 +45,16 @@ from vmbus.protocols.net.nvsp import (
     NVSP_PROTOCOL_VERSION_6,
     NVSP_PROTOCOL_VERSION_61,
     NVSP_VERSIONS,
-    AllocateSubChannels,
     Buffer,
-    BufferEstablished,
     BufferKind,
-    BufferRevoked,
-    NoReply,
-    NvspClient,
     NvspError,
     NvspInit,
     NvspInitComplete,
     NvspMessageType,
-    NvspServer,
-    NvspState,
     NvspStatus,
-    ReceiveSections,
-    Reply,
     RevokeReceiveBuffer,
     RevokeSendBuffer,
     RndisChannel,
-    RndisPacket,
     SendNdisConfig,
     SendNdisVersion,
     SendReceiveBuffer,
@@ -59,7 +64,6 @@ from vmbus.protocols.net.nvsp import (
     SendSendBufferComplete,
     SubChannelComplete,
     SubChannelRequest,
-    VscState,
     decode,
     decode_indirection_table,
     encode,

@@ -19,11 +19,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from vmbus.packet import decode_transfer_page_header, encode_transfer_page_header
-from vmbus.protocols.net import nvsp
-from vmbus.protocols.net.rndis import (
-    MAX_CONTROL_MESSAGE,
-    MAX_PPIS,
-    MESSAGES,
+from vmbus.protocols import net
+from vmbus.protocols.net import wire as nvsp
+from vmbus.protocols.net.rndis_data import (
     NDIS_OBJECT_TYPE_OFFLOAD,
     NDIS_OFFLOAD_SIZE_6_0,
     OID_802_3_CURRENT_ADDRESS,
@@ -41,44 +39,53 @@ from vmbus.protocols.net.rndis import (
     OID_GEN_XMIT_OK,
     OID_TCP_OFFLOAD_HARDWARE_CAPABILITIES,
     OID_TCP_OFFLOAD_PARAMETERS,
-    SUPPORTED_OIDS,
-    Completion,
     ConfigParameterInfo,
+    NdisObjectHeader,
+    RecvScaleCapabilities,
+    decode_config_parameter,
+    encode_config_parameter,
+    network_address,
+    u32,
+)
+from vmbus.protocols.net.rndis_wire import (
+    MAX_CONTROL_MESSAGE,
+    MAX_PPIS,
+    MESSAGES,
     Halt,
     IndicateStatus,
-    Indication,
     Initialize,
     InitializeComplete,
     Keepalive,
-    NdisObjectHeader,
     PacketHeader,
     Ppi,
     PpiHeader,
     PpiType,
     Query,
     QueryComplete,
-    RecvScaleCapabilities,
     Reset,
     ResetComplete,
-    RndisClient,
-    RndisDevice,
     RndisError,
     RndisMessageType,
-    RndisState,
     RndisStatus,
     Set,
     SetComplete,
     decode,
-    decode_config_parameter,
     decode_packet,
     encode,
-    encode_config_parameter,
     encode_packet,
     message_view,
-    network_address,
     split_messages,
     type_of,
-    u32,
+)
+from vmbus.protocols.net.vsc import (
+    Completion,
+    Indication,
+    RndisClient,
+)
+from vmbus.protocols.net.vsp import (
+    SUPPORTED_OIDS,
+    RndisDevice,
+    RndisState,
 )
 from vmbus.testing.strategies import from_hex as h
 from vmbus.testing.strategies import wire_values as any_struct
@@ -445,10 +452,10 @@ class Guest:
     def __init__(self, version: int) -> None:
         self.memory = {RECV_GPADL: bytearray(RECV_SIZE), SEND_GPADL: bytearray(SEND_SIZE)}
         self.sizes = {handle: len(buffer) for handle, buffer in self.memory.items()}
-        self.server = nvsp.NvspServer(versions=[version])
-        self.nvsc = nvsp.NvspClient(RECV_GPADL, RECV_SIZE, SEND_GPADL, SEND_SIZE)
+        self.server = net.NvspServer(versions=[version])
+        self.nvsc = net.NvspClient(RECV_GPADL, RECV_SIZE, SEND_GPADL, SEND_SIZE)
         self.device, self.rndis = RndisDevice(MAC), RndisClient()
-        self.sections: nvsp.ReceiveSections | None = None
+        self.sections: net.ReceiveSections | None = None
         self.next_trans_id = 1
 
     def nvsp_init(self) -> None:
@@ -458,12 +465,12 @@ class Guest:
             for request in requests:
                 event = self.server.receive(request.payload, gpadl_sizes=self.sizes)
                 if (
-                    isinstance(event, nvsp.BufferEstablished)
+                    isinstance(event, net.BufferEstablished)
                     and event.kind == nvsp.BufferKind.RECEIVE
                 ):
-                    self.sections = nvsp.ReceiveSections.of(event.buffer)
+                    self.sections = net.ReceiveSections.of(event.buffer)
                 if request.completion_requested:
-                    reply = event.payload if isinstance(event, nvsp.Reply) else event.reply
+                    reply = event.payload if isinstance(event, net.Reply) else event.reply
             requests = self.nvsc.receive(reply)
         assert self.nvsc.ready
 
@@ -477,7 +484,7 @@ class Guest:
             self.memory[SEND_GPADL][offset : offset + len(rndis)] = rndis
             payload = nvsp.send_rndis_packet(nvsp.RndisChannel.DATA, section, len(rndis))
         event = self.server.receive(payload, gpadl_sizes=self.sizes)
-        assert isinstance(event, nvsp.RndisPacket)
+        assert isinstance(event, net.RndisPacket)
         if event.offset is None:
             data: Any = rndis  # the I/O layer reads the GPA ranges
         else:

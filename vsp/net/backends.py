@@ -1,5 +1,6 @@
-"""Network backends for the network VSP: a TAP device, a learning switch,
-null, and a pcap-capturing wrapper, all behind `NetBackend`.
+"""Network backends for the network VSP: a TAP device, null, and a
+pcap-capturing wrapper, all behind `NetBackend` (the learning switch, the
+fourth, is in `vsp.net.switch`).
 
 The interface (`NetBackend`):
 
@@ -11,6 +12,12 @@ The interface (`NetBackend`):
   or written out before it returns); returns how many the medium accepted.
   A full medium, a link that is down or a malformed frame is a drop: counted
   in `drops`, never raised;
+- `transmit(frames)`: `send` with flow control, for the VSP: returns
+  `Sent(taken, refused)`. frames[:taken] were taken, `refused` of them
+  dropped (the VSP reports those to the guest); frames[taken:] were not
+  taken because the medium is congested (a full switch port): offer them
+  again once `space_fileno()` is readable. A medium that never holds back
+  (TAP, null) takes everything and has no space descriptor (-1);
 - `mac` (a suggested MAC for the guest NIC, or None), `mtu`, `link_up`;
 - `set_link(up)`, and `on_link_change`: a callback the VSP sets, called with
   the new state from the thread that calls `set_link`, when the state changes;
@@ -27,16 +34,24 @@ import errno
 import fcntl
 import os
 import struct
-import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any, BinaryIO, Protocol, TypeVar
+from typing import Any, BinaryIO, NamedTuple, Protocol, TypeVar
 
 from pyroute2 import IPRoute
 from pyroute2 import netns as _netns  # not `netns`: TapBackend's argument of that name
 
-__all__ = ["LearningSwitch", "NetBackend", "NullBackend", "PcapCapture", "SwitchPort", "TapBackend"]
+from vmbus.errors import UsageError
+
+__all__ = [
+    "DEFAULT_MTU",
+    "NetBackend",
+    "NullBackend",
+    "PcapCapture",
+    "Sent",
+    "TapBackend",
+    "max_frame",
+]
 
 Frame = bytes | bytearray | memoryview  # a byte-format buffer
 LinkCallback = Callable[[bool], None]
@@ -51,8 +66,16 @@ MAX_MTU = 65535 - ETH_HLEN - VLAN_HLEN  # the largest frame a pcap snaplen or a 
 def max_frame(mtu: int) -> int:
     """The longest frame a medium with this MTU carries (checked: 68 is IPv4's minimum)."""
     if not 68 <= mtu <= MAX_MTU:
-        raise ValueError(f"MTU {mtu} is outside 68..{MAX_MTU}")
+        raise UsageError(f"MTU {mtu} is outside 68..{MAX_MTU}")
     return ETH_HLEN + VLAN_HLEN + mtu
+
+
+class Sent(NamedTuple):
+    """What `transmit` did: the first `taken` frames were taken, `refused`
+    of them dropped; the rest wait for room (see `space_fileno`)."""
+
+    taken: int
+    refused: int
 
 
 class NetBackend(Protocol):
@@ -69,6 +92,8 @@ class NetBackend(Protocol):
     def fileno(self) -> int: ...
     def receive(self, max_frames: int) -> list[bytes]: ...
     def send(self, frames: Sequence[Frame]) -> int: ...
+    def transmit(self, frames: Sequence[Frame]) -> Sent: ...
+    def space_fileno(self) -> int: ...
     def set_link(self, up: bool) -> None: ...
     def close(self) -> None: ...
 
@@ -89,7 +114,7 @@ class _Backend(_Closing):
 
     def __init__(self, mac: bytes | None, mtu: int, fd: int = -1) -> None:
         if mac is not None and len(mac) != 6:
-            raise ValueError(f"a MAC is 6 bytes, not {len(mac)}")
+            raise UsageError(f"a MAC is 6 bytes, not {len(mac)}")
         self._fd = fd
         self.mac = mac
         self.mtu = mtu
@@ -102,6 +127,16 @@ class _Backend(_Closing):
 
     def fileno(self) -> int:
         return self._fd
+
+    def send(self, frames: Sequence[Frame]) -> int:
+        raise NotImplementedError
+
+    def transmit(self, frames: Sequence[Frame]) -> Sent:
+        """A medium without flow control takes every frame."""
+        return Sent(len(frames), len(frames) - self.send(frames))
+
+    def space_fileno(self) -> int:
+        return -1  # never holds frames back
 
     def set_link(self, up: bool) -> None:
         if up != self.link_up:
@@ -138,140 +173,6 @@ class NullBackend(_Backend):
             return 0
         self.frames_out += len(frames)
         return len(frames)
-
-
-# --- learning switch ---
-
-# Frames waiting at one port: ~1.5 MB of 1500-byte frames. A guest that does
-# not drain its port loses frames there, and only there.
-SWITCH_QUEUE_FRAMES = 1024
-# Learned MACs: a guest spraying source MACs cannot grow the table further;
-# frames to MACs not learned are flooded, as a real switch does.
-SWITCH_TABLE_ENTRIES = 4096
-
-
-class LearningSwitch:
-    """An Ethernet switch in memory between ports (`port()`), each a NetBackend.
-
-    A port's frames go to the port that learned the destination MAC (from
-    the frames it sent), or to every other port for broadcast, multicast and
-    unknown unicast. Frames to the sending port itself are filtered. Each
-    port has its own bounded queue; one lock covers the table and the queues.
-    """
-
-    def __init__(
-        self,
-        mtu: int = DEFAULT_MTU,
-        queue_frames: int = SWITCH_QUEUE_FRAMES,
-        table_entries: int = SWITCH_TABLE_ENTRIES,
-    ) -> None:
-        self.mtu = mtu
-        self._max_frame = max_frame(mtu)
-        self.queue_frames = queue_frames
-        self.table_entries = table_entries
-        self._lock = threading.Lock()
-        self._ports: list[SwitchPort] = []
-        self._table: dict[bytes, SwitchPort] = {}
-
-    def port(self, mac: bytes | None = None) -> SwitchPort:
-        """A new port. Its `mac`, if given, is learned at once, so frames to
-        it arrive before the guest has sent anything."""
-        port = SwitchPort(self, mac)
-        with self._lock:
-            self._ports.append(port)
-            if mac is not None:
-                self._learn(mac, port)
-        return port
-
-    def _learn(self, mac: bytes, port: SwitchPort) -> None:
-        if mac in self._table or len(self._table) < self.table_entries:
-            self._table[mac] = port
-
-    def _forward(self, source: SwitchPort, frames: Sequence[Frame]) -> int:
-        accepted = 0
-        with self._lock:
-            if not source.link_up or source._fd < 0:
-                source.drops += len(frames)
-                return 0
-            for frame in frames:
-                data = bytes(frame)  # the caller's view is valid during the call only
-                if not ETH_HLEN <= len(data) <= self._max_frame:
-                    source.drops += 1
-                    continue
-                accepted += 1
-                if not data[6] & 1:  # a multicast source address is bogus: not learned
-                    self._learn(data[6:12], source)
-                target = None if data[0] & 1 else self._table.get(data[:6])
-                if target is None:
-                    for port in self._ports:
-                        if port is not source:
-                            port._enqueue(data)
-                elif target is not source:
-                    target._enqueue(data)
-            source.frames_out += accepted
-        return accepted
-
-    def _remove(self, port: SwitchPort) -> None:
-        with self._lock:
-            self._ports.remove(port)
-            for mac in [mac for mac, owner in self._table.items() if owner is port]:
-                del self._table[mac]
-            port._flush()
-            _Backend.close(port)
-
-
-class SwitchPort(_Backend):
-    """One port of a LearningSwitch. Its eventfd counts 1 exactly while its
-    queue holds frames (both change under the switch's lock)."""
-
-    def __init__(self, switch: LearningSwitch, mac: bytes | None) -> None:
-        super().__init__(mac, switch.mtu, _eventfd())
-        self.switch = switch
-        self._queue: deque[bytes] = deque()
-
-    def _enqueue(self, frame: bytes) -> None:  # under the switch's lock
-        if not self.link_up or len(self._queue) >= self.switch.queue_frames:
-            self.drops += 1
-            return
-        if not self._queue:
-            os.eventfd_write(self._fd, 1)
-        self._queue.append(frame)
-
-    def _flush(self) -> None:  # under the switch's lock; the lost frames are drops
-        if self._queue:
-            self.drops += len(self._queue)
-            self._queue.clear()
-            os.eventfd_read(self._fd)
-
-    def receive(self, max_frames: int) -> list[bytes]:
-        with self.switch._lock:
-            queue = self._queue
-            count = min(max_frames, len(queue))
-            if count == 0:
-                return []
-            frames = [queue.popleft() for _ in range(count)]
-            if not queue:
-                os.eventfd_read(self._fd)
-            self.frames_in += count
-        return frames
-
-    def send(self, frames: Sequence[Frame]) -> int:
-        return self.switch._forward(self, frames)
-
-    def set_link(self, up: bool) -> None:
-        """Down is a pulled cable: frames waiting here are lost, and frames to
-        and from this port are dropped until it is up again."""
-        with self.switch._lock:
-            changed = up != self.link_up
-            self.link_up = up
-            if not up:
-                self._flush()
-        if changed:
-            self._link_changed(up)
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            self.switch._remove(self)
 
 
 # --- TAP device ---
@@ -311,7 +212,7 @@ class TapBackend(_Backend):
         super().__init__(None, mtu)
         encoded = (name or "").encode()
         if len(encoded) >= IFNAMSIZ:
-            raise ValueError(f"interface name {name!r} is longer than {IFNAMSIZ - 1} bytes")
+            raise UsageError(f"interface name {name!r} is longer than {IFNAMSIZ - 1} bytes")
         self.netns = netns
         self.index: int = -1
         self._created_netns = False
@@ -454,6 +355,15 @@ class PcapCapture(_Closing):
         for frame in frames:
             self._record(frame)
         return self.inner.send(frames)
+
+    def transmit(self, frames: Sequence[Frame]) -> Sent:
+        sent = self.inner.transmit(frames)
+        for frame in frames[: sent.taken]:  # the rest is offered again later
+            self._record(frame)
+        return sent
+
+    def space_fileno(self) -> int:
+        return self.inner.space_fileno()
 
     def set_link(self, up: bool) -> None:
         self.inner.set_link(up)

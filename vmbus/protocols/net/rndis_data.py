@@ -1,6 +1,6 @@
 """What RNDIS messages carry (PROTOCOL-FACTS §6.6): OIDs, their values and
 the NDIS objects and config parameters in info buffers. Quoted C comes from
-drivers/net/hyperv/hyperv_net.h; `vmbus.protocols.net.rndis` re-exports it."""
+drivers/net/hyperv/hyperv_net.h."""
 
 from __future__ import annotations
 

@@ -8,8 +8,10 @@ comes from include/linux/rndis.h and drivers/net/hyperv/hyperv_net.h.
 
 Everything the peer controls is checked: msg_len against the bytes given,
 each buffer offset and length against msg_len, each per-packet-info element
-against its area. A decoder raises only `RndisError`. `vmbus.protocols.net.rndis`
-re-exports all of it.
+against its area. A decoder raises only `RndisError`. The VSP parses each
+message once: `parse_request` (a control message: its fixed part and info
+buffer) and `decode_packets` (a batch of PACKET messages: each header read
+once, the frames as views into the caller's private copy).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Annotated, Any, ClassVar, NamedTuple, TypeVar, cast
 
+from vmbus.errors import PeerError, UsageError
 from vmbus.wire import U32, WireStruct, open_enum, wire_struct
 
 RNDIS_MAJOR_VERSION = 1
@@ -36,9 +39,9 @@ MAX_PPIS = 32  # Linux sends at most 5 per packet; bounds per-packet work
 MAX_MESSAGES_PER_BATCH = 64  # a send section batches max_pkt_per_msg (8) messages
 
 
-class RndisError(ValueError):
+class RndisError(PeerError, ValueError):
     """RNDIS bytes that cannot be decoded: a length or offset outside the
-    message, a wrong type, a truncated element (a remote error)."""
+    message, a wrong type, a truncated element: the peer broke the protocol."""
 
 
 class RndisMessageType(IntEnum):
@@ -325,7 +328,7 @@ def encode(message: WireStruct, buffer: bytes = b"") -> bytes:
         fields[names[0]] = len(buffer)
         fields[names[1]] = message.SIZE - RNDIS_HEADER_SIZE
     elif buffer:
-        raise ValueError(f"{type(message).__name__} carries no buffer")
+        raise UsageError(f"{type(message).__name__} carries no buffer")
     fixed: bytes = dataclasses.replace(cast(Any, message), **fields).pack()
     return fixed + bytes(buffer)
 
@@ -372,6 +375,40 @@ def decode(data: Any, cls: type[_M]) -> tuple[_M, memoryview]:
     return message, area(view, offset, length, cls.SIZE)
 
 
+CONTROL_REQUESTS: dict[int, type[WireStruct]] = {
+    type_of(cls): cls for cls in (Initialize, Halt, Query, Set, Reset, Keepalive)
+}
+
+
+class ControlRequest(NamedTuple):
+    """A control message parsed once: its fixed part, and its info buffer
+    (None when the buffer's offset or length lies outside the message: the
+    request is answered INVALID_DATA)."""
+
+    request: WireStruct
+    info: memoryview | None
+
+
+def parse_request(data: Any) -> ControlRequest:
+    """One control request (INITIALIZE, HALT, QUERY, SET, RESET, KEEPALIVE)
+    of at most MAX_CONTROL_MESSAGE bytes. RndisError for anything else."""
+    msg_type, view = message_view(data)
+    cls = CONTROL_REQUESTS.get(msg_type)
+    if cls is None:
+        raise RndisError(f"message type {msg_type!r} is no control request")
+    if not cls.SIZE <= len(view) <= MAX_CONTROL_MESSAGE:
+        raise RndisError(f"{len(view)}-byte {cls.__name__}")
+    request = cls.unpack(view)
+    names: tuple[str, str] | None = getattr(cls, "BUFFER", None)
+    if names is None:
+        return ControlRequest(request, view[:0])
+    length, offset = getattr(request, names[0]), getattr(request, names[1])
+    try:
+        return ControlRequest(request, area(view, offset, length, cls.SIZE))
+    except RndisError:
+        return ControlRequest(request, None)
+
+
 def split_messages(data: Any, limit: int = MAX_MESSAGES_PER_BATCH) -> list[memoryview]:
     """The messages a guest batched back to back in one send section (each
     msg_len includes its alignment padding); no bytes may be left over."""
@@ -401,7 +438,7 @@ _PACKET_BODY = PacketHeader.SIZE - RNDIS_HEADER_SIZE  # 36: where Linux puts its
 def encode_packet(frame: Any, ppis: Iterable[tuple[int, bytes]] = ()) -> bytes:
     """A PACKET message as Linux builds one: PPIs right after the header, then the frame."""
     if not len(frame):
-        raise ValueError("an RNDIS packet carries a frame")
+        raise UsageError("an RNDIS packet carries a frame")
     info = b"".join(PpiHeader(PpiHeader.SIZE + len(v), t).pack() + bytes(v) for t, v in ppis)
     header = PacketHeader(
         msg_len=PacketHeader.SIZE + len(info) + len(frame),
@@ -419,23 +456,46 @@ _PACKET_HEADER = struct.Struct("<9I")  # msg_type .. per_pkt_info_len of PacketH
 
 def decode_packet(data: Any) -> tuple[memoryview, tuple[Ppi, ...]]:
     """The frame (a view into data) and the PPIs of a PACKET message."""
-    view = memoryview(data).cast("B")
-    if len(view) < PacketHeader.SIZE:
-        raise RndisError(f"{len(view)}-byte RNDIS PACKET, needs {PacketHeader.SIZE}")
+    frame, ppis, _ = _packet_at(memoryview(data).cast("B"), 0)
+    return frame, ppis
+
+
+def decode_packets(
+    data: Any, limit: int = MAX_MESSAGES_PER_BATCH
+) -> list[tuple[memoryview, tuple[Ppi, ...]]]:
+    """The frames and PPIs of the PACKET messages a guest batched back to
+    back (each msg_len includes its alignment padding; nothing left over),
+    each header read once: `split_messages` and `decode_packet` in one pass."""
+    view, pos = memoryview(data).cast("B"), 0
+    out: list[tuple[memoryview, tuple[Ppi, ...]]] = []
+    while pos < len(view):
+        if len(out) == limit:
+            raise RndisError(f"more than {limit} RNDIS messages in one batch")
+        frame, ppis, size = _packet_at(view, pos)
+        out.append((frame, ppis))
+        pos += size
+    return out
+
+
+def _packet_at(view: memoryview, pos: int) -> tuple[memoryview, tuple[Ppi, ...], int]:
+    """The PACKET message at `pos`: frame, PPIs and msg_len."""
+    left = len(view) - pos
+    if left < PacketHeader.SIZE:
+        raise RndisError(f"{left}-byte RNDIS PACKET, needs {PacketHeader.SIZE}")
     msg_type, msg_len, data_offset, data_len, oob_offset, oob_len, _, ppi_offset, ppi_len = (
-        _PACKET_HEADER.unpack_from(view)
+        _PACKET_HEADER.unpack_from(view, pos)
     )
     if msg_type != _T.PACKET:
         raise RndisError(f"message type {open_enum(RndisMessageType, msg_type)!r}, not PACKET")
-    if not PacketHeader.SIZE <= msg_len <= len(view):
-        raise RndisError(f"msg_len {msg_len} in {len(view)} bytes")
-    view = view[:msg_len]
-    frame = area(view, data_offset, data_len, PacketHeader.SIZE)
+    if not PacketHeader.SIZE <= msg_len <= left:
+        raise RndisError(f"msg_len {msg_len} in {left} bytes")
+    message = view[pos : pos + msg_len]
+    frame = area(message, data_offset, data_len, PacketHeader.SIZE)
     if not frame:
         raise RndisError("RNDIS packet without a frame")
-    area(view, oob_offset, oob_len, PacketHeader.SIZE)  # bounds only
-    info = area(view, ppi_offset, ppi_len, PacketHeader.SIZE)
-    return frame, _decode_ppis(info) if ppi_len else ()
+    area(message, oob_offset, oob_len, PacketHeader.SIZE)  # bounds only
+    info = area(message, ppi_offset, ppi_len, PacketHeader.SIZE)
+    return frame, _decode_ppis(info) if ppi_len else (), msg_len
 
 
 def _decode_ppis(info: memoryview) -> tuple[Ppi, ...]:

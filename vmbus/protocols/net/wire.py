@@ -3,10 +3,11 @@ status, each nvsp_message member declared once, and their codec.
 
 Every NVSP message is one `struct nvsp_message`: a u32 type, then a union.
 Linux and DPDK send 40 bytes, FreeBSD 32 (§10); every member declared here
-fits in 32, so `encode` pads to 40 and `decode` accepts 32 or more. Each
-struct below is the type field followed by one union member; quoted C
-comes from drivers/net/hyperv/hyperv_net.h. `vmbus.protocols.net.nvsp`
-re-exports all of it.
+fits in 32, so `encode` pads to 40 and `decode` (the VSP's rule) accepts 32
+or more. Hosts send shorter replies: `decode_short` (the VSC's rule) takes
+what Linux's netvsc takes, the type field and the one member. Each struct
+below is the type field followed by one union member; quoted C comes from
+drivers/net/hyperv/hyperv_net.h.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from enum import Enum, IntEnum
 from typing import Annotated, Any, TypeVar
 
+from vmbus.errors import PeerError, UsageError
 from vmbus.wire import U16, U32, U64, WireStruct, open_enum, wire_struct
 
 # Protocol versions (§6.1), newest first as Linux tries them.
@@ -62,9 +64,9 @@ CAPABILITY_TEAMING = 1 << 5  # Linux: needed to get link-speed updates
 CAPABILITY_RSC = 1 << 7
 
 
-class NvspError(ValueError):
+class NvspError(PeerError, ValueError):
     """An NVSP message that cannot be decoded, or a VSP reply a VSC cannot
-    accept (a remote error)."""
+    accept: the peer broke the protocol."""
 
 
 class NvspMessageType(IntEnum):
@@ -304,11 +306,22 @@ def message_type(payload: Any) -> NvspMessageType | int:
 
 
 def decode(payload: Any, cls: type[_M]) -> _M:
-    """Decode a message of 32 bytes or more (bytes past the struct are the
-    union's rest and ring padding) whose type must be cls's."""
+    """Decode a message from a guest: 32 bytes or more (bytes past the struct
+    are the union's rest and ring padding), of cls's type."""
+    return _decode(payload, cls, NVSP_MIN_MESSAGE_SIZE)
+
+
+def decode_short(payload: Any, cls: type[_M]) -> _M:
+    """Decode a message from a host as Linux's netvsc does: the type field
+    and cls's union member suffice (an 8-byte SEND_RNDIS_PKT_COMPLETE, a
+    28-byte SEND_RECV_BUF_COMPLETE)."""
+    return _decode(payload, cls, cls.SIZE)
+
+
+def _decode(payload: Any, cls: type[_M], least: int) -> _M:
     view = memoryview(payload).cast("B")
-    if len(view) < NVSP_MIN_MESSAGE_SIZE:
-        raise NvspError(f"{len(view)}-byte NVSP message, needs {NVSP_MIN_MESSAGE_SIZE}")
+    if len(view) < least:
+        raise NvspError(f"{len(view)}-byte {cls.__name__}, needs {least}")
     got, want = message_type(view), type_of(cls)
     if got != want:
         raise NvspError(f"message type {got!r} where {want.name} was expected")
@@ -329,7 +342,7 @@ def encode_indirection_table(table: Sequence[int]) -> bytes:
     it whatever the offset field says (a host bug it works around for NVSP <= 6),
     and where the offset field points, for newer guests."""
     if len(table) != VRSS_SEND_TABLE_SIZE:
-        raise ValueError(f"Linux takes a table of {VRSS_SEND_TABLE_SIZE} entries, not {len(table)}")
+        raise UsageError(f"Linux takes a table of {VRSS_SEND_TABLE_SIZE} entries, not {len(table)}")
     header = encode(SendIndirectionTable(count=len(table), offset=NVSP_MESSAGE_SIZE))
     return header + b"".join(int(entry).to_bytes(4, "little") for entry in table)
 

@@ -1,0 +1,449 @@
+"""netvsp: a synthetic network adapter over NVSP and RNDIS.
+
+The guest grants a receive buffer and a send buffer through GPADLs. Frames
+it sends arrive as RNDIS PACKET messages in send-buffer sections (or by GPA
+direct) and go to the backend; frames for the guest are written into
+receive-buffer sections and announced by transfer-page packets, and a
+section is reused only after the guest completes its packet. RNDIS control
+replies travel the same receive path, as on Hyper-V.
+
+Parse once: each request's NVSP message is copied out of the ring once,
+and its RNDIS bytes out of the send section (or its GPA ranges) once; both
+are parsed from those copies only.
+
+Flow control, both ways, instead of loss:
+- to the guest: frames are taken from the backend only while receive
+  sections are free for them; otherwise the backend's descriptor is not
+  watched and frames wait in the backend (a switch port then fills and holds
+  its senders back, a TAP device's kernel queue fills);
+- from the guest: a frame the backend cannot take yet (a full switch port)
+  is held with its request's completion, and no further request is taken
+  from the ring, until the backend's space descriptor says it has room.
+  The guest, its send sections and ring full, waits. A frame the backend
+  refuses (oversize, a port that drops) completes with NVSP_STAT_FAIL and
+  is counted in `refused`.
+
+The sections are sized from the backend's MTU; sections given explicitly
+make the adapter report the largest MTU whose frames fit them.
+
+The backend's descriptors are watched by the child's worker thread, so the
+channel is only ever touched there; link changes from other threads are
+queued and handed over through an eventfd.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import itertools
+import os
+import threading
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+from vmbus import guid
+from vmbus._ringpacket import Packet
+from vmbus.channel import COMPLETION_REQUESTED, VM_PKT_COMP, Channel, copied
+from vmbus.device import BadGpaRanges, ChannelHandler, OpenContext, Vsp, packet_space
+from vmbus.errors import UsageError
+from vmbus.host import OfferSpec
+from vmbus.memory import MappedRegion, guest_segments
+from vmbus.packet import PacketType
+from vmbus.packet import encode_transfer_page_header as transfer_header
+from vmbus.protocols.net import rndis_wire as rw
+from vmbus.protocols.net import vsp as nv
+from vmbus.protocols.net import wire as nvsp
+from vsp.net.backends import ETH_HLEN, VLAN_HLEN, NetBackend
+
+__all__ = ["NetVsp", "NetvspChannel", "random_mac", "section_sizes"]
+
+MAX_PENDING = 1024  # RNDIS messages (control replies, indications) waiting for sections
+MAX_STASHED = 4096  # requests taken in the drain that held a frame, served after it
+RECEIVE_BATCH = 64  # frames taken from the backend per wake-up
+DELIVERY_BATCH = 16  # frames per transfer-page packet (one range each)
+PPI_ROOM = 256  # per-packet info before a guest's frame (Linux sends < 128 bytes)
+PAUSED = 1 << 31  # a reserve no ring meets: the worker takes no request while we hold one
+FRAME_OVERHEAD = ETH_HLEN + VLAN_HLEN  # what an MTU does not count
+
+
+def random_mac() -> bytes:
+    """A locally administered unicast MAC."""
+    mac = bytearray(os.urandom(6))
+    mac[0] = (mac[0] & 0xFC) | 0x02
+    return bytes(mac)
+
+
+def _round8(n: int) -> int:
+    return -(-n // 8) * 8
+
+
+def section_sizes(mtu: int) -> tuple[int, int]:
+    """Receive and send sections that hold an RNDIS PACKET of the largest
+    frame of this MTU (a VLAN tag included), never below Linux's defaults."""
+    frame = FRAME_OVERHEAD + mtu
+    recv = _round8(rw.PacketHeader.SIZE + frame)
+    send = _round8(rw.PacketHeader.SIZE + PPI_ROOM + frame)
+    return max(nvsp.DEFAULT_RECV_SECTION_SIZE, recv), max(nvsp.DEFAULT_SEND_SECTION_SIZE, send)
+
+
+def _fitting_mtu(mtu: int, recv: int, send: int) -> int:
+    """The largest MTU up to `mtu` whose frames fit both sections."""
+    room = min(recv - rw.PacketHeader.SIZE, send - rw.PacketHeader.SIZE - PPI_ROOM)
+    return min(mtu, room - FRAME_OVERHEAD)
+
+
+class NetVsp(Vsp):
+    """One network adapter of one child, attached to `backend`."""
+
+    def __init__(
+        self,
+        backend: NetBackend,
+        *,
+        mac: bytes | None = None,
+        instance_id: uuid.UUID | None = None,
+        recv_section_size: int | None = None,
+        send_section_size: int | None = None,
+    ) -> None:
+        self.backend = backend
+        self.mac = mac or backend.mac or random_mac()
+        self.instance_id = instance_id or uuid.uuid4()
+        recv, send = section_sizes(backend.mtu)
+        self.sections = (recv_section_size or recv, send_section_size or send)
+        self.mtu = _fitting_mtu(backend.mtu, *self.sections)  # what the guest is told
+        if self.mtu < nv.MIN_MTU:
+            raise UsageError(f"sections of {self.sections} bytes hold no {nv.MIN_MTU}-byte MTU")
+        self.handler: NetvspChannel | None = None
+
+    def offers(self) -> list[OfferSpec]:
+        return [OfferSpec(guid.NETWORK, self.instance_id)]
+
+    def open(self, channel: Channel, context: OpenContext) -> NetvspChannel:
+        self.handler = NetvspChannel(self, channel, context)
+        return self.handler
+
+
+class _GpadlSizes(Mapping[int, int]):
+    """The child's GPADLs as NvspServer sees them: handle -> byte_count; a
+    GPADL on the channel's rings is never a buffer."""
+
+    def __init__(self, context: OpenContext) -> None:
+        self.context = context
+
+    def __getitem__(self, handle: int) -> int:
+        gpadl = self.context.gpadls[handle]
+        if not self.context.ring_pfns.isdisjoint(gpadl.pfns):
+            raise KeyError(handle)
+        return gpadl.byte_count
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.context.gpadls)
+
+    def __len__(self) -> int:
+        return len(self.context.gpadls)
+
+
+@dataclass
+class _Mapped:
+    buffer: nvsp.Buffer
+    region: MappedRegion
+    whole: memoryview  # the region's pages
+    view: memoryview  # the granted bytes: byte_offset, byte_count
+
+
+@dataclass
+class _Send:
+    """A SEND_RNDIS_PKT in progress: frames not yet taken by the backend."""
+
+    trans_id: int
+    completion: bool
+    frames: list[memoryview]
+    refused: int = 0
+
+
+class NetvspChannel(ChannelHandler):
+    """The service of the adapter's channel."""
+
+    max_reply = nvsp.NVSP_MESSAGE_SIZE  # every completion is one nvsp_message
+
+    def __init__(self, vsp: NetVsp, channel: Channel, context: OpenContext) -> None:
+        super().__init__(channel, context)
+        self.vsp = vsp
+        self.backend = vsp.backend
+        self.nvsp = nv.NvspServer(*vsp.sections)
+        self.rndis = nv.RndisDevice(vsp.mac, vsp.mtu, self.backend.link_up)
+        self.buffers: dict[nvsp.BufferKind, _Mapped] = {}
+        self.receive_sections: nv.ReceiveSections | None = None
+        self.to_guest: collections.deque[bytes] = collections.deque()  # RNDIS messages
+        self.ids = itertools.count(1)
+        self.refused = 0  # guest frames the backend refused (completed NVSP_STAT_FAIL)
+        self.undelivered = 0  # messages for the guest lost: too many waiting, too big
+        self.stash_overflow = 0  # requests dropped while one was held
+        self.held: _Send | None = None  # the send waiting for the backend's room
+        self.stash: collections.deque[Packet] = collections.deque()  # taken while held
+        self._reply_room = packet_space(self.max_reply)
+        self._sizes = _GpadlSizes(context)
+        self._receiving = True  # the backend's descriptor is watched
+        self.link_changes: collections.deque[bool] = collections.deque()
+        self.lock = threading.Lock()
+        self.kick = os.eventfd(0, os.EFD_NONBLOCK)
+        self.backend.on_link_change = self._link_changed
+        context.watch(self.backend.fileno(), self._from_backend)
+        context.watch(self.kick, self._kicked)
+
+    @property
+    def reserve(self) -> int:
+        """While a send waits for the backend, take no request at all."""
+        return PAUSED if self.held is not None or self.stash else self._reply_room
+
+    # --- from the guest ---
+
+    def on_packet(self, packet: Packet) -> None:
+        if packet.type == VM_PKT_COMP:
+            self._completed(packet.trans_id)
+        elif self.held is not None or self.stash:  # this drain went on after we paused
+            if len(self.stash) < MAX_STASHED:
+                self.stash.append(copied(packet))
+            else:
+                self.stash_overflow += 1
+                self.context.protocol_error("netvsp: %d requests while paused", MAX_STASHED)
+        else:
+            self._serve(packet)
+
+    def _serve(self, packet: Packet) -> None:
+        message = bytes(packet.payload)  # the one copy of the NVSP message
+        event = self.nvsp.receive(message, gpadl_sizes=self._sizes)
+        completion = bool(packet.flags & COMPLETION_REQUESTED)
+        if isinstance(event, nv.RndisPacket):
+            self._rndis(packet, event, completion)
+            return
+        error = getattr(event, "error", None)  # why a message was refused
+        if error:
+            self.context.protocol_error("netvsp: %s", error)
+        if isinstance(event, nv.BufferEstablished):
+            self._map(event.kind, event.buffer)
+            payload: bytes | None = event.reply
+        elif isinstance(event, nv.BufferRevoked):
+            self._unmap(event.kind)
+            payload = None
+        elif isinstance(event, nv.Reply):
+            payload = event.payload
+        elif isinstance(event, nv.AllocateSubChannels):  # not offered: max_sub_channels is 0
+            payload = event.reply
+        else:
+            payload = None
+        if payload is not None and completion:
+            self.reply(packet.trans_id, payload)
+
+    def _status(self, trans_id: int, completion: bool, status: int) -> None:
+        if completion:
+            self.reply(trans_id, nvsp.encode(nvsp.SendRndisPacketComplete(status=status)))
+
+    def _rndis(self, packet: Packet, event: nv.RndisPacket, completion: bool) -> None:
+        data = self._rndis_bytes(packet, event)
+        if data is None:
+            self._status(packet.trans_id, completion, nvsp.NvspStatus.INVALID_RNDIS_PKT)
+            return
+        try:
+            if event.channel_type == nvsp.RndisChannel.CONTROL:
+                reply = self.rndis.control(data)
+                if reply is not None:
+                    self._queue(reply)
+                self._status(packet.trans_id, completion, nvsp.NvspStatus.SUCCESS)
+                self._deliver()
+                return
+            frames = self.rndis.frames_from_guest(data)
+        except rw.RndisError as error:
+            self.context.protocol_error("netvsp: bad RNDIS message: %s", str(error))
+            self._status(packet.trans_id, completion, nvsp.NvspStatus.INVALID_RNDIS_PKT)
+            return
+        if not self.rndis.initialized:  # frames before INITIALIZE or after HALT
+            self._status(packet.trans_id, completion, nvsp.NvspStatus.FAIL)
+            return
+        self._transmit(_Send(packet.trans_id, completion, [frame for frame, _ in frames]))
+
+    def _rndis_bytes(self, packet: Packet, event: nv.RndisPacket) -> bytes | None:
+        """One private copy of the RNDIS message(s): from a send-buffer
+        section, or through the checked GPA ranges."""
+        if event.offset is not None:
+            mapped = self.buffers.get(nvsp.BufferKind.SEND)
+            if mapped is None:
+                return None
+            return bytes(mapped.view[event.offset : event.offset + event.section_size])
+        try:
+            ranges = self.context.gpa_ranges(packet.header)
+        except BadGpaRanges:
+            return None  # counted and logged by the context
+        total = sum(r.byte_count for r in ranges)
+        if not 0 < total <= nv.MAX_XFER_SIZE:
+            self.context.protocol_error("netvsp: %d bytes by GPA direct", total)
+            return None
+        return b"".join(guest_segments(self.context.memory, ranges, total))
+
+    def _transmit(self, send: _Send) -> None:
+        """Offer the frames to the backend; hold what it cannot take yet."""
+        sent = self.backend.transmit(send.frames)
+        send.refused += sent.refused
+        del send.frames[: sent.taken]
+        if send.frames and self.backend.space_fileno() < 0:  # no room will ever come
+            send.refused += len(send.frames)
+            send.frames.clear()
+        if send.frames:
+            if self.held is None:
+                self.context.watch(self.backend.space_fileno(), self._backend_has_room)
+            self.held = send
+            return
+        if self.held is send:
+            self.held = None
+            self.context.unwatch(self.backend.space_fileno())
+        self.refused += send.refused
+        status = nvsp.NvspStatus.FAIL if send.refused else nvsp.NvspStatus.SUCCESS
+        self._status(send.trans_id, send.completion, status)
+
+    def _backend_has_room(self) -> None:
+        if self.held is not None:
+            self._transmit(self.held)
+        self._resume()
+
+    def _resume(self) -> None:
+        """Serve the requests taken while paused, each while its reply fits;
+        once none is left, ask the worker to serve the ring again."""
+        writer = self.channel.writer
+        while self.held is None and self.stash:
+            if writer.free_bytes <= self._reply_room and not writer.request_space(self._reply_room):
+                return  # the guest reading our replies signals us: on_signal resumes
+            self._serve(self.stash.popleft())
+        if self.held is None:
+            self.channel.wake_me.set()  # the ring waited while we were paused
+
+    # --- to the guest ---
+
+    def _room(self) -> int:
+        """Frames the guest can take now: free sections not yet spoken for."""
+        sections = self.receive_sections
+        free = RECEIVE_BATCH if sections is None else sections.free_count
+        return min(free, MAX_PENDING) - len(self.to_guest)
+
+    def _from_backend(self) -> None:
+        """The backend has frames: take as many as the guest has room for."""
+        room = self._room()
+        if room > 0:
+            for frame in self.backend.receive(min(room, RECEIVE_BATCH)):
+                message = self.rndis.frame_to_guest(frame)
+                if message is not None:
+                    self.to_guest.append(message)
+            self._deliver()
+        if self._room() <= 0 and self._receiving:  # the rest waits in the backend
+            self._receiving = False
+            self.context.unwatch(self.backend.fileno())
+
+    def _queue(self, message: bytes) -> None:
+        if len(self.to_guest) >= MAX_PENDING:
+            self.undelivered += 1
+            return
+        self.to_guest.append(message)
+
+    def _deliver(self) -> None:
+        """Write queued messages into free receive sections, up to
+        DELIVERY_BATCH per transfer-page packet (one range each), keeping
+        room for a reply; stop when sections or ring space run out."""
+        sections, mapped = self.receive_sections, self.buffers.get(nvsp.BufferKind.RECEIVE)
+        writer = self.channel.writer
+        while self.to_guest and sections is not None and mapped is not None:
+            while self.to_guest and len(self.to_guest[0]) > sections.section_size:
+                self.to_guest.popleft()  # cannot be delivered: too big for a section
+                self.undelivered += 1
+            count = min(len(self.to_guest), DELIVERY_BATCH, sections.free_count)
+            trans_id = next(self.ids)
+            taken = sections.alloc(trans_id, count) if count else None
+            if taken is None:
+                break  # the guest's completions free sections and call us again
+            ranges = []
+            for index, section in enumerate(taken):
+                message, offset = self.to_guest[index], sections.offset(section)
+                mapped.view[offset : offset + len(message)] = message
+                ranges.append((len(message), offset))
+            header = transfer_header(nvsp.RECEIVE_BUFFER_ID, ranges)
+            payload = nvsp.send_rndis_packet(nvsp.RndisChannel.DATA)
+            need = packet_space(len(payload), len(header)) + self._reply_room
+            if writer.free_bytes <= need and not writer.request_space(need):
+                sections.free(trans_id)
+                break  # the guest reading makes room and signals us (on_signal)
+            self.channel.try_send(
+                payload, PacketType.DATA_USING_XFER_PAGES, COMPLETION_REQUESTED, trans_id, header
+            )
+            for _ in taken:
+                self.to_guest.popleft()
+        if not self._receiving and self._room() > 0:
+            self._receiving = True
+            self.context.watch(self.backend.fileno(), self._from_backend)
+
+    def _completed(self, trans_id: int) -> None:
+        """The guest completed a transfer-page packet (its payload, 8 bytes
+        from Linux, says nothing we use): its sections come back."""
+        if self.receive_sections is not None:
+            try:
+                self.receive_sections.free(trans_id)
+            except nvsp.NvspError as error:
+                self.context.protocol_error("netvsp: %s", str(error))
+        self._deliver()
+
+    def on_signal(self) -> None:
+        super().on_signal()
+        if self.stash and self.held is None:
+            self._resume()
+        self._deliver()
+
+    # --- buffers ---
+
+    def _map(self, kind: nvsp.BufferKind, buffer: nvsp.Buffer) -> None:
+        self._unmap(kind)
+        gpadl, region = self.context.map_gpadl(buffer.gpadl_handle)
+        whole = region.view()
+        view = whole[gpadl.byte_offset : gpadl.byte_offset + gpadl.byte_count]
+        self.buffers[kind] = _Mapped(buffer, region, whole, view)
+        if kind == nvsp.BufferKind.RECEIVE:
+            self.receive_sections = nv.ReceiveSections.of(buffer)
+
+    def _unmap(self, kind: nvsp.BufferKind) -> None:
+        mapped = self.buffers.pop(kind, None)
+        if mapped is not None:
+            mapped.view.release()
+            mapped.whole.release()
+            mapped.region.close()
+        if kind == nvsp.BufferKind.RECEIVE:
+            self.receive_sections = None
+
+    # --- link state ---
+
+    def _link_changed(self, up: bool) -> None:
+        """From any thread: hand the change to the worker."""
+        with self.lock:
+            self.link_changes.append(up)
+        os.eventfd_write(self.kick, 1)
+
+    def _kicked(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self.kick)
+        while True:
+            with self.lock:
+                if not self.link_changes:
+                    break
+                up = self.link_changes.popleft()
+            if self.rndis.initialized:
+                self._queue(self.rndis.link(up))
+        self._deliver()
+
+    def close(self) -> None:
+        if self._receiving:
+            self.context.unwatch(self.backend.fileno())
+        if self.held is not None:
+            self.context.unwatch(self.backend.space_fileno())
+            self.held = None
+        self.stash.clear()
+        self.context.unwatch(self.kick)
+        os.close(self.kick)
+        self.backend.on_link_change = None
+        for kind in list(self.buffers):
+            self._unmap(kind)
+        super().close()
