@@ -4,12 +4,15 @@ fit clients without DesktopSize; opaque 32 bpp pixels."""
 
 from __future__ import annotations
 
+import itertools
 import struct
 import time
 from collections.abc import Callable
 
 import numpy as np
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from vnc_client import (
     DEFAULT_PF,
     DESKTOP_SIZE,
@@ -27,7 +30,7 @@ from vnc_client import (
 )
 
 from vsp.video.access import MAX_SOURCES, LoginBackoff
-from vsp.video.rfb import vnc_auth_response
+from vsp.video.rfb import PixelFormat, encode_pixels, pixel_values, vnc_auth_response
 from vsp.video.screen import Screen
 from vsp.video.vnc import VncServer
 
@@ -212,3 +215,27 @@ def test_unused_byte_is_sent_set_for_clients_that_read_it_as_alpha(
     assert (client.fb & padding(pf) == padding(pf)).all()
     if encoding == RAW and pf == DEFAULT_PF:  # byte 3 of every pixel, as sent
         assert (client.fb.astype("<u4").view(np.uint8)[..., 3::4] == 0xFF).all()
+
+
+@st.composite
+def formats_32bpp(draw: st.DrawFn) -> PixelFormat:
+    """Any valid true-colour 32 bpp format: channel widths 1..8 bits anywhere."""
+    bits = [draw(st.integers(1, 8)) for _ in range(3)]
+    shifts = [draw(st.integers(0, 32 - b)) for b in bits]
+    maxes = [(1 << b) - 1 for b in bits]
+    spans = sorted(zip(shifts, bits, strict=True))
+    assume(all(s1 + b1 <= s2 for (s1, b1), (s2, _) in itertools.pairwise(spans)))
+    big_endian = draw(st.booleans())
+    return PixelFormat(32, sum(bits), big_endian, True, *maxes, *shifts)
+
+
+@given(fmt=formats_32bpp(), seed=st.integers(0, 2**32 - 1))
+@settings(max_examples=60)
+def test_every_32bpp_format_sends_its_unused_bits_set(fmt: PixelFormat, seed: int) -> None:
+    pix = np.random.default_rng(seed).integers(0, 256, (4, 5, 4), dtype=np.uint8)
+    values = pixel_values(fmt, pix)
+    assert fmt.valid() and (values & fmt.padding == fmt.padding).all()
+    red = (values >> fmt.red_shift) & fmt.red_max  # the channels are untouched
+    assert (red == (pix[..., 2].astype(np.uint32) * fmt.red_max + 127) // 255).all()
+    wire = np.frombuffer(encode_pixels(fmt, pix), ">u4" if fmt.big_endian else "<u4")
+    assert (wire.reshape(4, 5) == values).all()
