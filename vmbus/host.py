@@ -5,23 +5,48 @@ what to do: replies to post and channel events for the I/O layer (which
 maps rings and starts VSPs). It never raises for anything the child sends:
 a malformed or unexpected message is answered with the protocol's error
 status where it has one, otherwise logged, counted and dropped.
+
+Quotas bound what one child can make the parent hold, whatever it sends:
+GPADLs (count and pages, those in reassembly included), open channels and
+sub-channels a VSP adds. Each refusal answers with the protocol's failure
+status and is counted in `refusals`, by quota. Per-message work is bounded
+too: the GPADLs sit in a `GpadlTable`, indexed by page.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
 from vmbus import messages as m
+from vmbus.errors import PeerError
+from vmbus.memory import GpadlTable
 
 log = logging.getLogger(__name__)
 
 FAILURE = 0xC0000001  # STATUS_UNSUCCESSFUL, the NTSTATUS Hyper-V answers with
 MIN_RING_PAGES = 2  # a ring is a header page plus at least one data page
+
+# Default quotas per child. A Linux guest holds a ring GPADL per open channel
+# plus netvsc's two buffers and synthvid's VRAM: tens of GPADLs. PFNs cost
+# the parent 8 bytes a page, so the page quota bounds that memory.
+DEFAULT_MAX_GPADLS = 1024
+DEFAULT_MAX_GPADL_PAGES = 1 << 16  # 256 MiB of grants, or twice the memory if more
+DEFAULT_MAX_OPEN_CHANNELS = 64  # each holds 2 eventfds and 4 mappings in the parent
+DEFAULT_MAX_ADDED_OFFERS = 64  # sub-channels VSPs add (netvsc asks for up to 64)
+
+
+class QuotaExceeded(PeerError):
+    """The child asked for more than its quota (`quota` names which)."""
+
+    def __init__(self, quota: str, reason: str) -> None:
+        self.quota = quota
+        super().__init__(reason)
 
 
 @dataclass(frozen=True)
@@ -48,6 +73,7 @@ class ChannelRecord:
     offer: OfferSpec
     state: ChannelState = ChannelState.OFFERED
     ring_gpadl: int | None = None
+    added: bool = False  # by a VSP after the start (a sub-channel): quota'd
 
 
 # --- what the server asks of the I/O layer -------------------------------
@@ -85,21 +111,48 @@ Event = Reply | OpenRequested | ChannelClosed | GpadlRemoved
 
 @dataclass
 class VmbusServer:
-    """Control-protocol state for one child partition."""
+    """Control-protocol state for one child partition, within its quotas:
+    `max_gpadls` GPADLs and `max_gpadl_pages` pages in them (default: the
+    larger of 64 Ki and twice the child's memory), those still in
+    reassembly counted; at most `max_pending_gpadls` in reassembly at once,
+    announcing `max_pending_pfns` PFNs; `max_open_channels` channels open or
+    opening; `max_added_offers` channels added by VSPs after the start."""
 
     offers: list[OfferSpec]
     memory_pages: int
     version: int | None = None
     offers_requested: bool = False
     channels: dict[int, ChannelRecord] = field(default_factory=dict)
-    gpadls: dict[int, m.Gpadl] = field(default_factory=dict)
-    assembler: m.GpadlAssembler = field(default_factory=m.GpadlAssembler)
     protocol_errors: int = 0
+    max_gpadls: int = DEFAULT_MAX_GPADLS
+    max_gpadl_pages: int | None = None
+    max_pending_gpadls: int = m.MAX_PENDING_GPADLS
+    max_pending_pfns: int = m.MAX_PENDING_PFNS
+    max_open_channels: int = DEFAULT_MAX_OPEN_CHANNELS
+    max_added_offers: int = DEFAULT_MAX_ADDED_OFFERS
+    refusals: Counter[str] = field(default_factory=Counter)  # by quota, ever
+    gpadls: GpadlTable = field(init=False)
+    assembler: m.GpadlAssembler = field(init=False)
 
     def __post_init__(self) -> None:
+        if self.max_gpadl_pages is None:
+            self.max_gpadl_pages = max(DEFAULT_MAX_GPADL_PAGES, 2 * self.memory_pages)
+        self.gpadls = GpadlTable(self.memory_pages)
+        self.assembler = self._new_assembler()
+        self.open_channels = 0  # channels OPENING or OPEN
+        self.added_offers = 0  # live channels a VSP added
         specs, self.offers = self.offers, []
         for spec in specs:
-            self.add_offer(spec)
+            self._offer(spec, added=False)
+
+    def _new_assembler(self) -> m.GpadlAssembler:
+        return m.GpadlAssembler(self.max_pending_gpadls, self.max_pending_pfns)
+
+    def _set_state(self, record: ChannelRecord, state: ChannelState) -> None:
+        """Every change of a channel's state goes here, to count the open ones."""
+        opened = (ChannelState.OPENING, ChannelState.OPEN)
+        self.open_channels += (state in opened) - (record.state in opened)
+        record.state = state
 
     # --- the child's messages ---
 
@@ -119,6 +172,10 @@ class VmbusServer:
             return handler(self, message)
         except m.GpadlError as error:
             return self._gpadl_failed(error)
+
+    def _refused(self, quota: str, text: str) -> None:
+        self.refusals[quota] += 1
+        log.info("child refused: %s", text)  # counted; rate-limited by the caller's PeerLog
 
     def _error(self, text: str) -> list[Event]:
         self.protocol_errors += 1
@@ -151,13 +208,16 @@ class VmbusServer:
                 raise m.GpadlError("unknown channel", message.gpadl, message.child_relid)
             if message.gpadl in self.gpadls:
                 raise m.GpadlError("handle already in use", message.gpadl, message.child_relid)
+            if not self.assembler.in_progress(message.gpadl):  # else the assembler drops both
+                message.check()
+                self._check_gpadl_quotas(message)
         gpadl = self.assembler.feed(message)
         if gpadl is None:
             return []
-        bad = [pfn for pfn in gpadl.pfns if pfn >= self.memory_pages]
-        if bad:
+        if max(gpadl.pfns) >= self.memory_pages:
+            bad = next(pfn for pfn in gpadl.pfns if pfn >= self.memory_pages)
             raise m.GpadlError(
-                f"PFN {bad[0]} beyond the child's {self.memory_pages} pages",
+                f"PFN {bad} beyond the child's {self.memory_pages} pages",
                 gpadl.gpadl,
                 gpadl.child_relid,
             )
@@ -166,8 +226,26 @@ class VmbusServer:
         self.gpadls[gpadl.gpadl] = gpadl
         return [Reply(m.GpadlCreated(child_relid=gpadl.child_relid, gpadl=gpadl.gpadl))]
 
+    def _check_gpadl_quotas(self, header: m.GpadlHeader) -> None:
+        """GPADLs in reassembly count as if established: their PFNs are
+        announced up front, so a completed GPADL always fits."""
+        held = len(self.gpadls) + self.assembler.pending_count
+        pages = self.gpadls.pages + self.assembler.pending_pfns + header.total_pfns
+        assert self.max_gpadl_pages is not None
+        if held >= self.max_gpadls:
+            quota, reason = "gpadls", f"the child holds its {self.max_gpadls} GPADLs"
+        elif pages > self.max_gpadl_pages:
+            quota = "gpadl_pages"
+            reason = f"{pages} pages would pass the child's {self.max_gpadl_pages} in GPADLs"
+        else:
+            return
+        raise m.GpadlQuotaExceeded(quota, reason, header.gpadl, header.child_relid)
+
     def _gpadl_failed(self, error: m.GpadlError) -> list[Event]:
-        self._error(str(error))
+        if isinstance(error, m.GpadlQuotaExceeded):
+            self._refused(error.quota, str(error))
+        else:
+            self._error(str(error))
         if error.child_relid is None:
             return []  # a body: the protocol has no answer for it
         return [
@@ -191,13 +269,19 @@ class VmbusServer:
             return refuse("unknown channel")
         if record.state is not ChannelState.OFFERED:
             return refuse(f"channel is {record.state.value}")
+        if self.open_channels >= self.max_open_channels:
+            self._refused("open_channels", f"relid {record.relid}: {self.open_channels} open")
+            result = m.OpenChannelResult(
+                child_relid=message.child_relid, openid=message.openid, status=FAILURE
+            )
+            return [Reply(result)]
         gpadl = self.gpadls.get(message.ringbuffer_gpadlhandle)
         if gpadl is None or gpadl.child_relid != record.relid:
             return refuse(f"no GPADL {message.ringbuffer_gpadlhandle:#x} on this channel")
         offset = message.downstream_ringbuffer_pageoffset
         if gpadl.byte_offset or not (MIN_RING_PAGES <= offset <= len(gpadl.pfns) - MIN_RING_PAGES):
             return refuse(f"ring GPADL of {len(gpadl.pfns)} pages cannot split at page {offset}")
-        record.state = ChannelState.OPENING
+        self._set_state(record, ChannelState.OPENING)
         record.ring_gpadl = gpadl.gpadl
         return [
             OpenRequested(
@@ -213,7 +297,7 @@ class VmbusServer:
             # went out then, and the child waits for no answer.
             log.info("relid %d: open finished after the channel closed; ignored", relid)
             return []
-        record.state = ChannelState.OPEN if ok else ChannelState.OFFERED
+        self._set_state(record, ChannelState.OPEN if ok else ChannelState.OFFERED)
         if not ok:
             record.ring_gpadl = None
         status = 0 if ok else FAILURE
@@ -227,7 +311,7 @@ class VmbusServer:
 
     def _close(self, record: ChannelRecord) -> list[Event]:
         if record.state is not ChannelState.RESCINDED:
-            record.state = ChannelState.OFFERED
+            self._set_state(record, ChannelState.OFFERED)
         record.ring_gpadl = None
         return [ChannelClosed(record.relid)]
 
@@ -248,7 +332,7 @@ class VmbusServer:
         record = self.channels.get(message.child_relid)
         if record is None or record.state is not ChannelState.RESCINDED:
             return self._error(f"RELID_RELEASED of relid {message.child_relid}, not rescinded")
-        del self.channels[record.relid]
+        self._forget(record)
         return []
 
     def _unload(self, message: m.Unload) -> list[Event]:
@@ -265,12 +349,26 @@ class VmbusServer:
     # --- the host's own actions ---
 
     def add_offer(self, spec: OfferSpec) -> list[Event]:
-        """Offer a channel (a sub-channel too); sent now if offers were asked."""
+        """Offer a channel (a sub-channel) for a VSP; sent now if offers were
+        asked. QuotaExceeded (counted) past `max_added_offers`."""
+        if self.added_offers >= self.max_added_offers:
+            reason = f"a VSP adds more than the child's {self.max_added_offers} offers"
+            self._refused("added_offers", reason)
+            raise QuotaExceeded("added_offers", reason)
+        return self._offer(spec, added=True)
+
+    def _offer(self, spec: OfferSpec, added: bool) -> list[Event]:
+        # A host action over channels that quotas bound, not a child's message.
         relid = max(self.channels, default=0) + 1
-        record = ChannelRecord(relid, spec)
+        record = ChannelRecord(relid, spec, added=added)
         self.channels[relid] = record
+        self.added_offers += added
         self.offers.append(spec)
         return [Reply(self._offer_message(record))] if self.offers_requested else []
+
+    def _forget(self, record: ChannelRecord) -> None:
+        del self.channels[record.relid]
+        self.added_offers -= record.added
 
     def rescind(self, relid: int) -> list[Event]:
         record = self.channels[relid]
@@ -278,22 +376,24 @@ class VmbusServer:
         if record.state in (ChannelState.OPEN, ChannelState.OPENING):
             events += self._close(record)
         if not self.offers_requested:  # the child never saw it, so cannot release it
-            del self.channels[relid]
+            self._forget(record)
             return events
-        record.state = ChannelState.RESCINDED
+        self._set_state(record, ChannelState.RESCINDED)
         return [*events, Reply(m.RescindChannelOffer(child_relid=relid))]
 
     def disconnect(self) -> list[Event]:
-        """Close every channel and drop every GPADL (unload, or the child died)."""
+        """Close every channel and drop every GPADL and unfinished one
+        (unload, or the child died): the child holds nothing after this but
+        its offers; `refusals` keeps its history."""
         events: list[Event] = []
         for record in self.channels.values():
             if record.state in (ChannelState.OPEN, ChannelState.OPENING):
                 events += self._close(record)
         events += [GpadlRemoved(gpadl) for gpadl in self.gpadls.values()]
-        self.gpadls.clear()
-        self.assembler = m.GpadlAssembler()
-        for relid in [r for r, c in self.channels.items() if c.state is ChannelState.RESCINDED]:
-            del self.channels[relid]  # no child will release these now
+        self.gpadls.clear()  # frees the index too
+        self.assembler = self._new_assembler()
+        for record in [c for c in self.channels.values() if c.state is ChannelState.RESCINDED]:
+            self._forget(record)  # no child will release these now
         self.version = None
         self.offers_requested = False
         return events

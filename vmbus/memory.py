@@ -22,8 +22,13 @@ import ctypes
 import fcntl
 import mmap
 import os
-from collections.abc import Sequence
+import sys
+import threading
+import weakref
+from array import array
+from collections.abc import Iterable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass
+from typing import Any, overload
 
 from vmbus.errors import PeerError, UsageError, VmbusError
 from vmbus.packet import GpaRange
@@ -33,12 +38,15 @@ __all__ = [
     "DoubleFree",
     "ForeignPage",
     "Gpadl",
+    "GpadlTable",
     "GuestMemory",
     "GuestMemoryError",
     "MappedRegion",
+    "MappingRefused",
     "OutOfBounds",
     "OutOfMemory",
     "PageAllocator",
+    "PfnList",
     "map_channel_rings",
     "map_contiguous",
     "guest_segments",
@@ -46,6 +54,13 @@ __all__ = [
 ]
 
 PAGE_SIZE = 4096
+_U64 = 1 << 64
+
+# Each run of consecutive pages of a MappedRegion is one mapping of this
+# process, and Linux allows vm.max_map_count (65530 by default) in all:
+# a child that scatters its ring pages one per run must not use them up.
+DEFAULT_MAX_RUNS = 256  # runs (so mappings) in one region: a ring, a buffer
+DEFAULT_MAX_MAPPINGS = 1024  # mappings of one child's memory at once
 
 # A peer holding the memfd could truncate it, turning our accesses into
 # SIGBUS; these seals fix its size for good (F_SEAL_SEAL: no further seals,
@@ -75,6 +90,11 @@ class ForeignPage(GuestMemoryError, UsageError):
     """A PFN being freed does not belong to this allocator's memory."""
 
 
+class MappingRefused(GuestMemoryError, PeerError):
+    """Pages in too many runs to map: more than a region may have, or more
+    than the child's memory may have mapped at once (`max_mappings`)."""
+
+
 def _check_size(size: int) -> None:
     if size <= 0 or size % PAGE_SIZE:
         raise GuestMemoryError(f"guest memory size {size} is not a positive multiple of 4096")
@@ -88,6 +108,10 @@ class GuestMemory:
         self._fd = fd
         self._size = size
         self._mm: mmap.mmap | None = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+        self.max_mappings = DEFAULT_MAX_MAPPINGS  # the child's quota of mappings
+        self.mapping_refusals = 0  # regions refused for their runs, ever
+        self._mappings = 0
+        self._mappings_lock = threading.Lock()  # a region may die in any thread
 
     @classmethod
     def create(cls, size: int, name: str = "vmbus-guest") -> GuestMemory:
@@ -135,6 +159,30 @@ class GuestMemory:
     def fileno(self) -> int:
         self._open()
         return self._fd
+
+    @property
+    def mappings(self) -> int:
+        """Mappings of this memory that MappedRegions hold now (one per run)."""
+        return self._mappings
+
+    def _reserve_mappings(self, runs: int, max_runs: int) -> None:
+        with self._mappings_lock:
+            if runs > max_runs:
+                reason = f"{runs} runs of pages, more than the {max_runs} a region may have"
+            elif self._mappings + runs > self.max_mappings:
+                reason = (
+                    f"{runs} more mappings would pass the child's {self.max_mappings} "
+                    f"({self._mappings} in use)"
+                )
+            else:
+                self._mappings += runs
+                return
+            self.mapping_refusals += 1
+        raise MappingRefused(f"cannot map: {reason}")
+
+    def _release_mappings(self, runs: int) -> None:
+        with self._mappings_lock:
+            self._mappings -= runs
 
     def _open(self) -> mmap.mmap:
         if self._mm is None:
@@ -231,35 +279,152 @@ class PageAllocator:
         self._free += len(seen)
 
 
-def _check_pfns(memory: GuestMemory, pfns: Sequence[int]) -> tuple[int, ...]:
-    """The PFNs as a tuple, each checked to lie inside `memory`."""
-    checked = tuple(pfns)
+class PfnList(Sequence[int]):
+    """An immutable, compact sequence of u64 PFNs: 8 bytes a page (a tuple
+    of Python ints costs about 40, which made a 32 MiB GPADL hold ~300 KiB
+    of the parent). Compares equal to any sequence of the same ints."""
+
+    __slots__ = ("_array",)
+    _array: array[int]
+
+    def __init__(self, pfns: Iterable[int] = ()) -> None:
+        if isinstance(pfns, PfnList):
+            self._array = pfns._array
+            return
+        try:
+            self._array = array("Q", pfns)
+        except (OverflowError, TypeError):
+            raise OutOfBounds(_bad_pfn(pfns)) from None
+
+    @classmethod
+    def adopt(cls, pfns: array[int]) -> PfnList:
+        """Wrap an array('Q') without copying; the caller must not change it."""
+        if pfns.typecode != "Q":
+            raise UsageError(f"a PfnList holds u64 PFNs, not array({pfns.typecode!r})")
+        adopted = cls.__new__(cls)
+        adopted._array = pfns
+        return adopted
+
+    def __len__(self) -> int:
+        return len(self._array)
+
+    @overload
+    def __getitem__(self, index: int) -> int: ...
+    @overload
+    def __getitem__(self, index: slice) -> PfnList: ...
+    def __getitem__(self, index: int | slice) -> int | PfnList:
+        if isinstance(index, slice):
+            return PfnList.adopt(self._array[index])
+        return self._array[index]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._array)
+
+    def __contains__(self, pfn: object) -> bool:
+        return pfn in self._array
+
+    def index(self, pfn: Any, start: int = 0, stop: int = sys.maxsize) -> int:
+        return self._array.index(pfn, start, stop)
+
+    def __add__(self, other: Sequence[int]) -> PfnList:
+        return PfnList.adopt(self._array + PfnList(other)._array)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, PfnList):
+            return self._array == other._array
+        if isinstance(other, Sequence | array) and not isinstance(other, str | bytes | bytearray):
+            return len(other) == len(self._array) and tuple(self._array) == tuple(other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(tuple(self._array))  # as the equal tuple's
+
+    def __repr__(self) -> str:
+        return f"PfnList({list(self._array)!r})"
+
+    def __sizeof__(self) -> int:
+        return object.__sizeof__(self) + self._array.__sizeof__()
+
+    def runs(self) -> Iterator[tuple[int, int, int]]:
+        """(index, first PFN, page count) of each run of consecutive PFNs."""
+        pfns = self._array
+        n = len(pfns)
+        if not n:
+            return
+        first = pfns[0]
+        if (
+            pfns[-1] - first == n - 1
+            and first + n <= _U64
+            and pfns == array("Q", range(first, first + n))
+        ):
+            yield 0, first, n  # the common case, compared at C speed
+            return
+        start = 0
+        for i in range(1, n + 1):
+            if i == n or pfns[i] != pfns[i - 1] + 1:
+                yield start, pfns[start], i - start
+                start = i
+
+
+def _bad_pfn(pfns: Iterable[int]) -> str:
+    for i, pfn in enumerate(pfns):
+        if not isinstance(pfn, int) or not 0 <= pfn < _U64:
+            return f"PFN {pfn!r} (entry {i}) is no u64 page number, so beyond guest memory"
+    return "PFNs are not u64 page numbers, so beyond guest memory"
+
+
+def _check_pfns(memory: GuestMemory, pfns: Sequence[int]) -> PfnList:
+    """The PFNs as a PfnList, each checked to lie inside `memory`."""
+    checked = PfnList(pfns)
     if not checked:
         raise GuestMemoryError("empty PFN list")
     limit = memory.page_count
-    for i, pfn in enumerate(checked):
-        if not 0 <= pfn < limit:
-            raise OutOfBounds(f"PFN {pfn} (entry {i}) is beyond guest memory of {limit} pages")
+    if max(checked) >= limit:  # u64 already, so only the top can be wrong
+        i, pfn = next((i, p) for i, p in enumerate(checked) if p >= limit)
+        raise OutOfBounds(f"PFN {pfn} (entry {i}) is beyond guest memory of {limit} pages")
     return checked
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Gpadl:
     """A GPADL: the page list a guest granted, `byte_count` bytes starting
     `byte_offset` into the first page (offsets below are relative to that
     first byte). The one record of a grant, from the control messages that
     built it (the host's reassembly) to the views a VSP takes of it. The PFNs
     come from the untrusted child: `check` tests them against its memory;
-    pages may repeat or be in any order (harmless aliasing)."""
+    pages may repeat or be in any order (harmless aliasing). `pfns` may be
+    given as any sequence of ints and is kept as a compact PfnList."""
 
     child_relid: int
     gpadl: int  # the handle
     byte_count: int
     byte_offset: int
-    pfns: tuple[int, ...]
+    pfns: Sequence[int]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pfns, PfnList):
+            object.__setattr__(self, "pfns", PfnList(self.pfns))
 
     def __len__(self) -> int:
         return self.byte_count
+
+    def offset_of(self, gpa: int, length: int, index: int | None = None) -> int | None:
+        """The GPADL offset at which guest bytes [gpa, gpa + length) lie,
+        contiguous and granted, or None. With `index`, only where the page of
+        `gpa` is entry `index` (O(pages of the range)); else anywhere."""
+        if length <= 0 or gpa < 0:
+            return None
+        first, pages = gpa // PAGE_SIZE, (gpa % PAGE_SIZE + length - 1) // PAGE_SIZE + 1
+        want = array("Q", range(first, first + pages))
+        pfns = self.pfns
+        candidates = [index] if index is not None else _positions(pfns, first)
+        for i in candidates:
+            offset = i * PAGE_SIZE + gpa % PAGE_SIZE - self.byte_offset
+            if offset < 0 or offset + length > self.byte_count:
+                continue
+            if pfns[i : i + pages] == PfnList.adopt(want):
+                return offset
+        return None
 
     @classmethod
     def grant(
@@ -273,7 +438,7 @@ class Gpadl:
         gpadl: int = 0,
     ) -> Gpadl:
         """A checked GPADL of `memory` (GuestMemoryError if it does not fit)."""
-        record = cls(child_relid, gpadl, byte_count, byte_offset, tuple(pfns))
+        record = cls(child_relid, gpadl, byte_count, byte_offset, PfnList(pfns))
         record.check(memory)
         return record
 
@@ -330,6 +495,177 @@ class Gpadl:
                 pos += len(part)
 
 
+def _positions(pfns: Sequence[int], pfn: int) -> Iterator[int]:
+    """Every index of `pfn` in `pfns` (a page may be granted twice)."""
+    i = -1
+    while True:
+        try:
+            i = pfns.index(pfn, i + 1)
+        except ValueError:
+            return
+        yield i
+
+
+class GpadlTable(MutableMapping[int, Gpadl]):
+    """One child's GPADLs by handle, with an index of their page runs so
+    that `covering` costs O(log pages of memory + pages asked), whatever the
+    number of GPADLs (a VRAM_LOCATION once walked every page of every one).
+
+    The index is a max segment tree over the child's pages: leaf `s` holds
+    the last page of the longest run (of consecutive PFNs, in any GPADL)
+    that starts at page `s`, and which GPADL and entry it is. A range of
+    pages lies in one run iff the leftmost leaf reaching its last page
+    starts at or before its first. The tree costs 16 bytes a page of guest
+    memory while the table holds a GPADL. Other runs that start at the same
+    page (pages granted twice) wait beside it, 12 bytes each. Adding or
+    removing a GPADL costs O(runs x log pages), plus, for pages granted
+    again, the runs waiting there (bounded by the child's page quota)."""
+
+    def __init__(self, page_count: int) -> None:
+        self.page_count = page_count
+        self.pages = 0  # pages held by all the GPADLs, counted once per entry
+        self.work = 0  # tree nodes the lookups visited: their cost, for tests
+        self._gpadls: dict[int, Gpadl] = {}
+        self._size = 1 << max(page_count - 1, 0).bit_length()
+        self._tree: array[int] | None = None  # nodes 1 .. 2 size: max last page; -1: none
+        self._owner = array("Q")  # per leaf: handle << 32 | entry
+        # The other runs starting at a page: a list through a pool per page.
+        self._head = array("i")  # per page: its first waiting run, or -1
+        self._pool_owner, self._pool_last, self._pool_next = array("Q"), array("i"), array("i")
+        self._free = -1  # a list of the pool's free slots
+
+    # --- the mapping ---
+
+    def __getitem__(self, handle: int) -> Gpadl:
+        return self._gpadls[handle]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._gpadls)
+
+    def __len__(self) -> int:
+        return len(self._gpadls)
+
+    def __contains__(self, handle: object) -> bool:
+        return handle in self._gpadls
+
+    def __setitem__(self, handle: int, gpadl: Gpadl) -> None:
+        if handle != gpadl.gpadl or not 0 <= handle < 1 << 32:
+            raise UsageError(f"GPADL {gpadl.gpadl:#x} filed under handle {handle:#x}")
+        if gpadl.pfns and max(gpadl.pfns) >= self.page_count:
+            raise UsageError(f"GPADL {handle:#x} names pages beyond {self.page_count}")
+        if handle in self._gpadls:
+            del self[handle]
+        if self._tree is None:
+            self._tree = array("i", [-1]) * (2 * self._size)
+            self._owner = array("Q", [0]) * self._size
+            self._head = array("i", [-1]) * self._size
+        self._gpadls[handle] = gpadl
+        self.pages += len(gpadl.pfns)
+        for index, start, count in PfnList(gpadl.pfns).runs():
+            self._add_run(start, start + count - 1, handle << 32 | index)
+
+    def __delitem__(self, handle: int) -> None:
+        gpadl = self._gpadls.pop(handle)
+        self.pages -= len(gpadl.pfns)
+        for index, start, _count in PfnList(gpadl.pfns).runs():
+            self._remove_run(start, handle << 32 | index)
+        if not self._gpadls:
+            self.clear()
+
+    def clear(self) -> None:
+        """Forget every GPADL and free the index."""
+        self._gpadls.clear()
+        self.pages = 0
+        self._tree = None
+        self._owner, self._head = array("Q"), array("i")
+        self._pool_owner, self._pool_last, self._pool_next = array("Q"), array("i"), array("i")
+        self._free = -1
+
+    # --- the index ---
+
+    def covering(self, gpa: int, length: int) -> Gpadl | None:
+        """A GPADL whose granted bytes include guest bytes [gpa, gpa + length)
+        contiguously, or None. Where pages are granted more than once, only
+        the longest run through them is tried."""
+        tree, owners = self._tree, self._owner
+        if tree is None or length <= 0 or gpa < 0:
+            return None
+        first, last = gpa // PAGE_SIZE, (gpa + length - 1) // PAGE_SIZE
+        self.work += 1
+        if last >= self.page_count or tree[1] < last:
+            return None
+        node = 1
+        while node < self._size:  # down to the leftmost leaf reaching `last`
+            self.work += 1
+            node = 2 * node if tree[2 * node] >= last else 2 * node + 1
+        start = node - self._size
+        if start > first:
+            return None
+        owner = owners[start]
+        gpadl = self._gpadls[owner >> 32]
+        index = (owner & 0xFFFFFFFF) + first - start
+        return gpadl if gpadl.offset_of(gpa, length, index) is not None else None
+
+    def _set_leaf(self, start: int, last: int, owner: int) -> None:
+        assert self._tree is not None
+        tree = self._tree
+        self._owner[start] = owner
+        node = start + self._size
+        tree[node] = last
+        node //= 2
+        while node:
+            tree[node] = max(tree[2 * node], tree[2 * node + 1])
+            node //= 2
+
+    def _add_run(self, start: int, last: int, owner: int) -> None:
+        assert self._tree is not None
+        held = self._tree[start + self._size]
+        if held >= last:
+            self._wait(start, owner, last)
+            return
+        if held >= 0:  # the leaf's shorter run waits beside the new one
+            self._wait(start, self._owner[start], held)
+        self._set_leaf(start, last, owner)
+
+    def _wait(self, start: int, owner: int, last: int) -> None:
+        slot = self._free
+        if slot < 0:
+            slot = len(self._pool_owner)
+            self._pool_owner.append(owner)
+            self._pool_last.append(last)
+            self._pool_next.append(self._head[start])
+        else:
+            self._free = self._pool_next[slot]
+            self._pool_owner[slot], self._pool_last[slot] = owner, last
+            self._pool_next[slot] = self._head[start]
+        self._head[start] = slot
+
+    def _remove_run(self, start: int, owner: int) -> None:
+        """Unlink the run `owner` starting at `start`; if it held the leaf,
+        the longest waiting run there takes its place."""
+        leaf = self._owner[start] == owner
+        nexts, lasts = self._pool_next, self._pool_last
+        prev, slot, pick, pick_prev = -1, self._head[start], -1, -1
+        while slot >= 0:  # the runs waiting at this page only
+            if leaf and (pick < 0 or lasts[slot] > lasts[pick]):
+                pick, pick_prev = slot, prev
+            elif not leaf and self._pool_owner[slot] == owner:
+                pick, pick_prev = slot, prev
+                break
+            prev, slot = slot, nexts[slot]
+        if leaf:
+            if pick < 0:
+                self._set_leaf(start, -1, 0)
+                return
+            self._set_leaf(start, lasts[pick], self._pool_owner[pick])
+        assert pick >= 0, "a run the index never held"
+        if pick_prev < 0:
+            self._head[start] = nexts[pick]
+        else:
+            nexts[pick_prev] = nexts[pick]
+        nexts[pick], self._free = self._free, pick
+
+
 # ctypes, because Python's mmap module cannot map at a fixed address.
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
@@ -346,26 +682,38 @@ _libc.mmap.argtypes = [
 class MappedRegion:
     """Guest pages mapped virtually contiguous in this process (see
     map_contiguous). `view()` gives the writable buffer; `close()` unmaps,
-    refusing with BufferError while any view of it exists."""
+    refusing with BufferError while any view of it exists.
 
-    def __init__(self, memory: GuestMemory, pages: tuple[int, ...]) -> None:
-        self.pages = pages
+    Each run of consecutive pages is one mapping, counted against the
+    memory's `max_mappings` from here until the mapping is really gone
+    (the last view released): MappingRefused if the pages come in more than
+    `max_runs` runs, or the memory has no mappings left."""
+
+    def __init__(
+        self, memory: GuestMemory, pages: Sequence[int], max_runs: int = DEFAULT_MAX_RUNS
+    ) -> None:
+        self.pages = PfnList(pages)
         self.size = len(pages) * PAGE_SIZE
-        fd = memory.fileno()
-        # The reservation: an ordinary Python mmap, so CPython owns the range,
-        # counts exported views and munmaps all of it on close. It is never
-        # touched (MAP_NORESERVE: nothing committed) and is fully replaced
-        # below, so its protection never matters.
-        self._mm: mmap.mmap | None = mmap.mmap(
-            -1, self.size, flags=mmap.MAP_PRIVATE | _MAP_NORESERVE
-        )
+        runs = list(self.pages.runs())
+        memory._reserve_mappings(len(runs), max_runs)
+        try:
+            fd = memory.fileno()
+            # The reservation: an ordinary Python mmap, so CPython owns the range,
+            # counts exported views and munmaps all of it on close. It is never
+            # touched (MAP_NORESERVE: nothing committed) and is fully replaced
+            # below, so its protection never matters.
+            self._mm: mmap.mmap | None = mmap.mmap(
+                -1, self.size, flags=mmap.MAP_PRIVATE | _MAP_NORESERVE
+            )
+        except BaseException:
+            memory._release_mappings(len(runs))
+            raise
+        # Released when the mmap object dies, which a view in use delays.
+        weakref.finalize(self._mm, memory._release_mappings, len(runs))
         try:
             base = ctypes.addressof(ctypes.c_char.from_buffer(self._mm))
-            start = 0
-            for i in range(1, len(pages) + 1):
-                if i == len(pages) or pages[i] != pages[i - 1] + 1:
-                    self._map_run(fd, base, start, pages[start], i - start)
-                    start = i
+            for index, pfn, count in runs:
+                self._map_run(fd, base, index, pfn, count)
         except BaseException:
             self._mm.close()  # also unmaps the runs mapped so far
             self._mm = None
@@ -410,38 +758,51 @@ class MappedRegion:
         self._close(detach=exc_type is not None)  # as GuestMemory.__exit__
 
 
-def map_contiguous(memory: GuestMemory, pfns: Sequence[int]) -> MappedRegion:
+def map_contiguous(
+    memory: GuestMemory, pfns: Sequence[int], *, max_runs: int = DEFAULT_MAX_RUNS
+) -> MappedRegion:
     """Map guest pages `pfns` (any order, checked) back to back: byte
     k * 4096 + j of the region is byte j of guest page pfns[k]. Writes go
-    both ways. The region outlives memory.close()."""
-    return MappedRegion(memory, _check_pfns(memory, pfns))
+    both ways. The region outlives memory.close(). MappingRefused if the
+    pages come in more than `max_runs` runs or the memory's quota of
+    mappings would be passed."""
+    return MappedRegion(memory, _check_pfns(memory, pfns), max_runs)
 
 
-def map_ring(memory: GuestMemory, pfns: Sequence[int]) -> MappedRegion:
+def map_ring(
+    memory: GuestMemory, pfns: Sequence[int], *, max_runs: int = DEFAULT_MAX_RUNS
+) -> MappedRegion:
     """Map one ring's pages (header page, then data pages) with the data pages
     twice back to back: 4096 + 2 * data_size bytes, for a ring attached with
-    mirrored=True, so a packet that wraps reads as one buffer."""
+    mirrored=True, so a packet that wraps reads as one buffer. `max_runs`
+    counts the runs of the mapping, the data pages' twice."""
     pages = _check_pfns(memory, pfns)
     if len(pages) < 2:
         raise GuestMemoryError(f"a ring needs a header page and a data page, got {len(pages)}")
-    return MappedRegion(memory, pages + pages[1:])
+    return MappedRegion(memory, pages + pages[1:], max_runs)
 
 
 def map_channel_rings(
-    memory: GuestMemory, gpadl_pfns: Sequence[int], inbound_page_offset: int
+    memory: GuestMemory,
+    gpadl_pfns: Sequence[int],
+    inbound_page_offset: int,
+    *,
+    max_runs: int = DEFAULT_MAX_RUNS,
 ) -> tuple[MappedRegion, MappedRegion]:
     """Split a channel's ring GPADL (outbound ring, then inbound ring from page
     `inbound_page_offset`, as the open message says) and map each with map_ring.
-    Returns (outbound, inbound): in the parent, outbound is the ring it reads."""
+    Returns (outbound, inbound): in the parent, outbound is the ring it reads.
+    MappingRefused (nothing mapped) if a ring's mapping would have more than
+    `max_runs` runs or the memory's quota of mappings would be passed."""
     pages = _check_pfns(memory, gpadl_pfns)
     if not 2 <= inbound_page_offset <= len(pages) - 2:
         raise GuestMemoryError(
             f"inbound ring page offset {inbound_page_offset} does not leave two rings of "
             f"at least 2 pages in a ring GPADL of {len(pages)} pages"
         )
-    outbound = map_ring(memory, pages[:inbound_page_offset])
+    outbound = map_ring(memory, pages[:inbound_page_offset], max_runs=max_runs)
     try:
-        inbound = map_ring(memory, pages[inbound_page_offset:])
+        inbound = map_ring(memory, pages[inbound_page_offset:], max_runs=max_runs)
     except BaseException:
         outbound.close()
         raise

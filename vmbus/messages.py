@@ -29,7 +29,7 @@ from enum import IntEnum, IntFlag
 from typing import Annotated, Any, ClassVar, TypeVar
 
 from vmbus.errors import PeerError
-from vmbus.memory import Gpadl  # the one GPADL record; re-exported here
+from vmbus.memory import Gpadl, PfnList  # the one GPADL record; re-exported here
 from vmbus.wire import GUID, U8, U16, U32, U64, Bytes, WireError, WireStruct, wire_struct
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "INVALID_RELID",
     "MAX_MESSAGE_PAYLOAD",
     "MAX_PENDING_GPADLS",
+    "MAX_PENDING_PFNS",
     "MESSAGE_CONNECTION_ID",
     "MESSAGE_CONNECTION_ID_4",
     "MESSAGE_SINT",
@@ -55,6 +56,7 @@ __all__ = [
     "GpadlBody",
     "GpadlCreated",
     "GpadlError",
+    "GpadlQuotaExceeded",
     "GpadlHeader",
     "GpadlTeardown",
     "GpadlTorndown",
@@ -103,8 +105,10 @@ GPADL_BODY_MAX_PFNS = 28  # (240 - 16) // 8
 # range_buflen is a u16 counting the range header plus 8 bytes per PFN (~32 MiB).
 GPADL_MAX_PFNS = (0xFFFF - GPA_RANGE_SIZE) // PFN_SIZE
 # Guests build one GPADL at a time per channel they are opening; bounds the
-# memory a guest can make us hold for unfinished GPADLs (64 x 64 KiB).
+# memory a guest can make us hold for unfinished GPADLs: 64 headers, and
+# PFNs they announce (reserved at the header, 8 bytes each: 512 KiB).
 MAX_PENDING_GPADLS = 64
+MAX_PENDING_PFNS = 1 << 16
 
 
 class MessageType(IntEnum):
@@ -212,6 +216,15 @@ class GpadlError(MessageError):
         self.gpadl = gpadl
         self.child_relid = child_relid
         super().__init__(f"gpadl {gpadl:#x}: {reason}")
+
+
+class GpadlQuotaExceeded(GpadlError):
+    """A well-formed GPADL refused because the child holds too much: `quota`
+    names the limit (the key of the host's refusal counter)."""
+
+    def __init__(self, quota: str, reason: str, gpadl: int, child_relid: int | None) -> None:
+        self.quota = quota
+        super().__init__(reason, gpadl, child_relid)
 
 
 def _type_name(msgtype: int) -> str:
@@ -714,18 +727,37 @@ class GpadlAssembler:
 
     Feed each decoded GPADL message in arrival order; `feed` returns the
     `Gpadl` once its last PFN arrived, else None. Guests may interleave GPADLs
-    of different channels, so several can be in progress, keyed by handle.
-    On a GpadlError the GPADL concerned is forgotten. Whether a handle is
-    already taken by an established GPADL is for the channel layer to check.
+    of different channels, so several can be in progress, keyed by handle:
+    at most `max_pending`, announcing at most `max_pending_pfns` PFNs in all
+    (GpadlQuotaExceeded beyond). On a GpadlError the GPADL concerned is
+    forgotten. Whether a handle is already taken by an established GPADL is
+    for the channel layer to check.
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self, max_pending: int = MAX_PENDING_GPADLS, max_pending_pfns: int = MAX_PENDING_PFNS
+    ) -> None:
+        self.max_pending = max_pending
+        self.max_pending_pfns = max_pending_pfns
         self._pending: dict[int, _Partial] = {}
+        self._announced = 0  # PFNs the pending headers announce
 
     @property
     def pending(self) -> frozenset[int]:
         """Handles of the GPADLs still waiting for bodies."""
         return frozenset(self._pending)
+
+    @property
+    def pending_count(self) -> int:
+        return len(self._pending)
+
+    @property
+    def pending_pfns(self) -> int:
+        """PFNs the GPADLs in progress announce (their whole size, reserved)."""
+        return self._announced
+
+    def in_progress(self, gpadl: int) -> bool:
+        return gpadl in self._pending
 
     def feed(self, message: GpadlHeader | GpadlBody) -> Gpadl | None:
         if isinstance(message, GpadlHeader):
@@ -733,30 +765,44 @@ class GpadlAssembler:
         return self._body(message)
 
     def discard(self, gpadl: int) -> None:
-        self._pending.pop(gpadl, None)
+        self._drop(gpadl)
 
     def discard_channel(self, child_relid: int) -> None:
         """Forget the unfinished GPADLs of a channel that closed or went away."""
         for gpadl, partial in list(self._pending.items()):
             if partial.header.child_relid == child_relid:
-                del self._pending[gpadl]
+                self._drop(gpadl)
+
+    def _drop(self, gpadl: int) -> _Partial | None:
+        partial = self._pending.pop(gpadl, None)
+        if partial is not None:
+            self._announced -= partial.header.total_pfns
+        return partial
 
     def _header(self, header: GpadlHeader) -> Gpadl | None:
-        if self._pending.pop(header.gpadl, None) is not None:
+        if self._drop(header.gpadl) is not None:
             raise GpadlError(
                 "second GPADL_HEADER while the first is in progress; both dropped",
                 header.gpadl,
                 header.child_relid,
             )
         header.check()
-        if len(self._pending) >= MAX_PENDING_GPADLS:
-            raise GpadlError(
-                f"more than {MAX_PENDING_GPADLS} GPADLs in progress",
-                header.gpadl,
-                header.child_relid,
+        quota = None
+        if len(self._pending) >= self.max_pending:
+            quota = "pending_gpadls", f"more than {self.max_pending} GPADLs in progress"
+        elif self._announced + header.total_pfns > self.max_pending_pfns:
+            quota = (
+                "pending_pfns",
+                (
+                    f"{header.total_pfns} PFNs more would pass the {self.max_pending_pfns} "
+                    f"that GPADLs in progress may announce ({self._announced} now)"
+                ),
             )
+        if quota is not None:
+            raise GpadlQuotaExceeded(quota[0], quota[1], header.gpadl, header.child_relid)
         partial = _Partial(header, array("Q", header.pfns))
         self._pending[header.gpadl] = partial
+        self._announced += header.total_pfns
         return self._complete(partial)
 
     def _body(self, body: GpadlBody) -> Gpadl | None:
@@ -766,10 +812,10 @@ class GpadlAssembler:
         relid = partial.header.child_relid
         total = partial.header.total_pfns
         if not body.pfns:
-            del self._pending[body.gpadl]
+            self._drop(body.gpadl)
             raise GpadlError("GPADL_BODY without PFNs", body.gpadl, relid)
         if len(partial.pfns) + len(body.pfns) > total:
-            del self._pending[body.gpadl]
+            self._drop(body.gpadl)
             raise GpadlError(
                 f"GPADL_BODY brings {len(partial.pfns) + len(body.pfns)} PFNs, "
                 f"more than range_buflen's {total}",
@@ -783,11 +829,11 @@ class GpadlAssembler:
         header = partial.header
         if len(partial.pfns) < header.total_pfns:
             return None
-        del self._pending[header.gpadl]
+        self._drop(header.gpadl)
         return Gpadl(
             header.child_relid,
             header.gpadl,
             header.byte_count,
             header.byte_offset,
-            tuple(partial.pfns),
+            PfnList.adopt(partial.pfns),  # no copy: 8 bytes a page, as reassembled
         )
