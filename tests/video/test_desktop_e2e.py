@@ -15,6 +15,7 @@ import pytest
 
 from vmbus import guid
 from vmbus.guest import Guest, GuestDevice
+from vmbus.memory import PAGE_SIZE
 from vmbus.partition import Host, wait_until
 from vsc.input import Keyboard, Mouse
 from vsc.video import Framebuffer
@@ -187,7 +188,7 @@ def vram_outside_its_grant(guest: Guest, workdir: str) -> None:
     while client.version is None or not client.resolutions:
         for reply in client.receive(channel.receive(10).payload):
             channel.send(reply)
-    channel.send(client.vram_location(guest.memory.size - 4096))  # not granted, too short
+    channel.send(client.vram_location(guest.memory.size - PAGE_SIZE))  # not granted, too short
     channel.send(client.situation_update(4000, 4000))  # larger than VRAM
     channel.send(client.dirt((0, 0, 10, 10)))  # before any mode
     time.sleep(0.5)

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vmbus.memory import PAGE_SIZE
 from vmbus.protocols import video as sv
 from vmbus.protocols.video import (
     SYNTHVID_VERSION_WIN7,
@@ -205,7 +206,7 @@ def test_golden_resolution_response() -> None:
     server.receive(VERSION_REQUEST_WIN10, vram_ok=any_ram)
     request = h("01000000 09000000 0d000000 09000000  # RESOLUTION_REQUEST\n 40  # room for 64")
     (reply,), _ = server.receive(request, vram_ok=any_ram)
-    assert len(reply) == 16 + 387 and len(reply) + 16 <= 4096
+    assert len(reply) == 16 + 387 and len(reply) <= sv.MAX_HOST_PAYLOAD
     assert reply[:16] == h("01000000 8b010000 0e000000 8b010000  # sizes 8 + 387")
     edid = reply[16:144]
     assert edid[:8] == h("00ffffffffffff00") and sum(edid) % 256 == 0
@@ -460,7 +461,7 @@ def test_guest_places_vram_outside_memory() -> None:
     assert asked == [(GPA, VRAM)] and server.vram_gpa is None
     unaligned = client.vram_location(GPA + 1)
     no_gpa = message(3, struct.pack("<QBQ", GPA, 0, GPA))
-    wraps = client.vram_location(2**64 - 4096)
+    wraps = client.vram_location(2**64 - PAGE_SIZE)
     for request in (unaligned, no_gpa, wraps):
         assert server.receive(request, vram_ok=any_ram) == ([], [])
     assert server.errors["bad_vram"] == 4 and server.vram_gpa is None
@@ -553,7 +554,7 @@ def test_arbitrary_bytes_never_raise(negotiated: bool, payload: bytes, vram: boo
         server.receive(VERSION_REQUEST_WIN10, vram_ok=any_ram)
         server.receive(situation(1024, 768, 4096), vram_ok=any_ram)
     replies, _ = server.receive(payload, vram_ok=lambda gpa, size: vram)
-    assert all(len(r) + 16 <= 4096 for r in replies)
+    assert all(len(r) <= sv.MAX_HOST_PAYLOAD for r in replies)
 
 
 @given(msg_type=st.integers(0, 15), body=st.binary(max_size=120))
@@ -561,7 +562,7 @@ def test_arbitrary_bytes_never_raise(negotiated: bool, payload: bytes, vram: boo
 def test_well_framed_garbage_never_raises(msg_type: int, body: bytes) -> None:
     server, _ = ready()
     replies, events = server.receive(message(msg_type, body), vram_ok=any_ram)
-    assert all(len(r) + 16 <= 4096 for r in replies)
+    assert all(len(r) <= sv.MAX_HOST_PAYLOAD for r in replies)
     if server.mode is not None:
         for e in events:
             if isinstance(e, Dirty):
