@@ -71,9 +71,11 @@ from vmbus.protocols.net.rndis_wire import (
     SetComplete,
     decode,
     decode_packet,
+    decode_packets,
     encode,
     encode_packet,
     message_view,
+    parse_request,
     split_messages,
     type_of,
 )
@@ -305,6 +307,27 @@ def test_batched_messages_split_back(frames: list[bytes]) -> None:
     assert [bytes(m) for m in split_messages(b"".join(messages))] == messages
 
 
+@given(st.lists(st.tuples(st.binary(min_size=1, max_size=80), ppi_lists), min_size=1, max_size=8))
+def test_batch_parsed_once_agrees_with_split_then_decode(
+    packets: list[tuple[bytes, list[tuple[int, bytes]]]],
+) -> None:
+    """decode_packets (each header read once, as netvsp parses a section)
+    gives what split_messages and decode_packet give one after the other."""
+    batch = b"".join(encode_packet(frame, ppis) for frame, ppis in packets)
+    once = [(bytes(f), p) for f, p in decode_packets(batch)]
+    twice = [decode_packet(m) for m in split_messages(batch)]
+    assert once == [(bytes(f), p) for f, p in twice]
+    assert [f for f, _ in once] == [frame for frame, _ in packets]
+
+
+@given(st.builds(lambda oid, info: (oid, info), st.integers(0, 2**32 - 1), st.binary(max_size=40)))
+def test_control_request_parsed_once_keeps_its_fields_and_info(request: tuple[int, bytes]) -> None:
+    oid, info = request
+    parsed = parse_request(RndisClient().set(oid, info))
+    assert isinstance(parsed.request, Set) and parsed.request.oid == oid
+    assert parsed.info is not None and bytes(parsed.info) == info
+
+
 @given(name=st.text(max_size=20), value=st.text(max_size=20))
 @settings(max_examples=40)
 def test_config_parameter_round_trips(name: str, value: str) -> None:
@@ -332,6 +355,7 @@ def test_arbitrary_bytes_into_decoders_raise_only_rndis_error(data: bytes) -> No
         with contextlib.suppress(RndisError):
             decode(data, cls)
     decoders: list[Any] = [message_view, decode_packet, split_messages, decode_config_parameter]
+    decoders += [decode_packets, parse_request]
     for decoder in decoders:
         with contextlib.suppress(RndisError):
             decoder(data)
