@@ -194,3 +194,39 @@ def test_guest_completes_a_receive_it_never_got(guest: Guest) -> None:
     guest.harness.pump()
     assert guest.harness.context.peer_log.count == 1
     assert guest.rndis(encode_packet(frame()), 0) == nvsp.NvspStatus.SUCCESS
+
+
+def test_guest_sending_into_a_full_port_is_held_not_dropped() -> None:
+    """Frames for a full switch port wait with their completions, and the
+    requests behind them wait in order, until the port drains."""
+    switch = LearningSwitch(queue_frames=2, stall_seconds=None)
+    with VspHarness(NetVsp(switch.port(MAC), mac=MAC), ring_size=256 << 10) as harness:
+        guest = Guest(harness, switch)
+        guest.initialize()
+        frames = [frame(bytes([n]) * 46, dst=PEER_MAC) for n in range(6)]
+        for section, data in enumerate(frames):
+            message = encode_packet(data)
+            guest.write_section(section, message)
+            packet = nvsp.send_rndis_packet(nvsp.RndisChannel.DATA, section, len(message))
+            harness.guest.send(packet, flags=COMPLETION_REQUESTED, trans_id=100 + section)
+        harness.pump()
+        done = completions(harness)
+        assert done == {100: 1, 101: 1}  # the third waits for the port, the rest behind it
+        assert guest.handler.held is not None
+        received = guest.peer.receive(8)
+        harness.pump()
+        while len(received) < len(frames):
+            received += guest.peer.receive(8)
+            harness.pump()
+        done |= completions(harness)
+        assert received == frames and done == {100 + n: 1 for n in range(6)}
+        assert guest.handler.held is None and not guest.handler.stash
+
+
+def completions(harness: VspHarness) -> dict[int, int]:
+    """trans_id -> NVSP status of the completions waiting for the guest."""
+    done = {}
+    while (packet := harness.guest.poll()) is not None:
+        if packet.type == PacketType.COMP:
+            done[packet.trans_id] = nvsp.decode(packet.payload, nvsp.SendRndisPacketComplete).status
+    return done
