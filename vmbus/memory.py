@@ -513,26 +513,36 @@ class GpadlTable(MutableMapping[int, Gpadl]):
 
     The index is a max segment tree over the child's pages: leaf `s` holds
     the last page of the longest run (of consecutive PFNs, in any GPADL)
-    that starts at page `s`, and which GPADL and entry it is. A range of
-    pages lies in one run iff the leftmost leaf reaching its last page
-    starts at or before its first. The tree costs 16 bytes a page of guest
-    memory while the table holds a GPADL. Other runs that start at the same
-    page (pages granted twice) wait beside it, 12 bytes each. Adding or
-    removing a GPADL costs O(runs x log pages), plus, for pages granted
-    again, the runs waiting there (bounded by the child's page quota)."""
+    that starts at page `s`, and which run it is. A range of pages lies in
+    one run iff the leftmost leaf reaching its last page starts at or before
+    its first. The tree costs 16 bytes a page of guest memory while the
+    table holds a GPADL; each run costs 8 bytes more, 24 if it starts where
+    another does (pages granted twice: it waits in a list of that page).
+    Adding or removing a GPADL costs O(runs x log pages); only removing the
+    longest run of a page also walks the runs waiting there, which the
+    child's page quota bounds."""
 
     def __init__(self, page_count: int) -> None:
         self.page_count = page_count
         self.pages = 0  # pages held by all the GPADLs, counted once per entry
         self.work = 0  # tree nodes the lookups visited: their cost, for tests
         self._gpadls: dict[int, Gpadl] = {}
+        # Per GPADL, per run: its first entry, then its pool slot (-1: a leaf).
+        self._runs: dict[int, array[int]] = {}
         self._size = 1 << max(page_count - 1, 0).bit_length()
         self._tree: array[int] | None = None  # nodes 1 .. 2 size: max last page; -1: none
-        self._owner = array("Q")  # per leaf: handle << 32 | entry
-        # The other runs starting at a page: a list through a pool per page.
-        self._head = array("i")  # per page: its first waiting run, or -1
-        self._pool_owner, self._pool_last, self._pool_next = array("Q"), array("i"), array("i")
-        self._free = -1  # a list of the pool's free slots
+        self._clear_index()
+
+    def _clear_index(self) -> None:
+        self._tree = None
+        self._leaf = array("Q")  # per page: its leaf's run, handle << 32 | run number
+        self._head = array("i")  # per page: its first waiting run's slot, or -1
+        # The pool of waiting runs: doubly linked lists, one per page.
+        self._run = array("Q")
+        self._last = array("i")
+        self._next = array("i")
+        self._prev = array("i")
+        self._free = -1  # the pool's free slots, linked by _next
 
     # --- the mapping ---
 
@@ -557,29 +567,31 @@ class GpadlTable(MutableMapping[int, Gpadl]):
             del self[handle]
         if self._tree is None:
             self._tree = array("i", [-1]) * (2 * self._size)
-            self._owner = array("Q", [0]) * self._size
+            self._leaf = array("Q", [0]) * self._size
             self._head = array("i", [-1]) * self._size
+        runs = list(PfnList(gpadl.pfns).runs())
         self._gpadls[handle] = gpadl
+        self._runs[handle] = table = array("q", [0, -1]) * len(runs)
         self.pages += len(gpadl.pfns)
-        for index, start, count in PfnList(gpadl.pfns).runs():
-            self._add_run(start, start + count - 1, handle << 32 | index)
+        for number, (index, start, count) in enumerate(runs):
+            table[2 * number] = index
+            self._add_run(start, start + count - 1, handle << 32 | number)
 
     def __delitem__(self, handle: int) -> None:
         gpadl = self._gpadls.pop(handle)
         self.pages -= len(gpadl.pfns)
-        for index, start, _count in PfnList(gpadl.pfns).runs():
-            self._remove_run(start, handle << 32 | index)
+        for number, (_index, start, _count) in enumerate(PfnList(gpadl.pfns).runs()):
+            self._remove_run(start, handle << 32 | number)
+        del self._runs[handle]
         if not self._gpadls:
             self.clear()
 
     def clear(self) -> None:
         """Forget every GPADL and free the index."""
         self._gpadls.clear()
+        self._runs.clear()
         self.pages = 0
-        self._tree = None
-        self._owner, self._head = array("Q"), array("i")
-        self._pool_owner, self._pool_last, self._pool_next = array("Q"), array("i"), array("i")
-        self._free = -1
+        self._clear_index()
 
     # --- the index ---
 
@@ -587,7 +599,7 @@ class GpadlTable(MutableMapping[int, Gpadl]):
         """A GPADL whose granted bytes include guest bytes [gpa, gpa + length)
         contiguously, or None. Where pages are granted more than once, only
         the longest run through them is tried."""
-        tree, owners = self._tree, self._owner
+        tree = self._tree
         if tree is None or length <= 0 or gpa < 0:
             return None
         first, last = gpa // PAGE_SIZE, (gpa + length - 1) // PAGE_SIZE
@@ -601,15 +613,18 @@ class GpadlTable(MutableMapping[int, Gpadl]):
         start = node - self._size
         if start > first:
             return None
-        owner = owners[start]
-        gpadl = self._gpadls[owner >> 32]
-        index = (owner & 0xFFFFFFFF) + first - start
+        run = self._leaf[start]
+        handle, number = run >> 32, run & 0xFFFFFFFF
+        gpadl = self._gpadls[handle]
+        index = self._runs[handle][2 * number] + first - start
         return gpadl if gpadl.offset_of(gpa, length, index) is not None else None
 
-    def _set_leaf(self, start: int, last: int, owner: int) -> None:
+    def _set_leaf(self, start: int, last: int, run: int) -> None:
         assert self._tree is not None
         tree = self._tree
-        self._owner[start] = owner
+        self._leaf[start] = run
+        if last >= 0:
+            self._runs[run >> 32][2 * (run & 0xFFFFFFFF) + 1] = -1
         node = start + self._size
         tree[node] = last
         node //= 2
@@ -617,53 +632,63 @@ class GpadlTable(MutableMapping[int, Gpadl]):
             tree[node] = max(tree[2 * node], tree[2 * node + 1])
             node //= 2
 
-    def _add_run(self, start: int, last: int, owner: int) -> None:
+    def _add_run(self, start: int, last: int, run: int) -> None:
         assert self._tree is not None
         held = self._tree[start + self._size]
         if held >= last:
-            self._wait(start, owner, last)
+            self._wait(start, run, last)
             return
         if held >= 0:  # the leaf's shorter run waits beside the new one
-            self._wait(start, self._owner[start], held)
-        self._set_leaf(start, last, owner)
+            self._wait(start, self._leaf[start], held)
+        self._set_leaf(start, last, run)
 
-    def _wait(self, start: int, owner: int, last: int) -> None:
+    def _wait(self, start: int, run: int, last: int) -> None:
         slot = self._free
         if slot < 0:
-            slot = len(self._pool_owner)
-            self._pool_owner.append(owner)
-            self._pool_last.append(last)
-            self._pool_next.append(self._head[start])
+            slot = len(self._run)
+            for pool in (self._run, self._last, self._next, self._prev):
+                pool.append(0)
         else:
-            self._free = self._pool_next[slot]
-            self._pool_owner[slot], self._pool_last[slot] = owner, last
-            self._pool_next[slot] = self._head[start]
+            self._free = self._next[slot]
+        head = self._head[start]
+        self._run[slot], self._last[slot] = run, last
+        self._next[slot], self._prev[slot] = head, -1
+        if head >= 0:
+            self._prev[head] = slot
         self._head[start] = slot
+        self._runs[run >> 32][2 * (run & 0xFFFFFFFF) + 1] = slot
 
-    def _remove_run(self, start: int, owner: int) -> None:
-        """Unlink the run `owner` starting at `start`; if it held the leaf,
-        the longest waiting run there takes its place."""
-        leaf = self._owner[start] == owner
-        nexts, lasts = self._pool_next, self._pool_last
-        prev, slot, pick, pick_prev = -1, self._head[start], -1, -1
-        while slot >= 0:  # the runs waiting at this page only
-            if leaf and (pick < 0 or lasts[slot] > lasts[pick]):
-                pick, pick_prev = slot, prev
-            elif not leaf and self._pool_owner[slot] == owner:
-                pick, pick_prev = slot, prev
-                break
-            prev, slot = slot, nexts[slot]
-        if leaf:
-            if pick < 0:
-                self._set_leaf(start, -1, 0)
-                return
-            self._set_leaf(start, lasts[pick], self._pool_owner[pick])
-        assert pick >= 0, "a run the index never held"
-        if pick_prev < 0:
-            self._head[start] = nexts[pick]
+    def _unlink(self, start: int, slot: int) -> None:
+        after, before = self._next[slot], self._prev[slot]
+        if before < 0:
+            self._head[start] = after
         else:
-            nexts[pick_prev] = nexts[pick]
-        nexts[pick], self._free = self._free, pick
+            self._next[before] = after
+        if after >= 0:
+            self._prev[after] = before
+        self._next[slot], self._free = self._free, slot
+
+    def _remove_run(self, start: int, run: int) -> None:
+        slot = self._runs[run >> 32][2 * (run & 0xFFFFFFFF) + 1]
+        if slot >= 0:  # a waiting run: unlinked where it is
+            self._unlink(start, slot)
+            return
+        # The leaf's run: the longest waiting one takes its place (one as
+        # long as the leaf's, if any, ends the search at once).
+        held = self._tree[start + self._size] if self._tree is not None else -1
+        pick, slot = -1, self._head[start]
+        while slot >= 0:
+            if pick < 0 or self._last[slot] > self._last[pick]:
+                pick = slot
+                if self._last[slot] == held:
+                    break
+            slot = self._next[slot]
+        if pick < 0:
+            self._set_leaf(start, -1, 0)
+            return
+        run, last = self._run[pick], self._last[pick]
+        self._unlink(start, pick)
+        self._set_leaf(start, last, run)
 
 
 # ctypes, because Python's mmap module cannot map at a fixed address.
