@@ -22,16 +22,20 @@ from hypothesis.stateful import (
     rule,
 )
 
+from vmbus.errors import PeerError, UsageError
 from vmbus.memory import (
     PAGE_SIZE,
     DoubleFree,
     ForeignPage,
     Gpadl,
+    GpadlTable,
     GuestMemory,
     GuestMemoryError,
+    MappingRefused,
     OutOfBounds,
     OutOfMemory,
     PageAllocator,
+    PfnList,
     map_channel_rings,
     map_contiguous,
     map_ring,
@@ -536,3 +540,74 @@ def test_gpadl_write_lands_only_in_the_granted_bytes(
             assert view == expected
     finally:
         _fill(patterned, PATTERN)
+
+
+# PfnList: the compact form of a child's page list
+
+
+def test_pfn_list_is_a_sequence_of_ints_equal_to_the_tuple() -> None:
+    pfns = PfnList([7, 8, 9, 3])
+    assert pfns == (7, 8, 9, 3) and pfns == [7, 8, 9, 3]
+    assert Gpadl(0, 1, 1, 0, (7, 8, 9, 3)) == Gpadl(0, 1, 1, 0, pfns)
+    assert hash(pfns) == hash((7, 8, 9, 3)) and pfns != (7, 8, 9) and pfns != b"\x07"
+    assert pfns[1] == 8 and pfns[-1] == 3 and pfns[1:3] == (8, 9)
+    assert isinstance(pfns[1:3], PfnList) and list(pfns) == [7, 8, 9, 3]
+    assert 9 in pfns and pfns.index(9) == 2 and pfns + (4,) == (7, 8, 9, 3, 4)
+    assert list(pfns.runs()) == [(0, 7, 3), (3, 3, 1)]
+    assert list(PfnList(range(5, 5000)).runs()) == [(0, 5, 4995)]
+    assert pfns.__sizeof__() < 8 * 4 + 120  # 8 bytes a page, not a Python int each
+
+
+def test_child_names_pfns_that_are_no_page_numbers() -> None:
+    for bad in ([-1], [2**64], [1, "2"]):
+        with pytest.raises(OutOfBounds, match="beyond guest memory"):
+            PfnList(bad)  # type: ignore[list-item]
+
+
+# GpadlTable: the host's GPADLs of one child, indexed by page
+
+
+def test_gpadl_table_is_a_mapping_that_finds_gpadls_by_page() -> None:
+    table = GpadlTable(100)
+    table[5] = Gpadl(1, 5, 3 * PAGE_SIZE - 10, 10, (40, 41, 42))
+    table[6] = Gpadl(1, 6, 2 * PAGE_SIZE, 0, (41, 42))
+    assert table == {5: table[5], 6: table[6]} and table.pages == 5
+    assert table.covering(40 * PAGE_SIZE + 10, 2 * PAGE_SIZE) is table[5]
+    assert table.covering(40 * PAGE_SIZE, 100) is None  # before byte_offset: not granted
+    assert table.covering(41 * PAGE_SIZE, 2 * PAGE_SIZE) in (table[5], table[6])
+    assert table.covering(42 * PAGE_SIZE, 2 * PAGE_SIZE) is None  # page 43 granted by none
+    del table[5]
+    assert table.covering(41 * PAGE_SIZE, 2 * PAGE_SIZE) is table[6]
+    assert table.covering(40 * PAGE_SIZE + 10, 100) is None
+    with pytest.raises(UsageError):
+        table[7] = Gpadl(1, 8, PAGE_SIZE, 0, (1,))  # filed under another handle
+    with pytest.raises(UsageError):
+        table[7] = Gpadl(1, 7, PAGE_SIZE, 0, (100,))  # beyond the memory
+    table.clear()
+    assert not table and table.pages == 0 and table.covering(41 * PAGE_SIZE, 1) is None
+
+
+# Mappings: counted per child, capped
+
+
+def test_regions_count_their_mappings_until_they_are_gone(memory: GuestMemory) -> None:
+    assert memory.mappings == 0
+    region = map_contiguous(memory, [1, 2, 5, 9, 10])  # three runs
+    assert memory.mappings == 3
+    view = region.view()
+    with pytest.raises(BufferError):
+        region.close()
+    assert memory.mappings == 3
+    view.release()
+    region.close()
+    assert memory.mappings == 0
+
+
+def test_child_scatters_a_buffer_past_the_runs_a_region_may_have(memory: GuestMemory) -> None:
+    scattered = list(range(0, PAGES, 2))  # 8 runs of one page
+    with pytest.raises(MappingRefused, match="8 runs") as refused:
+        map_contiguous(memory, scattered, max_runs=7)
+    assert isinstance(refused.value, PeerError)  # the child's doing: the open fails
+    assert memory.mappings == 0 and memory.mapping_refusals == 1
+    with map_contiguous(memory, scattered, max_runs=8):
+        assert memory.mappings == 8
