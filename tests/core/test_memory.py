@@ -561,7 +561,7 @@ def test_pfn_list_is_a_sequence_of_ints_equal_to_the_tuple() -> None:
 def test_child_names_pfns_that_are_no_page_numbers() -> None:
     for bad in ([-1], [2**64], [1, "2"]):
         with pytest.raises(OutOfBounds, match="beyond guest memory"):
-            PfnList(bad)  # type: ignore[list-item]
+            PfnList(bad)  # type: ignore[arg-type]
 
 
 # GpadlTable: the host's GPADLs of one child, indexed by page

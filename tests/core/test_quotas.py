@@ -474,7 +474,7 @@ def flood_gpadls(guest: Guest) -> None:
     assert isinstance(result, m.OpenChannelResult) and result.status == FAILURE
     guest.teardown_gpadl(device.relid, ring)
     pages = guest.allocator.alloc(BIG)
-    big = []
+    big: list[int] = []
     with pytest.raises(GuestError, match="refused GPADL"):
         while len(big) < 100:  # the page quota stops it long before
             big.append(guest.create_gpadl(device.relid, pages))
