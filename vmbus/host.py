@@ -25,7 +25,7 @@ from uuid import UUID
 
 from vmbus import messages as m
 from vmbus.errors import PeerError
-from vmbus.memory import GpadlTable
+from vmbus.memory import DEFAULT_MAX_MAPPINGS, DEFAULT_MAX_RUNS, GpadlTable
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,36 @@ DEFAULT_MAX_GPADLS = 1024
 DEFAULT_MAX_GPADL_PAGES = 1 << 16  # 256 MiB of grants, or twice the memory if more
 DEFAULT_MAX_OPEN_CHANNELS = 64  # each holds 2 eventfds and 4 mappings in the parent
 DEFAULT_MAX_ADDED_OFFERS = 64  # sub-channels VSPs add (netvsc asks for up to 64)
+
+
+@dataclass(frozen=True)
+class Quotas:
+    """Everything one child may make the parent hold, in one value for the
+    process layer to pass through: the server's quotas (see VmbusServer)
+    and the memory layer's (`max_mappings` of the child's memory at once,
+    `max_runs` in one ring or buffer mapping)."""
+
+    max_gpadls: int = DEFAULT_MAX_GPADLS
+    max_gpadl_pages: int | None = None
+    max_pending_gpadls: int = m.MAX_PENDING_GPADLS
+    max_pending_pfns: int = m.MAX_PENDING_PFNS
+    max_open_channels: int = DEFAULT_MAX_OPEN_CHANNELS
+    max_added_offers: int = DEFAULT_MAX_ADDED_OFFERS
+    max_mappings: int = DEFAULT_MAX_MAPPINGS
+    max_runs: int = DEFAULT_MAX_RUNS
+
+    def server(self, offers: list[OfferSpec], memory_pages: int) -> VmbusServer:
+        """A server for one child within these quotas."""
+        return VmbusServer(
+            offers,
+            memory_pages,
+            max_gpadls=self.max_gpadls,
+            max_gpadl_pages=self.max_gpadl_pages,
+            max_pending_gpadls=self.max_pending_gpadls,
+            max_pending_pfns=self.max_pending_pfns,
+            max_open_channels=self.max_open_channels,
+            max_added_offers=self.max_added_offers,
+        )
 
 
 class QuotaExceeded(PeerError):

@@ -34,6 +34,8 @@ from vmbus.errors import PeerError, UsageError, VmbusError
 from vmbus.packet import GpaRange
 
 __all__ = [
+    "DEFAULT_MAX_MAPPINGS",
+    "DEFAULT_MAX_RUNS",
     "PAGE_SIZE",
     "DoubleFree",
     "ForeignPage",

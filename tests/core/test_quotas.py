@@ -38,6 +38,7 @@ from vmbus.host import (
     OfferSpec,
     OpenRequested,
     QuotaExceeded,
+    Quotas,
     Reply,
     VmbusServer,
 )
@@ -123,6 +124,12 @@ def test_child_grants_gpadls_too_large_in_total() -> None:
     teardown(server, FIRST_HANDLE)
     assert server.gpadls.pages == 40
     assert grant(server, FIRST_HANDLE + 1, range(41)) == [created(FIRST_HANDLE + 1)]
+
+
+def test_quotas_pass_through_to_the_server_in_one_value() -> None:
+    server = Quotas(max_gpadls=3, max_open_channels=1).server(list(OFFERS), 64)
+    assert (server.max_gpadls, server.max_open_channels, server.max_gpadl_pages) == (3, 1, 1 << 16)
+    assert server.assembler.max_pending == m.MAX_PENDING_GPADLS
 
 
 def test_default_page_quota_follows_the_childs_memory() -> None:
