@@ -1,20 +1,31 @@
 """A child partition's process: `python -m vmbus._child PORT_FD MEMORY_FD
 MEMORY_SIZE`, with (sys.path, "module:function", args) pickled on stdin.
-Connects to the parent's VMBus, then runs function(guest, *args)."""
+Confines itself (vmbus.sandbox.confine_self), connects to the parent's
+VMBus, then runs function(guest, *args). If the parent goes away (its end
+of the port hangs up), the child exits with EXIT_PARENT_GONE within a
+second, whatever it was waiting for."""
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import pickle
+import signal
 import socket
 import sys
+import threading
 from types import ModuleType
 from typing import Any
 
 from vmbus.guest import Guest
 from vmbus.memory import GuestMemory
+from vmbus.sandbox import ParentGone, confine_self
 from vmbus.transport import SocketPort
+
+EXIT_PARENT_GONE = 3
+GRACE_SECONDS = 0.5  # for the main thread to unwind before the process ends anyway
+PARENT_GONE = "vmbus child: the parent closed our port (it died or dropped us); exiting"
 
 
 def load_module(name: str) -> ModuleType:
@@ -31,19 +42,50 @@ def load_module(name: str) -> ModuleType:
     return module
 
 
+def _raise_parent_gone(*_: object) -> None:
+    raise ParentGone(EXIT_PARENT_GONE)
+
+
+def _exit_when_the_parent_is_gone(guest: Guest) -> None:
+    """Wakes the main thread out of whatever it waits on (an answer, a
+    channel's signal) with ParentGone; ends the process if it does not."""
+    guest.host_gone.wait()
+    print(PARENT_GONE, file=sys.stderr, flush=True)
+    signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGUSR1)
+    threading.Event().wait(GRACE_SECONDS)
+    os._exit(EXIT_PARENT_GONE)
+
+
 def main() -> None:
     port_fd, memory_fd, memory_size = map(int, sys.argv[1:4])
+    try:
+        confine_self(port_fd)
+    except ParentGone as gone:
+        print(gone, file=sys.stderr, flush=True)
+        sys.exit(EXIT_PARENT_GONE)
     path, target, args = pickle.loads(sys.stdin.buffer.read())
     sys.path[:0] = [entry for entry in path if entry not in sys.path]
-    module, _, name = target.rpartition(":")
-    function: Any = load_module(module)
-    for part in name.split("."):
-        function = getattr(function, part)
     port = SocketPort(socket.socket(fileno=port_fd), accept_fds=True)
     memory = GuestMemory.from_fd(memory_fd, memory_size)
     guest = Guest(port, memory)
-    guest.connect()
-    function(guest, *args)
+    signal.signal(signal.SIGUSR1, _raise_parent_gone)
+    watcher = threading.Thread(
+        target=_exit_when_the_parent_is_gone, args=(guest,), name="vmbus-parent", daemon=True
+    )
+    watcher.start()
+    try:
+        # Connect before importing the target: until the parent serves us,
+        # it may not yet be watching for our exit.
+        guest.connect()
+        module, _, name = target.rpartition(":")
+        function: Any = load_module(module)
+        for part in name.split("."):
+            function = getattr(function, part)
+        function(guest, *args)
+    except Exception:
+        if guest.host_gone.is_set():  # a call that failed for want of a host
+            sys.exit(EXIT_PARENT_GONE)
+        raise
 
 
 if __name__ == "__main__":

@@ -125,6 +125,9 @@ class Guest:
         self._answers: dict[object, tuple[m.Message, list[int]]] = {}
         self._arrived = threading.Condition()
         self._closed = False
+        self._closing = False
+        # Set when the host closes the port (it died or dropped us), not when we do.
+        self.host_gone = threading.Event()
         self._reader = threading.Thread(target=self._read_messages, daemon=True, name="vmbus")
         self._reader.start()
 
@@ -140,7 +143,8 @@ class Guest:
                 if received is not None:
                     self._dispatch(*received)
         except PortClosed:
-            pass
+            if not self._closing:
+                self.host_gone.set()
         finally:
             with self._arrived:
                 self._closed = True
@@ -220,6 +224,7 @@ class Guest:
         self._wait(m.UnloadResponse, timeout)
 
     def close(self) -> None:
+        self._closing = True
         self.port.close()
         if self._reader is not threading.current_thread():
             self._reader.join(1.0)  # it sees the close and ends

@@ -29,6 +29,7 @@ from typing import Any
 
 from vmbus import host as h
 from vmbus import messages as m
+from vmbus import sandbox
 from vmbus.channel import DEFAULT_SPIN_SECONDS, Channel
 from vmbus.device import ChannelHandler, OpenContext, Vsp
 from vmbus.errors import PeerError, PeerLog, UsageError
@@ -369,10 +370,10 @@ class Host:
         parent_port, child_port = SocketPort.pair()
         fds = (child_port.fileno(), memory.fileno())
         boot = pickle.dumps((sys.path, _target_name(target), tuple(args)))
-        process = subprocess.Popen(
+        process = sandbox.spawn(  # confined: see vmbus.sandbox
             [sys.executable, "-m", "vmbus._child", *map(str, fds), str(memory_size)],
-            stdin=subprocess.PIPE,
             pass_fds=fds,
+            name=name,
         )
         assert process.stdin is not None
         process.stdin.write(boot)
