@@ -1,5 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""The VMBus ring in Cython: Hyper-V layout (PROTOCOL-FACTS §1-§2), lock-free
+"""The VMBus ring in Cython: Hyper-V layout (docs/protocol.md §1-§2), lock-free
 single producer / single consumer across processes.
 
 Producer steps: copy descriptor, header, payload, zero pad and trailer at the

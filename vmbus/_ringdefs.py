@@ -1,7 +1,7 @@
 """Ring layout constants and the ring's exception, shared by both ring
 implementations (`vmbus._cring` in Cython, `vmbus._pyring` in Python).
 
-Layout: ../shared/PROTOCOL-FACTS.md §1.1 (struct hv_ring_buffer) and §2.1
+Layout: ../shared/docs/protocol.md §1.1 (struct hv_ring_buffer) and §2.1
 (struct vmpacket_descriptor).
 """
 

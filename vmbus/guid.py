@@ -1,6 +1,6 @@
 """Device class GUIDs (the `if_type` of an offer) and their wire form.
 
-Source: PROTOCOL-FACTS §4 (include/linux/hyperv.h). On the wire a GUID is in
+Source: docs/protocol.md §4 (include/linux/hyperv.h). On the wire a GUID is in
 Windows order: u32, u16, u16 little-endian, then 8 bytes as written, which is
 `uuid.UUID.bytes_le`.
 """

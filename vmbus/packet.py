@@ -1,4 +1,4 @@
-"""In-ring packet codecs (PROTOCOL-FACTS §2): packet types, the GPA-direct
+"""In-ring packet codecs (docs/protocol.md §2): packet types, the GPA-direct
 and transfer-page headers, completions, and a dispatcher for read packets.
 
 The ring writes and reads the 16-byte descriptor; this module owns what sits

@@ -1,4 +1,4 @@
-"""The VMBus ring buffer (Hyper-V layout, PROTOCOL-FACTS §1-§2).
+"""The VMBus ring buffer (Hyper-V layout, docs/protocol.md §1-§2).
 
 Two implementations with one API and one exception class: the Cython ring
 (`vmbus._cring`, the default) and the pure-Python reference

@@ -22,7 +22,7 @@ from typing import Protocol
 
 from vmbus.errors import PeerError, VmbusError
 
-# struct hv_message_header (PROTOCOL-FACTS §3.1)
+# struct hv_message_header (docs/protocol.md §3.1)
 SYNIC_HEADER = struct.Struct("<IBBHQ")  # message_type, payload_size, flags, reserved, port
 MAX_PAYLOAD = 240
 HVMSG_VMBUS = 1  # message type the VMBus control protocol posts under

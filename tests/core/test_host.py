@@ -1,6 +1,6 @@
 """VmbusServer, the host side of the VMBus control protocol (sans-I/O).
 
-Scripted: the connection sequence of PROTOCOL-FACTS §3.7 message by message,
+Scripted: the connection sequence of docs/protocol.md §3.7 message by message,
 then one test per misbehaviour of the child, each checking the exact answer
 (or that the message was dropped and counted) and that the server still
 serves a valid request afterwards. Last, a Hypothesis state machine sends
@@ -902,7 +902,7 @@ class ModelPending:
 
 @dataclass
 class Model:
-    """What the server must answer, written from PROTOCOL-FACTS §3 and the
+    """What the server must answer, written from docs/protocol.md §3 and the
     server's contract (error answers where the protocol has one)."""
 
     memory_pages: int

@@ -1,7 +1,7 @@
 """VMBus channel messages: golden bytes, round trips, hostile input, GPADLs.
 
 Golden vectors are written by hand from the offset tables of
-PROTOCOL-FACTS §3.3 (not produced by the code under test).
+docs/protocol.md §3.3 (not produced by the code under test).
 """
 
 from __future__ import annotations

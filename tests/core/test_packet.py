@@ -1,4 +1,4 @@
-"""Packet codecs (PROTOCOL-FACTS §2): round trips through both rings, golden
+"""Packet codecs (docs/protocol.md §2): round trips through both rings, golden
 bytes from the §2 tables, and a hostile peer's headers."""
 
 from __future__ import annotations

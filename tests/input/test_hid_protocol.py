@@ -1,7 +1,7 @@
 """The synthetic HID mouse's protocol: golden bytes, the report descriptor,
 round trips, and a hostile guest.
 
-Golden vectors are written by hand from PROTOCOL-FACTS §7.2 and §10 (not
+Golden vectors are written by hand from docs/protocol.md §7.2 and §10.1 (not
 produced by the code under test); the report descriptor is checked by a HID
 item walker written here, independent of vmbus.protocols.input.wire.
 """

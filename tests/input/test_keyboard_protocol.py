@@ -1,7 +1,7 @@
 """The synthetic keyboard's protocol: golden bytes, round trips, and a
 hostile guest.
 
-Golden vectors are written by hand from PROTOCOL-FACTS §7.1 (not produced
+Golden vectors are written by hand from docs/protocol.md §7.1 (not produced
 by the code under test).
 """
 

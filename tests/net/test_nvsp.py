@@ -3,7 +3,7 @@ state machine and the receive-section allocator against models, and the VSC
 and VSP initializing in-process for every version.
 
 Golden vectors are written by hand from the offset tables of
-PROTOCOL-FACTS §6.3 (not produced by the code under test).
+docs/protocol.md §6.3 (not produced by the code under test).
 """
 
 from __future__ import annotations

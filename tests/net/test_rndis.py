@@ -4,7 +4,7 @@ VSP (NvspServer + RndisDevice) in-process and moving frames both ways
 through send- and receive-buffer sections, for every NVSP version.
 
 Golden vectors are written by hand from the offset tables of
-PROTOCOL-FACTS §6.5-6.7 (not produced by the code under test).
+docs/protocol.md §6.5-6.7 (not produced by the code under test).
 """
 
 from __future__ import annotations

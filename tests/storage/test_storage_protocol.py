@@ -2,7 +2,7 @@
 against a model, a VSC and the VSP talking in-process, and a hostile guest.
 
 Golden vectors are written by hand from the offset tables of
-PROTOCOL-FACTS §5.3/§5.4 (not produced by the code under test).
+docs/protocol.md §5.3/§5.4 (not produced by the code under test).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Synthetic video: golden bytes, round trips, the VSP against the VSC
 in-process, and a hostile guest.
 
-Golden vectors are written by hand from the tables of PROTOCOL-FACTS §8
+Golden vectors are written by hand from the tables of docs/protocol.md §8
 (not produced by the code under test).
 """
 

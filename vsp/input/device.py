@@ -191,7 +191,7 @@ class _InputVsp(Vsp):
 
 
 class KeyboardVsp(_InputVsp):
-    """The synthetic keyboard (PROTOCOL-FACTS §7.1)."""
+    """The synthetic keyboard (docs/protocol.md §7.1)."""
 
     class_id = guid.KEYBOARD
 
@@ -223,7 +223,7 @@ class KeyboardVsp(_InputVsp):
 
 
 class MouseVsp(_InputVsp):
-    """The synthetic HID mouse (PROTOCOL-FACTS §7.2), an absolute pointer."""
+    """The synthetic HID mouse (docs/protocol.md §7.2), an absolute pointer."""
 
     class_id = guid.MOUSE
 

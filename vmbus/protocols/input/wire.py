@@ -1,7 +1,7 @@
 """Input wire formats: the synthetic keyboard and the synthetic HID mouse.
 
-Sources: PROTOCOL-FACTS §7.1 (drivers/input/serio/hyperv-keyboard.c, with
-FreeBSD's hv_kbdc.c), §7.2 (drivers/hid/hid-hyperv.c) and §10 (FreeBSD's
+Sources: docs/protocol.md §7.1 (drivers/input/serio/hyperv-keyboard.c, with
+FreeBSD's hv_kbdc.c), §7.2 (drivers/hid/hid-hyperv.c) and §10.1 (FreeBSD's
 hv_hid.c).
 
 Keyboard: no pipe header; each inband payload is a u32 message type and a
@@ -145,7 +145,7 @@ def encode_keystroke(
 
 
 # ============================================================================
-# HID mouse (§7.2, §10)
+# HID mouse (§7.2, §10.1)
 # ============================================================================
 
 PIPE_MESSAGE_DATA = 1  # enum pipe_prot_msg_type; 0 is INVALID
@@ -162,7 +162,7 @@ MOUSE_VENDOR = 0x045E  # Microsoft: Linux's hid-hyperv binds to 045E:0621
 MOUSE_PRODUCT = 0x0621
 MOUSE_VERSION = 0x0001  # [U] the value Hyper-V sends is unknown; guests only copy it
 
-PROTOCOL_RESPONSE_PAYLOAD = 24  # FreeBSD's exact size, Linux's maximum (§10)
+PROTOCOL_RESPONSE_PAYLOAD = 24  # FreeBSD's exact size, Linux's maximum (§10.1)
 MAX_GUEST_PAYLOAD = 64  # guests send 20 and 17 bytes; room for ring padding
 ABS_MAX = 32767  # logical maximum of X and Y
 WHEEL_MAX = 127  # wheel logical range is -WHEEL_MAX..WHEEL_MAX

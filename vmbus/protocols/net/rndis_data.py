@@ -1,4 +1,4 @@
-"""What RNDIS messages carry (PROTOCOL-FACTS §6.6): OIDs, their values and
+"""What RNDIS messages carry (docs/protocol.md §6.6): OIDs, their values and
 the NDIS objects and config parameters in info buffers. Quoted C comes from
 drivers/net/hyperv/hyperv_net.h."""
 

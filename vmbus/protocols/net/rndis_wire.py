@@ -1,4 +1,4 @@
-"""RNDIS wire format (PROTOCOL-FACTS §6.5-6.7): message types, status
+"""RNDIS wire format (docs/protocol.md §6.5-6.7): message types, status
 values, OIDs, each message declared once, and their codecs.
 
 Every RNDIS message starts with {u32 msg_type, u32 msg_len}; the structs

@@ -1,5 +1,5 @@
 """The VSC side of NVSP and RNDIS, sans-I/O, as Linux's netvsc does it
-(PROTOCOL-FACTS §6.4-6.7): the NVSP initialization (`NvspClient`), the RNDIS
+(docs/protocol.md §6.4-6.7): the NVSP initialization (`NvspClient`), the RNDIS
 requests and their completions (`RndisClient`), and the decoding of what a
 host sends, at the sizes Linux accepts (`decode_completion`,
 `decode_receive`): hosts send the type field and one union member, not 40

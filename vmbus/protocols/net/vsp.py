@@ -2,9 +2,9 @@
 channel's NVSP state machine), `ReceiveSections` (the receive-buffer
 sections lent to the guest) and `RndisDevice` (the adapter's RNDIS).
 
-Source: PROTOCOL-FACTS §6.3-6.7 (drivers/net/hyperv/netvsc.c,
+Source: docs/protocol.md §6.3-6.7 (drivers/net/hyperv/netvsc.c,
 rndis_filter.c, include/linux/rndis.h), cross-checked with DPDK (hn_nvs.c,
-hn_rndis.c) and FreeBSD (§10).
+hn_rndis.c) and FreeBSD (§10.1).
 
 Data path, for the I/O layer around them:
 - guest -> host: SEND_RNDIS_PKT (inband naming a send-buffer section, or

@@ -1,8 +1,8 @@
-"""NVSP wire format (PROTOCOL-FACTS §6.1-6.3): versions, message types and
+"""NVSP wire format (docs/protocol.md §6.1-6.3): versions, message types and
 status, each nvsp_message member declared once, and their codec.
 
 Every NVSP message is one `struct nvsp_message`: a u32 type, then a union.
-Linux and DPDK send 40 bytes, FreeBSD 32 (§10); every member declared here
+Linux and DPDK send 40 bytes, FreeBSD 32 (§10.1); every member declared here
 fits in 32, so `encode` pads to 40 and `decode` (the VSP's rule) accepts 32
 or more. Hosts send shorter replies: `decode_short` (the VSC's rule) takes
 what Linux's netvsc takes, the type field and the one member. Each struct
@@ -40,7 +40,7 @@ NVSP_VERSIONS = (
 NDIS_VERSION_6_1 = 0x00060001  # what Linux announces up to NVSP 4
 NDIS_VERSION_6_30 = 0x0006001E  # from NVSP 5 on
 
-# Sizes and ids (§6.3, §6.4, §10).
+# Sizes and ids (§6.3, §6.4, §10.1).
 NVSP_MESSAGE_SIZE = 40  # what we send; Linux and DPDK send this too
 NVSP_MIN_MESSAGE_SIZE = 32  # FreeBSD's requests
 RECEIVE_BUFFER_ID = 0xCAFE  # Linux's id; also the transfer-page pageset id

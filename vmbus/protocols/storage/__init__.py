@@ -1,6 +1,6 @@
 """VSTOR, the storvsc/storvsp protocol: the front door.
 
-`wire` declares the VSTOR structs and constants (PROTOCOL-FACTS §5); `vsp`
+`wire` declares the VSTOR structs and constants (docs/protocol.md §5); `vsp`
 is the VSP's sans-I/O state machine; `vsc` the VSC's initialization, SRB
 build and completion parse. The SCSI layer inside VSTOR is `scsi_wire`
 (CDBs, opcodes, sense) and `scsi_data` (parameter data layouts).

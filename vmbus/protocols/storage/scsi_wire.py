@@ -3,7 +3,7 @@ layouts and their fields, status and sense data, each declared once (the
 parameter data a command returns or takes is in scsi_data).
 
 Source: T10 SPC-4 (primary commands, sense data, VPD and mode pages) and
-SBC-3 (block commands), as Linux sd and storvsc use them; PROTOCOL-FACTS §5
+SBC-3 (block commands), as Linux sd and storvsc use them; docs/protocol.md §5
 for the storvsc side (data_in values, 20-byte sense buffer).
 
 SCSI fields are big-endian (SPC-4 §3.5). `be_struct` is vmbus.wire's

@@ -1,5 +1,5 @@
 """VSTOR wire formats: the vstor_packet and its union members, operations,
-SRB status and flags, versions and sizes (PROTOCOL-FACTS §5, from
+SRB status and flags, versions and sizes (docs/protocol.md §5, from
 drivers/scsi/storvsc_drv.c; pre-Win8 sizes from the Sengar patch;
 cross-checked with microsoft/mu_msvm StorvscDxe and FreeBSD's storvsc).
 

@@ -1,6 +1,6 @@
 """Synthetic video (synthvid): the wire format (`wire`), the VSP state
 machine (`vsp`) and the VSC sequence Linux's hyperv_fb follows (`vsc`),
-all sans-I/O. PROTOCOL-FACTS §8."""
+all sans-I/O. docs/protocol.md §8."""
 
 from vmbus.protocols.video.vsc import SynthvidClient, SynthvidProtocolError
 from vmbus.protocols.video.vsp import (

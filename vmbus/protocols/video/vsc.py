@@ -1,5 +1,5 @@
 """The VSC side of synthvid, sans-I/O, in the order Linux's hyperv_fb
-follows (PROTOCOL-FACTS §8): builds each guest message from the declared
+follows (docs/protocol.md §8): builds each guest message from the declared
 structs and reads the host's answers."""
 
 from __future__ import annotations

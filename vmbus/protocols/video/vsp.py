@@ -2,7 +2,7 @@
 guest message and returns what to send back and what happened (events for
 the device to act on: VRAM placed, mode set, rectangles dirty, pointer).
 
-Choices where the sources leave room (PROTOCOL-FACTS §8):
+Choices where the sources leave room (docs/protocol.md §8):
 - Versions WIN10 (3.5) and WIN8 (3.2) are accepted; WIN7 (3.0) is refused:
   Linux removed it, and it means 16 bpp, which this VSP does not scan out.
   So depth 32 is the only depth a SITUATION_UPDATE may set.

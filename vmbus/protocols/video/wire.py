@@ -1,7 +1,7 @@
 """Synthvid's wire format: versions, message types, the structs (declared
 once with `vmbus.wire`), the framing, and the caps on what a guest controls.
 
-Source: PROTOCOL-FACTS §8 (drivers/video/fbdev/hyperv_fb.c,
+Source: docs/protocol.md §8 (drivers/video/fbdev/hyperv_fb.c,
 drivers/gpu/drm/hyperv/hyperv_drm_proto.c). Every message is the pipe header
 (declared once, in vmbus.protocols.input), a synthvid header whose size
 counts itself and the body, then the body. Both sides send inband without
