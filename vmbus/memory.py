@@ -518,7 +518,7 @@ class GpadlTable(MutableMapping[int, Gpadl]):
     that starts at page `s`, and which run it is. A range of pages lies in
     one run iff the leftmost leaf reaching its last page starts at or before
     its first. The tree costs 16 bytes a page of guest memory while the
-    table holds a GPADL; each run costs 8 bytes more, 24 if it starts where
+    table holds a GPADL; each run 8 bytes more, 28 if it starts where
     another does (pages granted twice: it waits in a list of that page).
     Adding or removing a GPADL costs O(runs x log pages); only removing the
     longest run of a page also walks the runs waiting there, which the
@@ -573,7 +573,7 @@ class GpadlTable(MutableMapping[int, Gpadl]):
             self._head = array("i", [-1]) * self._size
         runs = list(PfnList(gpadl.pfns).runs())
         self._gpadls[handle] = gpadl
-        self._runs[handle] = table = array("q", [0, -1]) * len(runs)
+        self._runs[handle] = table = array("i", [0, -1]) * len(runs)
         self.pages += len(gpadl.pfns)
         for number, (index, start, count) in enumerate(runs):
             table[2 * number] = index
