@@ -94,7 +94,7 @@ class Loopback:
 
     def serve(self) -> None:
         handler = self.handler
-        handler.channel.service(handler.on_packet, handler.reserve)
+        handler.channel.service(handler.on_packet, handler.admission)
         handler.on_signal()
         for callback in list(self.watched.values()):
             callback()

@@ -224,7 +224,7 @@ class PumpedChannel(Channel):
     handler: StorvspChannel
 
     def wait(self, deadline: float | None) -> None:
-        self.handler.channel.service(self.handler.on_packet, self.handler.reserve)
+        self.handler.channel.service(self.handler.on_packet, self.handler.admission)
 
 
 class Loopback:

@@ -31,6 +31,7 @@ COMPLETION_REQUESTED = 0x1
 DEFAULT_SPIN_SECONDS = 20e-6  # a cross-core wake-up costs ~70 µs here
 SPIN_MISSES = 4  # fruitless spins in a row before poll mode backs off
 SPIN_PROBE = 32  # then spin on one wait in this many
+PAUSED = 1 << 32  # a reserve no ring meets: its handler takes no request now
 
 
 class ChannelTimeout(VmbusError, TimeoutError):
@@ -122,18 +123,25 @@ class Channel:
         return copy
 
     def drain(
-        self, handle: Callable[[Packet], None], limit: int = 1 << 30, reserve: int = 0
+        self,
+        handle: Callable[[Packet], None],
+        limit: int = 1 << 30,
+        reserve: int | Callable[[], int] = 0,
     ) -> int:
         """Hand up to `limit` packets to `handle` as zero-copy views (valid
         during the call only), then commit once. Returns the count. With
         `reserve`, take a packet only while more than `reserve` bytes are
         free in the ring we send on, so each request's reply is sure to fit
-        and a flood of requests cannot wedge the channel."""
+        and a flood of requests cannot wedge the channel. A callable reserve
+        is asked again before each packet (a handler that pauses raises it)."""
         count = 0
         while self.backlog and count < limit:
             handle(self.backlog.popleft())
             count += 1
-        while count < limit and not (reserve and self.writer.free_bytes <= reserve):
+        while count < limit:
+            room = reserve() if callable(reserve) else reserve
+            if room and self.writer.free_bytes <= room:
+                break
             packet = self.reader.read()
             if packet is None:
                 break
@@ -143,7 +151,9 @@ class Channel:
             self.notify_peer.set()
         return count
 
-    def service(self, handle: Callable[[Packet], None], reserve: int = 0) -> int:
+    def service(
+        self, handle: Callable[[Packet], None], reserve: int | Callable[[], int] = 0
+    ) -> int:
         """Event-driven draining: clear the signal, drain while masked, and
         leave the ring unmasked (re-checked) so the next packet signals us.
         When replies would not fit (`reserve`), stop and ask the peer to
@@ -153,8 +163,11 @@ class Channel:
         while True:
             self.reader.begin_drain()
             count += self.drain(handle, reserve=reserve)
-            if reserve and self.writer.free_bytes <= reserve:
-                if not self.writer.request_space(reserve):
+            room = reserve() if callable(reserve) else reserve
+            if room >= PAUSED:
+                return count  # the handler paused; it wakes us when it resumes
+            if room and self.writer.free_bytes <= room:
+                if not self.writer.request_space(room):
                     return count  # masked: the peer's reading wakes us, not its writing
                 continue
             if not self.reader.end_drain():

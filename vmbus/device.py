@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 
 from vmbus._ringdefs import ALIGNMENT, DESCRIPTOR_SIZE, TRAILER_SIZE
 from vmbus._ringpacket import Packet
-from vmbus.channel import VM_PKT_COMP, VM_PKT_DATA_INBAND, Channel
+from vmbus.channel import PAUSED, VM_PKT_COMP, VM_PKT_DATA_INBAND, Channel
 from vmbus.errors import PeerError, PeerLog, UsageError
 from vmbus.host import OfferSpec
 from vmbus.memory import Gpadl, GpadlTable, GuestMemory, MappedRegion, map_contiguous
@@ -180,12 +180,29 @@ class ChannelHandler:
         self.context = context
         self.backlog: collections.deque[tuple[bytes, int, int, int]] = collections.deque()
         self.dropped = 0  # unsolicited packets lost to a full backlog
+        self.paused = False
 
     @property
     def reserve(self) -> int:
         """Ring bytes that must be free toward the guest before a request is
         taken: room for its reply, so `reply` never waits."""
         return packet_space(self.max_reply)
+
+    def admission(self) -> int:
+        """What the worker asks before handing over each request: the free
+        ring bytes it needs (the reserve), or, while `paused`, more than any
+        ring holds, so no request is taken until `resume`."""
+        return PAUSED if self.paused else self.reserve
+
+    def pause(self) -> None:
+        """Take no request until `resume` (e.g. a backend has no room)."""
+        self.paused = True
+
+    def resume(self) -> None:
+        """Take requests again: the worker serves the ring once more."""
+        if self.paused:
+            self.paused = False
+            self.channel.wake_me.set()
 
     def on_packet(self, packet: Packet) -> None:
         """One packet from the guest; a view valid during the call only."""

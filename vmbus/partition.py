@@ -265,7 +265,7 @@ class ChildPartition:
         failure = None
         try:
             handler = open_channel.handler
-            count = open_channel.channel.service(handler.on_packet, handler.reserve)
+            count = open_channel.channel.service(handler.on_packet, handler.admission)
             handler.on_signal()
             return count
         except Exception as error:

@@ -212,7 +212,7 @@ def test_guest_sending_into_a_full_port_is_held_not_dropped() -> None:
         harness.pump()
         done = completions(harness)
         assert done == {100: 1, 101: 1}  # the third waits for the port, the rest behind it
-        assert guest.handler.held is not None
+        assert guest.handler.held is not None and guest.handler.paused
         received = guest.peer.receive(8)
         harness.pump()
         while len(received) < len(frames):
@@ -220,7 +220,7 @@ def test_guest_sending_into_a_full_port_is_held_not_dropped() -> None:
             harness.pump()
         done |= completions(harness)
         assert received == frames and done == {100 + n: 1 for n in range(6)}
-        assert guest.handler.held is None and not guest.handler.stash
+        assert guest.handler.held is None and not guest.handler.paused
 
 
 def completions(harness: VspHarness) -> dict[int, int]:

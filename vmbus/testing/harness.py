@@ -91,7 +91,7 @@ class VspHarness:
         reserve), call `on_signal`, and run the callbacks of watched
         descriptors that are readable; repeat while anything was ready."""
         for _ in range(rounds):
-            self.host.service(self.handler.on_packet, self.handler.reserve)
+            self.host.service(self.handler.on_packet, self.handler.admission)
             self.handler.on_signal()
             ready = select.select(list(self.watched), [], [], 0)[0] if self.watched else []
             for fd in ready:

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 from vmbus import guid
 from vmbus._ringpacket import Packet
-from vmbus.channel import COMPLETION_REQUESTED, VM_PKT_COMP, Channel, copied
+from vmbus.channel import COMPLETION_REQUESTED, VM_PKT_COMP, Channel
 from vmbus.device import BadGpaRanges, ChannelHandler, OpenContext, Vsp, packet_space
 from vmbus.errors import UsageError
 from vmbus.host import OfferSpec
@@ -59,11 +59,9 @@ from vsp.net.backends import ETH_HLEN, VLAN_HLEN, NetBackend
 __all__ = ["NetVsp", "NetvspChannel", "random_mac", "section_sizes"]
 
 MAX_PENDING = 1024  # RNDIS messages (control replies, indications) waiting for sections
-MAX_STASHED = 4096  # requests taken in the drain that held a frame, served after it
 RECEIVE_BATCH = 64  # frames taken from the backend per wake-up
 DELIVERY_BATCH = 16  # frames per transfer-page packet (one range each)
 PPI_ROOM = 256  # per-packet info before a guest's frame (Linux sends < 128 bytes)
-PAUSED = 1 << 31  # a reserve no ring meets: the worker takes no request while we hold one
 FRAME_OVERHEAD = ETH_HLEN + VLAN_HLEN  # what an MTU does not count
 
 
@@ -178,10 +176,7 @@ class NetvspChannel(ChannelHandler):
         self.ids = itertools.count(1)
         self.refused = 0  # guest frames the backend refused (completed NVSP_STAT_FAIL)
         self.undelivered = 0  # messages for the guest lost: too many waiting, too big
-        self.stash_overflow = 0  # requests dropped while one was held
         self.held: _Send | None = None  # the send waiting for the backend's room
-        self.stash: collections.deque[Packet] = collections.deque()  # taken while held
-        self._reply_room = packet_space(self.max_reply)
         self._sizes = _GpadlSizes(context)
         self._receiving = True  # the backend's descriptor is watched
         self.link_changes: collections.deque[bool] = collections.deque()
@@ -191,22 +186,11 @@ class NetvspChannel(ChannelHandler):
         context.watch(self.backend.fileno(), self._from_backend)
         context.watch(self.kick, self._kicked)
 
-    @property
-    def reserve(self) -> int:
-        """While a send waits for the backend, take no request at all."""
-        return PAUSED if self.held is not None or self.stash else self._reply_room
-
     # --- from the guest ---
 
     def on_packet(self, packet: Packet) -> None:
         if packet.type == VM_PKT_COMP:
             self._completed(packet.trans_id)
-        elif self.held is not None or self.stash:  # this drain went on after we paused
-            if len(self.stash) < MAX_STASHED:
-                self.stash.append(copied(packet))
-            else:
-                self.stash_overflow += 1
-                self.context.protocol_error("netvsp: %d requests while paused", MAX_STASHED)
         else:
             self._serve(packet)
 
@@ -291,6 +275,7 @@ class NetvspChannel(ChannelHandler):
         if send.frames:
             if self.held is None:
                 self.context.watch(self.backend.space_fileno(), self._backend_has_room)
+                self.pause()  # no request is taken while a send waits for the backend
             self.held = send
             return
         if self.held is send:
@@ -303,18 +288,8 @@ class NetvspChannel(ChannelHandler):
     def _backend_has_room(self) -> None:
         if self.held is not None:
             self._transmit(self.held)
-        self._resume()
-
-    def _resume(self) -> None:
-        """Serve the requests taken while paused, each while its reply fits;
-        once none is left, ask the worker to serve the ring again."""
-        writer = self.channel.writer
-        while self.held is None and self.stash:
-            if writer.free_bytes <= self._reply_room and not writer.request_space(self._reply_room):
-                return  # the guest reading our replies signals us: on_signal resumes
-            self._serve(self.stash.popleft())
         if self.held is None:
-            self.channel.wake_me.set()  # the ring waited while we were paused
+            self.resume()  # the worker serves the ring again
 
     # --- to the guest ---
 
@@ -365,7 +340,7 @@ class NetvspChannel(ChannelHandler):
                 ranges.append((len(message), offset))
             header = transfer_header(nvsp.RECEIVE_BUFFER_ID, ranges)
             payload = nvsp.send_rndis_packet(nvsp.RndisChannel.DATA)
-            need = packet_space(len(payload), len(header)) + self._reply_room
+            need = packet_space(len(payload), len(header)) + self.reserve
             if writer.free_bytes <= need and not writer.request_space(need):
                 sections.free(trans_id)
                 break  # the guest reading makes room and signals us (on_signal)
@@ -390,8 +365,6 @@ class NetvspChannel(ChannelHandler):
 
     def on_signal(self) -> None:
         super().on_signal()
-        if self.stash and self.held is None:
-            self._resume()
         self._deliver()
 
     # --- buffers ---
@@ -440,7 +413,6 @@ class NetvspChannel(ChannelHandler):
         if self.held is not None:
             self.context.unwatch(self.backend.space_fileno())
             self.held = None
-        self.stash.clear()
         self.context.unwatch(self.kick)
         os.close(self.kick)
         self.backend.on_link_change = None
