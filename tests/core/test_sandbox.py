@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from vmbus import sandbox
+from vmbus import _output, sandbox
 from vmbus._child import EXIT_PARENT_GONE, PARENT_GONE
 from vmbus.guest import Guest, GuestError
 from vmbus.memory import GuestMemory
@@ -325,7 +325,7 @@ def test_child_that_floods_its_output_is_held_back(
         assert child.wait(30) is not None
         assert confined(child).output_closed.wait(30)
     flooded = capfd.readouterr().err.count("x" * 99)
-    assert 0 < flooded * 100 <= burst + sandbox._OutputPump.LONGEST_LINE
+    assert 0 < flooded * 100 <= burst + _output.OutputPump.LONGEST_LINE
 
 
 # --- without bubblewrap -----------------------------------------------------------
