@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from vmbus.device import ChannelHandler, OpenContext, Vsp
 from vmbus.guest import Guest
 from vmbus.host import OfferSpec
-from vmbus.memory import PAGE_SIZE, Gpadl, GuestMemory, PageAllocator
+from vmbus.memory import PAGE_SIZE, Gpadl, GpadlTable, GuestMemory, PageAllocator
 from vmbus.partition import ChildPartition, Host
 from vmbus.testing.rings import channel_pair
 from vmbus.transport import LocalPort
@@ -52,7 +52,7 @@ class VspHarness:
         self.memory = GuestMemory.create(memory_size, name="vmbus-harness")
         self.allocator = PageAllocator(self.memory)
         self.allocator.alloc(len(RING_PFNS))  # pages 0 and 1: the pretend rings
-        self.gpadls: dict[int, Gpadl] = {}
+        self.gpadls = GpadlTable(self.memory.page_count)  # indexed, as the host's
         self._handles = itertools.count(0xE1E10)
         self.offers: list[OfferSpec] = []
         self.watched: dict[int, Callable[[], None]] = {}
