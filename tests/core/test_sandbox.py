@@ -188,6 +188,24 @@ def test_child_dies_with_its_parent(target: str) -> None:
             os.close(pidfd)
 
 
+def test_child_started_from_a_thread_that_ends_outlives_that_thread() -> None:
+    """The parent-death signal follows the thread that forked: children
+    are forked by a lasting thread, not by a caller's passing one."""
+    with Host() as host:
+        vsp = EchoVsp()
+        started: list[ChildPartition] = []
+        starter = threading.Thread(
+            target=lambda: started.append(host.start(linger_listening, devices=[vsp]))
+        )
+        starter.start()
+        starter.join(60)
+        assert wait_until(lambda: bool(vsp.handlers), 60)
+        (child,) = started
+        with pytest.raises(subprocess.TimeoutExpired):  # alive after its starter ended
+            confined(child).wait(1)
+        assert child.state == "running"
+
+
 def wait_for_a_packet_forever(guest: Guest) -> None:
     """Child: blocks on a channel's signal that will never come."""
     drivers: list[EchoVsc] = []
