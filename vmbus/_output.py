@@ -1,6 +1,7 @@
-"""The output of child partitions: one pipe per child (stdout and stderr),
-read by one thread of the parent at a bounded rate and copied to the
-parent's stderr line by line, each line prefixed with the child's name."""
+"""The output of child partitions: a pipe for each child's stdout and one
+for its stderr, read by one thread of the parent at a bounded rate and
+copied to the parent's stdout and stderr line by line, each line prefixed
+with the child's name."""
 
 from __future__ import annotations
 
@@ -9,24 +10,32 @@ import os
 import select
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+
+@dataclass
+class _Child:
+    streams: int  # not yet read to their end
+    done: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass
 class _Stream:
     fd: int
+    target: int  # our descriptor it is copied to
     prefix: bytes
     rate: float
     burst: float
     tokens: float
     stamp: float
-    done: threading.Event = field(default_factory=threading.Event)
+    child: _Child
     partial: bytearray = field(default_factory=bytearray)
     resume_at: float | None = None  # while held back
 
 
 class OutputPump:
-    """One thread copies every child's output to our stderr, line by line,
+    """One thread copies every child's output to ours, line by line,
     each line prefixed with the child's name. A stream that has used up its
     budget is not read until it refills, so a flooding child blocks on its
     own writes and costs the parent nothing; once the child is gone, what
@@ -44,14 +53,20 @@ class OutputPump:
         self._epoll.register(self._wake, select.EPOLLIN)
         threading.Thread(target=self._run, name="vmbus-child-output", daemon=True).start()
 
-    def add(self, fd: int, name: str, rate: int, burst: int) -> threading.Event:
-        """Take over `fd` (a pipe's read end); set once it is read to its end."""
+    def add(
+        self, pipes: Sequence[tuple[int, int]], name: str, rate: int, burst: int
+    ) -> threading.Event:
+        """Take over each (pipe's read end, our descriptor to copy it to),
+        each read at `rate` bytes a second after a `burst`; the event is set
+        once all are read to their end."""
         burst = max(burst, self.LONGEST_LINE)
-        stream = _Stream(fd, f"[{name}] ".encode(), rate, burst, burst, time.monotonic())
+        child = _Child(len(pipes))
+        prefix, now = f"[{name}] ".encode(), time.monotonic()
+        streams = [_Stream(fd, to, prefix, rate, burst, burst, now, child) for fd, to in pipes]
         with self._lock:
-            self._new.append(stream)
+            self._new += streams
         os.eventfd_write(self._wake, 1)
-        return stream.done
+        return child.done
 
     def _run(self) -> None:
         while True:
@@ -111,7 +126,9 @@ class OutputPump:
         self._epoll.unregister(stream.fd)
         del self._streams[stream.fd]
         os.close(stream.fd)
-        stream.done.set()
+        stream.child.streams -= 1
+        if not stream.child.streams:
+            stream.child.done.set()
 
     def _emit(self, stream: _Stream, data: bytes) -> None:
         stream.partial += data
@@ -124,7 +141,7 @@ class OutputPump:
             out = b"".join(stream.prefix + line + b"\n" for line in lines)
             with contextlib.suppress(OSError):
                 while out:
-                    out = out[os.write(2, out) :]
+                    out = out[os.write(stream.target, out) :]
 
 
 _pump: OutputPump | None = None

@@ -114,11 +114,12 @@ def _libseccomp() -> Any:
     return lib
 
 
-def build_filter(own_pid: int | None) -> bytes:
+def build_filter(own_pid: int | None, unix_sockets: bool = False) -> bytes:
     """The allow-list as a BPF program (what `bwrap --seccomp` and
     `load_filter` take). With `own_pid` (a child without a PID namespace
     of its own), signals, rlimits and CPU affinity reach only itself; with
-    None, anything in its own PID namespace. OSError without libseccomp."""
+    None, anything in its own PID namespace. `unix_sockets` lets it create
+    and connect Unix sockets (to any it can see). OSError without libseccomp."""
     lib = _libseccomp()
     ctx = lib.seccomp_init(_errno(_EPERM))
     if not ctx:
@@ -144,6 +145,9 @@ def build_filter(own_pid: int | None) -> bytes:
         rule("prctl", _ALLOW, (0, _EQ, PR_SET_DUMPABLE, 0), (1, _EQ, 0, 0))  # never back to 1
         rule("clone", _ALLOW, (0, _MASKED_EQ, _NEW_NAMESPACES, 0))
         rule("clone3", _errno(_ENOSYS))  # its flags are out of reach: glibc falls back to clone
+        if unix_sockets:
+            rule("socket", _ALLOW, (0, _EQ, 1, 0))  # AF_UNIX
+            rule("connect")
         for target in (0,) if own_pid is None else (0, own_pid):
             rule("prlimit64", _ALLOW, (0, _EQ, target, 0))
             rule("sched_setaffinity", _ALLOW, (0, _EQ, target, 0))

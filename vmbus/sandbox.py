@@ -16,8 +16,8 @@ guest memory and its message port.
   interpreter starts: any other system call fails with EPERM.
 - the child itself (vmbus._child calls `confine_self`): not dumpable, a
   parent-death signal, and an exit within a second when its port hangs up.
-- stdout and stderr: one pipe per child, copied to the parent's stderr at
-  a bounded rate (vmbus._output): a flooding child is slowed, not the parent.
+- stdout and stderr: pipes copied to the parent's stdout and stderr at a
+  bounded rate (vmbus._output): a flooding child is slowed, not the parent.
 - the environment, less credentials and the like.
 Where bwrap is missing or cannot run here, the child confines itself as far
 as it can: no capabilities, no_new_privs, the same filter with signals and
@@ -28,6 +28,7 @@ says once which layers are missing.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -74,6 +75,7 @@ NAMESPACES = (
 
 MODE_VARIABLE = "VMBUS_CONFINEMENT"  # tells the child which engine confined it
 PARENT_VARIABLE = "VMBUS_PARENT_PID"
+UNIX_VARIABLE = "VMBUS_SANDBOX_UNIX_SOCKETS"
 
 
 class SandboxError(VmbusError, OSError):
@@ -91,11 +93,15 @@ class Policy:
     `writable` paths are bound read-write. By default that is the parent's
     temporary directory, which programs (and this project's tests) use to
     hand files to and from children; `Policy(writable=())` leaves a child
-    only its private /tmp. `readable` adds read-only paths."""
+    only its private /tmp. `readable` adds read-only paths. `unix_sockets`
+    lets a child connect to Unix sockets it can see (trusted programs that
+    report to their parent that way, like the benchmarks): never for a
+    guest you do not trust, since the shared directories may hold any."""
 
     enabled: bool = True
     writable: tuple[str, ...] = field(default_factory=lambda: (tempfile.gettempdir(),))
     readable: tuple[str, ...] = ()
+    unix_sockets: bool = False
     output_rate: int = 256 * 1024  # bytes a second of a child's output, sustained
     output_burst: int = 1024 * 1024
 
@@ -103,12 +109,16 @@ class Policy:
 def policy_from_environment(environ: Mapping[str, str] = os.environ) -> Policy:
     """VMBUS_SANDBOX=off runs children unconfined (as before);
     VMBUS_SANDBOX_WRITABLE is a colon-separated list of writable paths
-    (empty: none)."""
-    enabled = environ.get("VMBUS_SANDBOX", "on").lower() not in ("0", "off", "no", "false")
+    (empty: none); VMBUS_SANDBOX_UNIX_SOCKETS=1 sets `unix_sockets`."""
+
+    def yes(name: str, default: str) -> bool:
+        return environ.get(name, default).lower() not in ("", "0", "off", "no", "false")
+
+    chosen = Policy(enabled=yes("VMBUS_SANDBOX", "on"), unix_sockets=yes(UNIX_VARIABLE, "0"))
     writable = environ.get("VMBUS_SANDBOX_WRITABLE")
     if writable is None:
-        return Policy(enabled=enabled)
-    return Policy(enabled=enabled, writable=tuple(p for p in writable.split(":") if p))
+        return chosen
+    return dataclasses.replace(chosen, writable=tuple(p for p in writable.split(":") if p))
 
 
 policy = policy_from_environment()  # the default for every Host.start
@@ -365,33 +375,37 @@ def _spawn(
 ) -> ConfinedProcess:
     chosen = engine()
     env = child_environment()
-    output, output_write = os.pipe()
+    pipes = [os.pipe(), os.pipe()]  # its stdout, its stderr
+    ends = (pipes[0][1], pipes[1][1])
     try:
         if chosen.bwrap is None:
-            process = _spawn_self(argv, pass_fds, env, output_write)
+            env[UNIX_VARIABLE] = "1" if policy.unix_sockets else "0"
+            process = _spawn_self(argv, pass_fds, env, ends)
         else:
-            process = _spawn_bwrap(chosen, policy, argv, pass_fds, env, output_write)
+            process = _spawn_bwrap(chosen, policy, argv, pass_fds, env, ends)
     except BaseException:
-        os.close(output)
+        for read_end, _ in pipes:
+            os.close(read_end)
         raise
     finally:
-        os.close(output_write)
+        for end in ends:
+            os.close(end)
     process.confinement = chosen.layers
     process.output_closed = _output.pump().add(
-        output, name, policy.output_rate, policy.output_burst
+        [(pipes[0][0], 1), (pipes[1][0], 2)], name, policy.output_rate, policy.output_burst
     )
     return process
 
 
 def _spawn_self(
-    argv: list[str], pass_fds: tuple[int, ...], env: dict[str, str], output: int
+    argv: list[str], pass_fds: tuple[int, ...], env: dict[str, str], output: tuple[int, int]
 ) -> ConfinedProcess:
     env[MODE_VARIABLE], env[PARENT_VARIABLE] = "self", str(os.getpid())
     process = ConfinedProcess(
         argv,
         stdin=subprocess.PIPE,
-        stdout=output,
-        stderr=subprocess.STDOUT,
+        stdout=output[0],
+        stderr=output[1],
         pass_fds=pass_fds,
         env=env,
         start_new_session=True,
@@ -406,7 +420,7 @@ def _spawn_bwrap(
     argv: list[str],
     pass_fds: tuple[int, ...],
     env: dict[str, str],
-    output: int,
+    output: tuple[int, int],
 ) -> ConfinedProcess:
     assert chosen.bwrap is not None
     env[MODE_VARIABLE] = "bwrap"
@@ -415,16 +429,17 @@ def _spawn_bwrap(
     try:
         wrapper = [chosen.bwrap, *chosen.bwrap_flags, *_file_system(policy)]
         if chosen.seccomp is not None:
+            seccomp = _unix_filter() if policy.unix_sockets else chosen.seccomp
             program, program_write = os.pipe()
             inherited.append(program)
-            os.write(program_write, chosen.seccomp)  # a few KiB: fits in the pipe
+            os.write(program_write, seccomp)  # a few KiB: fits in the pipe
             os.close(program_write)
             wrapper += ["--seccomp", str(program)]
         process = ConfinedProcess(
             [*wrapper, "--info-fd", str(info_write), "--", *argv],
             stdin=subprocess.PIPE,
-            stdout=output,
-            stderr=subprocess.STDOUT,
+            stdout=output[0],
+            stderr=output[1],
             pass_fds=(*pass_fds, *inherited),
             env=env,
         )
@@ -437,6 +452,11 @@ def _spawn_bwrap(
     process.monitor_pid = process.pid
     process.pid = _interpreter_pid(info, process)
     return process
+
+
+@functools.cache
+def _unix_filter() -> bytes:
+    return sc.build_filter(own_pid=None, unix_sockets=True)
 
 
 def _interpreter_pid(info: int, process: ConfinedProcess) -> int:
@@ -483,7 +503,8 @@ def confine_self(port_fd: int) -> tuple[str, ...]:
         sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
         layers += [NO_CAPABILITIES, NO_NEW_PRIVS]
         with contextlib.suppress(OSError):  # no libseccomp: the parent warned
-            sc.load_filter(sc.build_filter(own_pid=os.getpid()))
+            unix = os.environ.pop(UNIX_VARIABLE, "0") == "1"
+            sc.load_filter(sc.build_filter(own_pid=os.getpid(), unix_sockets=unix))
             layers.append(SECCOMP)
     elif os.getpid() == 1:
         # pid 1 of its namespace ignores signals it has no handler for,

@@ -310,6 +310,29 @@ def test_seccomp_refuses_a_forbidden_syscall() -> None:
         assert child.wait(60) == 0
 
 
+def report_over_a_unix_socket(guest: Guest, address: str) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(address)
+        sock.sendall(b"done")
+
+
+def test_a_policy_with_unix_sockets_lets_a_trusted_child_report_back(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """How the benchmarks' children send their results."""
+    monkeypatch.setattr(sandbox, "policy", sandbox.Policy(unix_sockets=True))
+    address = str(tmp_path / "control")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener, Host() as host:
+        listener.bind(address)
+        listener.listen(1)
+        listener.settimeout(60)
+        child = host.start(report_over_a_unix_socket, args=(address,))
+        connection, _ = listener.accept()
+        with connection:
+            assert connection.recv(16) == b"done"
+        assert child.wait(60) == 0
+
+
 def check_environment(guest: Guest) -> None:
     assert "VMBUS_TEST_SECRET_TOKEN" not in os.environ
     assert "GITHUB_TOKEN" not in os.environ
@@ -342,7 +365,7 @@ def test_child_that_floods_its_output_is_held_back(
         child.kill()
         assert child.wait(30) is not None
         assert confined(child).output_closed.wait(30)
-    flooded = capfd.readouterr().err.count("x" * 99)
+    flooded = capfd.readouterr().out.count("x" * 99)
     assert 0 < flooded * 100 <= burst + _output.OutputPump.LONGEST_LINE
 
 
@@ -373,6 +396,8 @@ def test_policy_from_the_environment() -> None:
     assert strict.writable == ()
     shared = sandbox.policy_from_environment({"VMBUS_SANDBOX_WRITABLE": "/a:/b"})
     assert shared.writable == ("/a", "/b")
+    assert not sandbox.policy_from_environment({}).unix_sockets
+    assert sandbox.policy_from_environment({"VMBUS_SANDBOX_UNIX_SOCKETS": "1"}).unix_sockets
 
 
 def test_child_environment_keeps_only_what_a_child_needs() -> None:
