@@ -70,6 +70,7 @@ class ChildPartition:
     channels: dict[int, _OpenChannel] = field(default_factory=dict)
     server: h.VmbusServer = field(init=False)
     spin_seconds: float = 0.0  # poll mode; see _poll (it holds the GIL while it spins)
+    quotas: h.Quotas = field(default_factory=h.Quotas)  # what the child may make us hold
     _stopping: bool = False
     _exited: threading.Event = field(default_factory=threading.Event)
 
@@ -78,12 +79,20 @@ class ChildPartition:
         for vsp in self.devices:
             for offer in vsp.offers():
                 self.vsp_of[offer] = vsp
-        self.server = h.VmbusServer(list(self.vsp_of), self.memory.page_count)
+        self.server = self.quotas.server(list(self.vsp_of), self.memory.page_count)
+        self.memory.max_mappings = self.quotas.max_mappings
         self.peer_log = PeerLog(log, self.name)  # the child's protocol errors, rate-limited
         # Readable when the child is gone: its pidfd, or an eventfd stop() rings.
         self.pid = self.process.pid if self.process else os.getpid()
         self.pidfd = os.pidfd_open(self.pid) if self.process else os.eventfd(0)
         self.worker = threading.Thread(target=self._serve, name=f"vmwp-{self.name}", daemon=True)
+
+    @property
+    def confinement(self) -> tuple[str, ...]:
+        """The sandbox layers the child runs under (none when embedded)."""
+        if isinstance(self.process, sandbox.ConfinedProcess):
+            return self.process.confinement
+        return ()
 
     # --- lifecycle ---
 
@@ -198,7 +207,12 @@ class ChildPartition:
 
     def _open(self, event: h.OpenRequested) -> None:
         try:
-            regions = map_channel_rings(self.memory, event.gpadl.pfns, event.inbound_page_offset)
+            regions = map_channel_rings(
+                self.memory,
+                event.gpadl.pfns,
+                event.inbound_page_offset,
+                max_runs=self.quotas.max_runs,
+            )
         except GuestMemoryError as error:
             log.warning("%s: relid %d: %s", self.name, event.relid, str(error))
             self._act(self.server.open_done(event.relid, event.openid, ok=False))
@@ -253,8 +267,9 @@ class ChildPartition:
         self.selector.unregister(fd)
 
     def _add_offer(self, vsp: Vsp, offer: h.OfferSpec) -> None:
+        events = self.server.add_offer(offer)  # QuotaExceeded goes back to the VSP
         self.vsp_of[offer] = vsp
-        self._act(self.server.add_offer(offer))
+        self._act(events)
 
     def _service(self, relid: int) -> int:
         """Serve one channel's packets; the count consumed. Any error (a
@@ -307,6 +322,7 @@ class ChildPartition:
         try:
             for relid in list(self.channels):
                 self._close(relid)
+            self._attempt("drop the GPADLs, after", -1, self.server.disconnect)
             for step in (self.selector.close, self.port.close):
                 self._attempt("release, after", -1, step)
             self.exitcode = self.process.wait() if self.process else 0
@@ -360,10 +376,14 @@ class Host:
         name: str | None = None,
         args: Sequence[Any] = (),
         spin_seconds: float = DEFAULT_SPIN_SECONDS,
+        quotas: h.Quotas | None = None,
+        policy: sandbox.Policy | None = None,
     ) -> ChildPartition:
         """Start a child partition that runs `target(guest, *args)` once its
         VMBus is connected; its exit code is 0 if that returns. The parent's
-        worker polls its channels for `spin_seconds` before sleeping."""
+        worker polls its channels for `spin_seconds` before sleeping. The
+        child is confined by `policy` (default: `vmbus.sandbox.policy`) and
+        may make the parent hold no more than `quotas`."""
         name = name or f"child-{next(self._names)}"
         self._admit(name)
         memory = GuestMemory.create(memory_size, name=f"vmbus-{name}")
@@ -374,26 +394,39 @@ class Host:
             [sys.executable, "-m", "vmbus._child", *map(str, fds), str(memory_size)],
             pass_fds=fds,
             name=name,
+            policy=policy,
         )
         assert process.stdin is not None
         process.stdin.write(boot)
         process.stdin.close()
         child_port.close()
         child = ChildPartition(
-            name, process, memory, parent_port, devices, spin_seconds=spin_seconds
+            name,
+            process,
+            memory,
+            parent_port,
+            devices,
+            spin_seconds=spin_seconds,
+            quotas=quotas or h.Quotas(),
         )
         self.children[name] = child
         child.worker.start()
         return child
 
     def attach(
-        self, memory: GuestMemory, port: MessagePort, *, devices: Sequence[Vsp] = (), name: str
+        self,
+        memory: GuestMemory,
+        port: MessagePort,
+        *,
+        devices: Sequence[Vsp] = (),
+        name: str,
+        quotas: h.Quotas | None = None,
     ) -> ChildPartition:
         """Serve the VMBus of a guest the caller runs itself (an emulator's):
         its memory (a memfd, see GuestMemory.from_fd) and the port its
         messages arrive on. The server takes over both and closes them."""
         self._admit(name)
-        child = ChildPartition(name, None, memory, port, devices)
+        child = ChildPartition(name, None, memory, port, devices, quotas=quotas or h.Quotas())
         self.children[name] = child
         child.worker.start()
         return child

@@ -552,10 +552,6 @@ def hold_gpadls(guest: Guest) -> None:
         guest.create_gpadl(device.relid, pages)
 
 
-@pytest.mark.xfail(
-    reason="vmbus/partition.py does not yet call server.disconnect() when its child is gone",
-    strict=False,
-)
 def test_child_dies_holding_gpadls_and_the_parent_drops_them() -> None:
     with Host() as host:
         child = host.start(hold_gpadls, devices=[EchoVsp()])
