@@ -35,7 +35,7 @@ from multiprocessing.process import BaseProcess
 from time import perf_counter
 from typing import Any
 
-from benchmarks.harness import render_table
+from benchmarks.harness import CHILD_POLICY, render_table
 from vmbus.channel import COMPLETION_REQUESTED, DEFAULT_SPIN_SECONDS, Channel
 from vmbus.guest import Guest
 from vmbus.memory import GuestMemory
@@ -470,7 +470,11 @@ class FullStackRoundTrip:
         listener.settimeout(TIMEOUT)
         self.vsp = EchoVsp()
         self.child = host.start(
-            PARTITION_TARGET, devices=[self.vsp], args=(address, spin), memory_size=8 << 20
+            PARTITION_TARGET,
+            devices=[self.vsp],
+            args=(address, spin),
+            memory_size=8 << 20,
+            policy=CHILD_POLICY,
         )
         try:
             sock, _ = listener.accept()

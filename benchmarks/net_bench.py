@@ -41,7 +41,7 @@ from multiprocessing.connection import Connection
 from time import clock_gettime, perf_counter, process_time, pthread_getcpuclockid
 from typing import NamedTuple
 
-from benchmarks.harness import render_table
+from benchmarks.harness import CHILD_POLICY, render_table
 from vmbus import guid
 from vmbus.channel import ChannelTimeout
 from vmbus.guest import Guest, GuestDevice
@@ -197,7 +197,9 @@ class ChildRunner:
         listener.listen(1)
         listener.settimeout(TIMEOUT)
         self.vsps = {vsp.mac: vsp for vsp in vsps}
-        self.child: ChildPartition = host.start(CHILD_TARGET, devices=vsps, args=(address, spin))
+        self.child: ChildPartition = host.start(
+            CHILD_TARGET, devices=vsps, args=(address, spin), policy=CHILD_POLICY
+        )
         try:
             sock, _ = listener.accept()
         finally:

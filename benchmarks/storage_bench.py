@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from time import clock_gettime, perf_counter, process_time, pthread_getcpuclockid
 
-from benchmarks.harness import render_table
+from benchmarks.harness import CHILD_POLICY, render_table
 from vmbus import guid
 from vmbus.channel import DEFAULT_SPIN_SECONDS, Channel
 from vmbus.guest import Guest, GuestDevice
@@ -239,6 +239,7 @@ class StackRunner:
             devices=[self.vsp, self.echo],
             args=(address, settings.image, settings.spin),
             memory_size=CHILD_MEMORY,
+            policy=CHILD_POLICY,
         )
         try:
             sock, _ = listener.accept()

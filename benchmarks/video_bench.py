@@ -37,7 +37,7 @@ from multiprocessing.connection import Connection
 import numpy as np
 import numpy.typing as npt
 
-from benchmarks.harness import render_table
+from benchmarks.harness import CHILD_POLICY, render_table
 from vmbus import guid
 from vmbus._ringdefs import DESCRIPTOR_SIZE, TRAILER_SIZE
 from vmbus.guest import Guest, GuestDevice
@@ -412,7 +412,7 @@ class Bench:
             listener.listen(1)
             listener.settimeout(TIMEOUT)
             self.child: ChildPartition = host.start(
-                CHILD_TARGET, devices=[self.video], args=(address,)
+                CHILD_TARGET, devices=[self.video], args=(address,), policy=CHILD_POLICY
             )
             self.cleanup.callback(self._end_child)
             sock, _ = listener.accept()
