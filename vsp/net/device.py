@@ -201,9 +201,8 @@ class NetvspChannel(ChannelHandler):
         if isinstance(event, nv.RndisPacket):
             self._rndis(packet, event, completion)
             return
-        error = getattr(event, "error", None)  # why a message was refused
-        if error:
-            self.context.protocol_error("netvsp: %s", error)
+        if isinstance(event, (nv.Reply, nv.NoReply)) and event.error:  # a refused message
+            self.context.protocol_error("netvsp: %s", event.error)
         if isinstance(event, nv.BufferEstablished):
             self._map(event.kind, event.buffer)
             payload: bytes | None = event.reply
