@@ -255,14 +255,16 @@ def _file_system(policy: Policy) -> list[str]:
     for name in _ETC_FILES:
         args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
     readable = _readable_paths(policy.readable)
-    for path in readable:
-        args += ["--ro-bind-try", path, path]
-    args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/dev/shm"]
     writable = [os.path.abspath(p) for p in policy.writable]
+    args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/dev/shm"]
+    # Mounts in order of depth, so that one inside another (a checkout in
+    # /tmp) lands on top of it rather than being hidden by it.
+    mounts = [(path, "--ro-bind-try") for path in readable]
+    mounts += [(path, "--bind-try") for path in writable]
     if "/tmp" not in writable:
-        args += ["--tmpfs", "/tmp"]
-    for path in writable:
-        args += ["--bind-try", path, path]
+        mounts.append(("/tmp", "--tmpfs"))
+    for path, kind in sorted(mounts, key=lambda mount: mount[0].rstrip("/").count("/")):
+        args += [kind, path] if kind == "--tmpfs" else [kind, path, path]
     cwd = os.getcwd()
     inside = any(cwd == p or cwd.startswith(p.rstrip("/") + "/") for p in readable + writable)
     return [*args, "--chdir", cwd if inside else "/"]

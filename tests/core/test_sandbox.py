@@ -425,3 +425,13 @@ def test_a_child_killed_by_a_signal_reports_that_signal() -> None:
 
 if __name__ == "__main__" and sys.argv[1:2] == ["serve"]:
     serve_a_lingering_child(sys.argv[2])
+
+
+def test_a_checkout_under_tmp_stays_visible_to_the_child() -> None:
+    """The child's private /tmp is mounted before the paths inside it (a
+    clone in /tmp): mounted after, it hid them and bwrap could not start."""
+    args = sandbox._file_system(sandbox.Policy(writable=(), readable=("/tmp/ci/checkout",)))
+    pairs = list(zip(args, args[1:]))
+    private_tmp = pairs.index(("--tmpfs", "/tmp"))
+    checkout = pairs.index(("--ro-bind-try", "/tmp/ci/checkout"))
+    assert private_tmp < checkout
