@@ -431,7 +431,7 @@ def test_a_checkout_under_tmp_stays_visible_to_the_child() -> None:
     """The child's private /tmp is mounted before the paths inside it (a
     clone in /tmp): mounted after, it hid them and bwrap could not start."""
     args = sandbox._file_system(sandbox.Policy(writable=(), readable=("/tmp/ci/checkout",)))
-    pairs = list(zip(args, args[1:]))
+    pairs = list(zip(args, args[1:], strict=False))
     private_tmp = pairs.index(("--tmpfs", "/tmp"))
     checkout = pairs.index(("--ro-bind-try", "/tmp/ci/checkout"))
     assert private_tmp < checkout
