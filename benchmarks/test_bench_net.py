@@ -10,23 +10,17 @@ wakes: these are CPU costs, the floor of `python -m benchmarks.net_bench`.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from benchmarks.net_bench import MAC_A, MAC_B, NS_IP, TAP_NIC, TAP_NIC_IP, interface_mac, udp_frame
-from vmbus import guid
-from vmbus import messages as m
-from vmbus.channel import COMPLETION_REQUESTED, Channel
-from vmbus.device import OpenContext
-from vmbus.host import OfferSpec
-from vmbus.memory import PAGE_SIZE, GuestMemory, PageAllocator
+from vmbus.channel import COMPLETION_REQUESTED
 from vmbus.packet import decode_transfer_page_header, encode_transfer_page_header
 from vmbus.protocols.net import rndis_wire as r
 from vmbus.protocols.net import wire as nvsp
-from vmbus.testing import ring_buffer
-from vmbus.transport import Signal
+from vmbus.testing import PumpedDevice
 from vsc.net import NetAdapter
 from vsp.net import LearningSwitch, NetVsp, NetvspChannel, NullBackend, SwitchPort, TapBackend
 
@@ -42,66 +36,8 @@ def frame_of(size: int) -> bytes:
 # --- a NetAdapter and its netvsp in one thread -------------------------------------------
 
 
-class PumpedChannel(Channel):
-    """A guest channel whose waiting runs the parent's worker instead."""
-
-    loopback: Loopback
-
-    def wait(self, deadline: float | None) -> None:
-        self.loopback.serve()
-
-
-class Loopback:
-    """Just enough of a GuestDevice and its Guest for a NetAdapter: guest
-    memory, GPADLs by handle, and open() wiring a PumpedChannel to the
-    NetVsp's channel. `serve()` is the worker: the channel, then the
-    descriptors the VSP watches."""
-
-    relid = 1
-
-    def __init__(self, vsp: NetVsp) -> None:
-        self.vsp = vsp
-        self.memory = GuestMemory.create(8 * MiB, name="net-bench")
-        self.allocator = PageAllocator(self.memory)
-        self.guest = self
-        self.gpadls: dict[int, m.Gpadl] = {}
-        self.watched: dict[int, Callable[[], None]] = {}
-
-    def create_gpadl(self, relid: int, pfns: list[int], timeout: float = 0) -> int:
-        handle = len(self.gpadls) + 1
-        self.gpadls[handle] = m.Gpadl(relid, handle, len(pfns) * PAGE_SIZE, 0, tuple(pfns))
-        return handle
-
-    def open(self, send_size: int, receive_size: int, **_: Any) -> Channel:
-        outbound, inbound = ring_buffer(send_size), ring_buffer(receive_size)
-        to_host, to_guest = Signal(), Signal()
-        guest = PumpedChannel(outbound, inbound, to_host, to_guest, spin_seconds=0.0)
-        host = Channel(inbound, outbound, to_guest, to_host, spin_seconds=0.0)
-        context = OpenContext(
-            offer=OfferSpec(guid.NETWORK, self.vsp.instance_id),
-            userdata=b"",
-            memory=self.memory,
-            ring_pfns=frozenset(),  # the rings are not in guest memory here
-            partition="bench",
-            add_offer=lambda offer: None,
-            gpadls=self.gpadls,
-            watch=self.watched.__setitem__,
-            unwatch=self.watched.pop,
-        )
-        self.handler: NetvspChannel = self.vsp.open(host, context)
-        guest.loopback = self
-        return guest
-
-    def serve(self) -> None:
-        handler = self.handler
-        handler.channel.service(handler.on_packet, handler.admission)
-        handler.on_signal()
-        for callback in list(self.watched.values()):
-            callback()
-
-
 def adapter(vsp: NetVsp) -> tuple[NetAdapter, NetvspChannel]:
-    device: Any = Loopback(vsp)
+    device: Any = PumpedDevice(vsp)
     nic = NetAdapter(device)
     return nic, device.handler
 
@@ -173,7 +109,7 @@ def test_netvsp_serve_64_packets(benchmark: Any, sender: Any, size: int) -> None
     def serve() -> None:
         for trans_id, payload in enumerate(payloads, start=1 << 40):
             channel.send(payload, flags=COMPLETION_REQUESTED, trans_id=trans_id)
-        channel.loopback.serve()
+        channel.device.serve()
         while channel.poll() is not None:
             pass
 

@@ -22,11 +22,8 @@ import pytest
 
 import vsc.storage.device
 from benchmarks.storage_bench import page_buffer
-from vmbus import guid
 from vmbus.channel import COMPLETION_REQUESTED, Channel
-from vmbus.device import OpenContext
-from vmbus.host import OfferSpec
-from vmbus.memory import PAGE_SIZE, GuestMemory, PageAllocator, guest_segments
+from vmbus.memory import PAGE_SIZE, GuestMemory, guest_segments
 from vmbus.packet import (
     GpaRange,
     PacketType,
@@ -35,8 +32,7 @@ from vmbus.packet import (
 )
 from vmbus.protocols import storage as vstor
 from vmbus.protocols.storage.scsi_wire import DataDirection, Opcode
-from vmbus.testing import ring_buffer
-from vmbus.transport import Signal
+from vmbus.testing import PumpedDevice
 from vsc.storage import BlockDevice, StorageController
 from vsp.storage import (
     BlockBackend,
@@ -44,7 +40,6 @@ from vsp.storage import (
     RawFileBackend,
     ScsiDisk,
     StorVsp,
-    StorvspChannel,
 )
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -217,48 +212,6 @@ def test_vsp_complete_srb(benchmark: Any, wire: Wire) -> None:
 # --- storvsp serving SRBs from an in-process channel pair -------------------------------
 
 
-class PumpedChannel(Channel):
-    """A guest channel whose waiting serves the host side instead: one thread
-    runs both ends, so nothing ever sleeps."""
-
-    handler: StorvspChannel
-
-    def wait(self, deadline: float | None) -> None:
-        self.handler.channel.service(self.handler.on_packet, self.handler.admission)
-
-
-class Loopback:
-    """Just enough of a GuestDevice (and its Guest) for a StorageController:
-    guest memory, its page allocator, and open() wiring a PumpedChannel to a
-    StorvspChannel of `vsp`."""
-
-    def __init__(self, vsp: StorVsp, memory_size: int) -> None:
-        self.vsp = vsp
-        self.memory = GuestMemory.create(memory_size, name="storage-bench")
-        self.allocator = PageAllocator(self.memory)
-        self.guest = self
-        self.instance_id = vsp.instance_id
-
-    def open(self, send_size: int, receive_size: int, userdata: bytes = b"", **_: Any) -> Channel:
-        outbound, inbound = ring_buffer(send_size), ring_buffer(receive_size)
-        to_host, to_guest = Signal(), Signal()
-        guest = PumpedChannel(outbound, inbound, to_host, to_guest, spin_seconds=0.0)
-        host = Channel(inbound, outbound, to_guest, to_host, spin_seconds=0.0)
-        context = OpenContext(
-            offer=OfferSpec(guid.SCSI, self.vsp.instance_id),
-            userdata=userdata,
-            memory=self.memory,
-            ring_pfns=frozenset(),  # the rings are not in guest memory here
-            partition="bench",
-            add_offer=lambda offer: None,
-            gpadls={},
-            watch=lambda fd, callback: None,
-            unwatch=lambda fd: None,
-        )
-        guest.handler = self.vsp.open(host, context)
-        return guest
-
-
 def pumped_wait_any(channels: list[Channel], timeout: float | None) -> None:
     for channel in channels:
         channel.wait(None)
@@ -271,7 +224,7 @@ def controller(
     """A StorageController (QD32, 1 MiB requests) on a loopback to a StorVsp."""
     monkeypatch.setattr(vsc.storage.device, "wait_any", pumped_wait_any)
     vsp = StorVsp([backend], max_transfer_bytes=MiB)
-    device: Any = Loopback(vsp, QUEUE_DEPTH * MiB + 4 * MiB)
+    device: Any = PumpedDevice(vsp, memory_size=QUEUE_DEPTH * MiB + 4 * MiB)
     yield StorageController(device, queue_depth=QUEUE_DEPTH, max_io_bytes=MiB, ring_size=RING)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from vmbus.channel import COMPLETION_REQUESTED
 from vmbus.guest import Guest
 from vmbus.protocols.echo import ECHO_CLASS_ID, ECHO_MAX_PAYLOAD
-from vmbus.testing import VspHarness, loopback
+from vmbus.testing import PumpedDevice, VspHarness, loopback
 from vsc.echo import EchoVsc
 from vsp.echo import EchoHandler, EchoVsp
 
@@ -67,3 +67,12 @@ def test_echo_vsc_in_process() -> None:
 
     with loopback([EchoVsp()], register):
         assert drivers[0].echo(b"in-process").startswith(b"in-process")
+
+
+def test_echo_vsc_pumped_in_one_thread() -> None:
+    """PumpedDevice: the VSC's waits serve the VSP, so one thread runs both."""
+    device = PumpedDevice(EchoVsp())
+    driver = EchoVsc(device)  # type: ignore[arg-type]  # a GuestDevice stand-in
+    for i in range(100):
+        assert driver.echo(b"%d" % i).startswith(b"%d" % i)
+    assert device.handler is not None and device.handler.packets == 100  # type: ignore[attr-defined]

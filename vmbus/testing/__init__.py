@@ -4,7 +4,7 @@ VSP in this process, a VSP-VSC loopback (`harness`), Hypothesis strategies
 (`strategies`, imported on its own: it needs Hypothesis) and hand-built
 Ethernet frames (`ethernet`)."""
 
-from vmbus.testing.harness import VspHarness, loopback
+from vmbus.testing.harness import PumpedDevice, VspHarness, loopback
 from vmbus.testing.rings import channel_pair, ring_buffer
 
-__all__ = ["VspHarness", "channel_pair", "loopback", "ring_buffer"]
+__all__ = ["PumpedDevice", "VspHarness", "channel_pair", "loopback", "ring_buffer"]

@@ -9,6 +9,9 @@ one process, over real guest memory (a memfd) and real rings.
 - `loopback` runs a VSP's real VSC against it: the VMBus control plane
   served by `Host.attach` over an in-process port, and a `Guest` in this
   process, so a VSC test needs no child process.
+- `PumpedDevice` stands in for a guest device in ONE thread: when the VSC's
+  channel would wait, it serves the VSP instead, so nothing ever sleeps;
+  the in-process floor of a VSC and its VSP, for benchmarks.
 """
 
 from __future__ import annotations
@@ -19,15 +22,16 @@ import select
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 
+from vmbus.channel import Channel
 from vmbus.device import ChannelHandler, OpenContext, Vsp
 from vmbus.guest import Guest
 from vmbus.host import OfferSpec
 from vmbus.memory import PAGE_SIZE, Gpadl, GpadlTable, GuestMemory, PageAllocator
 from vmbus.partition import ChildPartition, Host
-from vmbus.testing.rings import channel_pair
-from vmbus.transport import LocalPort
+from vmbus.testing.rings import channel_pair, ring_buffer
+from vmbus.transport import LocalPort, Signal
 
-__all__ = ["VspHarness", "loopback"]
+__all__ = ["PumpedDevice", "VspHarness", "loopback"]
 
 RING_PFNS = frozenset({0, 1})  # pages the harness reserves as "the channel's rings"
 
@@ -140,3 +144,71 @@ def loopback(
                 guest.unload()
             partition.stop()
             guest.close()
+
+
+class _PumpedChannel(Channel):
+    """A guest channel whose waiting serves its VSP instead."""
+
+    device: PumpedDevice
+
+    def wait(self, deadline: float | None) -> None:
+        self.device.serve()
+
+
+class PumpedDevice:
+    """Enough of a `GuestDevice` (and its `Guest`: memory, allocator, GPADLs)
+    for a VSC to open one channel of `vsp`, served in the caller's thread.
+    `serve()` is the worker's step: the channel within the handler's
+    admission, `on_signal`, then the descriptors the VSP watches."""
+
+    relid = 1
+
+    def __init__(self, vsp: Vsp, *, memory_size: int = 8 << 20, offer: OfferSpec | None = None):
+        self.vsp = vsp
+        self.offer = offer or vsp.offers()[0]
+        self.instance_id = self.offer.instance_id
+        self.memory = GuestMemory.create(memory_size, name="vmbus-pumped")
+        self.allocator = PageAllocator(self.memory)
+        self.guest = self
+        self.gpadls = GpadlTable(self.memory.page_count)
+        self.watched: dict[int, Callable[[], None]] = {}
+        self._handles = itertools.count(1)
+        self.handler: ChannelHandler | None = None
+
+    def create_gpadl(self, relid: int, pfns: list[int], timeout: float = 0) -> int:
+        gpadl = Gpadl.grant(
+            self.memory, pfns, len(pfns) * PAGE_SIZE, child_relid=relid, gpadl=next(self._handles)
+        )
+        self.gpadls[gpadl.gpadl] = gpadl
+        return gpadl.gpadl
+
+    def open(
+        self, send_size: int, receive_size: int, userdata: bytes = b"", **_: object
+    ) -> Channel:
+        outbound, inbound = ring_buffer(send_size), ring_buffer(receive_size)
+        to_host, to_guest = Signal(), Signal()
+        guest = _PumpedChannel(outbound, inbound, to_host, to_guest, spin_seconds=0.0)
+        host = Channel(inbound, outbound, to_guest, to_host, spin_seconds=0.0)
+        context = OpenContext(
+            self.offer,
+            self.memory,
+            userdata=userdata.ljust(120, b"\0"),
+            partition="pumped",  # the rings are not in guest memory here
+            gpadls=self.gpadls,
+            watch=self.watched.__setitem__,
+            unwatch=self._unwatch,
+        )
+        self.handler = self.vsp.open(host, context)
+        guest.device = self
+        return guest
+
+    def _unwatch(self, fd: int) -> None:
+        del self.watched[fd]
+
+    def serve(self) -> None:
+        handler = self.handler
+        assert handler is not None, "open the channel first"
+        handler.channel.service(handler.on_packet, handler.admission)
+        handler.on_signal()
+        for callback in list(self.watched.values()):
+            callback()
