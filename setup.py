@@ -3,7 +3,8 @@
 Every `.pyx` file in the library's packages is one extension module named
 after its path (vmbus/_cring.pyx is vmbus._cring), so a compiled fast path
 added beside a device (vsp/storage/, vsp/net/, ...) is built without an
-entry here. Headers it includes are looked up beside it.
+entry here. Headers it includes are looked up beside it and in vmbus/ (a
+module that cimports the ring, vmbus/_cring.pxd, compiles in its atomics).
 """
 
 from pathlib import Path
@@ -24,7 +25,7 @@ def extensions() -> list[Extension]:
             Extension(
                 ".".join(relative.with_suffix("").parts),
                 [relative.as_posix()],
-                include_dirs=[relative.parent.as_posix()],
+                include_dirs=[relative.parent.as_posix(), "vmbus"],
                 extra_compile_args=["-O3"],
             )
         )

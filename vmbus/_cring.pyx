@@ -30,23 +30,11 @@ from libc.string cimport memcpy, memset
 from vmbus._ringdefs import RingCorrupt, data_size_of
 from vmbus._ringpacket import Packet
 
-cdef extern from "_atomic.h":
-    uint32_t vmbus_load_acquire(const uint32_t *p) nogil
-    uint32_t vmbus_load_relaxed(const uint32_t *p) nogil
-    void vmbus_store_release(uint32_t *p, uint32_t v) nogil
-    void vmbus_store_relaxed(uint32_t *p, uint32_t v) nogil
-    void vmbus_fence_full() nogil
-
-cdef packed struct Descriptor:
-    uint16_t type
-    uint16_t offset8
-    uint16_t len8
-    uint16_t flags
-    uint64_t trans_id
+# The classes' state, their inline methods, the atomics, Descriptor and the
+# outcome codes (EMPTY, READY, BAD_*) are declared in _cring.pxd, so that a
+# compiled fast path can cimport the ring.
 
 DEF HEADER_SIZE = 4096
-DEF DESCRIPTOR_SIZE = 16
-DEF TRAILER_SIZE = 8
 DEF MIN_PACKET_TYPE = 1
 DEF MAX_PACKET_TYPE = 0xD
 DEF KNOWN_FLAGS = 1
@@ -55,18 +43,6 @@ DEF VM_PKT_DATA_INBAND = 6
 # Copies at least this big release the GIL; below it the release costs more
 # than the copy.
 DEF NOGIL_COPY_BYTES = 16384
-
-# Reader outcomes; negative values are corruption reasons (see _corrupt_text).
-DEF EMPTY = 0
-DEF READY = 1
-DEF BAD_WRITE_INDEX = -1
-DEF SHORT_PUBLISH = -2
-DEF BAD_TYPE = -3
-DEF BAD_FLAGS = -4
-DEF BAD_OFFSET8 = -5
-DEF BAD_LEN8 = -6
-DEF OVERRUN = -7
-DEF BAD_READ_INDEX = -8
 
 cdef uint8_t ZEROS[8]
 memset(ZEROS, 0, 8)
@@ -88,18 +64,6 @@ def init_ring(buffer, *, bint pending_send_sz=True):
 
 cdef class _RingSide:
     """What the writer and the reader share: the buffer and the copies."""
-    cdef Py_buffer view
-    cdef bint attached
-    cdef uint8_t *data
-    cdef uint32_t *write_index
-    cdef uint32_t *read_index
-    cdef uint32_t *interrupt_mask
-    cdef uint32_t *pending_send_sz
-    cdef uint32_t *feature_bits
-    cdef uint32_t dsize
-    cdef bint mirrored
-    cdef object data_view
-
     def __cinit__(self, buffer, *, bint mirrored=False):
         PyObject_GetBuffer(buffer, &self.view, PyBUF_WRITABLE | PyBUF_ANY_CONTIGUOUS)
         self.attached = True
@@ -124,39 +88,8 @@ cdef class _RingSide:
     def data_size(self):
         return self.dsize
 
-    cdef inline uint32_t advance(self, uint32_t pos, uint32_t n) noexcept nogil:
-        pos += n
-        return pos - self.dsize if pos >= self.dsize else pos
-
-    cdef inline uint32_t copy_in(self, uint32_t pos, const void *src, uint32_t n) noexcept nogil:
-        cdef uint32_t first
-        if self.mirrored or pos + n <= self.dsize:
-            memcpy(self.data + pos, src, n)
-        else:
-            first = self.dsize - pos
-            memcpy(self.data + pos, src, first)
-            memcpy(self.data, <const uint8_t *>src + first, n - first)
-        return self.advance(pos, n)
-
-    cdef inline void copy_out(self, uint32_t pos, void *dst, uint32_t n) noexcept nogil:
-        cdef uint32_t first
-        if self.mirrored or pos + n <= self.dsize:
-            memcpy(dst, self.data + pos, n)
-        else:
-            first = self.dsize - pos
-            memcpy(dst, self.data + pos, first)
-            memcpy(<uint8_t *>dst + first, self.data, n - first)
-
-    cdef inline bint index_ok(self, uint32_t index) noexcept nogil:
-        return index < self.dsize and index % 8 == 0
-
-
 cdef class RingWriter(_RingSide):
     """The producer end of one ring. Write packets, then `commit()`."""
-    cdef uint32_t cursor      # private: where the next packet goes
-    cdef uint32_t published   # the write_index we last stored
-    cdef uint32_t seen_read   # a validated read_index; the reader only moves it on
-
     def __init__(self, buffer, *, bint mirrored=False):
         cdef uint32_t w = vmbus_load_relaxed(self.write_index)
         cdef uint32_t r = vmbus_load_acquire(self.read_index)
@@ -181,22 +114,6 @@ cdef class RingWriter(_RingSide):
     def max_payload(self, Py_ssize_t header_len=0):
         """Largest payload a packet with this header can ever carry here."""
         return self.payload_limit(header_len)
-
-    cdef inline Py_ssize_t payload_limit(self, Py_ssize_t header_len) noexcept nogil:
-        # Packet plus trailer must leave at least 8 bytes free (never full).
-        return <Py_ssize_t>self.dsize - 8 - TRAILER_SIZE - DESCRIPTOR_SIZE - header_len
-
-    cdef inline uint32_t free_from(self, uint32_t read) noexcept nogil:
-        return self.dsize - (self.cursor - read + self.dsize) % self.dsize
-
-    cdef inline int refresh_read(self) noexcept nogil:
-        # Acquire: the reader's copies out of the space it freed happen
-        # before we overwrite that space.
-        cdef uint32_t r = vmbus_load_acquire(self.read_index)
-        if not self.index_ok(r):
-            return BAD_READ_INDEX
-        self.seen_read = r
-        return READY
 
     cdef void raise_bad_read_index(self) except *:
         r = vmbus_load_relaxed(self.read_index)
@@ -382,14 +299,6 @@ cdef class RingWriter(_RingSide):
 cdef class RingReader(_RingSide):
     """The consumer end of one ring. Read packets, then `commit()` to hand
     their space back to the writer. Views stay valid until that commit."""
-    cdef uint32_t cursor      # private: the next packet to read
-    cdef uint32_t committed   # the read_index we last stored
-    cdef uint32_t seen_write  # a validated write_index; the writer only moves it on
-    cdef str corrupt          # sticky: once corrupt, every call raises this
-    cdef uint32_t bad_index   # the invalid write_index, for the message
-    cdef Descriptor last
-    cdef bytearray scratch
-
     def __init__(self, buffer, *, bint mirrored=False):
         cdef uint32_t r = vmbus_load_relaxed(self.read_index)
         if not self.index_ok(r):
@@ -417,19 +326,6 @@ cdef class RingReader(_RingSide):
         if status < 0:
             self.fail(status, NULL)
         return self.available()
-
-    cdef inline uint32_t available(self) noexcept nogil:
-        return (self.seen_write - self.cursor + self.dsize) % self.dsize
-
-    cdef inline int refresh_write(self) noexcept nogil:
-        # Acquire: the packet bytes the writer stored before this index are
-        # visible to the copies that follow.
-        cdef uint32_t w = vmbus_load_acquire(self.write_index)
-        if not self.index_ok(w):
-            self.bad_index = w
-            return BAD_WRITE_INDEX
-        self.seen_write = w
-        return READY
 
     cdef int next(self, Descriptor *d) noexcept nogil:
         """Copy out and validate the next descriptor: READY, EMPTY, or a
@@ -461,22 +357,10 @@ cdef class RingReader(_RingSide):
             return OVERRUN
         return READY
 
-    cdef inline void consume(self, Descriptor *d) noexcept nogil:
-        self.last = d[0]
-        self.cursor = self.advance(self.cursor, <uint32_t>d.len8 * 8 + TRAILER_SIZE)
-
     cdef int fail(self, int status, Descriptor *d) except -1:
         if self.corrupt is None:
             self.corrupt = _corrupt_text(status, d, self.available(), self.bad_index, self.dsize)
         raise RingCorrupt(self.corrupt)
-
-    cdef inline int check(self, Descriptor *d) except -2:
-        if self.corrupt is not None:
-            self.fail(0, NULL)
-        cdef int status = self.next(d)
-        if status < 0:
-            self.fail(status, d)
-        return status
 
     def read(self):
         """The next packet as a zero-copy view (a copy only when it wraps a

@@ -1,0 +1,154 @@
+# cython: language_level=3
+"""The C-level contract of the Cython ring (vmbus/_cring.pyx documents the
+protocol): its classes' state and the cdef methods another Cython module
+may call to read and write packets in place (a compiled device fast path),
+without going through Python objects.
+
+Rules for a caller: one thread drives an end at a time (the ring has no
+lock); `next` peeks and validates a descriptor without moving the cursor,
+`consume` moves past it; `put` appends at the private cursor; nothing is
+visible to the peer until the Python-level `commit()` (or `publish()`).
+The inline methods live here so that callers compile them in, as the ring
+itself does.
+"""
+
+from cpython.buffer cimport Py_buffer
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcpy
+
+cdef extern from "_atomic.h":
+    uint32_t vmbus_load_acquire(const uint32_t *p) nogil
+    uint32_t vmbus_load_relaxed(const uint32_t *p) nogil
+    void vmbus_store_release(uint32_t *p, uint32_t v) nogil
+    void vmbus_store_relaxed(uint32_t *p, uint32_t v) nogil
+    void vmbus_fence_full() nogil
+
+cdef packed struct Descriptor:
+    uint16_t type
+    uint16_t offset8
+    uint16_t len8
+    uint16_t flags
+    uint64_t trans_id
+
+cdef enum:
+    DESCRIPTOR_SIZE = 16
+    TRAILER_SIZE = 8
+
+# Reader and writer outcomes; negative values are corruption reasons.
+cdef enum:
+    EMPTY = 0
+    READY = 1
+    BAD_WRITE_INDEX = -1
+    SHORT_PUBLISH = -2
+    BAD_TYPE = -3
+    BAD_FLAGS = -4
+    BAD_OFFSET8 = -5
+    BAD_LEN8 = -6
+    OVERRUN = -7
+    BAD_READ_INDEX = -8
+
+
+cdef class _RingSide:
+    cdef Py_buffer view
+    cdef bint attached
+    cdef uint8_t *data
+    cdef uint32_t *write_index
+    cdef uint32_t *read_index
+    cdef uint32_t *interrupt_mask
+    cdef uint32_t *pending_send_sz
+    cdef uint32_t *feature_bits
+    cdef uint32_t dsize
+    cdef bint mirrored
+    cdef object data_view
+
+    cdef inline uint32_t advance(self, uint32_t pos, uint32_t n) noexcept nogil:
+        pos += n
+        return pos - self.dsize if pos >= self.dsize else pos
+
+    cdef inline uint32_t copy_in(self, uint32_t pos, const void *src, uint32_t n) noexcept nogil:
+        cdef uint32_t first
+        if self.mirrored or pos + n <= self.dsize:
+            memcpy(self.data + pos, src, n)
+        else:
+            first = self.dsize - pos
+            memcpy(self.data + pos, src, first)
+            memcpy(self.data, <const uint8_t *>src + first, n - first)
+        return self.advance(pos, n)
+
+    cdef inline void copy_out(self, uint32_t pos, void *dst, uint32_t n) noexcept nogil:
+        cdef uint32_t first
+        if self.mirrored or pos + n <= self.dsize:
+            memcpy(dst, self.data + pos, n)
+        else:
+            first = self.dsize - pos
+            memcpy(dst, self.data + pos, first)
+            memcpy(<uint8_t *>dst + first, self.data, n - first)
+
+    cdef inline bint index_ok(self, uint32_t index) noexcept nogil:
+        return index < self.dsize and index % 8 == 0
+
+
+cdef class RingWriter(_RingSide):
+    cdef uint32_t cursor      # private: where the next packet goes
+    cdef uint32_t published   # the write_index we last stored
+    cdef uint32_t seen_read   # a validated read_index; the reader only moves it on
+
+    cdef inline Py_ssize_t payload_limit(self, Py_ssize_t header_len) noexcept nogil:
+        # Packet plus trailer must leave at least 8 bytes free (never full).
+        return <Py_ssize_t>self.dsize - 8 - TRAILER_SIZE - DESCRIPTOR_SIZE - header_len
+
+    cdef inline uint32_t free_from(self, uint32_t read) noexcept nogil:
+        return self.dsize - (self.cursor - read + self.dsize) % self.dsize
+
+    cdef inline int refresh_read(self) noexcept nogil:
+        # Acquire: the reader's copies out of the space it freed happen
+        # before we overwrite that space.
+        cdef uint32_t r = vmbus_load_acquire(self.read_index)
+        if not self.index_ok(r):
+            return BAD_READ_INDEX
+        self.seen_read = r
+        return READY
+
+    cdef void raise_bad_read_index(self) except *
+    cdef int put(self, const uint8_t *payload, uint32_t size, uint16_t type, uint16_t flags,
+                 uint64_t trans_id, const uint8_t *header, uint32_t header_len) noexcept nogil
+    cdef int check_fits(self, Py_ssize_t size, Py_ssize_t header_len) except -1
+
+
+cdef class RingReader(_RingSide):
+    cdef uint32_t cursor      # private: the next packet to read
+    cdef uint32_t committed   # the read_index we last stored
+    cdef uint32_t seen_write  # a validated write_index; the writer only moves it on
+    cdef str corrupt          # sticky: once corrupt, every call raises this
+    cdef uint32_t bad_index   # the invalid write_index, for the message
+    cdef Descriptor last
+    cdef bytearray scratch
+
+    cdef inline uint32_t available(self) noexcept nogil:
+        return (self.seen_write - self.cursor + self.dsize) % self.dsize
+
+    cdef inline int refresh_write(self) noexcept nogil:
+        # Acquire: the packet bytes the writer stored before this index are
+        # visible to the copies that follow.
+        cdef uint32_t w = vmbus_load_acquire(self.write_index)
+        if not self.index_ok(w):
+            self.bad_index = w
+            return BAD_WRITE_INDEX
+        self.seen_write = w
+        return READY
+
+    cdef int next(self, Descriptor *d) noexcept nogil
+
+    cdef inline void consume(self, Descriptor *d) noexcept nogil:
+        self.last = d[0]
+        self.cursor = self.advance(self.cursor, <uint32_t>d.len8 * 8 + TRAILER_SIZE)
+
+    cdef int fail(self, int status, Descriptor *d) except -1
+
+    cdef inline int check(self, Descriptor *d) except -2:
+        if self.corrupt is not None:
+            self.fail(0, NULL)
+        cdef int status = self.next(d)
+        if status < 0:
+            self.fail(status, d)
+        return status
