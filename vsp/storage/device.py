@@ -16,10 +16,18 @@ Linux forces every INQUIRY completion to success and reads what was moved,
 an INQUIRY there also returns the "no logical unit" INQUIRY data
 (qualifier 3, type 1Fh) rather than nothing, which Linux would read as an
 all-zero buffer: a direct-access disk.
+
+The steady state (READ/WRITE/SYNCHRONIZE CACHE to a raw-file disk) is served
+by a compiled path, `vsp.storage._fast`, from the head of the ring before the
+Python drain takes a packet; it declines everything else to `on_packet`,
+which stays the definition of behaviour. `StorVsp(fast_path=False)` or
+VMBUS_STORAGE_FAST=0 turns it off (A/B runs); it is off by itself on the
+Python ring (VMBUS_RING=python) or when the extension is not built.
 """
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -27,7 +35,7 @@ from dataclasses import replace
 
 from vmbus import guid
 from vmbus._ringpacket import Packet
-from vmbus.channel import Channel
+from vmbus.channel import PAUSED, Channel
 from vmbus.device import BadGpaRanges, ChannelHandler, OpenContext, Vsp
 from vmbus.host import OfferSpec
 from vmbus.memory import guest_segments
@@ -36,6 +44,11 @@ from vmbus.protocols import storage as vstor
 from vmbus.protocols.storage.scsi_wire import GOOD, Opcode
 from vsp.storage.backends import BlockBackend
 from vsp.storage.scsi import LIMITS, MAX_TRANSFER_BYTES, ScsiDisk, ScsiTarget
+
+try:
+    from vsp.storage._fast import FastPath
+except ImportError:  # not built: every packet takes the Python path
+    FastPath = None  # type: ignore[assignment,misc]
 
 __all__ = ["DEFAULT_MAX_TRANSFER", "StorVsp", "StorvspChannel"]
 
@@ -49,6 +62,11 @@ _TARGET_COMMANDS = frozenset(
 )
 _INQUIRY = bytes((Opcode.INQUIRY,))
 _NOBODY = ScsiTarget()  # answers INQUIRY at an address with no target: no logical unit
+
+
+def fast_path_default() -> bool:
+    """On unless VMBUS_STORAGE_FAST is 0 (or off/false/no)."""
+    return os.environ.get("VMBUS_STORAGE_FAST", "1").lower() not in ("0", "off", "false", "no")
 
 
 class StorVsp(Vsp):
@@ -66,11 +84,13 @@ class StorVsp(Vsp):
         max_transfer_bytes: int = DEFAULT_MAX_TRANSFER,
         channels: int = 1,
         serial: str = "vmbus",
+        fast_path: bool | None = None,
     ) -> None:
         by_lun = dict(disks) if isinstance(disks, Mapping) else dict(enumerate(disks))
         self.instance_id = instance_id or uuid.uuid4()
         self.max_transfer_bytes = max_transfer_bytes
         self.channels = channels
+        self.fast_path = fast_path_default() if fast_path is None else fast_path
         self.protocol = self._new_protocol()  # checks the configuration first
         limits = replace(LIMITS, max_transfer_bytes=max_transfer_bytes)
         self.target = ScsiTarget(
@@ -131,6 +151,25 @@ class StorvspChannel(ChannelHandler):
         self.vsp = vsp
         self.requests = 0
         self.bad_ranges = 0
+        self.fast = self._fast_path() if vsp.fast_path else None
+
+    def _fast_path(self) -> FastPath | None:
+        """The compiled path, when the channel runs on the Cython ring."""
+        if FastPath is None:
+            return None
+        try:
+            return FastPath(self.channel, self.context.memory, self.context.ring_pfns, self.reserve)
+        except TypeError:  # the Python ring: no C-level access
+            return None
+
+    def admission(self) -> int:
+        """Asked before each packet the drain takes: first the compiled path
+        serves what it can from the head of the ring (stopping at the first
+        packet it declines, which the drain then hands to on_packet)."""
+        room = super().admission()
+        if self.fast is not None and room < PAUSED and not self.channel.backlog:
+            self.requests += self.fast.drain(self.vsp)
+        return room
 
     def on_packet(self, packet: Packet) -> None:
         self.requests += 1
@@ -180,5 +219,6 @@ class StorvspChannel(ChannelHandler):
         )
 
     def close(self) -> None:
+        self.fast = None  # it holds the rings, which the worker unmaps next
         super().close()
         self.vsp.closed(self)

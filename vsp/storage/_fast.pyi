@@ -1,0 +1,12 @@
+"""Type stub of the compiled storvsp fast path (vsp/storage/_fast.pyx)."""
+
+from collections.abc import Iterable
+from typing import Any
+
+class FastPath:
+    served: int
+    declined: int
+    def __init__(
+        self, channel: Any, memory: Any, ring_pfns: Iterable[int], reserve: int
+    ) -> None: ...
+    def drain(self, vsp: Any) -> int: ...

@@ -1,0 +1,475 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The compiled steady-state path of one storvsp channel.
+
+It serves, without the GIL and straight from the ring, the requests that
+matter: EXECUTE_SRB with READ/WRITE (6, 10, 12, 16) and SYNCHRONIZE CACHE
+(10, 16) to a LUN whose disk is a raw file, with a valid GPA-direct buffer,
+on a protocol that is READY and a disk with no unit attention pending. Each
+packet is copied out of the ring ONCE into a private buffer (the VSTOR packet
+and its GPA range list; the descriptor was copied and checked by the ring)
+and validated from that copy; the data moves with preadv/pwritev between the
+image file and the guest's pages; the completion is written into the ring in
+place; both rings are committed once per batch.
+
+Everything else is declined: the drain stops at the first packet it does not
+serve and leaves it, and all after it, in the ring for the Python path
+(`StorvspChannel.on_packet`), which stays the only definition of behaviour.
+So a declined packet is never consumed here, order is kept, and a request is
+taken only while its completion fits (the channel's reserve). The checks
+below are those of StorvspProtocol.receive, OpenContext.gpa_ranges and
+ScsiDisk.execute for the success case; any failure of theirs, and any error
+of a system call, declines (the Python path then produces the error reply).
+A completion is byte for byte what StorvspProtocol.complete_srb builds.
+"""
+
+from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
+from libc.errno cimport EINTR, errno
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcpy, memset
+from posix.types cimport off_t
+from posix.uio cimport iovec, preadv, pwritev
+from posix.unistd cimport fdatasync
+
+from vmbus._cring cimport DESCRIPTOR_SIZE, READY, Descriptor, RingReader, RingWriter
+
+from vmbus.memory import PAGE_SIZE as _PAGE_SIZE
+from vmbus.protocols.storage.vsp import VspState
+from vmbus.protocols.storage.wire import VSTOR_VERSION_WIN8
+from vsp.storage.backends import RawFileBackend
+from vsp.storage.scsi import ScsiDisk
+
+__all__ = ["FastPath"]
+
+DEF PAGE = 4096              # vmbus.memory.PAGE_SIZE, checked at import
+DEF PACKET_MAX = 16384       # private copy: GPA header + VSTOR packet; larger declines
+DEF IOV_LIMIT = 1024         # iovecs of one request (Linux IOV_MAX); more declines
+DEF BATCH_LIMIT = 4096       # packets per call: bounds one call's latency
+DEF LUNS = 256               # a vmscsi_request's u8 lun
+DEF MAX_RANGES = 256         # vmbus.packet.MAX_GPA_RANGES
+DEF MAX_PFNS = 8192          # vmbus.packet.MAX_GPA_PFNS
+DEF VSTOR_PACKET = 64        # negotiated from Win8 on; 48 before
+DEF HEADER = 12              # vstor_packet operation, flags, status
+DEF SENSE_BUFFER = 20        # the cdb/sense union of the vmscsi_request
+DEF MAX_CDB = 16
+DEF GPA_DIRECT = 0x9         # VMBus packet types
+DEF INBAND = 0x6
+DEF COMPLETION = 0xB
+DEF EXECUTE_SRB = 3          # vstor operations
+DEF COMPLETE_IO = 1
+DEF SRB_SUCCESS = 0x01
+DEF DATA_OUT = 0             # data_in: WRITE_TYPE, READ_TYPE, UNKNOWN_TYPE
+DEF DATA_IN = 1
+DEF DATA_NONE = 2
+DEF PROTECT_MASK = 0xE0      # CDB byte 1
+DEF FUA = 0x08
+DEF CONTROL_BAD = 0x05       # NACA | LINK in the CONTROL byte
+
+# Outcomes of serving one packet.
+DEF SERVED = 1
+DEF DECLINED = 0
+
+if _PAGE_SIZE != PAGE:
+    raise ImportError(f"vsp.storage._fast assumes {PAGE}-byte pages, not {_PAGE_SIZE}")
+
+
+cdef struct Lun:
+    bint present
+    bint read_only
+    int fd
+    uint32_t block_size
+    uint64_t block_count
+    uint64_t max_transfer
+
+
+cdef struct Request:
+    # What one validated packet asks for, parsed from the private copy.
+    const uint8_t *srb        # the vmscsi_request inside the private copy
+    const uint8_t *header     # the GPA-direct header inside the private copy
+    uint32_t header_len
+    uint32_t ranges
+    uint64_t buffer           # bytes the ranges describe
+    uint32_t length           # data_transfer_length
+    uint8_t direction
+
+
+cdef inline uint32_t le32(const uint8_t *p) noexcept nogil:
+    return p[0] | (<uint32_t>p[1] << 8) | (<uint32_t>p[2] << 16) | (<uint32_t>p[3] << 24)
+
+
+cdef inline void put_le32(uint8_t *p, uint32_t v) noexcept nogil:
+    p[0] = v & 0xFF
+    p[1] = (v >> 8) & 0xFF
+    p[2] = (v >> 16) & 0xFF
+    p[3] = v >> 24
+
+
+cdef inline uint32_t be16(const uint8_t *p) noexcept nogil:
+    return (<uint32_t>p[0] << 8) | p[1]
+
+
+cdef inline uint32_t be32(const uint8_t *p) noexcept nogil:
+    return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
+
+
+cdef inline uint64_t be64(const uint8_t *p) noexcept nogil:
+    return (<uint64_t>be32(p) << 32) | be32(p + 4)
+
+
+cdef inline uint64_t le64(const uint8_t *p) noexcept nogil:
+    return le32(p) | (<uint64_t>le32(p + 4) << 32)
+
+
+cdef class FastPath:
+    """The fast path of one channel: `drain(vsp)` serves the steady-state
+    packets at the head of the ring and returns how many it served."""
+
+    cdef RingReader reader
+    cdef RingWriter writer
+    cdef object notify_peer        # the channel's signal to the guest
+    cdef object memory             # the child's GuestMemory
+    cdef uint64_t page_count
+    cdef bytes ring_map            # bit per guest page: a channel ring page
+    cdef const uint8_t *rings
+    cdef uint32_t reserve          # ring bytes a completion needs (the handler's)
+    # Refreshed at each call that finds a packet, under the GIL:
+    cdef uint32_t packet_size
+    cdef uint64_t max_transfer
+    cdef uint8_t *base             # guest memory, mapped
+    cdef Lun luns[LUNS]
+    # Scratch, reused by every packet (no allocation in the loop):
+    cdef uint8_t private[PACKET_MAX]
+    cdef uint8_t reply[VSTOR_PACKET]
+    cdef iovec iov[IOV_LIMIT]
+    cdef public unsigned long long served    # requests completed here, ever
+    cdef public unsigned long long declined  # calls that stopped at a packet for Python
+
+    def __init__(self, channel, memory, ring_pfns, int reserve):
+        # TypeError unless the channel runs on the Cython ring.
+        self.reader = channel.reader
+        self.writer = channel.writer
+        self.notify_peer = channel.notify_peer
+        self.memory = memory
+        self.page_count = memory.page_count
+        self.reserve = reserve
+        bitmap = bytearray((self.page_count + 7) // 8)
+        for pfn in ring_pfns:
+            if 0 <= pfn < self.page_count:
+                bitmap[pfn >> 3] |= 1 << (pfn & 7)
+        self.ring_map = bytes(bitmap)
+        self.rings = self.ring_map
+
+    def drain(self, vsp):
+        """Serve packets from the head of the ring until one is declined, the
+        ring is empty, or a completion would not fit. Commits both rings
+        and signals the guest as they answer. Returns the count served."""
+        cdef Descriptor d
+        if self.reader.corrupt is not None or self.reader.next(&d) != READY:
+            return 0  # empty, or corrupt: the Python drain reports corruption
+        if not self.configure(vsp):
+            self.declined += 1
+            return 0
+        cdef object mapping
+        cdef Py_buffer view
+        try:
+            mapping = self.memory._open()
+            PyObject_GetBuffer(mapping, &view, PyBUF_WRITABLE)
+        except Exception:  # closed memory: the Python path reports it
+            self.declined += 1
+            return 0
+        cdef uint32_t count = 0
+        cdef int outcome = SERVED
+        try:
+            if <uint64_t>view.len < self.page_count * PAGE:
+                outcome = DECLINED
+            else:
+                self.base = <uint8_t *>view.buf
+                with nogil:
+                    outcome = self.serve_batch(&count)
+        finally:
+            self.base = NULL
+            PyBuffer_Release(&view)
+        if outcome == DECLINED:
+            self.declined += 1
+        if count:
+            self.served += count
+            # One commit per batch each way; signal as the rings answer.
+            if self.writer.commit():
+                self.notify_peer.set()
+            if self.reader.commit():
+                self.notify_peer.set()
+        return count
+
+    cdef bint configure(self, vsp) except -1:
+        """The protocol's negotiated state and the disks this path may serve,
+        read afresh (they change under the Python path)."""
+        protocol = vsp.protocol
+        if protocol.state is not VspState.READY or protocol.version is None:
+            return False
+        paths, targets, max_luns = protocol.limits
+        if paths < 1 or targets < 1 or vsp.targets.get((0, 0)) is not vsp.target:
+            return False
+        self.packet_size = VSTOR_PACKET if protocol.version >= VSTOR_VERSION_WIN8 else 48
+        self.max_transfer = protocol.max_transfer_bytes
+        memset(self.luns, 0, sizeof(self.luns))
+        for lun, disk in vsp.target.disks.items():
+            if not 0 <= lun < min(max_luns, LUNS) or type(disk) is not ScsiDisk:
+                continue
+            backend = (<object>disk).backend
+            if disk.unit_attention is not None or type(backend) is not RawFileBackend:
+                continue
+            if backend.fd < 0:
+                continue
+            self.luns[lun].present = True
+            self.luns[lun].read_only = backend.read_only
+            self.luns[lun].fd = backend.fd
+            self.luns[lun].block_size = backend.block_size
+            self.luns[lun].block_count = backend.block_count
+            self.luns[lun].max_transfer = disk.limits.max_transfer_bytes
+        return True
+
+    cdef int serve_batch(self, uint32_t *count) noexcept nogil:
+        cdef Descriptor d
+        while count[0] < BATCH_LIMIT:
+            # Reserve first: the completion of a request taken must fit now.
+            if self.writer.free_from(self.writer.seen_read) <= self.reserve:
+                if self.writer.refresh_read() != READY:
+                    return DECLINED  # a bad read_index: Python raises it
+                if self.writer.free_from(self.writer.seen_read) <= self.reserve:
+                    return SERVED  # full: Python asks the guest for room
+            if self.reader.next(&d) != READY:
+                return SERVED  # empty (or corrupt: Python reports it)
+            if self.serve(&d) != SERVED:
+                return DECLINED  # left in the ring, unconsumed
+            self.reader.consume(&d)
+            count[0] += 1
+        return SERVED
+
+    cdef int serve(self, Descriptor *d) noexcept nogil:
+        """Serve the packet `d` describes (its descriptor already copied out
+        and checked by the ring), or decline it, touching nothing."""
+        cdef Request r
+        cdef uint32_t total = <uint32_t>d.len8 * 8 - DESCRIPTOR_SIZE
+        cdef uint32_t header_len = <uint32_t>d.offset8 * 8 - DESCRIPTOR_SIZE
+        cdef uint32_t payload_len = total - header_len
+        if d.type != GPA_DIRECT and d.type != INBAND:
+            return DECLINED
+        if total > PACKET_MAX or payload_len < self.packet_size:
+            return DECLINED
+        # The one copy out of the ring: the guest may rewrite it meanwhile.
+        self.reader.copy_out(self.reader.advance(self.reader.cursor, DESCRIPTOR_SIZE),
+                             self.private, total)
+        cdef const uint8_t *payload = self.private + header_len
+        if le32(payload) != EXECUTE_SRB:
+            return DECLINED
+        r.srb = payload + HEADER
+        r.header = self.private
+        r.header_len = header_len
+        r.ranges = 0
+        r.buffer = 0
+        if d.type == GPA_DIRECT and not self.check_ranges(&r):
+            return DECLINED
+        if not self.check_srb(&r):
+            return DECLINED
+        cdef Lun *lun = &self.luns[r.srb[7]]
+        cdef uint64_t moved = 0
+        if not self.execute(&r, lun, &moved):
+            return DECLINED
+        return self.complete(payload, moved, d.trans_id)
+
+    cdef bint check_ranges(self, Request *r) noexcept nogil:
+        """OpenContext.gpa_ranges on the private copy: ranges that fill the
+        header exactly, in guest memory, off the channel's rings."""
+        cdef const uint8_t *h = r.header
+        cdef uint32_t size = r.header_len, pos = 8, i, k, n
+        cdef uint32_t byte_count, byte_offset
+        cdef uint64_t pfns = 0, pfn
+        if size < 8:
+            return False
+        cdef uint32_t ranges = le32(h + 4)
+        if ranges == 0 or ranges > MAX_RANGES or ranges > (size - 8) // 16:
+            return False
+        for i in range(ranges):
+            if pos + 8 > size:
+                return False
+            byte_count = le32(h + pos)
+            byte_offset = le32(h + pos + 4)
+            if byte_count == 0 or byte_offset >= PAGE:
+                return False
+            n = <uint32_t>((<uint64_t>byte_offset + byte_count + PAGE - 1) // PAGE)
+            pfns += n
+            if pfns > MAX_PFNS:
+                return False
+            pos += 8
+            if <uint64_t>pos + 8 * <uint64_t>n > size:
+                return False
+            for k in range(n):
+                pfn = le64(h + pos + 8 * k)
+                # Inside guest memory, and never one of this channel's rings.
+                if pfn >= self.page_count or self.rings[pfn >> 3] & (1 << (pfn & 7)):
+                    return False
+            pos += 8 * n
+            r.buffer += byte_count
+        if pos != size:
+            return False  # garbage after the last range
+        r.ranges = ranges
+        return True
+
+    cdef bint check_srb(self, Request *r) noexcept nogil:
+        """StorvspProtocol's SRB checks and the address: path 0, target 0, a
+        LUN this path serves."""
+        cdef const uint8_t *s = r.srb
+        cdef uint8_t cdb_length = s[8], direction = s[10]
+        r.length = le32(s + 12)
+        r.direction = direction
+        if cdb_length < 1 or cdb_length > MAX_CDB or s[9] > SENSE_BUFFER:
+            return False
+        if direction > DATA_NONE or r.length > self.max_transfer:
+            return False
+        if direction == DATA_NONE and r.length:
+            return False
+        if r.length > r.buffer:
+            return False
+        return s[5] == 0 and s[6] == 0 and self.luns[s[7]].present
+
+    cdef bint execute(self, Request *r, Lun *lun, uint64_t *moved) noexcept nogil:
+        """ScsiDisk.execute for the commands served here, success only."""
+        cdef const uint8_t *cdb = r.srb + 16
+        cdef uint8_t cdb_length = r.srb[8], op = cdb[0], flags = 0
+        cdef uint64_t lba, blocks
+        cdef int layout
+        if op == 0x08 or op == 0x0A:  # READ (6), WRITE (6)
+            layout = 6
+            lba = (<uint64_t>(cdb[1] & 0x1F) << 16) | be16(cdb + 2)
+            blocks = cdb[4] if cdb[4] else 256
+        elif op == 0x28 or op == 0x2A or op == 0x35:  # READ/WRITE/SYNCHRONIZE CACHE (10)
+            layout = 10
+            flags, lba, blocks = cdb[1], be32(cdb + 2), be16(cdb + 7)
+        elif op == 0xA8 or op == 0xAA:  # READ/WRITE (12)
+            layout = 12
+            flags, lba, blocks = cdb[1], be32(cdb + 2), be32(cdb + 6)
+        elif op == 0x88 or op == 0x8A or op == 0x91:  # READ/WRITE/SYNCHRONIZE CACHE (16)
+            layout = 16
+            flags, lba, blocks = cdb[1], be64(cdb + 2), be32(cdb + 10)
+        else:
+            return False
+        if cdb_length < layout or cdb[layout - 1] & CONTROL_BAD:
+            return False  # short CDB, NACA or LINK: INVALID FIELD IN CDB
+        # LBA range, without overflow: lba + blocks <= block_count.
+        if lba > lun.block_count or blocks > lun.block_count - lba:
+            return False
+        if op == 0x35 or op == 0x91:
+            moved[0] = 0
+            return self.flush(lun)
+        cdef bint write = op == 0x0A or op == 0x2A or op == 0xAA or op == 0x8A
+        cdef uint64_t nbytes = blocks * lun.block_size
+        if flags & PROTECT_MASK or blocks == 0 or nbytes > lun.max_transfer:
+            return False
+        # The data phase: the declared direction, inside the buffer.
+        if r.direction != (DATA_OUT if write else DATA_IN) or nbytes > r.length:
+            return False
+        if write and lun.read_only:
+            return False
+        if not self.transfer(r, lun, lba * lun.block_size, nbytes, write):
+            return False
+        if write and flags & FUA and not self.flush(lun):
+            return False
+        moved[0] = nbytes
+        return True
+
+    cdef bint flush(self, Lun *lun) noexcept nogil:
+        while fdatasync(lun.fd) != 0:
+            if errno != EINTR:
+                return False  # the Python path reports the failure
+        return True
+
+    cdef bint transfer(self, Request *r, Lun *lun, uint64_t offset, uint64_t nbytes,
+                       bint write) noexcept nogil:
+        """preadv/pwritev between the file and the first `nbytes` of the
+        guest's buffer, one iovec per run of consecutive pages."""
+        cdef int count = self.build_iov(r, nbytes)
+        if count <= 0:
+            return False
+        cdef int first = 0
+        cdef ssize_t done
+        while first < count:
+            if write:
+                done = pwritev(lun.fd, &self.iov[first], count - first, <off_t>offset)
+            else:
+                done = preadv(lun.fd, &self.iov[first], count - first, <off_t>offset)
+            if done < 0:
+                if errno == EINTR:
+                    continue
+                return False
+            if done == 0:
+                if write:
+                    return False  # wrote nothing: the Python path fails it (EIO)
+                while first < count:  # end of file inside the disk: sparse zeros
+                    memset(self.iov[first].iov_base, 0, self.iov[first].iov_len)
+                    first += 1
+                return True
+            offset += done
+            while first < count and <size_t>done >= self.iov[first].iov_len:
+                done -= self.iov[first].iov_len
+                first += 1
+            if done:
+                self.iov[first].iov_base = <uint8_t *>self.iov[first].iov_base + done
+                self.iov[first].iov_len -= done
+        return True
+
+    cdef int build_iov(self, Request *r, uint64_t nbytes) noexcept nogil:
+        """The iovecs of the buffer's first `nbytes`, as guest_segments cuts
+        them; -1 when there would be more than IOV_LIMIT."""
+        cdef const uint8_t *h = r.header
+        cdef uint32_t pos = 8, i, k, n, byte_count, byte_offset
+        cdef uint64_t start, end, size, pfn, left = nbytes
+        cdef uint8_t *at
+        cdef int count = 0
+        for i in range(r.ranges):
+            if left == 0:
+                break
+            byte_count = le32(h + pos)
+            byte_offset = le32(h + pos + 4)
+            n = <uint32_t>((<uint64_t>byte_offset + byte_count + PAGE - 1) // PAGE)
+            pos += 8
+            start, end = byte_offset, <uint64_t>byte_offset + byte_count
+            for k in range(n):
+                if left == 0:
+                    break
+                pfn = le64(h + pos + 8 * k)
+                # This page's part of the range, cut to what is left.
+                size = min(end, (<uint64_t>k + 1) * PAGE) - start
+                if size > left:
+                    size = left
+                at = self.base + pfn * PAGE + (start - <uint64_t>k * PAGE)
+                if count and <uint8_t *>self.iov[count - 1].iov_base \
+                        + self.iov[count - 1].iov_len == at:
+                    self.iov[count - 1].iov_len += size  # the next page of a run
+                else:
+                    if count == IOV_LIMIT:
+                        return -1
+                    self.iov[count].iov_base = at
+                    self.iov[count].iov_len = size
+                    count += 1
+                left -= size
+                start += size
+            pos += 8 * n
+        return count if left == 0 else -1
+
+    cdef int complete(self, const uint8_t *payload, uint64_t moved,
+                      uint64_t trans_id) noexcept nogil:
+        """StorvspProtocol.complete_srb(request, SUCCESS, GOOD, b"", moved),
+        written into the ring as the completion of `trans_id`."""
+        cdef uint8_t *out = self.reply
+        cdef uint8_t *srb = out + HEADER
+        memset(out, 0, VSTOR_PACKET)
+        put_le32(out, COMPLETE_IO)  # flags 0, status STATUS_SUCCESS
+        memcpy(srb, payload + HEADER, self.packet_size - HEADER)
+        srb[2] = SRB_SUCCESS
+        srb[3] = 0          # scsi_status GOOD
+        srb[9] = 0          # sense_info_length: no sense
+        put_le32(srb + 12, <uint32_t>moved)  # data_transfer_length: bytes moved
+        memset(srb + 16, 0, SENSE_BUFFER)  # the cdb/sense union, now empty sense
+        if self.writer.put(out, self.packet_size, COMPLETION, 0, trans_id, NULL, 0) != READY:
+            return DECLINED  # cannot happen past the reserve; Python reports it
+        return SERVED
+
