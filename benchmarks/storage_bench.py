@@ -46,7 +46,7 @@ from vmbus.guest import Guest, GuestDevice
 from vmbus.partition import ChildPartition, Host
 from vmbus.protocols.echo import ECHO_CLASS_ID
 from vsc.echo import EchoVsc
-from vsc.storage import BlockDevice, StorageController
+from vsc.storage import BlockDevice, GuestBuffer, StorageController
 from vsp.echo import EchoVsp
 from vsp.storage import RawFileBackend, StorVsp
 
@@ -150,10 +150,22 @@ def timed(step: Callable[[], int], seconds: float) -> tuple[int, float]:
 # --- the child partition -------------------------------------------------------
 
 
+_GUEST_BUFFERS: dict[tuple[int, int], list[GuestBuffer]] = {}
+
+
+def guest_buffers(disk: BlockDevice, workload: Workload) -> list[GuestBuffer]:
+    """The workload's buffers in guest memory (zero copy), made once per shape."""
+    key = (workload.size, workload.depth)
+    if key not in _GUEST_BUFFERS:
+        _GUEST_BUFFERS[key] = [disk.buffer(workload.size) for _ in range(workload.depth)]
+    return _GUEST_BUFFERS[key]
+
+
 def disk_step(disk: BlockDevice, workload: Workload, image: int, seed: int) -> Callable[[], int]:
-    """One call of the BlockDevice API: a request, or `depth` at once."""
+    """One call of the BlockDevice API: a request, or `depth` at once, on
+    buffers from BlockDevice.buffer (the zero-copy path)."""
     where = offsets(workload, image, seed)
-    buffers = [page_buffer(workload.size) for _ in range(workload.depth)]
+    buffers = guest_buffers(disk, workload)
     if workload.depth == 1:
         one = disk.write if workload.write else disk.read_into
         buffer = buffers[0]

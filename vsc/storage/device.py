@@ -1,82 +1,65 @@
 """storvsc: a block device for child programs, over enlightened SCSI.
 
-`BlockDevice` opens a storage channel, runs the VSTOR initialization, reads
-the capacity and the block limits (VPD 0xB0), and then turns reads, writes,
-flushes and discards into SCSI CDBs, built and read through the declared
-structs of scsi_wire and scsi_data, whose data moves by GPA-direct page
-ranges. Data goes through bounce
-slots in guest memory (the host can only reach guest memory), one slot per
-request in flight, up to `queue_depth`.
+`BlockDevice` opens a storage channel (through a `StorageController`), runs
+the VSTOR initialization, reads the capacity and the block limits (VPD
+0xB0), and then turns reads, writes, flushes and discards into SCSI CDBs
+whose data moves by GPA-direct page ranges. `AsyncBlockDevice` is its
+asyncio form.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
-from vmbus.channel import COMPLETION_REQUESTED, AsyncChannel, wait_any
+from vmbus.channel import AsyncChannel
 from vmbus.errors import UsageError, VmbusError
-from vmbus.guest import GuestChannel, GuestDevice
-from vmbus.memory import PAGE_SIZE
-from vmbus.packet import GpaRange, PacketType, encode_gpa_direct_header
+from vmbus.guest import GuestDevice
 from vmbus.protocols import storage as vstor
 from vmbus.protocols.storage import scsi_data as d
 from vmbus.protocols.storage import scsi_wire as w
 from vmbus.protocols.storage.scsi_wire import Opcode
+from vsc.storage import _fast
+from vsc.storage._fast import GuestBuffer
+from vsc.storage.controller import Command, ScsiError, StorageController, _Slot
 
 __all__ = [
     "AsyncBlockDevice",
     "BlockDevice",
     "DiscardLimits",
-    "ScsiError",
-    "StorageController",
+    "Flush",
+    "Read",
+    "Request",
+    "Write",
 ]
 
 DataDirection = vstor.DataDirection
-DEFAULT_QUEUE_DEPTH = 32
-DEFAULT_MAX_IO = 256 * 1024  # bytes per request; larger transfers are split
-DEFAULT_RING_SIZE = 128 * 1024  # what Linux's storvsc asks for
-TIMEOUT = 30.0
 MAX_UNMAP_BLOCKS = 0xFFFF_FFFF  # one UNMAP descriptor's NUMBER OF LOGICAL BLOCKS
 
 
-class ScsiError(VmbusError, OSError):
-    """A SCSI command failed; carries the sense key and codes (0 when the
-    controller refused the request before the disk saw it, or sent no sense)."""
+class Read(NamedTuple):
+    """A request of submit_many: fill `buffer` from byte `offset`."""
 
-    def __init__(self, what: str, completion: vstor.SrbCompletion) -> None:
-        size = w.FixedSense.SIZE  # what is missing reads as zero: no sense
-        sense = w.FixedSense.unpack(completion.sense[:size].ljust(size, b"\0"))
-        self.sense_key = sense.sense_key & 0x0F
-        self.asc, self.ascq = sense.asc, sense.ascq
-        self.srb_status = completion.srb_status
-        self.scsi_status = completion.scsi_status
-        super().__init__(
-            f"{what} failed: srb_status {self.srb_status:#04x}, scsi_status "
-            f"{self.scsi_status:#04x}, sense {self.sense_key:#x}/{self.asc:#04x}/{self.ascq:#04x}"
-        )
+    offset: int
+    buffer: Any
 
 
-@dataclass
-class _Slot:
-    """A bounce buffer in guest memory: contiguous pages, granted per request."""
+class Write(NamedTuple):
+    """A request of submit_many: write `data` at byte `offset`."""
 
-    pfns: tuple[int, ...]
-    view: memoryview
-    headers: dict[int, bytes] = field(default_factory=dict)  # by length: the pages never change
+    offset: int
+    data: Any
+    fua: bool = False
 
-    def ranges(self, length: int) -> bytes:
-        header = self.headers.get(length)
-        if header is None:
-            pages = -(-length // PAGE_SIZE)
-            header = encode_gpa_direct_header([GpaRange(length, 0, self.pfns[:pages])])
-            if len(self.headers) < 64:
-                self.headers[length] = header
-        return header
+
+class Flush(NamedTuple):
+    """A request of submit_many: SYNCHRONIZE CACHE (the writes acknowledged
+    before it was sent are durable once it completes)."""
+
+
+Request = Read | Write | Flush
 
 
 @dataclass(frozen=True)
@@ -87,193 +70,29 @@ class DiscardLimits:
     max_descriptors: int = 1
 
 
-@dataclass(frozen=True)
-class _Command:
-    """One SRB: its LUN, the CDB, its data phase, and where its data lives."""
-
-    lun: int
-    cdb: bytes
-    direction: DataDirection
-    length: int = 0
-    out: Any = None  # data to send (length bytes)
-    into: Any = None  # where received data goes (length bytes)
-
-
-class StorageController:
-    """The guest's storvsc for one SCSI controller: its channels (the primary
-    and any sub-channels), the VSTOR initialization, and the bounce slots
-    that requests to any of its LUNs share."""
-
-    def __init__(
-        self,
-        device: GuestDevice,
-        *,
-        queue_depth: int = DEFAULT_QUEUE_DEPTH,
-        max_io_bytes: int = DEFAULT_MAX_IO,
-        ring_size: int = DEFAULT_RING_SIZE,
-        spin_seconds: float | None = None,
-    ) -> None:
-        if queue_depth < 1:
-            raise UsageError(f"queue_depth must be at least 1, got {queue_depth}")
-        self.device, self.ring_size = device, ring_size
-        self.spin = {} if spin_seconds is None else {"spin_seconds": spin_seconds}
-        self.channels: list[GuestChannel] = [self._open(device)]
-        self.protocol = vstor.StorvscProtocol()
-        self._initialize()
-        assert self.protocol.properties is not None
-        limit = self.protocol.properties.max_transfer_bytes // PAGE_SIZE * PAGE_SIZE
-        self.max_io_bytes = min(max_io_bytes, limit)
-        memory, allocator = device.guest.memory, device.guest.allocator
-        self.slots: list[_Slot] = []
-        for _ in range(queue_depth):
-            pfns = allocator.alloc(self.max_io_bytes // PAGE_SIZE)
-            view = memory.view(pfns[0] * PAGE_SIZE, self.max_io_bytes)
-            self.slots.append(_Slot(tuple(pfns), view))
-        self._next_channel = 0
-
-    @property
-    def channel(self) -> GuestChannel:
-        return self.channels[0]
-
-    def _open(self, device: GuestDevice) -> GuestChannel:
-        userdata = bytes(vstor.STORAGE_CHANNEL_PROPERTIES_BYTES)
-        return device.open(self.ring_size, self.ring_size, userdata, **self.spin)
-
-    def _initialize(self) -> None:
-        packet: bytes | None = self.protocol.start()
-        while packet is not None:
-            packet = self.protocol.receive(self._init_request(packet))
-
-    def _init_request(self, packet: bytes) -> memoryview:
-        self.channel.send(
-            packet, flags=COMPLETION_REQUESTED, trans_id=vstor.VMBUS_RQST_INIT, timeout=TIMEOUT
-        )
-        return self.channel.wait_completion(vstor.VMBUS_RQST_INIT, TIMEOUT).payload
-
-    def create_sub_channels(self, count: int | None = None, timeout: float = TIMEOUT) -> int:
-        """Ask for sub-channels (at most what the VSP allows), wait for their
-        offers and open them; requests then spread over all channels."""
-        count = min(self.protocol.max_sub_channels, count or self.protocol.max_sub_channels)
-        if count < 1:
-            return 0
-        self.protocol.receive(self._init_request(self.protocol.create_sub_channels(count)))
-        guest, primary = self.device.guest, self.device
-        deadline = time.monotonic() + timeout
-        while True:
-            subs = [
-                d
-                for d in guest.devices.values()
-                if d.instance_id == primary.instance_id and d.sub_channel_index
-            ]
-            if len(subs) >= count:
-                break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{len(subs)} of {count} sub-channel offers arrived")
-            time.sleep(0.001)
-        self.channels += [self._open(sub) for sub in subs[:count]]
-        return count
-
-    def disk(self, lun: int = 0) -> BlockDevice:
-        return BlockDevice(self, lun=lun)
-
-    # --- queueing ---
-
-    def run(self, commands: Iterable[_Command]) -> None:
-        """Run commands with up to queue_depth in flight over the channels;
-        raise the first failure once all that were sent have completed."""
-        free = collections.deque(self.slots)
-        in_flight: dict[tuple[int, int], tuple[_Command, _Slot]] = {}
-        failure: ScsiError | None = None
-        pending = iter(commands)
-        more = True
-        while more or in_flight:
-            while more and free:
-                command = next(pending, None)
-                if command is None:
-                    more = False
-                    break
-                slot = free.popleft()
-                in_flight[self._submit(command, slot)] = (command, slot)
-            if not in_flight:
-                break
-            key, completion = self._next_completion(in_flight)
-            command, slot = in_flight.pop(key)
-            free.append(slot)
-            failure = failure or self._finish(command, slot, completion)
-        if failure is not None:
-            raise failure
-
-    def _submit(self, command: _Command, slot: _Slot) -> tuple[int, int]:
-        index = self._next_channel
-        self._next_channel = (index + 1) % len(self.channels)
-        channel = self.channels[index]
-        trans_id = next(channel.ids)
-        packet, header, packet_type = self._packet(command, slot)
-        channel.send(
-            packet,
-            type=packet_type,
-            flags=COMPLETION_REQUESTED,
-            trans_id=trans_id,
-            header=header,
-            timeout=TIMEOUT,
-        )
-        return index, trans_id
-
-    def _packet(self, command: _Command, slot: _Slot) -> tuple[bytes, bytes, int]:
-        """The SRB packet, its GPA-direct header (the slot's pages) and its
-        VMBus packet type; data to write is copied into the slot first."""
-        packet = vstor.build_srb(
-            command.cdb,
-            command.lun,
-            command.direction,
-            command.length,
-            version=self.protocol.version or vstor.VSTOR_VERSION_WIN10,
-        )
-        if not command.length:
-            return packet, b"", PacketType.DATA_INBAND
-        if command.out is not None:
-            slot.view[: command.length] = command.out
-        return packet, slot.ranges(command.length), PacketType.DATA_USING_GPA_DIRECT
-
-    def _next_completion(
-        self, in_flight: dict[tuple[int, int], Any]
-    ) -> tuple[tuple[int, int], vstor.SrbCompletion]:
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            for index, channel in enumerate(self.channels):
-                while (packet := channel.poll()) is not None:
-                    if packet.type == PacketType.COMP:
-                        channel.completions[packet.trans_id] = packet
-                    # else unsolicited (ENUMERATE_BUS...): nothing to do for a fixed disk
-                for trans_id in list(channel.completions):
-                    if (index, trans_id) in in_flight:
-                        payload = channel.completions.pop(trans_id).payload
-                        return (index, trans_id), vstor.parse_completion(payload)
-            wait_any(self.channels, max(0.0, deadline - time.monotonic()))
-
-    def _finish(
-        self, command: _Command, slot: _Slot, completion: vstor.SrbCompletion
-    ) -> ScsiError | None:
-        if not completion.succeeded:
-            return ScsiError(f"SCSI command {command.cdb[0]:#04x}", completion)
-        if command.into is not None:
-            command.into[: completion.transferred] = slot.view[: completion.transferred]
-        return None
-
-    def close(self) -> None:
-        allocator = self.device.guest.allocator
-        for slot in self.slots:
-            slot.view.release()
-            allocator.free(slot.pfns)
-        self.slots = []
-        for channel in self.channels:
-            channel.close()
-
-
 class BlockDevice:
     """One SCSI disk (a LUN) of the parent's storvsp, seen from a child.
     Give it the GuestDevice (it opens a controller of its own) or a
-    StorageController shared with the controller's other LUNs."""
+    StorageController shared with the controller's other LUNs.
+
+    Offsets and lengths are multiples of `block_size`. Data goes one of two
+    ways, chosen per buffer:
+
+    - zero copy: a buffer in guest memory, from `buffer(n)` (a GuestBuffer,
+      or any slice, memoryview or numpy array of one): the SRB names its
+      pages, so the VSP reads or writes it in place;
+    - bounce: any other bytes-like object (bytes, bytearray, mmap...): copied
+      through one of the controller's bounce slots.
+
+    `read_into(offset, buffer)`, `read(offset, n)`, `write(offset, data)`,
+    `flush()`, `discard(offset, n)` run one request (split at the
+    controller's max_io_bytes). `submit_many([Read(...), Write(...),
+    Flush()])` runs many: every SRB that fits goes out with one commit, the
+    completions are reaped in batches, and the result is one entry per
+    request, in order (None, or the error it met). `read_many`/`write_many`
+    are the same for reads or writes only, raising the first error.
+    Requests in one batch may run in any order on the disk. `close()`
+    releases the buffers this device handed out."""
 
     def __init__(
         self, device: GuestDevice | StorageController, *, lun: int = 0, **controller: Any
@@ -284,6 +103,7 @@ class BlockDevice:
         else:
             self.controller = StorageController(device, **controller)
         self.lun = lun
+        self._buffers: list[GuestBuffer] = []
         self.block_size, self.block_count = self._read_capacity()
         self.discard_limits = self._read_discard_limits()
 
@@ -296,15 +116,23 @@ class BlockDevice:
         """Size of the disk in bytes."""
         return self.block_size * self.block_count
 
+    def buffer(self, nbytes: int) -> GuestBuffer:
+        """A zeroed buffer of `nbytes` in guest memory (whole pages of its
+        own) that reads and writes use with no bounce copy. Release it
+        (`release()`, `with`) or close this device to give its pages back."""
+        buffer = self.controller.buffer(nbytes)
+        self._buffers = [b for b in self._buffers if not b.released]
+        self._buffers.append(buffer)
+        return buffer
+
+    # --- commands ---
+
     def _command(
-        self,
-        cdb: bytes,
-        direction: DataDirection,
-        length: int = 0,
-        out: Any = None,
-        into: Any = None,
-    ) -> _Command:
-        return _Command(self.lun, cdb, direction, length, out, into)
+        self, cdb: bytes, direction: DataDirection, length: int = 0, data: Any = None
+    ) -> Command:
+        """A control command through a bounce slot (capacity, VPD, UNMAP)."""
+        packet = _fast.build_srb(cdb, self.lun, direction, length, version=self.controller.version)
+        return packet, length, -1, data, direction == DataDirection.READ_TYPE, 0
 
     def _read_capacity(self) -> tuple[int, int]:
         size = d.ReadCapacity16Data.SIZE
@@ -312,7 +140,7 @@ class BlockDevice:
         cdb = w.ServiceActionIn16Cdb(
             Opcode.SERVICE_ACTION_IN_16, w.SA_READ_CAPACITY_16, 0, size, 0, 0
         ).pack()
-        self.controller.run([self._command(cdb, DataDirection.READ_TYPE, size, into=data)])
+        self.controller.run([self._command(cdb, DataDirection.READ_TYPE, size, data)])
         capacity = d.ReadCapacity16Data.unpack(data)
         return capacity.block_size, capacity.last_lba + 1
 
@@ -322,7 +150,7 @@ class BlockDevice:
         data = bytearray(size)
         cdb = w.InquiryCdb(Opcode.INQUIRY, w.INQUIRY_EVPD, d.VPD_BLOCK_LIMITS, size, 0).pack()
         try:
-            self.controller.run([self._command(cdb, DataDirection.READ_TYPE, size, into=data)])
+            self.controller.run([self._command(cdb, DataDirection.READ_TYPE, size, data)])
         except ScsiError:
             return DiscardLimits()
         page = d.BlockLimitsPage.unpack(data)
@@ -335,12 +163,64 @@ class BlockDevice:
             page.max_unmap_descriptor_count or 1,
         )
 
+    def _rw(
+        self, write: bool, offset: int, buffer: Any, fua: bool, index: int = 0
+    ) -> list[Command]:
+        """The READ(16)/WRITE(16) SRBs of one request, split at max_io_bytes."""
+        controller = self.controller
+        gpa, nbytes = controller.span(buffer, not write)
+        lba, _ = self._blocks(offset, nbytes)
+        step, lun, version = controller.max_io_bytes, self.lun, controller.version
+        view = memoryview(buffer)
+        if view.ndim != 1 or view.itemsize != 1:
+            view = view.cast("B")
+        if nbytes <= step:  # the common case: one SRB
+            blocks = nbytes // self.block_size
+            packet = _fast.build_rw16(lun, write, fua, lba, blocks, nbytes, version)
+            return [(packet, nbytes, gpa, view, not write, index)]
+        commands = []
+        for start in range(0, nbytes, step):
+            chunk = view[start : start + step]
+            blocks = len(chunk) // self.block_size
+            packet = _fast.build_rw16(lun, write, fua, lba, blocks, len(chunk), version)
+            where = gpa + start if gpa >= 0 else -1
+            commands.append((packet, len(chunk), where, chunk, not write, index))
+            lba += blocks
+        return commands
+
+    def _flush_command(self, index: int = 0) -> Command:
+        cdb = w.Rw16Cdb(Opcode.SYNCHRONIZE_CACHE_16, 0, 0, 0, 0, 0).pack()  # all blocks
+        packet, length, gpa, data, reading, _ = self._command(cdb, DataDirection.UNKNOWN_TYPE)
+        return packet, length, gpa, data, reading, index
+
+    def _blocks(self, offset: int, length: int) -> tuple[int, int]:
+        if offset % self.block_size or length % self.block_size or offset < 0:
+            raise UsageError(
+                f"offset {offset} and length {length} must be multiples of {self.block_size}"
+            )
+        if offset + length > self.capacity:
+            raise UsageError(f"{length} bytes at {offset} run past the disk's {self.capacity}")
+        return offset // self.block_size, length // self.block_size
+
+    def _commands(self, requests: Iterable[Request]) -> list[Command]:
+        """Every SRB of a batch, checked before any is sent."""
+        commands: list[Command] = []
+        for index, request in enumerate(requests):
+            if isinstance(request, Read):
+                commands += self._rw(False, request.offset, request.buffer, False, index)
+            elif isinstance(request, Write):
+                commands += self._rw(True, request.offset, request.data, request.fua, index)
+            elif isinstance(request, Flush):
+                commands.append(self._flush_command(index))
+            else:
+                raise UsageError(f"not a Read, Write or Flush: {request!r}")
+        return commands
+
     # --- the I/O calls ---
 
     def read_into(self, offset: int, buffer: Any) -> None:
-        """Fill `buffer` from byte `offset` (both block-aligned)."""
-        view = memoryview(buffer).cast("B")
-        self.controller.run(self._rw(Opcode.READ_16, offset, view, fua=False))
+        """Fill `buffer` from byte `offset`."""
+        self.controller.run(self._rw(False, offset, buffer, False))
 
     def read(self, offset: int, length: int) -> bytes:
         out = bytearray(length)
@@ -348,35 +228,39 @@ class BlockDevice:
         return bytes(out)
 
     def write(self, offset: int, data: Any, *, fua: bool = False) -> None:
-        """Write `data` at byte `offset` (both block-aligned). With `fua`,
-        the disk acknowledges only once the data is on stable storage."""
-        view = memoryview(data).cast("B")
-        self.controller.run(self._rw(Opcode.WRITE_16, offset, view, fua=fua))
+        """Write `data` at byte `offset`. With `fua`, the disk acknowledges
+        only once the data is on stable storage."""
+        self.controller.run(self._rw(True, offset, data, fua))
+
+    def submit_many(self, requests: Iterable[Request]) -> list[VmbusError | None]:
+        """Run a batch of requests, up to the queue depth in flight; one
+        result per request, in order: None, or the ScsiError (or the VSP's
+        StorageProtocolError) it met. Misuse (a misaligned offset, a request
+        past the end) raises UsageError before anything is sent."""
+        requests = list(requests)
+        results: list[VmbusError | None] = [None] * len(requests)
+        self.controller.run(self._commands(requests), results)
+        return results
 
     def read_many(self, requests: Iterable[tuple[int, Any]]) -> None:
-        """Several reads of (offset, buffer) at once, up to the queue depth."""
-        self.controller.run(
-            command
-            for offset, buffer in requests
-            for command in self._rw(Opcode.READ_16, offset, memoryview(buffer).cast("B"), False)
-        )
+        """Several reads of (offset, buffer) as one batch; raises the first error."""
+        commands: list[Command] = []
+        for offset, buffer in requests:
+            commands += self._rw(False, offset, buffer, False)
+        self.controller.run(commands)
 
     def write_many(self, requests: Iterable[tuple[int, Any]], *, fua: bool = False) -> None:
-        """Several writes of (offset, data) at once, up to the queue depth;
-        their ranges should not overlap (the disk may run them in any order)."""
-        self.controller.run(
-            command
-            for offset, data in requests
-            for command in self._rw(Opcode.WRITE_16, offset, memoryview(data).cast("B"), fua)
-        )
+        """Several writes of (offset, data) as one batch; raises the first
+        error. Their ranges should not overlap (the disk may run them in any
+        order)."""
+        commands: list[Command] = []
+        for offset, data in requests:
+            commands += self._rw(True, offset, data, fua)
+        self.controller.run(commands)
 
     def flush(self) -> None:
         """Make every acknowledged write durable (SYNCHRONIZE CACHE)."""
         self.controller.run([self._flush_command()])
-
-    def _flush_command(self) -> _Command:
-        cdb = w.Rw16Cdb(Opcode.SYNCHRONIZE_CACHE_16, 0, 0, 0, 0, 0).pack()  # all blocks
-        return self._command(cdb, DataDirection.UNKNOWN_TYPE)
 
     def discard(self, offset: int, length: int) -> None:
         """Let the disk drop a block-aligned range; it reads back as zeros.
@@ -384,7 +268,7 @@ class BlockDevice:
         lba, blocks = self._blocks(offset, length)
         self.controller.run(self._unmap_commands(lba, blocks))
 
-    def _unmap_commands(self, lba: int, blocks: int) -> Iterator[_Command]:
+    def _unmap_commands(self, lba: int, blocks: int) -> Iterator[Command]:
         limits = self.discard_limits
         room = (self.controller.max_io_bytes - d.UnmapHeader.SIZE) // d.UnmapDescriptor.SIZE
         count = max(1, min(limits.max_descriptors, room))  # the list fits one slot
@@ -399,34 +283,14 @@ class BlockDevice:
             header = d.UnmapHeader(d.UnmapHeader.SIZE - 2 + len(descriptors), len(descriptors), 0)
             params = header.pack() + descriptors
             cdb = w.UnmapCdb(Opcode.UNMAP, 0, 0, 0, len(params), 0).pack()
-            yield self._command(cdb, DataDirection.WRITE_TYPE, len(params), out=params)
-
-    def _blocks(self, offset: int, length: int) -> tuple[int, int]:
-        if offset % self.block_size or length % self.block_size or offset < 0:
-            raise UsageError(
-                f"offset {offset} and length {length} must be multiples of {self.block_size}"
-            )
-        if offset + length > self.capacity:
-            raise UsageError(f"{length} bytes at {offset} run past the disk's {self.capacity}")
-        return offset // self.block_size, length // self.block_size
-
-    def _rw(self, opcode: int, offset: int, view: memoryview, fua: bool) -> Iterator[_Command]:
-        lba, _ = self._blocks(offset, len(view))
-        reading = opcode == Opcode.READ_16
-        direction = DataDirection.READ_TYPE if reading else DataDirection.WRITE_TYPE
-        step = self.controller.max_io_bytes
-        for start in range(0, len(view), step):
-            chunk = view[start : start + step]
-            blocks = len(chunk) // self.block_size
-            cdb = w.Rw16Cdb(opcode, w.FUA if fua else 0, lba, blocks, 0, 0).pack()
-            lba += blocks
-            if reading:
-                yield self._command(cdb, direction, len(chunk), into=chunk)
-            else:
-                yield self._command(cdb, direction, len(chunk), out=chunk)
+            yield self._command(cdb, DataDirection.WRITE_TYPE, len(params), params)
 
     def close(self) -> None:
-        """Close the controller, if this device opened it."""
+        """Release the buffers this device handed out; close the controller,
+        if this device opened it."""
+        for buffer in self._buffers:
+            buffer.release()
+        self._buffers = []
         if self._owns_controller:
             self.controller.close()
 
@@ -434,7 +298,8 @@ class BlockDevice:
 class AsyncBlockDevice:
     """The asyncio form of a BlockDevice on an unshared controller with one
     channel: each call awaits its SRBs, so many calls run at once (up to the
-    queue depth)."""
+    queue depth). Buffers from `buffer(n)` move zero copy, as for the
+    BlockDevice."""
 
     def __init__(self, disk: BlockDevice) -> None:
         self.disk = disk
@@ -446,30 +311,44 @@ class AsyncBlockDevice:
         for slot in self.controller.slots:
             self.slots.put_nowait(slot)
 
-    async def _run(self, command: _Command) -> None:
+    def buffer(self, nbytes: int) -> GuestBuffer:
+        return self.disk.buffer(nbytes)
+
+    async def _run(self, command: Command) -> None:
         slot = await self.slots.get()
         try:
-            packet, header, packet_type = self.controller._packet(command, slot)
+            packet, header, packet_type = self.controller._prepare(command, slot)
             reply = await self.channel.request(packet, header=header, type=packet_type)
-            completion = vstor.parse_completion(reply.payload)
-            failure = self.controller._finish(command, slot, completion)
+            failure = self.controller.finish(command, slot, reply.payload)
             if failure is not None:
                 raise failure
         finally:
             self.slots.put_nowait(slot)
 
-    async def read_into(self, offset: int, buffer: Any) -> None:
-        view = memoryview(buffer).cast("B")
-        commands = self.disk._rw(Opcode.READ_16, offset, view, fua=False)
+    async def _run_all(self, commands: list[Command]) -> None:
         await asyncio.gather(*(self._run(c) for c in commands))
 
+    async def read_into(self, offset: int, buffer: Any) -> None:
+        await self._run_all(self.disk._rw(False, offset, buffer, False))
+
     async def write(self, offset: int, data: Any, *, fua: bool = False) -> None:
-        view = memoryview(data).cast("B")
-        commands = self.disk._rw(Opcode.WRITE_16, offset, view, fua=fua)
-        await asyncio.gather(*(self._run(c) for c in commands))
+        await self._run_all(self.disk._rw(True, offset, data, fua))
 
     async def flush(self) -> None:
         await self._run(self.disk._flush_command())
+
+    async def submit_many(self, requests: Iterable[Request]) -> list[VmbusError | None]:
+        """BlockDevice.submit_many, awaited: one result per request, in order."""
+        requests = list(requests)
+        commands = self.disk._commands(requests)
+        results: list[VmbusError | None] = [None] * len(requests)
+        outcomes = await asyncio.gather(*(self._run(c) for c in commands), return_exceptions=True)
+        for command, outcome in zip(commands, outcomes, strict=True):
+            if isinstance(outcome, VmbusError):
+                results[command[5]] = results[command[5]] or outcome
+            elif isinstance(outcome, BaseException):
+                raise outcome
+        return results
 
     def close(self) -> None:
         self.channel.close()

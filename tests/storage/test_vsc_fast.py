@@ -1,0 +1,193 @@
+"""storvsc's compiled steady state (vsc.storage._fast) against the declared
+structs it stands in for: the same SRB bytes as vstor.build_srb for random
+requests, the same GPA-direct header as encode_gpa_direct_header, and the
+same completion (or the same error) as vstor.parse_completion for random
+and hostile completion bytes, short and malformed ones included."""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from vmbus.errors import UsageError
+from vmbus.memory import PAGE_SIZE
+from vmbus.packet import MAX_GPA_PFNS, GpaRange, PacketError, encode_gpa_direct_header
+from vmbus.protocols import storage as vstor
+from vmbus.protocols.storage import scsi_wire as w
+from vmbus.wire import WireError
+from vsc.storage import _fast
+
+VERSIONS = st.one_of(
+    st.sampled_from(
+        [
+            vstor.VSTOR_VERSION_WIN6,
+            vstor.VSTOR_VERSION_WIN7,
+            vstor.VSTOR_VERSION_WIN8,
+            vstor.VSTOR_VERSION_WIN8_1,
+            vstor.VSTOR_VERSION_WIN10,
+        ]
+    ),
+    st.integers(0, 0xFFFF),
+)
+U8, U32 = st.integers(0, 0xFF), st.integers(0, 0xFFFF_FFFF)
+
+
+def outcome(call: Any, *args: Any, **kwargs: Any) -> Any:
+    """What a call gives: its value, or its error's class."""
+    try:
+        return call(*args, **kwargs)
+    except Exception as error:  # noqa: BLE001 - the class is what is compared
+        return type(error)
+
+
+# --- the SRB ----------------------------------------------------------------------
+
+
+@given(
+    cdb=st.binary(min_size=1, max_size=16),
+    lun=U8,
+    direction=st.integers(0, 2),
+    transfer_length=U32,
+    sense_info_length=st.none() | U8,
+    target_id=U8,
+    path_id=U8,
+    port_number=U8,
+    srb_flags=st.none() | U32,
+    time_out_value=U32,
+    version=VERSIONS,
+)
+def test_build_srb_packs_the_bytes_the_declared_structs_pack(**fields: Any) -> None:
+    cdb, lun, direction, length = (
+        fields.pop(k) for k in ("cdb", "lun", "direction", "transfer_length")
+    )
+    sense = fields.pop("sense_info_length")
+    expected = vstor.build_srb(cdb, lun, direction, length, sense, **fields)
+    assert _fast.build_srb(cdb, lun, direction, length, sense, **fields) == expected
+
+
+OUT_OF_RANGE = st.one_of(st.integers(max_value=-1), st.integers(min_value=1 << 32))
+
+
+@given(
+    cdb=st.binary(max_size=24),
+    direction=st.integers(-2, 5),
+    lun=st.one_of(U8, OUT_OF_RANGE, st.integers(256, 1 << 9)),
+    transfer_length=st.one_of(U32, OUT_OF_RANGE),
+    time_out_value=st.one_of(U32, OUT_OF_RANGE),
+)
+def test_build_srb_refuses_what_the_declared_structs_refuse(
+    cdb: bytes, direction: int, lun: int, transfer_length: int, time_out_value: int
+) -> None:
+    args = (cdb, lun, direction, transfer_length)
+    expected = outcome(vstor.build_srb, *args, time_out_value=time_out_value)
+    assert outcome(_fast.build_srb, *args, time_out_value=time_out_value) == expected
+
+
+@given(
+    lun=U8,
+    write=st.booleans(),
+    fua=st.booleans(),
+    lba=st.integers(0, (1 << 64) - 1),
+    blocks=U32,
+    transfer_length=U32,
+    version=VERSIONS,
+)
+def test_build_rw16_is_build_srb_of_a_rw16_cdb(
+    lun: int, write: bool, fua: bool, lba: int, blocks: int, transfer_length: int, version: int
+) -> None:
+    opcode = w.Opcode.WRITE_16 if write else w.Opcode.READ_16
+    cdb = w.Rw16Cdb(opcode, w.FUA if fua else 0, lba, blocks, 0, 0).pack()
+    direction = vstor.DataDirection.WRITE_TYPE if write else vstor.DataDirection.READ_TYPE
+    expected = vstor.build_srb(cdb, lun, direction, transfer_length, version=version)
+    assert _fast.build_rw16(lun, write, fua, lba, blocks, transfer_length, version) == expected
+
+
+def test_build_rw16_refuses_a_lun_past_255() -> None:
+    with pytest.raises(WireError):
+        _fast.build_rw16(256, False, False, 0, 1, 512)
+
+
+# --- the GPA-direct header --------------------------------------------------------------
+
+
+@given(
+    pfn=st.integers(0, 1 << 40),
+    offset=st.integers(0, PAGE_SIZE - 1),
+    length=st.integers(1, 64 * PAGE_SIZE),
+)
+def test_gpa_header_is_the_declared_header_of_one_contiguous_range(
+    pfn: int, offset: int, length: int
+) -> None:
+    pages = -(-(offset + length) // PAGE_SIZE)
+    expected = encode_gpa_direct_header([GpaRange(length, offset, tuple(range(pfn, pfn + pages)))])
+    assert _fast.gpa_header(pfn * PAGE_SIZE + offset, length) == expected
+
+
+@pytest.mark.parametrize("length", [0, -1, 1 << 32, MAX_GPA_PFNS * PAGE_SIZE + 1])
+def test_gpa_header_refuses_an_empty_or_oversized_range(length: int) -> None:
+    with pytest.raises(PacketError):
+        _fast.gpa_header(PAGE_SIZE, length)
+
+
+# --- the completion -----------------------------------------------------------------
+
+
+def completion_bytes(
+    operation: int, status: int, srb_status: int, scsi_status: int, sense_length: int, data: bytes
+) -> bytes:
+    srb = vstor.VmScsiRequest(
+        srb_status=srb_status,
+        scsi_status=scsi_status,
+        sense_info_length=sense_length,
+        data_transfer_length=len(data) * 97,
+        data=data,
+    )
+    return vstor.VstorPacket(operation, status=status, body=srb.pack()).encode()
+
+
+COMPLETIONS = st.one_of(
+    st.binary(max_size=100),  # anything at all, short ones included
+    st.builds(
+        completion_bytes,
+        operation=st.sampled_from([1, 1, 1, 3, 7, 0xFFFF_FFFF]),
+        status=U32,
+        srb_status=U8,
+        scsi_status=U8,
+        sense_length=U8,
+        data=st.binary(max_size=20),
+    ),
+)
+
+
+@given(payload=COMPLETIONS, cut=st.integers(0, 80), padding=st.binary(max_size=24))
+def test_parse_completion_agrees_with_the_declared_parse(
+    payload: bytes, cut: int, padding: bytes
+) -> None:
+    """Whole, cut short, or padded (as the ring pads): the same SrbCompletion
+    or the same StorageProtocolError; `completed` is its bytes moved when it
+    succeeded, else -1."""
+    for candidate in (payload, payload[:cut], payload + padding):
+        expected = outcome(vstor.parse_completion, candidate)
+        got = outcome(_fast.parse_completion, memoryview(candidate))
+        assert got == expected
+        success = isinstance(expected, vstor.SrbCompletion) and expected.succeeded
+        assert _fast.completed(candidate) == (expected.transferred if success else -1)
+
+
+def test_parse_completion_says_what_is_wrong_as_the_declared_parse_does() -> None:
+    short, wrong = bytes(40), struct.pack("<I", vstor.Operation.EXECUTE_SRB).ljust(64, b"\0")
+    for payload in (short, wrong):
+        with pytest.raises(vstor.StorageProtocolError) as declared:
+            vstor.parse_completion(payload)
+        with pytest.raises(vstor.StorageProtocolError) as fast:
+            _fast.parse_completion(payload)
+        assert str(fast.value) == str(declared.value)
+
+
+def test_a_cdb_longer_than_sixteen_bytes_is_a_usage_error() -> None:
+    with pytest.raises(UsageError):
+        _fast.build_srb(bytes(17), 0, 1, 0)
