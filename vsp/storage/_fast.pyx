@@ -125,7 +125,8 @@ cdef class FastPath:
 
     cdef RingReader reader
     cdef RingWriter writer
-    cdef object notify_peer        # the channel's signal to the guest
+    cdef object channel            # for its signal to the guest and its counters
+    cdef object notify_peer
     cdef object memory             # the child's GuestMemory
     cdef uint64_t page_count
     cdef bytes ring_map            # bit per guest page: a channel ring page
@@ -147,6 +148,7 @@ cdef class FastPath:
         # TypeError unless the channel runs on the Cython ring.
         self.reader = channel.reader
         self.writer = channel.writer
+        self.channel = channel
         self.notify_peer = channel.notify_peer
         self.memory = memory
         self.page_count = memory.page_count
@@ -192,6 +194,7 @@ cdef class FastPath:
             self.declined += 1
         if count:
             self.served += count
+            self.channel.packets_sent += count  # the completions, as Channel counts them
             # One commit per batch each way; signal as the rings answer.
             if self.writer.commit():
                 self.notify_peer.set()
