@@ -49,6 +49,7 @@ from vsc.echo import EchoVsc
 from vsc.storage import BlockDevice, GuestBuffer, StorageController
 from vsp.echo import EchoVsp
 from vsp.storage import RawFileBackend, StorVsp
+from vsp.storage import device as storvsp
 
 KiB, MiB = 1 << 10, 1 << 20
 QUEUE_DEPTH = 32
@@ -541,6 +542,13 @@ def render(rows: list[list[str]], markdown: bool) -> str:
     return render_table(HEADERS, rows, markdown)
 
 
+def fast_path_state() -> str:
+    """Whether storvsp serves the steady state compiled (VMBUS_STORAGE_FAST=0: off, for A/B)."""
+    if storvsp.FastPath is None:
+        return "not built"
+    return "on" if storvsp.fast_path_default() else "off (VMBUS_STORAGE_FAST=0)"
+
+
 def report(settings: Settings, command: str, workdir: str | None) -> tuple[str, str]:
     """Measure; the result as plain text and as Markdown."""
     load = os.getloadavg()[0]
@@ -554,7 +562,8 @@ def report(settings: Settings, command: str, workdir: str | None) -> tuple[str, 
         f"rounds of {settings.seconds:g} s per measurement; the child spins "
         f"{settings.spin * 1e6:g} µs before it sleeps; medians, ratios within each round. "
         "Rows at QD>1 are compared with the QD1 baselines. Doorbells: signals per packet "
-        "(the peer had gone to sleep); CPU: the child process's, and the VSP worker thread's."
+        "(the peer had gone to sleep); CPU: the child process's, and the VSP worker thread's. "
+        f"storvsp's compiled path: {fast_path_state()}."
     )
     notes = [] if have_fio else ["fio is not installed: its rows and ratios are skipped."]
     lines = ["Targets (ratios from this run):", *target_lines(results), *notes]
