@@ -32,6 +32,21 @@ def completed(payload: Any) -> int: ...
 def parse_completion(payload: Any) -> SrbCompletion: ...
 def guest_span(obj: Any, base: int, size: int, writable: bool) -> tuple[int, int]: ...
 def address_of(obj: Any) -> int: ...
+def rw_command(
+    obj: Any,
+    write: bool,
+    fua: bool,
+    offset: int,
+    lun: int,
+    block_size: int,
+    capacity: int,
+    max_io: int,
+    version: int,
+    base: int,
+    size: int,
+    index: int,
+) -> tuple[bytes, int, int, memoryview, bool, int] | None: ...
+def copy(dst: Any, src: Any, n: int) -> int: ...
 
 class GuestBuffer:
     pfns: tuple[int, ...]

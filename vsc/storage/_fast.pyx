@@ -19,6 +19,7 @@ from cpython.buffer cimport (
     PyObject_GetBuffer,
 )
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.memoryview cimport PyMemoryView_FromObject
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 
@@ -174,10 +175,8 @@ def build_srb(cdb, lun, direction, transfer_length, sense_info_length=None, *,
     return PyBytes_FromStringAndSize(<char *>p, PACKET if win8 else PRE_WIN8_PACKET)
 
 
-def build_rw16(int lun, bint write, bint fua, uint64_t lba, uint32_t blocks,
-               uint32_t transfer_length, int version=WIN10):
-    """The EXECUTE_SRB of a READ(16) or WRITE(16), its CDB packed in place:
-    vstor.build_srb(Rw16Cdb(opcode, FUA if fua else 0, lba, blocks, 0, 0).pack(), ...)."""
+cdef bytes rw16_packet(int lun, bint write, bint fua, uint64_t lba, uint32_t blocks,
+                       uint32_t transfer_length, int version):
     cdef uint8_t p[PACKET]
     cdef int win8 = version >= WIN8
     cdef int i
@@ -191,6 +190,13 @@ def build_rw16(int lun, bint write, bint fua, uint64_t lba, uint32_t blocks,
         p[AT_DATA + 2 + i] = (lba >> (56 - 8 * i)) & 0xFF
     put32be(p + AT_DATA + 10, blocks)
     return PyBytes_FromStringAndSize(<char *>p, PACKET if win8 else PRE_WIN8_PACKET)
+
+
+def build_rw16(int lun, bint write, bint fua, uint64_t lba, uint32_t blocks,
+               uint32_t transfer_length, int version=WIN10):
+    """The EXECUTE_SRB of a READ(16) or WRITE(16), its CDB packed in place:
+    vstor.build_srb(Rw16Cdb(opcode, FUA if fua else 0, lba, blocks, 0, 0).pack(), ...)."""
+    return rw16_packet(lun, write, fua, lba, blocks, transfer_length, version)
 
 
 def gpa_header(uint64_t gpa, Py_ssize_t length):
@@ -371,3 +377,54 @@ cdef class GuestBuffer:
     def __repr__(self):
         state = "released" if self._released else f"{self.exports} views"
         return f"GuestBuffer({self.nbytes} bytes at gpa {self.gpa:#x}, {state})"
+
+
+def rw_command(obj, bint write, bint fua, Py_ssize_t offset, int lun, Py_ssize_t block_size,
+               Py_ssize_t capacity, Py_ssize_t max_io, int version, Py_ssize_t base,
+               Py_ssize_t size, Py_ssize_t index):
+    """One READ(16)/WRITE(16) request in the controller's command form,
+    (packet, nbytes, gpa, view, reading, index) (controller.py), when it
+    fits one SRB; None when it must be split (nbytes > max_io). `gpa` is
+    the buffer's place in guest memory (zero copy), or -1: bounce. Raises
+    UsageError for an offset or length off the block grid or past the disk."""
+    cdef Py_buffer b
+    cdef Py_ssize_t gpa = -1, at, nbytes
+    PyObject_GetBuffer(obj, &b, PyBUF_ANY_CONTIGUOUS | (0 if write else PyBUF_WRITABLE))
+    try:
+        nbytes = b.len
+        at = <Py_ssize_t>b.buf - base
+        if 0 <= at and nbytes <= size - at:
+            gpa = at
+    finally:
+        PyBuffer_Release(&b)
+    if offset % block_size or nbytes % block_size or offset < 0:
+        raise UsageError(f"offset {offset} and length {nbytes} must be multiples of {block_size}")
+    if offset + nbytes > capacity:
+        raise UsageError(f"{nbytes} bytes at {offset} run past the disk's {capacity}")
+    if nbytes > max_io:
+        return None
+    packet = rw16_packet(lun, write, fua, offset // block_size, nbytes // block_size, nbytes,
+                         version)
+    return packet, nbytes, gpa, PyMemoryView_FromObject(obj), not write, index
+
+
+def copy(dst, src, Py_ssize_t n):
+    """memcpy of n bytes between two C-contiguous buffers of any format
+    (a bounce slot and a caller's buffer); n is clamped to both."""
+    cdef Py_buffer d, s
+    PyObject_GetBuffer(dst, &d, PyBUF_ANY_CONTIGUOUS | PyBUF_WRITABLE)
+    try:
+        PyObject_GetBuffer(src, &s, PyBUF_ANY_CONTIGUOUS)
+        try:
+            n = min(n, d.len, s.len)
+            if n > 0:
+                if n >= 65536:
+                    with nogil:
+                        memcpy(d.buf, s.buf, n)
+                else:
+                    memcpy(d.buf, s.buf, n)
+        finally:
+            PyBuffer_Release(&s)
+    finally:
+        PyBuffer_Release(&d)
+    return n

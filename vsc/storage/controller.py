@@ -209,13 +209,15 @@ class StorageController:
         failures: list[tuple[int, VmbusError]] = []
         flights, more = self._in_flight, True
         stalled: Command | None = None
-        deadline = time.monotonic() + TIMEOUT
+        deadline: float | None = None  # set when a wait begins, cleared by progress
         while more or any(flights):
             if more and self._free:
                 stalled, more = self._submit(pending, stalled)
             if self._reap(failures):
-                deadline = time.monotonic() + TIMEOUT
+                deadline = None
             elif any(flights):
+                if deadline is None:
+                    deadline = time.monotonic() + TIMEOUT
                 self._wait(deadline)
         if results is None:
             if failures:
@@ -275,7 +277,7 @@ class StorageController:
         if gpa >= 0:
             return packet, _fast.gpa_header(gpa, length), GPA_DIRECT
         if not reading:
-            slot.view[:length] = data
+            _fast.copy(slot.view, data, length)
         return packet, slot.header(length), GPA_DIRECT
 
     def _reap(self, failures: list[tuple[int, VmbusError]]) -> int:
@@ -311,9 +313,8 @@ class StorageController:
                 return error
             return ScsiError(f"SCSI command {command[0][28]:#04x}", completion)
         packet, length, gpa, data, reading, _ = command
-        if gpa < 0 and reading:
-            count = min(transferred, length)  # a VSP's claim past the buffer moves nothing more
-            data[:count] = slot.view[:count]
+        if gpa < 0 and reading:  # a VSP's claim past the buffer moves nothing more
+            _fast.copy(data, slot.view, min(transferred, length))
         return None
 
     def _wait(self, deadline: float) -> None:

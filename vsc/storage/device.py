@@ -167,25 +167,25 @@ class BlockDevice:
         self, write: bool, offset: int, buffer: Any, fua: bool, index: int = 0
     ) -> list[Command]:
         """The READ(16)/WRITE(16) SRBs of one request, split at max_io_bytes."""
-        controller = self.controller
-        gpa, nbytes = controller.span(buffer, not write)
-        lba, _ = self._blocks(offset, nbytes)
-        step, lun, version = controller.max_io_bytes, self.lun, controller.version
-        view = memoryview(buffer)
-        if view.ndim != 1 or view.itemsize != 1:
-            view = view.cast("B")
-        if nbytes <= step:  # the common case: one SRB
-            blocks = nbytes // self.block_size
-            packet = _fast.build_rw16(lun, write, fua, lba, blocks, nbytes, version)
-            return [(packet, nbytes, gpa, view, not write, index)]
+        c = self.controller
+        memory = c.memory_base, c.memory.size
+        command = _fast.rw_command(
+            buffer, write, fua, offset, self.lun, self.block_size, self.capacity,
+            c.max_io_bytes, c.version, *memory, index,
+        )  # fmt: skip
+        if command is not None:  # the common case: one SRB
+            return [command]
+        view = memoryview(buffer).cast("B")
+        self._blocks(offset, len(view))
         commands = []
-        for start in range(0, nbytes, step):
-            chunk = view[start : start + step]
-            blocks = len(chunk) // self.block_size
-            packet = _fast.build_rw16(lun, write, fua, lba, blocks, len(chunk), version)
-            where = gpa + start if gpa >= 0 else -1
-            commands.append((packet, len(chunk), where, chunk, not write, index))
-            lba += blocks
+        for start in range(0, len(view), c.max_io_bytes):
+            chunk = view[start : start + c.max_io_bytes]
+            command = _fast.rw_command(
+                chunk, write, fua, offset + start, self.lun, self.block_size, self.capacity,
+                c.max_io_bytes, c.version, *memory, index,
+            )  # fmt: skip
+            if command is not None:
+                commands.append(command)
         return commands
 
     def _flush_command(self, index: int = 0) -> Command:
