@@ -243,3 +243,25 @@ def test_the_asyncio_form_moves_guest_buffers_zero_copy() -> None:
     with ram_disk(queue_depth=4) as (disk, _):
         fill_slots(disk.controller, 0xEE)
         asyncio.run(main(disk))
+
+
+def test_depth_caps_the_requests_in_flight(monkeypatch: pytest.MonkeyPatch) -> None:
+    """submit_many(depth=2) on a controller of 8 slots: never more than two
+    SRBs out at once, each refilled as one completes; all answered."""
+    seen: list[int] = []
+    reap = StorageController._reap
+
+    def counting(self: StorageController, failures: Any) -> int:
+        seen.append(sum(len(flight) for flight in self._in_flight))
+        return reap(self, failures)
+
+    monkeypatch.setattr(StorageController, "_reap", counting)
+    with ram_disk(queue_depth=8) as (disk, _):
+        data = [pattern(i, 512) for i in range(12)]
+        results = disk.submit_many([Write(i * 512, d) for i, d in enumerate(data)], depth=2)
+        assert results == [None] * 12
+        assert max(seen) == 2
+        disk.read_many([(0, out := bytearray(12 * 512))], depth=1)
+        assert out == b"".join(data)
+        with pytest.raises(UsageError):
+            disk.submit_many([Flush()], depth=0)

@@ -198,21 +198,28 @@ class StorageController:
     # --- queueing ---
 
     def run(
-        self, commands: Iterable[Command], results: list[VmbusError | None] | None = None
+        self,
+        commands: Iterable[Command],
+        results: list[VmbusError | None] | None = None,
+        depth: int | None = None,
     ) -> None:
-        """Run commands with up to queue_depth in flight over the channels.
+        """Run commands with up to `depth` (at most queue_depth) in flight
+        over the channels, each refilled as soon as its completion is read.
         Each pass writes all it can with one commit per channel, then reaps
         every completion there is. Without `results`, raise the first failure
         once all that were sent have completed; with it, record each one at
         its command's index (the first failure of that request)."""
+        if depth is not None and depth < 1:
+            raise UsageError(f"depth must be at least 1, got {depth}")
         pending = iter(commands)
+        spare = 0 if depth is None else max(0, len(self.slots) - depth)  # slots left idle
         failures: list[tuple[int, VmbusError]] = []
         flights, more = self._in_flight, True
         stalled: Command | None = None
         deadline: float | None = None  # set when a wait begins, cleared by progress
         while more or any(flights):
-            if more and self._free:
-                stalled, more = self._submit(pending, stalled)
+            if more and len(self._free) > spare:
+                stalled, more = self._submit(pending, stalled, spare)
             if self._reap(failures):
                 deadline = None
             elif any(flights):
@@ -227,14 +234,15 @@ class StorageController:
             results[index] = results[index] or failure
 
     def _submit(
-        self, pending: Iterator[Command], stalled: Command | None
+        self, pending: Iterator[Command], stalled: Command | None, spare: int = 0
     ) -> tuple[Command | None, bool]:
-        """Write commands while slots are free; commit each channel once.
+        """Write commands while more than `spare` slots are free; commit each
+        channel once.
         Returns (a command the ring had no room for, whether more may follow)."""
         channels, free, flights = self.channels, self._free, self._in_flight
         written = 0
         more = True
-        while free:
+        while len(free) > spare:
             command = stalled if stalled is not None else next(pending, None)
             stalled = None
             if command is None:

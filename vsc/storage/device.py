@@ -232,31 +232,37 @@ class BlockDevice:
         only once the data is on stable storage."""
         self.controller.run(self._rw(True, offset, data, fua))
 
-    def submit_many(self, requests: Iterable[Request]) -> list[VmbusError | None]:
-        """Run a batch of requests, up to the queue depth in flight; one
+    def submit_many(
+        self, requests: Iterable[Request], *, depth: int | None = None
+    ) -> list[VmbusError | None]:
+        """Run a batch of requests, up to `depth` (default and at most the
+        queue depth) SRBs in flight, each refilled as one completes; one
         result per request, in order: None, or the ScsiError (or the VSP's
         StorageProtocolError) it met. Misuse (a misaligned offset, a request
         past the end) raises UsageError before anything is sent."""
         requests = list(requests)
         results: list[VmbusError | None] = [None] * len(requests)
-        self.controller.run(self._commands(requests), results)
+        self.controller.run(self._commands(requests), results, depth)
         return results
 
-    def read_many(self, requests: Iterable[tuple[int, Any]]) -> None:
-        """Several reads of (offset, buffer) as one batch; raises the first error."""
+    def read_many(self, requests: Iterable[tuple[int, Any]], *, depth: int | None = None) -> None:
+        """Several reads of (offset, buffer) as one batch (`depth` as for
+        submit_many); raises the first error."""
         commands: list[Command] = []
         for offset, buffer in requests:
             commands += self._rw(False, offset, buffer, False)
-        self.controller.run(commands)
+        self.controller.run(commands, depth=depth)
 
-    def write_many(self, requests: Iterable[tuple[int, Any]], *, fua: bool = False) -> None:
-        """Several writes of (offset, data) as one batch; raises the first
-        error. Their ranges should not overlap (the disk may run them in any
-        order)."""
+    def write_many(
+        self, requests: Iterable[tuple[int, Any]], *, fua: bool = False, depth: int | None = None
+    ) -> None:
+        """Several writes of (offset, data) as one batch (`depth` as for
+        submit_many); raises the first error. Their ranges should not
+        overlap (the disk may run them in any order)."""
         commands: list[Command] = []
         for offset, data in requests:
             commands += self._rw(True, offset, data, fua)
-        self.controller.run(commands)
+        self.controller.run(commands, depth=depth)
 
     def flush(self) -> None:
         """Make every acknowledged write durable (SYNCHRONIZE CACHE)."""
