@@ -191,7 +191,10 @@ class ChannelHandler:
     def admission(self) -> int:
         """What the worker asks before handing over each request: the free
         ring bytes it needs (the reserve), or, while `paused`, more than any
-        ring holds, so no request is taken until `resume`."""
+        ring holds, so no request is taken until `resume`. It is the one
+        point before each packet, so a handler with a compiled fast path
+        serves the head of the ring here first (storvsp) and leaves the
+        packet it declines for `on_packet`."""
         return PAUSED if self.paused else self.reserve
 
     def pause(self) -> None:
