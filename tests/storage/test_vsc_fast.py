@@ -15,9 +15,17 @@ from hypothesis import strategies as st
 
 from vmbus.errors import UsageError
 from vmbus.memory import PAGE_SIZE
-from vmbus.packet import MAX_GPA_PFNS, GpaRange, PacketError, encode_gpa_direct_header
+from vmbus.packet import (
+    MAX_GPA_PFNS,
+    GpaRange,
+    PacketError,
+    PacketType,
+    encode_gpa_direct_header,
+)
 from vmbus.protocols import storage as vstor
 from vmbus.protocols.storage import scsi_wire as w
+from vmbus.ring import RingReader, RingWriter
+from vmbus.testing.rings import ring_buffer
 from vmbus.wire import WireError
 from vsc.storage import _fast
 
@@ -191,3 +199,50 @@ def test_parse_completion_says_what_is_wrong_as_the_declared_parse_does() -> Non
 def test_a_cdb_longer_than_sixteen_bytes_is_a_usage_error() -> None:
     with pytest.raises(UsageError):
         _fast.build_srb(bytes(17), 0, 1, 0)
+
+
+# --- reaping completions off the ring ---------------------------------------------
+
+
+class Slot:
+    def __init__(self) -> None:
+        self.view = memoryview(bytes(range(256)) * 16)
+
+
+@given(payload=COMPLETIONS)
+def test_reap_finishes_each_completion_as_the_python_path_does(payload: bytes) -> None:
+    """A completion of ours between an unsolicited packet and one of nobody's:
+    a success copies the bounce read out of its slot (no more than the
+    buffer, whatever the VSP claims); anything else reaches `finish` with
+    the reply's first 64 bytes, whose parse is the parse of the whole."""
+    ring = ring_buffer(16 * 1024)
+    writer, reader = RingWriter(ring), RingReader(ring)
+    writer.write(b"enumerate", PacketType.DATA_INBAND, 0, 0)
+    writer.write(payload, PacketType.COMP, 0, 7)
+    writer.write(payload, PacketType.COMP, 0, 8)  # no request of ours
+    writer.commit()
+    padded = payload.ljust(-(-len(payload) // 8) * 8, b"\0")  # as the ring pads it
+    into, slot = bytearray(1000), Slot()
+    command = (b"", len(into), -1, memoryview(into), True, 3)
+    flight: dict[int, Any] = {7: (command, slot)}
+    free: list[Any] = []
+    failures: list[tuple[int, Any]] = []
+    finished: list[bytes] = []
+
+    def finish(cmd: Any, sl: Any, reply: bytes) -> str:
+        assert (cmd, sl) == (command, slot)
+        finished.append(reply)
+        return "failed"
+
+    assert _fast.reap(reader, flight, free, failures, finish) == 1
+    assert (flight, free, reader.bytes_available) == ({}, [slot], 0)  # all three read
+    moved = _fast.completed(padded)
+    if moved >= 0:
+        assert (finished, failures) == ([], [])
+        count = min(moved, len(into))
+        assert into[:count] == slot.view[:count] and not any(into[count:])
+    else:
+        assert failures == [(3, "failed")] and finished == [padded[:64]]
+        assert outcome(_fast.parse_completion, finished[0]) == outcome(
+            vstor.parse_completion, padded
+        )

@@ -13,6 +13,7 @@ from typing import Any
 import numpy
 import pytest
 
+import vsc.storage.controller
 from vmbus import guid
 from vmbus.errors import UsageError
 from vmbus.guest import Guest, GuestDevice
@@ -265,3 +266,13 @@ def test_depth_caps_the_requests_in_flight(monkeypatch: pytest.MonkeyPatch) -> N
         assert out == b"".join(data)
         with pytest.raises(UsageError):
             disk.submit_many([Flush()], depth=0)
+
+
+def test_the_python_reap_serves_a_ring_that_is_not_the_compiled_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With the pure-Python ring (VMBUS_RING=python), completions are reaped
+    by the Python loop: the same answers, failures at their requests."""
+    monkeypatch.setattr(vsc.storage.controller, "CompiledReader", type("NotThisRing", (), {}))
+    test_submit_many_answers_each_request_in_order()
+    test_submit_many_reports_each_failure_at_its_request()

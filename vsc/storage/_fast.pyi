@@ -1,7 +1,9 @@
 """Type stub of storvsc's compiled steady state; _fast.pyx documents each call."""
 
+from collections.abc import Callable
 from typing import Any, Self
 
+from vmbus._cring import RingReader
 from vmbus.protocols.storage.vsc import SrbCompletion
 
 def build_srb(
@@ -46,7 +48,14 @@ def rw_command(
     size: int,
     index: int,
 ) -> tuple[bytes, int, int, memoryview, bool, int] | None: ...
-def copy(dst: Any, src: Any, n: int) -> int: ...
+def copy(dst: Any, src: Any, n: int) -> None: ...
+def reap(
+    reader: RingReader,
+    flight: dict[int, Any],
+    free: list[Any],
+    failures: list[tuple[int, Any]],
+    finish: Callable[[Any, Any, bytes], Any],
+) -> int: ...
 
 class GuestBuffer:
     pfns: tuple[int, ...]

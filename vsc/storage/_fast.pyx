@@ -23,6 +23,8 @@ from cpython.memoryview cimport PyMemoryView_FromObject
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 
+from vmbus._cring cimport EMPTY, Descriptor, RingReader
+
 from vmbus.errors import UsageError
 from vmbus.memory import PAGE_SIZE
 from vmbus.packet import PacketError
@@ -61,6 +63,7 @@ cdef enum:
     AT_DATA = 28
     AT_SRB_FLAGS = 52
     AT_TIME_OUT = 56
+    VM_PKT_COMP = 0xB
     AUTOSENSE_VALID = 0x80
     SRB_STATUS_CODE = 0x3F  # srb_status without QUEUE_FROZEN and AUTOSENSE_VALID
     SRB_SUCCESS = 0x01
@@ -411,20 +414,64 @@ def rw_command(obj, bint write, bint fua, Py_ssize_t offset, int lun, Py_ssize_t
 def copy(dst, src, Py_ssize_t n):
     """memcpy of n bytes between two C-contiguous buffers of any format
     (a bounce slot and a caller's buffer); n is clamped to both."""
+    copy_buffers(dst, src, n)
+
+
+cdef int copy_buffers(object dst, object src, Py_ssize_t n) except -1:
     cdef Py_buffer d, s
     PyObject_GetBuffer(dst, &d, PyBUF_ANY_CONTIGUOUS | PyBUF_WRITABLE)
     try:
         PyObject_GetBuffer(src, &s, PyBUF_ANY_CONTIGUOUS)
         try:
             n = min(n, d.len, s.len)
-            if n > 0:
-                if n >= 65536:
-                    with nogil:
-                        memcpy(d.buf, s.buf, n)
-                else:
+            if n >= 65536:
+                with nogil:
                     memcpy(d.buf, s.buf, n)
+            elif n > 0:
+                memcpy(d.buf, s.buf, n)
         finally:
             PyBuffer_Release(&s)
     finally:
         PyBuffer_Release(&d)
-    return n
+    return 0
+
+
+def reap(RingReader reader, dict flight, list free, list failures, finish):
+    """Read every packet `reader` holds (the caller commits). For each
+    completion of a request in `flight` ({trans_id: (command, slot)},
+    controller.py): its slot goes back to `free`; a success is finished in
+    place (a bounce read copied out of its slot); anything else goes to
+    finish(command, slot, payload), which gets a private copy of the
+    reply's first 64 bytes, and whose error is appended to `failures` as
+    (index, error). Other packets are skipped. Returns the completions."""
+    cdef Descriptor d
+    cdef uint8_t p[PACKET]
+    cdef uint32_t size, taken
+    cdef Py_ssize_t count = 0
+    while reader.check(&d) != EMPTY:
+        if d.type != VM_PKT_COMP:
+            reader.consume(&d)
+            continue  # unsolicited (ENUMERATE_BUS...): nothing to do for a fixed disk
+        entry = flight.pop(d.trans_id, None)
+        if entry is None:
+            reader.consume(&d)
+            continue  # no request of ours
+        # One copy of the reply out of the ring: everything below reads it.
+        size = (<uint32_t>d.len8 - d.offset8) * 8
+        taken = size if size < PACKET else PACKET
+        memset(p, 0, PACKET)
+        reader.copy_out(reader.advance(reader.cursor, <uint32_t>d.offset8 * 8), p, taken)
+        reader.consume(&d)
+        command, slot = entry
+        free.append(slot)
+        count += 1
+        if (size >= PRE_WIN8_PACKET and get32(p + AT_OPERATION) == OP_COMPLETE_IO
+                and p[AT_SRB_STATUS] & SRB_STATUS_CODE == SRB_SUCCESS):
+            if command[2] < 0 and command[4]:  # a bounce read: out of its slot
+                copy_buffers(command[3], slot.view, min(<Py_ssize_t>get32(p + AT_TRANSFER),
+                                                        <Py_ssize_t>command[1]))
+            continue
+        failure = finish(command, slot, PyBytes_FromStringAndSize(<char *>p, taken))
+        if failure is not None:
+            failures.append((command[5], failure))
+    return count

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from vmbus._cring import RingReader as CompiledReader
 from vmbus.channel import COMPLETION_REQUESTED, wait_any
 from vmbus.errors import UsageError, VmbusError
 from vmbus.guest import GuestChannel, GuestDevice
@@ -295,7 +296,10 @@ class StorageController:
             if not flight:
                 continue
             reader = channel.reader
-            while (packet := reader.read()) is not None:
+            if isinstance(reader, CompiledReader):
+                done += _fast.reap(reader, flight, self._free, failures, self.finish)
+                reader = None
+            while reader is not None and (packet := reader.read()) is not None:
                 if packet.type != COMP:
                     continue  # unsolicited (ENUMERATE_BUS...): nothing to do for a fixed disk
                 entry = flight.pop(packet.trans_id, None)
@@ -307,7 +311,7 @@ class StorageController:
                 failure = self.finish(command, slot, packet.data[packet.offset8 * 8 :])
                 if failure is not None:
                     failures.append((command[5], failure))
-            if reader.commit():
+            if channel.reader.commit():
                 channel.notify_peer.set()
         return done
 
