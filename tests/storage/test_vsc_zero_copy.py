@@ -268,11 +268,13 @@ def test_depth_caps_the_requests_in_flight(monkeypatch: pytest.MonkeyPatch) -> N
             disk.submit_many([Flush()], depth=0)
 
 
-def test_the_python_reap_serves_a_ring_that_is_not_the_compiled_one(
+def test_the_python_loops_serve_a_ring_that_is_not_the_compiled_one(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """With the pure-Python ring (VMBUS_RING=python), completions are reaped
-    by the Python loop: the same answers, failures at their requests."""
-    monkeypatch.setattr(vsc.storage.controller, "CompiledReader", type("NotThisRing", (), {}))
+    """With the pure-Python ring (VMBUS_RING=python), SRBs are written and
+    completions reaped by the Python loops: the same answers, failures at
+    their requests."""
+    for name in ("CompiledReader", "CompiledWriter"):
+        monkeypatch.setattr(vsc.storage.controller, name, type("NotThisRing", (), {}))
     test_submit_many_answers_each_request_in_order()
     test_submit_many_reports_each_failure_at_its_request()

@@ -1,9 +1,9 @@
 """Type stub of storvsc's compiled steady state; _fast.pyx documents each call."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Self
 
-from vmbus._cring import RingReader
+from vmbus._cring import RingReader, RingWriter
 from vmbus.protocols.storage.vsc import SrbCompletion
 
 def build_srb(
@@ -73,3 +73,13 @@ class GuestBuffer:
     def release(self) -> None: ...
     def __enter__(self) -> Self: ...
     def __exit__(self, *exc: object) -> None: ...
+
+def submit(
+    writer: RingWriter,
+    pending: Iterator[Any],
+    stalled: Any,
+    flight: dict[int, Any],
+    free: list[Any],
+    spare: int,
+    ids: Iterator[int],
+) -> tuple[Any, bool, int]: ...

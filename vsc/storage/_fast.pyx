@@ -23,7 +23,7 @@ from cpython.memoryview cimport PyMemoryView_FromObject
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 
-from vmbus._cring cimport EMPTY, Descriptor, RingReader
+from vmbus._cring cimport BAD_READ_INDEX, EMPTY, READY, Descriptor, RingReader, RingWriter
 
 from vmbus.errors import UsageError
 from vmbus.memory import PAGE_SIZE
@@ -64,6 +64,9 @@ cdef enum:
     AT_SRB_FLAGS = 52
     AT_TIME_OUT = 56
     VM_PKT_COMP = 0xB
+    VM_PKT_DATA_INBAND = 0x6
+    VM_PKT_DATA_USING_GPA_DIRECT = 0x9
+    COMPLETION_REQUESTED = 0x1
     AUTOSENSE_VALID = 0x80
     SRB_STATUS_CODE = 0x3F  # srb_status without QUEUE_FROZEN and AUTOSENSE_VALID
     SRB_SUCCESS = 0x01
@@ -475,3 +478,46 @@ def reap(RingReader reader, dict flight, list free, list failures, finish):
         if failure is not None:
             failures.append((command[5], failure))
     return count
+
+
+def submit(RingWriter writer, pending, stalled, dict flight, list free, Py_ssize_t spare, ids):
+    """Write commands (controller.py's form) on one channel while more than
+    `spare` slots are free (the caller commits): each takes a slot, its
+    GPA-direct header (the buffer's pages for zero copy; else the slot's,
+    after a bounce write's data is copied in) and the next trans_id, and
+    goes into `flight`. Returns (the command the ring had no room for, or
+    None; whether `pending` may hold more; how many were written)."""
+    cdef Py_ssize_t written = 0
+    cdef int result
+    cdef bint more = True
+    while len(free) > spare:
+        command = stalled if stalled is not None else next(pending, None)
+        stalled = None
+        if command is None:
+            more = False
+            break
+        packet, length, gpa, data, reading, _ = command
+        slot = free.pop()
+        if not length:
+            header, kind = b"", VM_PKT_DATA_INBAND
+        elif gpa >= 0:
+            header, kind = gpa_header(gpa, length), VM_PKT_DATA_USING_GPA_DIRECT
+        else:
+            if not reading:
+                copy_buffers(slot.view, data, length)
+            header, kind = slot.header(length), VM_PKT_DATA_USING_GPA_DIRECT
+        trans_id = next(ids)
+        writer.check_fits(len(<bytes>packet), len(<bytes>header))
+        result = writer.put(<const uint8_t *>PyBytes_AS_STRING(packet), len(<bytes>packet), kind,
+                            COMPLETION_REQUESTED, trans_id,
+                            <const uint8_t *>PyBytes_AS_STRING(header), len(<bytes>header))
+        if result == BAD_READ_INDEX:
+            free.append(slot)
+            writer.raise_bad_read_index()
+        if result != READY:  # the ring is full: room comes back as completions are read
+            free.append(slot)
+            stalled = command
+            break
+        flight[trans_id] = (command, slot)
+        written += 1
+    return stalled, more, written

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from vmbus._cring import RingReader as CompiledReader
+from vmbus._cring import RingWriter as CompiledWriter
 from vmbus.channel import COMPLETION_REQUESTED, wait_any
 from vmbus.errors import UsageError, VmbusError
 from vmbus.guest import GuestChannel, GuestDevice
@@ -241,6 +242,16 @@ class StorageController:
         channel once.
         Returns (a command the ring had no room for, whether more may follow)."""
         channels, free, flights = self.channels, self._free, self._in_flight
+        channel = channels[0]
+        if len(channels) == 1 and isinstance(channel.writer, CompiledWriter):
+            stalled, more, written = _fast.submit(
+                channel.writer, pending, stalled, flights[0], free, spare, channel.ids
+            )
+            channel.packets_sent += written
+            if written or flights[0] or stalled is None:
+                channel.flush()
+                return stalled, more
+            # A full ring and nothing in flight: the loop below waits for room.
         written = 0
         more = True
         while len(free) > spare:
