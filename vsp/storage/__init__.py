@@ -5,6 +5,7 @@ behind it (`BlockBackend` and its implementations)."""
 
 from vsp.storage.backends import (
     BlockBackend,
+    DirectBackend,
     FaultyBackend,
     NullBackend,
     RamBackend,
@@ -19,6 +20,7 @@ __all__ = [
     "DEFAULT_MAX_TRANSFER",
     "BlockBackend",
     "DiskIdentity",
+    "DirectBackend",
     "FaultyBackend",
     "Limits",
     "NullBackend",
