@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-import vsc.storage.device
+import vsc.storage.controller
 from benchmarks.storage_bench import page_buffer
 from vmbus.channel import COMPLETION_REQUESTED, Channel
 from vmbus.memory import PAGE_SIZE, GuestMemory, guest_segments
@@ -222,7 +222,7 @@ def controller(
     backend: BlockBackend, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[StorageController]:
     """A StorageController (QD32, 1 MiB requests) on a loopback to a StorVsp."""
-    monkeypatch.setattr(vsc.storage.device, "wait_any", pumped_wait_any)
+    monkeypatch.setattr(vsc.storage.controller, "wait_any", pumped_wait_any)
     vsp = StorVsp([backend], max_transfer_bytes=MiB)
     device: Any = PumpedDevice(vsp, memory_size=QUEUE_DEPTH * MiB + 4 * MiB)
     yield StorageController(device, queue_depth=QUEUE_DEPTH, max_io_bytes=MiB, ring_size=RING)
