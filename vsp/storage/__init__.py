@@ -19,8 +19,8 @@ from vsp.storage.scsi import ScsiDisk, ScsiResult, ScsiTarget
 __all__ = [
     "DEFAULT_MAX_TRANSFER",
     "BlockBackend",
-    "DiskIdentity",
     "DirectBackend",
+    "DiskIdentity",
     "FaultyBackend",
     "Limits",
     "NullBackend",

@@ -23,10 +23,20 @@ Python drain takes a packet; it declines everything else to `on_packet`,
 which stays the definition of behaviour. `StorVsp(fast_path=False)` or
 VMBUS_STORAGE_FAST=0 turns it off (A/B runs); it is off by itself on the
 Python ring (VMBUS_RING=python) or when the extension is not built.
+
+A backend that is `concurrent` (DirectBackend) has its READs and WRITEs run
+in the channel's I/O pool (`vsp.storage.pool`), up to MAX_IN_FLIGHT at once,
+so a guest's queue depth reaches the device. Their completions come back to
+the worker through the pool's eventfd and are written there, in the order
+they finish (VSTOR completions carry the request's transaction id; Linux's
+storvsc matches them by it). The reply reserve covers every request in
+flight, so each completion still fits when it comes.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import uuid
 from collections import Counter
@@ -43,6 +53,7 @@ from vmbus.packet import GpaRange, PacketType
 from vmbus.protocols import storage as vstor
 from vmbus.protocols.storage.scsi_wire import GOOD, Opcode
 from vsp.storage.backends import BlockBackend
+from vsp.storage.pool import IoPool
 from vsp.storage.scsi import LIMITS, MAX_TRANSFER_BYTES, ScsiDisk, ScsiTarget
 
 try:
@@ -62,6 +73,15 @@ _TARGET_COMMANDS = frozenset(
 )
 _INQUIRY = bytes((Opcode.INQUIRY,))
 _NOBODY = ScsiTarget()  # answers INQUIRY at an address with no target: no logical unit
+# What runs in the I/O pool for a concurrent backend: the data moves, nothing else.
+_OVERLAPPED = frozenset(
+    bytes((op,))
+    for op in (Opcode.READ_6, Opcode.READ_10, Opcode.READ_12, Opcode.READ_16)
+    + (Opcode.WRITE_6, Opcode.WRITE_10, Opcode.WRITE_12, Opcode.WRITE_16)
+)
+MAX_IN_FLIGHT = 64  # requests of one channel in the I/O pool at once
+
+log = logging.getLogger(__name__)
 
 
 def fast_path_default() -> bool:
@@ -152,6 +172,7 @@ class StorvspChannel(ChannelHandler):
         self.requests = 0
         self.bad_ranges = 0
         self.fast = self._fast_path() if vsp.fast_path else None
+        self.pool: IoPool | None = None  # started by the first overlapped request
 
     def _fast_path(self) -> FastPath | None:
         """The compiled path, when the channel runs on the Cython ring."""
@@ -167,6 +188,12 @@ class StorvspChannel(ChannelHandler):
         serves what it can from the head of the ring (stopping at the first
         packet it declines, which the drain then hands to on_packet)."""
         room = super().admission()
+        if self.pool is not None and self.pool.in_flight and room < PAUSED:
+            # Room for the reply of each request in flight, and this one's;
+            # the compiled path (its reserve is one reply) waits meanwhile.
+            if self.pool.in_flight >= MAX_IN_FLIGHT:
+                return PAUSED  # a completion wakes the channel
+            return room * (self.pool.in_flight + 1)
         if self.fast is not None and room < PAUSED and not self.channel.backlog:
             self.requests += self.fast.drain(self.vsp)
         return room
@@ -181,6 +208,8 @@ class StorvspChannel(ChannelHandler):
                 self.bad_ranges += 1  # no buffer: an SRB with data fails as INVALID_REQUEST
         event = self.vsp.protocol.receive(packet.payload, ranges)
         if isinstance(event, vstor.ExecuteSrb):
+            if self._overlap(packet.trans_id, event):
+                return  # answered by _complete
             reply = self._execute(event)
         elif isinstance(event, vstor.CreateSubChannels):
             self.vsp.offer_sub_channels(event.count, self.context)
@@ -206,6 +235,40 @@ class StorvspChannel(ChannelHandler):
             srb.request, status, result.status, result.sense, result.transferred
         )
 
+    def _overlap(self, trans_id: int, srb: vstor.ExecuteSrb) -> bool:
+        """Hand a READ/WRITE for a concurrent backend to the I/O pool; False
+        for every other request (and a pending unit attention, which the
+        Python path reports)."""
+        if srb.cdb[:1] not in _OVERLAPPED or srb.address[:2] != TARGET_ADDRESS:
+            return False
+        disk = self.vsp.target.disks.get(srb.lun)
+        if disk is None or not disk.backend.concurrent or disk.unit_attention is not None:
+            return False
+        data = guest_segments(self.context.memory, srb.ranges, srb.transfer_length)
+        if self.pool is None:
+            self.pool = IoPool()
+            self.context.watch(self.pool.fd, self._complete)
+        work = functools.partial(disk.execute, srb.cdb, data, srb.direction)
+        self.pool.submit((trans_id, srb.request, self.vsp.protocol), work)
+        return True
+
+    def _complete(self) -> None:
+        """The pool's eventfd is readable: write the completions that came."""
+        if self.pool is None:
+            return
+        for (trans_id, request, protocol), result, error in self.pool.completions():
+            if error is not None:  # a bug of ours, not the guest's: answer it anyway
+                log.error("storvsp: overlapped request failed", exc_info=error)
+                reply = protocol.complete_srb(request, vstor.SrbStatus.ERROR)
+            else:
+                status = vstor.SrbStatus.SUCCESS if result.status == GOOD else vstor.SrbStatus.ERROR
+                reply = protocol.complete_srb(
+                    request, status, result.status, result.sense, result.transferred
+                )
+            self.reply(trans_id, reply)
+        if self.channel.reader.bytes_available:
+            self.channel.wake_me.set()  # requests held back for room: take them now
+
     def _absent(self, srb: vstor.ExecuteSrb) -> bytes:
         """An address with no target: INVALID_LUN, with "no logical unit"
         INQUIRY data for an INQUIRY (see the module doc)."""
@@ -220,5 +283,9 @@ class StorvspChannel(ChannelHandler):
 
     def close(self) -> None:
         self.fast = None  # it holds the rings, which the worker unmaps next
+        if self.pool is not None:  # running I/O finishes, nothing is answered after
+            self.context.unwatch(self.pool.fd)
+            self.pool.close()
+            self.pool = None
         super().close()
         self.vsp.closed(self)
