@@ -31,8 +31,9 @@ from vmbus._ringdefs import ALIGNMENT, DESCRIPTOR_SIZE, TRAILER_SIZE
 from vmbus._ringpacket import Packet
 from vmbus.channel import PAUSED, VM_PKT_COMP, VM_PKT_DATA_INBAND, Channel
 from vmbus.errors import PeerError, PeerLog, UsageError
+from vmbus.gpadl import Gpadl, GpadlTable
 from vmbus.host import OfferSpec
-from vmbus.memory import Gpadl, GpadlTable, GuestMemory, MappedRegion, map_contiguous
+from vmbus.memory import GuestMemory, MappedRegion, map_contiguous
 from vmbus.packet import GpaRange, PacketError, decode_gpa_direct_header
 
 __all__ = [

@@ -25,7 +25,8 @@ from uuid import UUID
 
 from vmbus import messages as m
 from vmbus.errors import PeerError
-from vmbus.memory import DEFAULT_MAX_MAPPINGS, DEFAULT_MAX_RUNS, GpadlTable
+from vmbus.gpadl import GpadlTable
+from vmbus.memory import DEFAULT_MAX_MAPPINGS, DEFAULT_MAX_RUNS
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,8 @@ from enum import IntEnum, IntFlag
 from typing import Annotated, Any, ClassVar, TypeVar
 
 from vmbus.errors import PeerError
-from vmbus.memory import Gpadl, PfnList  # the one GPADL record; re-exported here
+from vmbus.gpadl import Gpadl  # the one GPADL record; re-exported here
+from vmbus.memory import PfnList
 from vmbus.wire import GUID, U8, U16, U32, U64, Bytes, WireError, WireStruct, wire_struct
 
 __all__ = [

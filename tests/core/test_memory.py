@@ -23,12 +23,11 @@ from hypothesis.stateful import (
 )
 
 from vmbus.errors import PeerError, UsageError
+from vmbus.gpadl import Gpadl, GpadlTable
 from vmbus.memory import (
     PAGE_SIZE,
     DoubleFree,
     ForeignPage,
-    Gpadl,
-    GpadlTable,
     GuestMemory,
     GuestMemoryError,
     MappingRefused,

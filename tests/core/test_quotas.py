@@ -27,6 +27,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from vmbus import guid
 from vmbus import messages as m
 from vmbus.device import OpenContext
+from vmbus.gpadl import Gpadl, GpadlTable
 from vmbus.guest import Guest, GuestError
 from vmbus.host import (
     DEFAULT_MAX_GPADL_PAGES,
@@ -44,8 +45,6 @@ from vmbus.host import (
 )
 from vmbus.memory import (
     PAGE_SIZE,
-    Gpadl,
-    GpadlTable,
     GuestMemory,
     MappingRefused,
     map_channel_rings,

@@ -24,9 +24,10 @@ from collections.abc import Callable, Iterator, Sequence
 
 from vmbus.channel import Channel
 from vmbus.device import ChannelHandler, OpenContext, Vsp
+from vmbus.gpadl import Gpadl, GpadlTable
 from vmbus.guest import Guest
 from vmbus.host import OfferSpec
-from vmbus.memory import PAGE_SIZE, Gpadl, GpadlTable, GuestMemory, PageAllocator
+from vmbus.memory import PAGE_SIZE, GuestMemory, PageAllocator
 from vmbus.partition import ChildPartition, Host
 from vmbus.testing.rings import channel_pair, ring_buffer
 from vmbus.transport import LocalPort, Signal
