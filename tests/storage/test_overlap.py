@@ -223,3 +223,18 @@ def test_direct_backend_writes_then_reads_through_the_pool(
         assert sorted(reads) == sorted(1000 + lba for lba in lbas)
         for lba, pfn in pages.items():
             assert bytes(harness.memory.view(pfn * PAGE_SIZE, PAGE_SIZE)) == pattern(lba)
+
+
+def test_a_lone_request_is_served_inline_without_the_pool(harness_of: list[VspHarness]) -> None:
+    """Nothing in flight and nothing behind it in the ring (QD1): no thread
+    hand-off, the reply written at once."""
+    backend = SlowBackend(wanted=1)
+    backend.data[:PAGE_SIZE] = pattern(0)
+    harness = ready(backend, harness_of)
+    pfn = harness.allocate(1)[0]
+    submit(harness, READ_10, 0, pfn)
+    harness.pump()
+    reply = harness.guest.poll()
+    assert reply is not None and srb_status(bytes(reply.payload))[0] == vstor.SrbStatus.SUCCESS
+    assert handler(harness).pool is None
+    assert bytes(harness.memory.view(pfn * PAGE_SIZE, PAGE_SIZE)) == pattern(0)

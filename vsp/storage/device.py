@@ -238,12 +238,16 @@ class StorvspChannel(ChannelHandler):
     def _overlap(self, trans_id: int, srb: vstor.ExecuteSrb) -> bool:
         """Hand a READ/WRITE for a concurrent backend to the I/O pool; False
         for every other request (and a pending unit attention, which the
-        Python path reports)."""
+        Python path reports), and for a request with nothing to overlap:
+        none in flight and no other packet behind it in the ring."""
         if srb.cdb[:1] not in _OVERLAPPED or srb.address[:2] != TARGET_ADDRESS:
             return False
         disk = self.vsp.target.disks.get(srb.lun)
         if disk is None or not disk.backend.concurrent or disk.unit_attention is not None:
             return False
+        idle = self.pool is None or not self.pool.in_flight
+        if idle and not self.channel.reader.bytes_available:
+            return False  # a lone request (QD1): inline, without two thread hand-offs
         data = guest_segments(self.context.memory, srb.ranges, srb.transfer_length)
         if self.pool is None:
             self.pool = IoPool()

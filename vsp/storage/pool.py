@@ -27,7 +27,7 @@ from vmbus.errors import UsageError
 
 __all__ = ["DEFAULT_THREADS", "IoPool"]
 
-DEFAULT_THREADS = 32  # enough to keep a NVMe queue busy at the queue depths guests use
+DEFAULT_THREADS = 16  # on 2 vCPUs 4 to 32 threads all reach ~17 K IOPS of O_DIRECT 4 KiB reads
 
 _STOP = None  # a thread's signal to exit
 
