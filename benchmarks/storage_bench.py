@@ -1,6 +1,9 @@
 """Storage benchmarks: a child partition's BlockDevice against the parent's
 storvsp on a raw image file, against fio and a Python os.preadv/pwritev loop
 on the same file, and the bus round trip (the echo device) in the same run.
+The O_DIRECT rows read the same image through a second LUN, a DirectBackend
+(the pass-through disk: no page cache, requests overlapped in storvsp's I/O
+pool), against `fio --direct=1` on the image.
 
     python -m benchmarks.storage_bench [--quick] [--repeats N] [--seconds S]
         [--spin SECONDS] [--dir DIR] [--markdown FILE]
@@ -48,7 +51,7 @@ from vmbus.protocols.echo import ECHO_CLASS_ID
 from vsc.echo import EchoVsc
 from vsc.storage import BlockDevice, GuestBuffer, StorageController
 from vsp.echo import EchoVsp
-from vsp.storage import RawFileBackend, StorVsp
+from vsp.storage import DirectBackend, RawFileBackend, StorVsp
 from vsp.storage import device as storvsp
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -70,6 +73,7 @@ class Workload:
     random: bool
     size: int  # bytes per request
     depth: int  # requests in flight
+    direct: bool = False  # O_DIRECT: the stack's LUN 1 (DirectBackend), fio --direct=1
 
     @property
     def fio_rw(self) -> str:
@@ -86,7 +90,13 @@ WORKLOADS = [
     Workload("1 MiB sequential write, QD1", True, False, MiB, 1),
     Workload("1 MiB sequential write, QD4", True, False, MiB, 4),
 ]
-BY_NAME = {w.name: w for w in WORKLOADS}
+DIRECT_LUN = 1
+DIRECT_WORKLOADS = [
+    Workload("4 KiB random read, QD1, O_DIRECT", False, True, 4 * KiB, 1, True),
+    Workload("4 KiB random read, QD32, O_DIRECT", False, True, 4 * KiB, QUEUE_DEPTH, True),
+    Workload("1 MiB sequential read, QD1, O_DIRECT", False, False, MiB, 1, True),
+]
+BY_NAME = {w.name: w for w in WORKLOADS + DIRECT_WORKLOADS}
 ROUND_TRIP = "64 B bus round trip"
 
 
@@ -210,7 +220,7 @@ def storage_child(guest: Guest, address: str, image: int, spin: float) -> None:
     controller = StorageController(
         scsi[0], queue_depth=QUEUE_DEPTH, max_io_bytes=MAX_IO, spin_seconds=spin
     )
-    disk = controller.disk(0)
+    disk, direct = controller.disk(0), controller.disk(DIRECT_LUN)
     echo = echoes[0]
     echo.channel = echo.device.open(ECHO_RING, ECHO_RING, spin_seconds=spin)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -223,7 +233,11 @@ def storage_child(guest: Guest, address: str, image: int, spin: float) -> None:
 
     with contextlib.suppress(EOFError):
         for name, seconds, seed in iter(control.recv, None):
-            step = round_trip if name == ROUND_TRIP else disk_step(disk, BY_NAME[name], image, seed)
+            if name == ROUND_TRIP:
+                step = round_trip
+            else:
+                workload = BY_NAME[name]
+                step = disk_step(direct if workload.direct else disk, workload, image, seed)
             channel = echo.channel if name == ROUND_TRIP else controller.channel
             assert channel is not None
             before = counters(channel, process_time())
@@ -245,7 +259,8 @@ class StackRunner:
         listener.listen(1)
         listener.settimeout(TIMEOUT)
         self.backend = RawFileBackend(path)
-        self.vsp = StorVsp([self.backend], max_transfer_bytes=MAX_IO)
+        self.direct = DirectBackend(path)  # the same image, O_DIRECT: LUN 1
+        self.vsp = StorVsp([self.backend, self.direct], max_transfer_bytes=MAX_IO)
         self.echo = EchoVsp()
         self.child: ChildPartition = host.start(
             CHILD_TARGET,
@@ -283,6 +298,7 @@ class StackRunner:
         if self.child.wait(10) is None:
             self.child.stop()
         self.backend.close()
+        self.direct.close()
 
 
 # --- the baselines in the parent -------------------------------------------------
@@ -309,14 +325,15 @@ def python_loop(path: str, workload: Workload, image: int, seconds: float, seed:
 
 
 def fio(path: str, workload: Workload, image: int, seconds: float, engine: str) -> Sample:
-    """fio's IOPS on the image, page cache kept (--invalidate=0)."""
+    """fio's IOPS on the image, page cache kept (--invalidate=0), or with
+    O_DIRECT (--direct=1) for a direct workload."""
     command = [
         "fio",
         "--name=storage-bench",
         f"--filename={path}",
         f"--size={image}",
         f"--ioengine={engine}",
-        "--direct=0",
+        f"--direct={int(workload.direct)}",
         "--invalidate=0",
         f"--rw={workload.fio_rw}",
         f"--bs={workload.size}",
@@ -376,9 +393,9 @@ def jobs(
         return lambda seed: fio(path, w, image, s, engine)
 
     found = [((ROUND_TRIP, ECHO), on_stack(ROUND_TRIP))]
-    for w in WORKLOADS:
+    for w in WORKLOADS + DIRECT_WORKLOADS:
         found.append(((w.name, STACK), on_stack(w.name)))
-        if w.depth == 1:
+        if w.depth == 1 and not w.direct:
             found.append(((w.name, PYTHON), loop(w)))
         if have_fio and w.depth == 1:
             found.append(((w.name, FIO), with_fio(w, "psync")))
@@ -535,6 +552,11 @@ def target_lines(results: Results) -> list[str]:
         verdict = "not measured" if value is None else ("met" if met else "MISSED")
         shown = "—" if value is None else f"{value:.3f}"
         lines.append(f"- {target.what}: ratio {shown} — **{verdict}**")
+    lines.append("O_DIRECT, the stack against fio --direct=1 at the same queue depth:")
+    for w in DIRECT_WORKLOADS:
+        engine = URING if w.depth == QUEUE_DEPTH else FIO
+        value = ratio(results, (w.name, STACK), (w.name, engine))
+        lines.append(f"- {w.name}: {fmt(value, 3)}× {engine} --direct=1")
     return lines
 
 
@@ -563,7 +585,9 @@ def report(settings: Settings, command: str, workdir: str | None) -> tuple[str, 
         f"{settings.spin * 1e6:g} µs before it sleeps; medians, ratios within each round. "
         "Rows at QD>1 are compared with the QD1 baselines. Doorbells: signals per packet "
         "(the peer had gone to sleep); CPU: the child process's, and the VSP worker thread's. "
-        f"storvsp's compiled path: {fast_path_state()}."
+        f"storvsp's compiled path: {fast_path_state()}. O_DIRECT rows: LUN {DIRECT_LUN}, a "
+        "DirectBackend on the same image (requests overlapped in storvsp's I/O pool, whose "
+        "threads' CPU the VSP column leaves out), against fio --direct=1."
     )
     notes = [] if have_fio else ["fio is not installed: its rows and ratios are skipped."]
     lines = ["Targets (ratios from this run):", *target_lines(results), *notes]
