@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from vmbus.channel import COMPLETION_REQUESTED
+from vmbus.errors import UsageError
 from vmbus.memory import PAGE_SIZE
 from vmbus.packet import PacketType
 from vmbus.protocols import storage as vstor
@@ -238,3 +239,23 @@ def test_a_lone_request_is_served_inline_without_the_pool(harness_of: list[VspHa
     assert reply is not None and srb_status(bytes(reply.payload))[0] == vstor.SrbStatus.SUCCESS
     assert handler(harness).pool is None
     assert bytes(harness.memory.view(pfn * PAGE_SIZE, PAGE_SIZE)) == pattern(0)
+
+
+def test_a_context_without_a_worker_to_watch_serves_every_request_inline(
+    harness_of: list[VspHarness],
+) -> None:
+    backend = SlowBackend(wanted=1)
+    harness = ready(backend, harness_of)
+
+    def no_worker(fd: int, callback: object) -> None:
+        raise UsageError("this context has no worker to watch descriptors")
+
+    harness.context.watch = no_worker
+    threads, fds = threading.active_count(), open_fds()
+    pfn = harness.allocate(1)[0]
+    for lba in range(4):
+        submit(harness, READ_10, lba, pfn)
+    replies = collect(harness, 4)
+    assert sorted(replies) == [1000 + lba for lba in range(4)]
+    assert handler(harness).pool is None and backend.most == 1
+    assert (threading.active_count(), open_fds()) == (threads, fds)

@@ -47,6 +47,7 @@ from vmbus import guid
 from vmbus._ringpacket import Packet
 from vmbus.channel import PAUSED, Channel
 from vmbus.device import BadGpaRanges, ChannelHandler, OpenContext, Vsp
+from vmbus.errors import UsageError
 from vmbus.host import OfferSpec
 from vmbus.memory import guest_segments
 from vmbus.packet import GpaRange, PacketType
@@ -173,6 +174,7 @@ class StorvspChannel(ChannelHandler):
         self.bad_ranges = 0
         self.fast = self._fast_path() if vsp.fast_path else None
         self.pool: IoPool | None = None  # started by the first overlapped request
+        self.overlap = True  # False once the context turned out to have no worker
 
     def _fast_path(self) -> FastPath | None:
         """The compiled path, when the channel runs on the Cython ring."""
@@ -248,12 +250,27 @@ class StorvspChannel(ChannelHandler):
         idle = self.pool is None or not self.pool.in_flight
         if idle and not self.channel.reader.bytes_available:
             return False  # a lone request (QD1): inline, without two thread hand-offs
+        if self.pool is None and not self._start_pool():
+            return False
+        assert self.pool is not None
         data = guest_segments(self.context.memory, srb.ranges, srb.transfer_length)
-        if self.pool is None:
-            self.pool = IoPool()
-            self.context.watch(self.pool.fd, self._complete)
         work = functools.partial(disk.execute, srb.cdb, data, srb.direction)
         self.pool.submit((trans_id, srb.request, self.vsp.protocol), work)
+        return True
+
+    def _start_pool(self) -> bool:
+        """The I/O pool, its eventfd watched by the worker; False (and every
+        request inline from then on) where the context has no worker to watch."""
+        if not self.overlap:
+            return False
+        pool = IoPool()
+        try:
+            self.context.watch(pool.fd, self._complete)
+        except UsageError:
+            pool.close()
+            self.overlap = False
+            return False
+        self.pool = pool
         return True
 
     def _complete(self) -> None:
