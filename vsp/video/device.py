@@ -17,8 +17,8 @@ from vmbus._ringpacket import Packet
 from vmbus.channel import VM_PKT_DATA_INBAND, Channel
 from vmbus.device import ChannelHandler, OpenContext, Vsp
 from vmbus.errors import UsageError
-from vmbus.host import OfferSpec
 from vmbus.gpadl import Gpadl
+from vmbus.host import OfferSpec
 from vmbus.protocols import video as sv
 from vsp.video.screen import Rect, Screen
 
