@@ -22,7 +22,7 @@ import struct
 import threading
 from collections.abc import Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 from vmbus.errors import UsageError
 
@@ -150,7 +150,32 @@ class _Backend:
             raise PermissionError(errno.EROFS, "the disk is read-only")
 
 
-class RawFileBackend(_Backend):
+class _FileBackend(_Backend):
+    """A backend over a file descriptor (`fd`), closed with it or by `with`."""
+
+    fd = -1
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self: _F) -> _F:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+_F = TypeVar("_F", bound=_FileBackend)
+
+
+class RawFileBackend(_FileBackend):
     """A raw image file. A missing file is created, sparse, when `size` is
     given (else FileNotFoundError); a shorter file is extended to `size`
     (sparse); without `size` the disk is the file's whole blocks. Reads
@@ -230,22 +255,6 @@ class RawFileBackend(_Backend):
         _Backend.__init__(self, size, self.block_size, self.read_only)
         os.ftruncate(self.fd, size)
 
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self) -> RawFileBackend:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
-
 
 BLKGETSIZE64 = 0x80081272  # linux/fs.h: a block device's size in bytes
 DIRECT_ALIGNMENTS = (512, 1024, 2048, 4096)  # what O_DIRECT may ask of offsets and buffers
@@ -256,7 +265,7 @@ def _aligned_buffer(size: int) -> mmap.mmap:
     return mmap.mmap(-1, max(size, 1))
 
 
-class DirectBackend(_Backend):
+class DirectBackend(_FileBackend):
     """A pass-through disk: an image file or a block device opened with
     O_DIRECT, so data moves by DMA straight between the device and the
     guest's pages (no page cache in the parent). flush is fdatasync (the
@@ -444,22 +453,6 @@ class DirectBackend(_Backend):
                     self.writev(start, [view[: min(ZERO_CHUNK, offset + length - start)]])
         finally:
             zeros.close()
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self) -> DirectBackend:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _device_size(fd: int) -> int:
