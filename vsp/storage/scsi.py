@@ -1,5 +1,6 @@
-"""The enlightened-SCSI disk target, sans-I/O: a CDB and the guest's data
-buffer in, SAM status, sense data and the bytes moved out.
+"""The enlightened-SCSI disk target: a CDB and the guest's data buffer in,
+SAM status, sense data and the bytes moved out. It does the I/O, through
+its `BlockBackend`; only the VSP side executes CDBs, so it lives here.
 
 `ScsiDisk.execute(cdb, data, direction)` runs one command against a
 `BlockBackend`; `ScsiTarget` holds disks by LUN, answers REPORT LUNS for all
