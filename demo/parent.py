@@ -21,6 +21,7 @@ from typing import Any, TextIO
 from demo import ring as ring_demo
 from vmbus.device import Vsp
 from vmbus.partition import ChildPartition, Host
+from vmbus.sandbox import Policy
 from vsp.input import KeyboardVsp, MouseVsp
 from vsp.net import LearningSwitch, NetBackend, NetVsp, TapBackend
 from vsp.storage import RawFileBackend, StorVsp
@@ -111,7 +112,9 @@ def _start(
         backend = TapBackend(f"vmbusdemo{index}", address=f"10.203.{index}.1/24")
     keyboard, mouse = KeyboardVsp(), MouseVsp()
     video = VideoVsp(screen if index == 0 else Screen(640, 480))
-    stats_path = workdir / f"child-{index + 1}.json"
+    stats_dir = workdir / "stats"  # the one place the confined child may write
+    stats_dir.mkdir(exist_ok=True)
+    stats_path = stats_dir / f"child-{index + 1}.json"
     stats_path.unlink(missing_ok=True)
     devices: list[Vsp] = [StorVsp([disk]), NetVsp(backend), video, keyboard, mouse]
     partition = host.start(
@@ -120,6 +123,7 @@ def _start(
         memory_size=MEMORY,
         name=f"child-{index + 1}",
         args=(options.seconds, str(stats_path), index + 1),
+        policy=Policy(writable=(str(stats_dir),)),
     )
     return Child(partition, stats_path, keyboard, mouse, video)
 

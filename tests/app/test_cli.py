@@ -46,7 +46,9 @@ def test_bad_arguments_fail_with_a_clear_message() -> None:
 
 
 def test_full_demo_runs_every_device(tmp_path: Path) -> None:
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    # No writable path by default: the demo gives its confined children the
+    # one directory they report to (under ~/.cache they could not write).
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), "VMBUS_SANDBOX_WRITABLE": ""}
     result = subprocess.run(
         [
             sys.executable,
