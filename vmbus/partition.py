@@ -337,6 +337,9 @@ class ChildPartition:
                 self.state = "stopped"
             else:
                 self.state = "exited" if self.exitcode == 0 else "crashed"
+            # The record outlives the child (Host.finished); the devices it
+            # served are the caller's, and must not be pinned by it.
+            self.devices, self.vsp_of = (), {}
             self._exited.set()
 
 
