@@ -32,6 +32,7 @@ from vmbus._ringpacket import Packet
 from vmbus.channel import PAUSED, VM_PKT_COMP, VM_PKT_DATA_INBAND, Channel
 from vmbus.errors import PeerError, PeerLog, UsageError
 from vmbus.gpadl import Gpadl, GpadlTable
+from vmbus.guid import class_name
 from vmbus.host import OfferSpec
 from vmbus.memory import GuestMemory, MappedRegion, map_contiguous
 from vmbus.packet import GpaRange, PacketError, decode_gpa_direct_header
@@ -131,7 +132,7 @@ class OpenContext:
 
     def _bad_ranges(self, reason: str) -> BadGpaRanges:
         self.bad_ranges += 1
-        self.protocol_error("relid of %s: %s", self.offer.class_id, reason)
+        self.protocol_error("%s channel: %s", class_name(self.offer.class_id), reason)
         return BadGpaRanges(reason)
 
     # --- GPADLs ------------------------------------------------------------
