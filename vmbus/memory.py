@@ -204,6 +204,11 @@ class GuestMemory:
         valid: their mappings hold their own reference to the memfd."""
         self._close(detach=False)
 
+    def detach(self) -> None:
+        """Close now, leaving the mapping to the views that still exist: it
+        is unmapped when the last of them goes (none can dangle)."""
+        self._close(detach=True)
+
     def _close(self, detach: bool) -> None:
         if self._mm is not None:
             _unmap(self._mm, "guest memory", detach)

@@ -331,7 +331,7 @@ class ChildPartition:
                 self.memory.close()
             except BufferError:  # a VSP still holds a view: unmapped when it lets go
                 log.warning("%s: guest memory still viewed after cleanup", self.name)
-                self.memory._close(detach=True)
+                self.memory.detach()
         finally:
             if self._stopping:
                 self.state = "stopped"
