@@ -173,7 +173,7 @@ cdef class FastPath:
         cdef object mapping
         cdef Py_buffer view
         try:
-            mapping = self.memory._open()
+            mapping = self.memory.view(0, self.memory.size)  # the whole of it, public and checked
             PyObject_GetBuffer(mapping, &view, PyBUF_WRITABLE)
         except Exception:  # closed memory: the Python path reports it
             self.declined += 1
