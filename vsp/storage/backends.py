@@ -155,6 +155,18 @@ class _FileBackend(_Backend):
 
     fd = -1
 
+    def flush(self) -> None:
+        os.fdatasync(self.fd)
+
+    def discard(self, offset: int, length: int) -> None:
+        self._check_write(offset, length)
+        mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+        if length and not fallocate(self.fd, mode, offset, length):
+            self.write_zeroes(offset, length)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        raise NotImplementedError
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
@@ -232,15 +244,6 @@ class RawFileBackend(_FileBackend):
                 raise OSError(errno.EIO, "pwritev wrote nothing")
             offset += done
             views = _advance(views, done)
-
-    def flush(self) -> None:
-        os.fdatasync(self.fd)
-
-    def discard(self, offset: int, length: int) -> None:
-        self._check_write(offset, length)
-        mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
-        if length and not fallocate(self.fd, mode, offset, length):
-            self.write_zeroes(offset, length)
 
     def write_zeroes(self, offset: int, length: int) -> None:
         self._check_write(offset, length)
@@ -431,15 +434,6 @@ class DirectBackend(_FileBackend):
                 self._bounced(os.pwritev, start, bounce[:span])
         finally:
             buffer.close()
-
-    def flush(self) -> None:
-        os.fdatasync(self.fd)
-
-    def discard(self, offset: int, length: int) -> None:
-        self._check_write(offset, length)
-        mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
-        if length and not fallocate(self.fd, mode, offset, length):
-            self.write_zeroes(offset, length)
 
     def write_zeroes(self, offset: int, length: int) -> None:
         self._check_write(offset, length)
