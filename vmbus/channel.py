@@ -34,6 +34,12 @@ SPIN_PROBE = 32  # then spin on one wait in this many
 PAUSED = 1 << 32  # a reserve no ring meets: its handler takes no request now
 
 
+def packet_space(payload_size: int, header_size: int = 0) -> int:
+    """Ring bytes one packet of this size takes, trailer included."""
+    size = DESCRIPTOR_SIZE + header_size + payload_size
+    return -(-size // ALIGNMENT) * ALIGNMENT + TRAILER_SIZE
+
+
 class ChannelTimeout(VmbusError, TimeoutError):
     """No space, packet or completion arrived in time."""
 
@@ -93,8 +99,8 @@ class Channel:
         has then been asked (pending_send_sz) to signal when it has room."""
         while not self.writer.write(payload, type, flags, trans_id, header):
             self.flush()
-            size = DESCRIPTOR_SIZE + memoryview(header).nbytes + memoryview(payload).nbytes
-            if not self.writer.request_space(-(-size // ALIGNMENT) * ALIGNMENT + TRAILER_SIZE):
+            size = packet_space(memoryview(payload).nbytes, memoryview(header).nbytes)
+            if not self.writer.request_space(size):
                 return False
         self.packets_sent += 1
         self.flush()

@@ -27,9 +27,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
-from vmbus._ringdefs import ALIGNMENT, DESCRIPTOR_SIZE, TRAILER_SIZE
 from vmbus._ringpacket import Packet
-from vmbus.channel import PAUSED, VM_PKT_COMP, VM_PKT_DATA_INBAND, Channel
+from vmbus.channel import PAUSED, VM_PKT_COMP, VM_PKT_DATA_INBAND, Channel, packet_space
 from vmbus.errors import PeerError, PeerLog, UsageError
 from vmbus.gpadl import Gpadl, GpadlTable
 from vmbus.guid import class_name
@@ -50,12 +49,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_REPLY = 512  # bytes; a handler whose replies are larger says so
 DEFAULT_BACKLOG_LIMIT = 1024  # unsolicited packets held for a slow guest
-
-
-def packet_space(payload_size: int, header_size: int = 0) -> int:
-    """Ring bytes one packet of this size takes, trailer included."""
-    size = DESCRIPTOR_SIZE + header_size + payload_size
-    return -(-size // ALIGNMENT) * ALIGNMENT + TRAILER_SIZE
 
 
 class BadGpaRanges(PeerError, ValueError):
@@ -182,13 +175,11 @@ class ChannelHandler:
         self.context = context
         self.backlog: collections.deque[tuple[bytes, int, int, int]] = collections.deque()
         self.dropped = 0  # unsolicited packets lost to a full backlog
+        # Ring bytes that must be free toward the guest before a request is
+        # taken: room for its reply, so `reply` never waits. Asked per packet,
+        # so computed once.
+        self.reserve = packet_space(self.max_reply)
         self.paused = False
-
-    @property
-    def reserve(self) -> int:
-        """Ring bytes that must be free toward the guest before a request is
-        taken: room for its reply, so `reply` never waits."""
-        return packet_space(self.max_reply)
 
     def admission(self) -> int:
         """What the worker asks before handing over each request: the free
