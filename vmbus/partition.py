@@ -171,8 +171,13 @@ class ChildPartition:
         end = time.perf_counter() + self.spin_seconds
         ready = None
         while ready is None and not failed and time.perf_counter() < end:
-            for relid, channel in channels:
-                if check(relid, functools.partial(_bytes_available, channel)):
+            for relid, channel in channels:  # no allocation in the spin
+                try:
+                    available = channel.reader.bytes_available
+                except Exception as error:  # a corrupt ring: that channel only
+                    failed.setdefault(relid, str(error))
+                    break
+                if available:
                     ready = relid
                     break
         for relid, channel in channels:  # unmask; anything that slipped in is served
@@ -456,10 +461,6 @@ def _target_name(target: Target) -> str:
     if module == "__main__":  # a script: the child loads it by path
         module = os.path.abspath(sys.modules["__main__"].__file__ or "")
     return f"{module}:{target.__qualname__}"
-
-
-def _bytes_available(channel: Channel) -> int:
-    return int(channel.reader.bytes_available)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
