@@ -254,7 +254,13 @@ class ChannelHandler:
 
 
 class Vsp(ABC):
-    """A device back end: the channels it offers, and how it serves one."""
+    """A device back end: the channels it offers, and how it serves one.
+
+    A Vsp given to `Host.start` is built in the parent and served in the
+    VM's worker process: it is pickled there (`vmbus.handoff`), before any
+    channel opens, and its parent-side API (injection, a console, a switch
+    port) must reach the worker's copy through descriptors it shares:
+    shared memory, a socket pair, an eventfd."""
 
     @abstractmethod
     def offers(self) -> list[OfferSpec]:
@@ -263,3 +269,8 @@ class Vsp(ABC):
     @abstractmethod
     def open(self, channel: Channel, context: OpenContext) -> ChannelHandler:
         """Serve a channel the guest opened; raise PeerError to refuse it."""
+
+    def stats(self) -> dict[str, Any]:
+        """The device's counters, JSON-able: what `ChildPartition.device_stats`
+        reports from the VM's worker, wherever the device runs."""
+        return {}
