@@ -22,7 +22,23 @@ The interface (`NetBackend`):
 - `set_link(up)`, and `on_link_change`: a callback the VSP sets, called with
   the new state from the thread that calls `set_link`, when the state changes;
 - `close()`; counters `frames_in` (frames handed out by `receive`),
-  `frames_out` (frames `send` accepted) and `drops`.
+  `frames_out` (frames `send` accepted) and `drops`;
+- `link_fileno()` and `poll_link()`: a descriptor, readable when the link
+  state was changed from another process (the parent, after the backend was
+  handed to a VM's worker), and the call that picks the change up (it calls
+  `on_link_change`); -1 when there is none.
+
+Handing over (`vmbus.handoff`): the backends here pickle with their
+descriptors as `SharedFd`s (the TAP device's, the capture file's), so the
+worker's copy works the device the parent opened. The link state crosses in
+a `LinkCell` (a memfd and an eventfd): the parent's `set_link` writes it,
+the worker's copy reads it in `poll_link`. Counters count where the frames
+move (the worker): the parent reads them through `Vsp.stats`.
+
+An optional faster interface, `fast_fd()`: a descriptor on which each
+write(2)/writev(2) is one whole frame and each read(2) returns one (a TAP
+device); the VSP's compiled path then moves frames itself and adds to the
+counters. -1 (the default) keeps the VSP on `transmit`/`receive`.
 
 Each backend is served by one thread (its child's worker), except that the
 switch's ports are served by different workers: the switch locks.
@@ -30,8 +46,10 @@ switch's ports are served by different workers: the switch locks.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
+import mmap
 import os
 import struct
 import time
@@ -42,9 +60,11 @@ from pyroute2 import IPRoute
 from pyroute2 import netns as _netns  # not `netns`: TapBackend's argument of that name
 
 from vmbus.errors import UsageError
+from vmbus.handoff import SharedFd
 
 __all__ = [
     "DEFAULT_MTU",
+    "LinkCell",
     "NetBackend",
     "NullBackend",
     "PcapCapture",
@@ -90,6 +110,9 @@ class NetBackend(Protocol):
     drops: int
 
     def fileno(self) -> int: ...
+    def link_fileno(self) -> int: ...
+    def poll_link(self) -> None: ...
+    def fast_fd(self) -> int: ...
     def receive(self, max_frames: int) -> list[bytes]: ...
     def send(self, frames: Sequence[Frame]) -> int: ...
     def transmit(self, frames: Sequence[Frame]) -> Sent: ...
@@ -109,12 +132,63 @@ class _Closing:
         self.close()
 
 
+class LinkCell:
+    """A link state shared across processes: one byte in a memfd (1 = up)
+    and an eventfd rung after each change. The writer (the parent) stores
+    the state, then rings; the reader (the worker's copy) clears the ring,
+    then loads the state, so it never misses the last change."""
+
+    def __init__(self, up: bool = True) -> None:
+        self._memfd = os.memfd_create("vmbus-net-link", os.MFD_CLOEXEC)
+        self._ring = -1
+        self._map: mmap.mmap | None = None
+        try:
+            os.ftruncate(self._memfd, 8)
+            self._ring = _eventfd()
+            self._map = mmap.mmap(self._memfd, 8)
+        except BaseException:
+            self.close()
+            raise
+        self._map[0] = int(up)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"memfd": SharedFd(self._memfd), "ring": SharedFd(self._ring)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._memfd, self._ring = state["memfd"].take(), state["ring"].take()
+        self._map = mmap.mmap(self._memfd, 8)
+
+    def fileno(self) -> int:
+        return self._ring
+
+    def store(self, up: bool) -> None:
+        assert self._map is not None, "a closed LinkCell"
+        self._map[0] = int(up)
+        os.eventfd_write(self._ring, 1)
+
+    def load(self) -> bool:
+        """The latest state (the ring cleared first); anything but 0 is up."""
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._ring)
+        return self._map is not None and self._map[0] != 0
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        for fd in (self._memfd, self._ring):
+            if fd >= 0:
+                os.close(fd)
+        self._memfd = self._ring = -1
+
+
 class _Backend(_Closing):
     """Counters, link state and the descriptor shared by the backends."""
 
     def __init__(self, mac: bytes | None, mtu: int, fd: int = -1) -> None:
         if mac is not None and len(mac) != 6:
             raise UsageError(f"a MAC is 6 bytes, not {len(mac)}")
+        self._link: LinkCell | None = None
         self._fd = fd
         self.mac = mac
         self.mtu = mtu
@@ -125,8 +199,43 @@ class _Backend(_Closing):
         self.frames_out = 0
         self.drops = 0
 
+    def __getstate__(self) -> dict[str, Any]:
+        """For `vmbus.handoff`: the descriptor crosses as a SharedFd; the
+        link callback belongs to the VSP that set it; the link state is
+        shared from here on (a LinkCell, made now if not yet)."""
+        if self._link is None:
+            self._link = LinkCell(self.link_up)
+        state = self.__dict__.copy()
+        state["_fd"] = SharedFd(self._fd) if self._fd >= 0 else None
+        state["on_link_change"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        fd = state.pop("_fd")
+        self.__dict__.update(state)
+        self._fd = -1 if fd is None else fd.take()
+
     def fileno(self) -> int:
         return self._fd
+
+    def fast_fd(self) -> int:
+        return -1  # frames move through transmit and receive
+
+    def link_fileno(self) -> int:
+        return -1 if self._link is None else self._link.fileno()
+
+    def poll_link(self) -> None:
+        """Pick up a link change made in another process (see LinkCell)."""
+        if self._link is None:
+            return
+        up = self._link.load()
+        if up != self.link_up:
+            self.link_up = up
+            self._link_changed(up)
+
+    def _share_link(self, up: bool) -> None:
+        if self._link is not None:
+            self._link.store(up)
 
     def send(self, frames: Sequence[Frame]) -> int:
         raise NotImplementedError
@@ -141,6 +250,7 @@ class _Backend(_Closing):
     def set_link(self, up: bool) -> None:
         if up != self.link_up:
             self.link_up = up
+            self._share_link(up)
             self._link_changed(up)
 
     def _link_changed(self, up: bool) -> None:
@@ -151,6 +261,9 @@ class _Backend(_Closing):
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        if self._link is not None:
+            self._link.close()
+            self._link = None
 
 
 def _eventfd() -> int:
@@ -287,10 +400,21 @@ class TapBackend(_Backend):
             if not up:
                 fcntl.ioctl(self._fd, TUNSETCARRIER, struct.pack("i", 0))
         self.link_up = up
+        self._share_link(up)
         self._link_changed(up)
 
+    def fast_fd(self) -> int:
+        """Each write is one frame, each read returns one: the compiled path may
+        drive the descriptor itself (while the link is up)."""
+        return self._fd
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._created_netns = False  # the parent's to remove: it made it
+
     def close(self) -> None:
-        """Closing the descriptor deletes the (non-persistent) device."""
+        """Closing the descriptor deletes the (non-persistent) device (once
+        every copy, the parent's and a worker's, is closed)."""
         super().close()
         if self._created_netns and self.netns is not None:
             self._created_netns = False
@@ -342,8 +466,27 @@ class PcapCapture(_Closing):
     frames_out: int = _delegated("frames_out")
     drops: int = _delegated("drops")
 
+    def __getstate__(self) -> dict[str, Any]:
+        """The capture file crosses open (a SharedFd), flushed first: the
+        worker's copy writes on at the same offset."""
+        self._file.flush()
+        return {"inner": self.inner, "file": SharedFd(self._file.fileno())}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.inner = state["inner"]
+        self._file = os.fdopen(state["file"].take(), "wb")
+
     def fileno(self) -> int:
         return self.inner.fileno()
+
+    def link_fileno(self) -> int:
+        return self.inner.link_fileno()
+
+    def poll_link(self) -> None:
+        self.inner.poll_link()
+
+    def fast_fd(self) -> int:
+        return -1  # every frame passes through the capture
 
     def receive(self, max_frames: int) -> list[bytes]:
         frames = self.inner.receive(max_frames)

@@ -41,6 +41,7 @@ import threading
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from vmbus import guid
 from vmbus._ringpacket import Packet
@@ -112,6 +113,7 @@ class NetVsp(Vsp):
         if self.mtu < nv.MIN_MTU:
             raise UsageError(f"sections of {self.sections} bytes hold no {nv.MIN_MTU}-byte MTU")
         self.handler: NetvspChannel | None = None
+        self.counters = Counters()  # of every channel this adapter served
 
     def offers(self) -> list[OfferSpec]:
         return [OfferSpec(guid.NETWORK, self.instance_id)]
@@ -119,6 +121,48 @@ class NetVsp(Vsp):
     def open(self, channel: Channel, context: OpenContext) -> NetvspChannel:
         self.handler = NetvspChannel(self, channel, context)
         return self.handler
+
+    def __getstate__(self) -> dict[str, object]:
+        """For `vmbus.handoff`: the adapter crosses before any channel opens;
+        its backend carries its own descriptors."""
+        state = self.__dict__.copy()
+        state["handler"] = None
+        return state
+
+    def stats(self) -> dict[str, Any]:
+        """Frames and bytes each way, what was refused or lost, doorbells,
+        and the backend's own counters (all counted where the frames move)."""
+        counts = self.counters
+        live = self.handler if self.handler is not None and self.handler.serving else None
+        backend = self.backend
+        return {
+            "frames_from_guest": counts.frames_from_guest,
+            "bytes_from_guest": counts.bytes_from_guest,
+            "frames_to_guest": counts.frames_to_guest,
+            "bytes_to_guest": counts.bytes_to_guest,
+            "refused": counts.refused,
+            "undelivered": counts.undelivered,
+            "signals_to_guest": counts.signals + (live.channel.signals_sent if live else 0),
+            "backend_frames_out": backend.frames_out,
+            "backend_frames_in": backend.frames_in,
+            "backend_drops": backend.drops,
+            "link_up": backend.link_up,
+        }
+
+
+@dataclass
+class Counters:
+    """An adapter's traffic: guest frames taken by the backend, frames
+    delivered to the guest, refused frames, undelivered messages, and the
+    doorbells of channels already closed."""
+
+    frames_from_guest: int = 0
+    bytes_from_guest: int = 0
+    frames_to_guest: int = 0
+    bytes_to_guest: int = 0
+    refused: int = 0
+    undelivered: int = 0
+    signals: int = 0
 
 
 class _GpadlSizes(Mapping[int, int]):
@@ -182,9 +226,14 @@ class NetvspChannel(ChannelHandler):
         self.link_changes: collections.deque[bool] = collections.deque()
         self.lock = threading.Lock()
         self.kick = os.eventfd(0, os.EFD_NONBLOCK)
+        self.counters = vsp.counters
+        self.serving = True  # until close: its doorbells are then in the counters
         self.backend.on_link_change = self._link_changed
         context.watch(self.backend.fileno(), self._from_backend)
         context.watch(self.kick, self._kicked)
+        self._link_fd = self.backend.link_fileno()  # the parent's set_link, across processes
+        if self._link_fd >= 0:
+            context.watch(self._link_fd, self.backend.poll_link)
 
     # --- from the guest ---
 
@@ -243,6 +292,9 @@ class NetvspChannel(ChannelHandler):
         if not self.rndis.initialized:  # frames before INITIALIZE or after HALT
             self._status(packet.trans_id, completion, nvsp.NvspStatus.FAIL)
             return
+        counts = self.counters
+        counts.frames_from_guest += len(frames)
+        counts.bytes_from_guest += sum(len(frame) for frame, _ in frames)
         self._transmit(_Send(packet.trans_id, completion, [frame for frame, _ in frames]))
 
     def _rndis_bytes(self, packet: Packet, event: nv.RndisPacket) -> bytes | None:
@@ -281,6 +333,7 @@ class NetvspChannel(ChannelHandler):
             self.held = None
             self.context.unwatch(self.backend.space_fileno())
         self.refused += send.refused
+        self.counters.refused += send.refused
         status = nvsp.NvspStatus.FAIL if send.refused else nvsp.NvspStatus.SUCCESS
         self._status(send.trans_id, send.completion, status)
 
@@ -306,6 +359,8 @@ class NetvspChannel(ChannelHandler):
                 message = self.rndis.frame_to_guest(frame)
                 if message is not None:
                     self.to_guest.append(message)
+                    self.counters.frames_to_guest += 1
+                    self.counters.bytes_to_guest += len(frame)
             self._deliver()
         if self._room() <= 0 and self._receiving:  # the rest waits in the backend
             self._receiving = False
@@ -314,6 +369,7 @@ class NetvspChannel(ChannelHandler):
     def _queue(self, message: bytes) -> None:
         if len(self.to_guest) >= MAX_PENDING:
             self.undelivered += 1
+            self.counters.undelivered += 1
             return
         self.to_guest.append(message)
 
@@ -327,6 +383,8 @@ class NetvspChannel(ChannelHandler):
             while self.to_guest and len(self.to_guest[0]) > sections.section_size:
                 self.to_guest.popleft()  # cannot be delivered: too big for a section
                 self.undelivered += 1
+                self.counters.undelivered += 1
+            self.counters.undelivered += 1
             count = min(len(self.to_guest), DELIVERY_BATCH, sections.free_count)
             trans_id = next(self.ids)
             taken = sections.alloc(trans_id, count) if count else None
@@ -414,6 +472,10 @@ class NetvspChannel(ChannelHandler):
             self.held = None
         self.context.unwatch(self.kick)
         os.close(self.kick)
+        if self._link_fd >= 0:
+            self.context.unwatch(self._link_fd)
+        self.counters.signals += self.channel.signals_sent
+        self.serving = False
         self.backend.on_link_change = None
         for kind in list(self.buffers):
             self._unmap(kind)
