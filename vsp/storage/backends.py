@@ -8,6 +8,11 @@ OSError, which the target turns into MEDIUM ERROR for that command only.
 
 FUA: the backend has a single cache, so a FUA write is a write followed by
 `flush()`; the target makes that call.
+
+Every backend pickles for the VM's worker process (`vmbus.handoff`): a file
+backend hands over its open descriptor (`SharedFd`), never its path, and a
+RAM disk keeps its bytes in a memfd, so the parent's object and the
+worker's copy read and write the same disk.
 """
 
 from __future__ import annotations
@@ -20,11 +25,13 @@ import os
 import stat
 import struct
 import threading
+import weakref
 from collections.abc import Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 from vmbus.errors import UsageError
+from vmbus.handoff import SharedFd
 
 __all__ = [
     "BlockBackend",
@@ -171,6 +178,19 @@ class _FileBackend(_Backend):
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The open file crosses as itself: the worker's copy gets its own
+        descriptor of it (a path could name another file by then)."""
+        state = self.__dict__.copy()
+        if self.fd >= 0:
+            state["fd"] = SharedFd(self.fd)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        fd = state.get("fd", -1)
+        state["fd"] = fd.take() if isinstance(fd, SharedFd) else -1
+        self.__dict__.update(state)
 
     def __enter__(self: _F) -> _F:
         return self
@@ -330,6 +350,15 @@ class DirectBackend(_FileBackend):
             raise
         self._write_lock = threading.Lock() if self.alignment > self.block_size else None
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_write_lock"] = self._write_lock is not None  # a lock does not pickle
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state["_write_lock"] = threading.Lock() if state["_write_lock"] else None
+        super().__setstate__(state)
+
     def _probe_alignment(self) -> int:
         """The smallest alignment O_DIRECT accepts here: the first size of
         read that is not refused (EINVAL) at an address aligned to it alone."""
@@ -455,12 +484,62 @@ def _device_size(fd: int) -> int:
     return size
 
 
+class SharedBytes(mmap.mmap):
+    """A RAM disk's bytes: a shared mapping of a memfd that compares and
+    counts like bytes (slices are bytes already)."""
+
+    def __eq__(self, other: object) -> bool:
+        try:
+            with memoryview(self) as mine, memoryview(other) as theirs:  # type: ignore[arg-type]
+                return mine == theirs
+        except TypeError:
+            return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+    def count(self, value: int) -> int:
+        return self[:].count(value)
+
+
 class RamBackend(_Backend):
-    """A disk in a bytearray, for tests and benchmarks."""
+    """A disk in memory, for tests and benchmarks. Its bytes (`data`) live
+    in a memfd mapped shared, so a copy unpickled in the worker process and
+    this object see one disk. The memfd is sealed against shrinking: a
+    worker cannot make the parent's mapping fault (SIGBUS) by truncating it."""
 
     def __init__(self, size: int, block_size: int = 512) -> None:
         super().__init__(size, block_size, read_only=False)
-        self.data = bytearray(size)
+        fd = os.memfd_create("vmbus-ram-disk", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, size)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._own(fd)
+
+    def _own(self, fd: int) -> None:
+        self._fd = fd
+        self._closer = weakref.finalize(self, os.close, fd)
+        self.data = self._map(self.size)
+
+    def _map(self, size: int) -> SharedBytes:
+        available = os.fstat(self._fd).st_size
+        if available < size:  # a worker's copy cannot shrink it, only grow it
+            raise UsageError(f"the RAM disk's memfd holds {available} bytes, not {size}")
+        return SharedBytes(self._fd, size)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"size": self.size, "block_size": self.block_size, "fd": SharedFd(self._fd)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        fd = state["fd"].take()
+        try:
+            _Backend.__init__(self, state["size"], state["block_size"], read_only=False)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._own(fd)
 
     def readv(self, offset: int, buffers: Sequence[memoryview]) -> None:
         views = _byte_views(buffers)
@@ -492,10 +571,16 @@ class RamBackend(_Backend):
         self.data[offset : offset + length] = bytes(length)
 
     def resize(self, size: int) -> None:
-        """Grow (with zeros) or shrink the disk; tell the target after."""
+        """Grow (with zeros) or shrink the disk; tell the target after. The
+        memfd never shrinks (it is sealed): the blocks cut off are zeroed,
+        so growing again reads zeros there."""
+        old = self.size
         _Backend.__init__(self, size, self.block_size, self.read_only)
-        del self.data[size:]
-        self.data.extend(bytes(size - len(self.data)))
+        if size < old:
+            self.data[size:old] = bytes(old - size)
+        elif os.fstat(self._fd).st_size < size:
+            os.ftruncate(self._fd, size)
+        self.data = self._map(size)
 
 
 class NullBackend(_Backend):

@@ -42,6 +42,7 @@ import uuid
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from typing import Any
 
 from vmbus import guid
 from vmbus._ringpacket import Packet
@@ -125,6 +126,39 @@ class StorVsp(Vsp):
         self.offered: set[int] = set()  # sub-channel indexes offered: each once
         self.served: Counter[int] = Counter()  # requests by sub-channel index, all time
         self._retired_errors = 0  # errors of closed channels and replaced protocols
+        self._retired = Counter[str]()  # fast-path and overlapped counts of closed channels
+
+    def __getstate__(self) -> dict[str, object]:
+        """What crosses to the worker process (before any channel opens):
+        the configuration, the disks and their backends (which hand over
+        their descriptors), the counters so far; never a channel."""
+        if self.handlers:
+            raise UsageError("a StorVsp with open channels cannot be handed to a worker")
+        return self.__dict__.copy()
+
+    def stats(self) -> dict[str, Any]:
+        """Requests served (all, by the compiled path, overlapped in the I/O
+        pool, and by channel index), bad requests, and SCSI CHECK CONDITIONs
+        by LUN, since the controller was built."""
+        by_channel = self.served.copy()
+        totals = self._retired.copy()
+        for handler in self.handlers:
+            by_channel[handler.context.offer.sub_channel_index] += handler.requests
+            totals["fast_path_requests"] += handler.fast_served
+            totals["overlapped_requests"] += handler.overlapped
+        return {
+            "requests": sum(by_channel.values()),
+            "fast_path_requests": totals["fast_path_requests"],
+            "overlapped_requests": totals["overlapped_requests"],
+            "errors": self.errors,
+            "protocol_errors": dict(self.protocol.errors),
+            "check_conditions": {
+                str(lun): disk.check_conditions for lun, disk in self.target.disks.items()
+            },
+            "requests_by_channel": {str(index): n for index, n in sorted(by_channel.items())},
+            "open_channels": len(self.handlers),
+            "fast_path": self.fast_path,
+        }
 
     def _new_protocol(self) -> vstor.StorvspProtocol:
         return vstor.StorvspProtocol(self.max_transfer_bytes, self.channels)
@@ -154,6 +188,8 @@ class StorVsp(Vsp):
             self.handlers.remove(handler)
             self._retired_errors += handler.bad_ranges
             self.served[handler.context.offer.sub_channel_index] += handler.requests
+            self._retired["fast_path_requests"] += handler.fast_served
+            self._retired["overlapped_requests"] += handler.overlapped
 
     @property
     def errors(self) -> int:
@@ -171,6 +207,8 @@ class StorvspChannel(ChannelHandler):
         super().__init__(channel, context)
         self.vsp = vsp
         self.requests = 0
+        self.fast_served = 0  # of requests: by the compiled path
+        self.overlapped = 0  # of requests: run in the I/O pool
         self.bad_ranges = 0
         self.fast = self._fast_path() if vsp.fast_path else None
         self.pool: IoPool | None = None  # started by the first overlapped request
@@ -197,7 +235,9 @@ class StorvspChannel(ChannelHandler):
                 return PAUSED  # a completion wakes the channel
             return room * (self.pool.in_flight + 1)
         if self.fast is not None and room < PAUSED and not self.channel.backlog:
-            self.requests += self.fast.drain(self.vsp)
+            served = self.fast.drain(self.vsp)
+            self.requests += served
+            self.fast_served += served
         return room
 
     def on_packet(self, packet: Packet) -> None:
@@ -256,6 +296,7 @@ class StorvspChannel(ChannelHandler):
         data = guest_segments(self.context.memory, srb.ranges, srb.transfer_length)
         work = functools.partial(disk.execute, srb.cdb, data, srb.direction)
         self.pool.submit((trans_id, srb.request, self.vsp.protocol), work)
+        self.overlapped += 1
         return True
 
     def _start_pool(self) -> bool:
