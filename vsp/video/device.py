@@ -8,6 +8,7 @@ from __future__ import annotations
 import uuid
 from collections import Counter
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -20,7 +21,7 @@ from vmbus.errors import UsageError
 from vmbus.gpadl import Gpadl
 from vmbus.host import OfferSpec
 from vmbus.protocols import video as sv
-from vsp.video.screen import Rect, Screen
+from vsp.video.screen import CONTROL_FLUSH, CONTROL_SIZE, Rect, Screen
 
 DEFAULT_VRAM_MB = 8  # what Hyper-V offers a WIN8+ guest
 DEFAULT_MODE = (1024, 768)
@@ -41,8 +42,19 @@ class VideoHandler(ChannelHandler):
         self.vram: npt.NDArray[np.uint8] | None = None  # the guest's VRAM, (vram_size,) uint8
         self.vram_gpadl: Gpadl | None = None  # the grant it lies in
         self.frames = 0  # DIRT messages shown
-        self.pending: list[Rect] | None = []  # None: the whole screen
+        self.pending: list[Rect] | None = []  # not yet shown; None: the whole screen
         self.dirt_requested = False
+        self.size_requests: list[tuple[int, int]] = []  # viewers' sizes, newest last
+        # The parent's requests (FLUSH after a read that made us wait, a
+        # viewer's size) come through the Screen's socket pair.
+        self.watching = False
+        try:
+            context.watch(self.screen.control_fd, self._on_control)
+        except UsageError:  # no worker loop (a bare harness): never defer
+            pass
+        else:
+            self.watching = True
+            self.screen.deferrable = True
 
     def _vram_ok(self, gpa: int, size: int) -> bool:
         """VRAM must be guest memory the guest granted us through one GPADL."""
@@ -67,7 +79,8 @@ class VideoHandler(ChannelHandler):
             elif isinstance(event, sv.ModeSet):
                 if (self.screen.width, self.screen.height) != (event.width, event.height):
                     self.screen.resize(event.width, event.height)
-                self._show(None)
+                self.pending = None
+                self._flush()
                 if not self.dirt_requested:  # start the guest's dirty-rectangle updates
                     self.dirt_requested = True
                     self.post(self.server.feature_change(dirt=True))  # unsolicited
@@ -88,26 +101,41 @@ class VideoHandler(ChannelHandler):
         """After the worker drained the channel: send what waited for room,
         then show what changed."""
         super().on_signal()
-        if self.pending != []:
-            self._show(self.pending)
+        self._flush()
+
+    def _on_control(self) -> None:
+        """The parent's requests, in the worker."""
+        for kind, a, b in self.screen.read_control():
+            if kind == CONTROL_FLUSH:
+                self._flush()
+            elif kind == CONTROL_SIZE:
+                self.size_requests = [*self.size_requests[-7:], (a, b)]
+
+    def _flush(self) -> None:
+        """Show what is pending, unless the Screen defers it (the parent is
+        reading): then it stays pending until the parent's FLUSH."""
+        if self.pending != [] and self._show(self.pending):
             self.pending = []
 
-    def _show(self, rects: list[Rect] | None) -> None:
+    def _show(self, rects: list[Rect] | None) -> bool:
         mode = self.server.mode
         if self.vram is None or mode is None:
-            return
+            return True
         if self.vram_gpadl is not None and self.vram_gpadl.gpadl not in self.context.gpadls:
             self.vram = self.vram_gpadl = None  # the guest revoked its grant
-            return
+            return True
         # The protocol checked offset + pitch * height fits the VRAM.
         rows = self.vram[mode.vram_offset : mode.vram_offset + mode.pitch * mode.height]
         pixels = np.lib.stride_tricks.as_strided(
             rows, (mode.height, mode.width, 4), (mode.pitch, 4, 1), writeable=False
         )
-        self.screen.update(pixels, rects)
+        return self.screen.update(pixels, rects)
 
     def close(self) -> None:
         self.vram = self.vram_gpadl = None
+        if self.watching:
+            self.watching = self.screen.deferrable = False
+            self.context.unwatch(self.screen.control_fd)
         super().close()
 
 
@@ -125,8 +153,15 @@ class VideoVsp(Vsp):
         default: tuple[int, int] | None = None,
         instance_id: uuid.UUID | None = None,
     ) -> None:
-        self.screen = screen or Screen(1024, 768)
         self.vram_size = vram_megabytes << 20
+        # Every mode fits the VRAM, so a Screen that holds the VRAM holds every mode.
+        self.screen = screen or Screen(
+            *DEFAULT_MODE, capacity=max(self.vram_size, DEFAULT_MODE[0] * DEFAULT_MODE[1] * 4)
+        )
+        if self.screen.capacity < self.vram_size:
+            raise UsageError(
+                f"a Screen of {self.screen.capacity} bytes cannot show {vram_megabytes} MiB of VRAM"
+            )
         if resolutions is None:
             resolutions = [
                 (w, h)
@@ -157,6 +192,19 @@ class VideoVsp(Vsp):
     @property
     def errors(self) -> Counter[str]:
         return Counter() if self.handler is None else self.handler.server.errors
+
+    def stats(self) -> dict[str, Any]:
+        handler = self.handler
+        server = None if handler is None else handler.server
+        mode = None if server is None or server.mode is None else server.mode
+        return {
+            "frames": self.frames,
+            "errors": dict(self.errors),
+            "mode": None if mode is None else [mode.width, mode.height, mode.pitch],
+            "vram_mapped": self.vram is not None,
+            "deferred_updates": self.screen.deferred,
+            "size_requests": [] if handler is None else [list(s) for s in handler.size_requests],
+        }
 
     @property
     def vram(self) -> npt.NDArray[np.uint8] | None:

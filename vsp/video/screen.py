@@ -24,6 +24,17 @@ Interface:
 - ``Screen.capture(rects, generation)``: consistent copies of regions, for
   encoders; a stale ``generation`` (a resize happened) yields the whole frame.
 
+Across processes: the frame lives in a memfd (`vsp.video.shared`). A Screen
+pickled with `vmbus.handoff` (a `VideoVsp` handed to its VM's worker process)
+arrives as the *writer's* copy: it draws into the same memory and rings an
+eventfd; the parent's Screen keeps its API (listeners are then called from a
+thread of the Screen's, which reads the dirty rectangles out of the shared
+header), validates all it reads, and sends the worker requests
+(``request_size``; a ``FLUSH`` after a read the writer deferred) through a
+socket pair whose worker end the VSP watches (``control_fd``,
+``read_control``). ``Screen.set_cursor`` / ``cursor()`` carry the guest's
+pointer shape the same way.
+
 Backends: ``vsp.video.vnc.VncServer(screen, host="127.0.0.1", port=5900,
 password=None, on_key=..., on_pointer=...)`` serves the Screen over RFB 3.8
 (behind VNC authentication: a password made for the run if none is given) and
@@ -34,21 +45,31 @@ keyboard and mouse. ``vsp.video.png.encode_png`` / ``write_png`` encode RGB fram
 
 from __future__ import annotations
 
+import contextlib
 import os
+import selectors
+import socket
+import struct
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 import numpy.typing as npt
 
+from vmbus.handoff import SharedFd
 from vsp.video.png import write_png
+from vsp.video.shared import CURSOR_MAX, MAX_DIMENSION, SharedFrame
 
 __all__ = [
+    "CONTROL_FLUSH",
+    "CONTROL_SIZE",
     "MAX_DIMENSION",
     "MAX_UPDATE_RECTS",
     "Capture",
+    "Cursor",
     "Rect",
     "Screen",
     "bounding_box",
@@ -61,11 +82,14 @@ Rect = tuple[int, int, int, int]
 Frame = npt.NDArray[np.uint8]
 Listener = Callable[[list[Rect]], None]
 
-# 8192x8192x4 is a 256 MiB frame: bigger than any synthvid mode (7680x4320).
-MAX_DIMENSION = 8192
 # More dirty rectangles than this in one update are merged into their bounding box:
 # a guest cannot make the parent do unbounded per-rectangle work.
 MAX_UPDATE_RECTS = 64
+# Parent -> worker requests, one SOCK_SEQPACKET record each: kind, a, b (u32).
+CONTROL_FLUSH = 1  # a copy was deferred while the parent read: copy it now
+CONTROL_SIZE = 2  # a viewer asks for a width x height (a) x (b) screen
+_CONTROL = struct.Struct("<III")
+_TORN_RETRIES = 3  # copies retried while the writer keeps changing the frame
 
 
 def clip(rect: Rect, width: int, height: int) -> Rect | None:
@@ -98,9 +122,11 @@ def bounding_box(rects: Sequence[Rect]) -> Rect:
     )
 
 
-def _check_size(width: int, height: int) -> None:
+def _check_size(width: int, height: int, capacity: int) -> None:
     if not (1 <= width <= MAX_DIMENSION and 1 <= height <= MAX_DIMENSION):
         raise ValueError(f"screen size {width}x{height} outside 1..{MAX_DIMENSION}")
+    if width * height * 4 > capacity:
+        raise ValueError(f"screen size {width}x{height} over the capacity of {capacity} bytes")
 
 
 @dataclass(frozen=True)
@@ -114,85 +140,334 @@ class Capture:
     pixels: list[Frame]
 
 
-class Screen:
-    """The frame a console shows; thread-safe (the VSP writes, backends read)."""
+@dataclass(frozen=True)
+class Cursor:
+    """The guest's pointer shape: BGRA (h, w, 4), hot spot; `serial` counts shapes."""
 
-    def __init__(self, width: int, height: int) -> None:
-        _check_size(width, height)
+    serial: int
+    hot_x: int
+    hot_y: int
+    pixels: Frame
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+class Screen:
+    """The frame a console shows; thread-safe (the VSP writes, backends read),
+    and shared with the worker's copy of it once pickled."""
+
+    def __init__(self, width: int, height: int, *, capacity: int | None = None) -> None:
+        capacity = capacity or MAX_DIMENSION * MAX_DIMENSION * 4  # sparse until drawn on
+        _check_size(width, height, capacity)
+        self._shm = SharedFrame.create(capacity)
+        self._events = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        parent, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        parent.setblocking(False)
+        worker.setblocking(False)
+        self._control, self._control_worker = parent, worker
+        self._init_common(remote=False)
+        self._shm.set_mode(0, width, height)
+        self._mode = (0, width, height)
+
+    def _init_common(self, *, remote: bool) -> None:
         self._lock = threading.Lock()
-        self._frame: Frame = np.zeros((height, width, 4), np.uint8)
-        self._generation = 0  # bumped by each resize
         self._listeners: list[Listener] = []
+        self._remote = remote  # the worker's copy: wakes the parent instead of calling listeners
+        self._exported = False  # the parent's, once pickled: a watcher calls the listeners
+        self._watcher: threading.Thread | None = None
+        self._stop_watch: socket.socket | None = None
+        self._seen = (0, 0)  # (generation, serial) the watcher has passed on
+        self.deferrable = False  # the VSP watches control_fd, so a copy may wait for FLUSH
+        self.torn = 0  # captures that gave up waiting for a consistent frame
+        self.deferred = 0  # updates the writer put off while the parent read
+        self.dropped_controls = 0
+        fds = [self._shm.fd, self._events]
+        self._finalizer = weakref.finalize(self, _close_all, fds)
+
+    # Pickling: the worker's copy maps the same memfd (vmbus.handoff).
+
+    def __getstate__(self) -> dict[str, Any]:
+        if self._remote:
+            raise TypeError("a worker's copy of a Screen is not handed on")
+        with self._lock:
+            self._exported = True
+            self._seen = self._seen_now()
+        self._update_watcher()
+        return {
+            "capacity": self._shm.capacity,
+            "memfd": SharedFd(self._shm.fd),
+            "events": SharedFd(self._events),
+            "control": SharedFd(self._control_worker.fileno()),
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        memfd, events = state["memfd"].take(), state["events"].take()
+        control = state["control"].take()
+        self._control = self._control_worker = socket.socket(fileno=control)
+        self._events = events
+        try:
+            self._shm = SharedFrame(memfd, int(state["capacity"]), create=False)
+        except BaseException:
+            _close_all([memfd, events])
+            self._control.close()
+            raise
+        self._init_common(remote=True)
+        generation, width, height, _ = self._shm.read_mode()
+        self._mode = (generation, width, height)
+
+    def close(self) -> None:
+        """Release the memfd, the eventfd and the sockets (also done when collected)."""
+        with self._lock:
+            self._listeners.clear()
+        self._update_watcher()
+        self._finalizer()
+        self._control.close()
+        self._control_worker.close()
+
+    # The mode, as the writer set it (validated when read from shared memory).
+
+    @property
+    def capacity(self) -> int:
+        return self._shm.capacity
 
     @property
     def width(self) -> int:
-        return int(self._frame.shape[1])
+        return self.geometry()[1]
 
     @property
     def height(self) -> int:
-        return int(self._frame.shape[0])
+        return self.geometry()[2]
 
     def geometry(self) -> tuple[int, int, int]:
         """(generation, width, height), read together."""
-        with self._lock:
-            return self._generation, self._frame.shape[1], self._frame.shape[0]
+        if not self._remote and not self._exported:
+            return self._mode
+        generation, width, height, _ = self._shm.read_mode()
+        return generation, width, height
+
+    # Listeners.
 
     def add_listener(self, fn: Listener) -> None:
         with self._lock:
             self._listeners.append(fn)
+        self._update_watcher()
 
     def remove_listener(self, fn: Listener) -> None:
         with self._lock:
             if fn in self._listeners:
                 self._listeners.remove(fn)
+        self._update_watcher()
 
     def _notify(self, rects: list[Rect]) -> None:
+        if self._remote:  # the parent's watcher reads the rectangles from the header
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_write(self._events, 1)
+            return
         with self._lock:
             listeners = list(self._listeners)
         for fn in listeners:
             fn(rects)
 
+    # The writer: the VSP (in the worker, or in-process).
+
     def resize(self, width: int, height: int) -> None:
         """A mode change: a new black frame of the new size."""
-        _check_size(width, height)
+        _check_size(width, height, self._shm.capacity)
         with self._lock:
-            self._frame = np.zeros((height, width, 4), np.uint8)
-            self._generation += 1
+            shm = self._shm
+            generation = self._mode[0] + 1
+            shm.begin_write()
+            shm.set_mode(generation, width, height)
+            shm.bytes[: width * height * 4] = 0
+            shm.publish([(0, 0, width, height)])
+            shm.end_write()
+            self._mode = (generation, width, height)
         self._notify([(0, 0, width, height)])
 
-    def update(self, pixels: npt.NDArray[np.uint8], rects: Iterable[Rect] | None = None) -> None:
-        """Copy the dirty `rects` of `pixels` (the VRAM view) into the frame."""
+    def update(self, pixels: npt.NDArray[np.uint8], rects: Iterable[Rect] | None = None) -> bool:
+        """Copy the dirty `rects` of `pixels` (the VRAM view) into the frame.
+        False: deferred (the parent is reading and `deferrable` is set); the
+        caller keeps the rectangles and copies them on CONTROL_FLUSH."""
         if pixels.ndim != 3 or pixels.shape[2] != 4 or pixels.dtype != np.uint8:
             raise ValueError(f"pixels must be (h, w, 4) uint8, not {pixels.shape} {pixels.dtype}")
         with self._lock:
-            frame = self._frame
-            w = min(frame.shape[1], pixels.shape[1])
-            h = min(frame.shape[0], pixels.shape[0])
+            _, fw, fh = self._mode
+            w, h = min(fw, pixels.shape[1]), min(fh, pixels.shape[0])
             wanted = [(0, 0, w, h)] if rects is None else list(rects)
             dirty = [c for r in wanted if (c := clip(r, w, h)) is not None]
+            if not dirty:
+                return True
             if len(dirty) > MAX_UPDATE_RECTS:
                 dirty = [bounding_box(dirty)]
+            shm = self._shm
+            shm.begin_write()
+            if self.deferrable and shm.reading:
+                shm.end_write()
+                shm.defer()
+                self.deferred += 1
+                return False
+            frame = shm.frame(fw, fh)
             for x1, y1, x2, y2 in dirty:
                 frame[y1:y2, x1:x2] = pixels[y1:y2, x1:x2]
-        if dirty:
-            self._notify(dirty)
+            shm.publish(dirty)
+            shm.end_write()
+        self._notify(dirty)
+        return True
+
+    def set_cursor(self, pixels: npt.NDArray[np.uint8], hot_x: int, hot_y: int) -> None:
+        """The guest's pointer shape, BGRA (h, w, 4), at most CURSOR_MAX square."""
+        h, w = pixels.shape[:2]
+        if not (w <= CURSOR_MAX and h <= CURSOR_MAX and 0 <= hot_x < max(w, 1)) or not (
+            0 <= hot_y < max(h, 1)
+        ):
+            raise ValueError(f"cursor {w}x{h} with hot spot {hot_x},{hot_y}")
+        with self._lock:
+            shm = self._shm
+            shm.begin_write()
+            shm.cursor(w, h)[:] = pixels
+            shm.set_cursor(w, h, hot_x, hot_y)
+            shm.end_write()
+        self._notify([])
+
+    @property
+    def control_fd(self) -> int:
+        """The worker's end of the request socket: the VSP watches it."""
+        return self._control_worker.fileno()
+
+    def read_control(self) -> list[tuple[int, int, int]]:
+        """The requests waiting on `control_fd` (kind, a, b); malformed ones dropped."""
+        requests = []
+        for _ in range(64):  # bounded: the rest wakes the watcher again
+            try:
+                record = self._control_worker.recv(64)
+            except (BlockingIOError, InterruptedError):
+                break
+            if not record:
+                break
+            if len(record) != _CONTROL.size:
+                self.dropped_controls += 1
+                continue
+            requests.append(_CONTROL.unpack(record))
+        return requests
+
+    # The reader: the parent (console, snapshots).
+
+    def request_size(self, width: int, height: int) -> None:
+        """Ask the guest for a width x height screen (a viewer's size)."""
+        self._send_control(CONTROL_SIZE, width, height)
+
+    def _send_control(self, kind: int, a: int = 0, b: int = 0) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):  # full: one is pending anyway
+            self._control.send(_CONTROL.pack(kind, a, b))
 
     def capture(self, rects: Sequence[Rect], generation: int) -> Capture:
         """Copies of `rects` (clipped); the whole frame if `generation` is stale."""
         with self._lock:
-            frame = self._frame
-            h, w = frame.shape[:2]
-            if generation != self._generation:
-                rects = [(0, 0, w, h)]
-            kept = [c for r in rects if (c := clip(r, w, h)) is not None]
-            pixels = [frame[y1:y2, x1:x2].copy() for x1, y1, x2, y2 in kept]
-            return Capture(self._generation, w, h, kept, pixels)
+            shm = self._shm
+            for attempt in range(_TORN_RETRIES + 1):
+                shm.start_read()
+                seq = shm.stable_seq()
+                gen, w, h = (
+                    self._mode if not (self._remote or self._exported) else (shm.read_mode()[:3])
+                )
+                wanted = [(0, 0, w, h)] if generation != gen else rects
+                kept = [c for r in wanted if (c := clip(r, w, h)) is not None]
+                frame = shm.frame(w, h)
+                pixels = [frame[y1:y2, x1:x2].copy() for x1, y1, x2, y2 in kept]
+                consistent = seq is not None and shm.seq() == seq
+                if shm.end_read():
+                    self._send_control(CONTROL_FLUSH)
+                if consistent:
+                    break
+                if seq is None or attempt == _TORN_RETRIES:  # stuck, or never still
+                    self.torn += 1
+                    break
+            return Capture(gen, w, h, kept, pixels)
+
+    def cursor(self) -> Cursor:
+        """The pointer shape (0x0 until the guest sets one)."""
+        with self._lock:
+            shm = self._shm
+            for _ in range(_TORN_RETRIES + 1):
+                seq = shm.stable_seq()
+                state = shm.read_header()
+                w, h, hot_x, hot_y = state.cursor
+                pixels = shm.cursor(w, h).copy()
+                if seq is None or shm.seq() == seq:
+                    break
+            return Cursor(state.cursor_serial, hot_x, hot_y, pixels)
 
     def frame_copy(self) -> Frame:
-        with self._lock:
-            return self._frame.copy()
+        cap = self.capture([], -1)
+        return cap.pixels[0]
 
     def snapshot_png(self, target: str | os.PathLike[str] | BinaryIO) -> None:
         """Write the frame to `target` (a path or a binary file) as an RGB PNG."""
         frame = self.frame_copy()
         write_png(target, frame[:, :, 2::-1])  # BGRX -> RGB
+
+    # The parent's watcher: once the Screen is handed to a worker, a thread
+    # (only while there are listeners) turns the worker's wake-ups into calls.
+
+    def _seen_now(self) -> tuple[int, int]:
+        state = self._shm.read_header()
+        return state.generation, state.serial
+
+    def _update_watcher(self) -> None:
+        with self._lock:
+            want = self._exported and bool(self._listeners)
+            running = self._watcher
+            if want and running is None:
+                stop_r, stop_w = socket.socketpair()
+                self._stop_watch = stop_w
+                thread = threading.Thread(
+                    target=self._watch, args=(stop_r,), name="screen-watcher", daemon=True
+                )
+                self._watcher = thread
+                thread.start()
+                return
+            if want or running is None:
+                return
+            self._watcher = None
+            stop, self._stop_watch = self._stop_watch, None
+        assert stop is not None
+        stop.close()  # the watcher sees EOF
+        if running is not threading.current_thread():
+            running.join()
+
+    def _watch(self, stop: socket.socket) -> None:
+        with selectors.DefaultSelector() as selector, stop:
+            selector.register(self._events, selectors.EVENT_READ)
+            selector.register(stop, selectors.EVENT_READ)
+            while True:
+                ready = [key.fd for key, _ in selector.select()]
+                if stop.fileno() in ready:
+                    return
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(self._events)
+                rects = self._new_damage()
+                if rects:
+                    with self._lock:
+                        listeners = list(self._listeners)
+                    for fn in listeners:
+                        fn(rects)
+
+    def _new_damage(self) -> list[Rect]:
+        """What changed since the watcher last looked: the ring's new
+        rectangles, or the whole frame after a mode change or a gap."""
+        state = self._shm.read_header()
+        generation, serial = self._seen
+        self._seen = (state.generation, state.serial)
+        whole = [(0, 0, state.width, state.height)]
+        if state.generation != generation or not state.consistent:
+            return whole
+        fresh = state.serial - serial
+        if fresh <= 0:
+            return []
+        if fresh > len(state.ring):
+            return whole
+        return list(state.ring[-fresh:])

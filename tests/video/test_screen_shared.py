@@ -1,0 +1,162 @@
+"""The Screen across processes: its pickled copy (what a VM's worker gets)
+draws into the parent's memory; the parent validates what it reads back,
+its listeners, captures and VNC clients see the pixels, and its requests
+reach the copy through the socket pair."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from vnc_client import RAW, connect, pattern, rgb_values, wait_for
+
+from vmbus import guid, handoff
+from vmbus.errors import UsageError
+from vmbus.guest import Guest, GuestDevice
+from vmbus.testing import loopback
+from vsc.video import Framebuffer
+from vsp.video import Screen, VideoVsp, VncServer
+from vsp.video.screen import CONTROL_FLUSH, CONTROL_SIZE, Rect
+from vsp.video.shared import MAX_DIMENSION
+
+
+def handed(obj: object) -> object:
+    """`obj` through vmbus.handoff, in process: the copy gets descriptors of its own."""
+    data, fds = handoff.dumps(obj)
+    return handoff.loads(data, [os.dup(fd) for fd in fds])
+
+
+class Damage:
+    """A listener that lets a test wait for the rectangles it was told about."""
+
+    def __init__(self) -> None:
+        self.rects: list[Rect] = []
+        self.changed = threading.Condition()
+
+    def __call__(self, rects: list[Rect]) -> None:
+        with self.changed:
+            self.rects += rects
+            self.changed.notify_all()
+
+    def wait(self, rect: Rect) -> None:
+        with self.changed:
+            assert self.changed.wait_for(lambda: rect in self.rects, timeout=10)
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[Screen, Screen]]:
+    parent = Screen(40, 30)
+    worker = handed(parent)
+    assert isinstance(worker, Screen)
+    yield parent, worker
+    worker.close()
+    parent.close()
+
+
+def test_the_copy_draws_into_the_parents_frame(pair: tuple[Screen, Screen]) -> None:
+    parent, worker = pair
+    damage = Damage()
+    parent.add_listener(damage)
+    pixels = pattern(30, 40, seed=3)
+    assert worker.update(pixels, [(2, 3, 20, 10)])
+    damage.wait((2, 3, 20, 10))
+    assert (parent.frame_copy()[3:10, 2:20] == pixels[3:10, 2:20]).all()
+    assert not parent.frame_copy()[10:].any()
+    parent.remove_listener(damage)
+
+
+def test_a_resize_in_the_copy_reaches_the_parent(pair: tuple[Screen, Screen]) -> None:
+    parent, worker = pair
+    damage = Damage()
+    parent.add_listener(damage)
+    generation = parent.geometry()[0]
+    worker.resize(64, 16)
+    damage.wait((0, 0, 64, 16))
+    assert parent.geometry() == (generation + 1, 64, 16)
+    capture = parent.capture([(0, 0, 1, 1)], generation)  # stale: the whole new frame
+    assert capture.rects == [(0, 0, 64, 16)]
+    parent.remove_listener(damage)
+
+
+def test_the_copy_defers_while_the_parent_reads(pair: tuple[Screen, Screen]) -> None:
+    parent, worker = pair
+    worker.deferrable = True
+    parent._shm.start_read()  # a capture in progress
+    assert not worker.update(pattern(30, 40))
+    assert parent._shm.end_read()  # the reader learns the writer waited
+    parent._send_control(CONTROL_FLUSH)
+    parent.request_size(800, 600)
+    assert worker.read_control() == [(CONTROL_FLUSH, 0, 0), (CONTROL_SIZE, 800, 600)]
+    assert worker.update(pattern(30, 40)) and worker.deferred == 1
+
+
+def test_a_hostile_header_is_bounded_by_the_parent(pair: tuple[Screen, Screen]) -> None:
+    parent, worker = pair
+    damage = Damage()
+    parent.add_listener(damage)
+    words = worker._shm.words
+    words[3], words[4] = MAX_DIMENSION + 1, 7  # over the bound
+    assert parent.geometry()[1:] == (1, 1)
+    assert parent.frame_copy().shape == (1, 1, 4)
+    words[3], words[4] = 40, 30
+    words[16], words[17] = 5 | 5 << 32, 10**6 | 10**6 << 32  # a rectangle past the frame
+    words[5] += np.uint64(1)
+    os.eventfd_write(worker._events, 1)
+    damage.wait((5, 5, 40, 30))  # clipped to the frame
+    words[9] = 500 | 500 << 16  # a cursor over CURSOR_MAX
+    assert parent.cursor().pixels.shape == (0, 0, 4)
+    words[1] += np.uint64(1)  # a writer that never finishes: a torn copy, not a hang
+    parent.frame_copy()
+    assert parent.torn == 1
+    parent.remove_listener(damage)
+
+
+def test_a_malformed_request_is_dropped(pair: tuple[Screen, Screen]) -> None:
+    parent, worker = pair
+    parent._control.send(b"short")
+    parent.request_size(1, 2)
+    assert worker.read_control() == [(CONTROL_SIZE, 1, 2)] and worker.dropped_controls == 1
+
+
+def test_the_cursor_crosses(pair: tuple[Screen, Screen]) -> None:
+    parent, worker = pair
+    shape = np.arange(8 * 6 * 4, dtype=np.uint8).reshape(6, 8, 4)
+    worker.set_cursor(shape, 3, 2)
+    cursor = parent.cursor()
+    assert (cursor.hot_x, cursor.hot_y, cursor.serial) == (3, 2, 1)
+    assert (cursor.pixels == shape).all()
+
+
+def test_a_handed_video_vsp_is_seen_by_a_vnc_client_of_the_parent() -> None:
+    """The round trip a worker process makes, in process: the VSP served is
+    the pickled copy; the parent's Screen and its VNC server show its pixels."""
+    vsp = VideoVsp(Screen(64, 64), vram_megabytes=2, resolutions=[(640, 480)])
+    served = handed(vsp)
+    assert isinstance(served, VideoVsp) and served.screen is not vsp.screen
+    devices: list[GuestDevice] = []
+
+    def register(guest: Guest) -> None:
+        guest.register(guid.SYNTHVID, devices.append)
+
+    with VncServer(vsp.screen, port=0, authenticate=False) as server, loopback([served], register):
+        fb = Framebuffer(devices[0], 320, 240)
+        fb.wait_ready()
+        fb.pixels[:] = pattern(240, 320, seed=5)
+        fb.update()
+        wait_for(lambda: np.array_equal(vsp.screen.frame_copy(), fb.pixels))
+        client = connect(server, RAW)
+        client.request(False)
+        assert client.read_update() == [(0, 0, 320, 240, RAW)]
+        assert (client.fb == rgb_values(fb.pixels)).all()
+        assert served.stats()["frames"] >= 1 and served.stats()["mode"][:2] == [320, 240]
+        fb.close()
+        client.close()
+    served.screen.close()
+
+
+def test_a_screen_smaller_than_the_vram_is_refused() -> None:
+    with pytest.raises(UsageError):
+        VideoVsp(Screen(64, 64, capacity=1 << 20), vram_megabytes=2)

@@ -1,0 +1,239 @@
+"""The Screen's shared memory: one memfd both processes map, and its header.
+
+A VM's worker process writes the frame (the VSP copies the guest's dirty
+rectangles in); the parent reads it (the VNC server, PNG snapshots). The
+memfd holds, page aligned:
+
+- the header (one page of little-endian u64 words): a seqlock count (odd
+  while the writer changes the frame or the header), the mode (generation,
+  width, height), a ring of the last RING dirty rectangles with the count
+  of rectangles ever published, a `reading` word the parent sets while it
+  copies (the writer then defers its copy and sets `deferred`, so a reader
+  is never starved by a guest that draws without pause), and the pointer
+  shape's serial and geometry;
+- the pointer shape (CURSOR_MAX x CURSOR_MAX BGRA);
+- the frame, `capacity` bytes, rows of width * 4 bytes (BGRX).
+
+The parent trusts nothing it reads here: `Header.read` bounds every field
+against the capacity and MAX_DIMENSION and clips every rectangle; a writer
+that holds the seqlock odd too long gets a torn copy, never a hang.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from vmbus.memory import PAGE_SIZE
+
+__all__ = [
+    "CURSOR_MAX",
+    "MAGIC",
+    "MAX_DIMENSION",
+    "RING",
+    "HeaderState",
+    "SharedFrame",
+]
+
+# 8192x8192x4 is a 256 MiB frame: bigger than any synthvid mode (7680x4320).
+MAX_DIMENSION = 8192
+CURSOR_MAX = 96  # synthvid's largest pointer shape
+MAGIC = 0x31_4E_45_45_52_43_53_56  # "VSCREEN1", and the layout's version
+RING = 64  # dirty rectangles the header remembers
+SEQLOCK_PATIENCE = 0.05  # seconds a reader waits for a writer mid-change
+
+# Header words.
+_MAGIC, _SEQ, _GENERATION, _WIDTH, _HEIGHT, _SERIAL, _READING, _DEFERRED = range(8)
+_CURSOR_SERIAL, _CURSOR_GEOMETRY, _CURSOR_POSITION = 8, 9, 10
+_RING_BASE = 16  # two words per rectangle: x1 | y1 << 32, x2 | y2 << 32
+_HEADER_WORDS = _RING_BASE + 2 * RING
+
+_CURSOR_OFFSET = PAGE_SIZE
+_CURSOR_BYTES = CURSOR_MAX * CURSOR_MAX * 4
+_FRAME_OFFSET = _CURSOR_OFFSET + -(-_CURSOR_BYTES // PAGE_SIZE) * PAGE_SIZE
+
+Rect = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class HeaderState:
+    """One consistent, validated reading of the header."""
+
+    generation: int
+    width: int
+    height: int
+    serial: int  # rectangles published so far
+    ring: tuple[Rect, ...]  # the last min(serial, RING), oldest first, clipped
+    cursor_serial: int
+    cursor: tuple[int, int, int, int]  # width, height, hot x, hot y (checked)
+    consistent: bool  # False: the writer kept the seqlock busy; fields still bounded
+
+
+class SharedFrame:
+    """The mapping of one Screen's memfd (either side)."""
+
+    def __init__(self, fd: int, capacity: int, *, create: bool) -> None:
+        if not PAGE_SIZE <= capacity <= MAX_DIMENSION * MAX_DIMENSION * 4:
+            raise ValueError(f"frame capacity {capacity}")
+        self.fd = fd
+        self.capacity = capacity
+        size = _FRAME_OFFSET + capacity
+        if create:
+            os.ftruncate(fd, size)
+        elif os.fstat(fd).st_size < size:  # a worker handed a short file must not fault
+            raise ValueError("the screen's memfd is smaller than its capacity")
+        self.map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.words: npt.NDArray[np.uint64] = np.frombuffer(self.map, np.uint64, PAGE_SIZE // 8, 0)
+        self.cursor_bytes: npt.NDArray[np.uint8] = np.frombuffer(
+            self.map, np.uint8, _CURSOR_BYTES, _CURSOR_OFFSET
+        )
+        self.bytes: npt.NDArray[np.uint8] = np.frombuffer(
+            self.map, np.uint8, capacity, _FRAME_OFFSET
+        )
+        if create:
+            self.words[_MAGIC] = MAGIC
+
+    @classmethod
+    def create(cls, capacity: int) -> SharedFrame:
+        fd = os.memfd_create("vmbus-screen", os.MFD_CLOEXEC)
+        try:
+            return cls(fd, capacity, create=True)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def frame(self, width: int, height: int) -> npt.NDArray[np.uint8]:
+        """The frame of a width x height mode, (h, w, 4); the caller checked the size."""
+        return self.bytes[: width * height * 4].reshape(height, width, 4)
+
+    def cursor(self, width: int, height: int) -> npt.NDArray[np.uint8]:
+        return self.cursor_bytes[: width * height * 4].reshape(height, width, 4)
+
+    # The writer (the worker's Screen); it is the only one that moves the seqlock.
+
+    def begin_write(self) -> None:
+        self.words[_SEQ] += np.uint64(1)  # odd: changing
+
+    def end_write(self) -> None:
+        self.words[_SEQ] += np.uint64(1)
+
+    @property
+    def reading(self) -> bool:
+        return bool(self.words[_READING])
+
+    def defer(self) -> None:
+        self.words[_DEFERRED] = 1
+
+    def set_mode(self, generation: int, width: int, height: int) -> None:
+        words = self.words
+        words[_GENERATION], words[_WIDTH], words[_HEIGHT] = generation, width, height
+
+    def publish(self, rects: list[Rect]) -> None:
+        """Append `rects` to the dirty ring (inside begin/end_write)."""
+        words = self.words
+        serial = int(words[_SERIAL]) + max(0, len(rects) - RING)  # skipped: the reader sees a gap
+        for x1, y1, x2, y2 in rects[-RING:]:
+            at = _RING_BASE + 2 * (serial % RING)
+            words[at] = x1 | y1 << 32
+            words[at + 1] = x2 | y2 << 32
+            serial += 1
+        words[_SERIAL] = serial
+
+    def set_cursor(self, width: int, height: int, hot_x: int, hot_y: int) -> None:
+        words = self.words
+        words[_CURSOR_GEOMETRY] = width | height << 16 | hot_x << 32 | hot_y << 48
+        words[_CURSOR_SERIAL] += np.uint64(1)
+
+    # The reader (the parent's Screen).
+
+    def start_read(self) -> None:
+        self.words[_READING] = 1
+
+    def end_read(self) -> bool:
+        """Done copying; True if the writer deferred a copy meanwhile (poke it)."""
+        words = self.words
+        words[_READING] = 0
+        if words[_DEFERRED]:
+            words[_DEFERRED] = 0
+            return True
+        return False
+
+    def stable_seq(self) -> int | None:
+        """The seqlock count once even (no change in progress); None if the
+        writer stayed mid-change for SEQLOCK_PATIENCE."""
+        words = self.words
+        deadline = 0.0
+        while True:
+            seq = int(words[_SEQ])
+            if not seq & 1:
+                return seq
+            now = time.monotonic()
+            if not deadline:
+                deadline = now + SEQLOCK_PATIENCE
+            elif now > deadline:
+                return None
+            os.sched_yield()
+
+    def seq(self) -> int:
+        return int(self.words[_SEQ])
+
+    def read_mode(self) -> tuple[int, int, int, bool]:
+        """(generation, width, height, consistent), validated."""
+        for _ in range(8):
+            before = self.stable_seq()
+            words = self.words[_GENERATION : _HEIGHT + 1].copy()
+            if before is None or self.seq() == before:  # stuck mid-change: no more waiting
+                break
+        else:
+            before = None
+        generation, width, height = (int(w) for w in words)
+        if not (1 <= width <= MAX_DIMENSION and 1 <= height <= MAX_DIMENSION) or (
+            width * height * 4 > self.capacity
+        ):
+            return generation, 1, 1, False
+        return generation, width, height, before is not None
+
+    def read_header(self) -> HeaderState:
+        for _ in range(8):
+            before = self.stable_seq()
+            words = self.words[:_HEADER_WORDS].copy()
+            if before is None:
+                break
+            if self.seq() == before:
+                return self._validate(words, True)
+        return self._validate(words, False)
+
+    def _validate(self, words: npt.NDArray[np.uint64], consistent: bool) -> HeaderState:
+        width, height = int(words[_WIDTH]), int(words[_HEIGHT])
+        if not (1 <= width <= MAX_DIMENSION and 1 <= height <= MAX_DIMENSION) or (
+            width * height * 4 > self.capacity
+        ):
+            width, height, consistent = 1, 1, False
+        serial = int(words[_SERIAL])
+        ring = []
+        for k in range(max(0, serial - RING), serial):
+            at = _RING_BASE + 2 * (k % RING)
+            a, b = int(words[at]), int(words[at + 1])
+            x1, y1 = min(a & 0xFFFFFFFF, width), min(a >> 32, height)
+            x2, y2 = min(b & 0xFFFFFFFF, width), min(b >> 32, height)
+            if x1 < x2 and y1 < y2:
+                ring.append((x1, y1, x2, y2))
+        g = int(words[_CURSOR_GEOMETRY])
+        cw, ch, hx, hy = g & 0xFFFF, (g >> 16) & 0xFFFF, (g >> 32) & 0xFFFF, g >> 48
+        if cw > CURSOR_MAX or ch > CURSOR_MAX or hx >= max(cw, 1) or hy >= max(ch, 1):
+            cw = ch = hx = hy = 0
+        return HeaderState(
+            int(words[_GENERATION]),
+            width,
+            height,
+            serial,
+            tuple(ring),
+            int(words[_CURSOR_SERIAL]),
+            (cw, ch, hx, hy),
+            consistent,
+        )
