@@ -169,6 +169,13 @@ class ChannelHandler:
 
     max_reply: ClassVar[int] = DEFAULT_MAX_REPLY
     backlog_limit: ClassVar[int] = DEFAULT_BACKLOG_LIMIT
+    # True: the worker serves this channel from a thread of its own, which
+    # waits on its doorbell, so the GIL-free paths of several channels (a
+    # device's sub-channels) run at once. Its `on_packet`, `admission` and
+    # `on_signal` then run on that thread, while descriptors it `watch`es
+    # are still served by the worker's main loop: the handler guards what
+    # the two share.
+    own_thread: ClassVar[bool] = False
 
     def __init__(self, channel: Channel, context: OpenContext) -> None:
         self.channel = channel

@@ -1,351 +1,322 @@
 """Child partitions as real processes, and the parent's `Host` that runs them.
 
-Each child is a fresh interpreter (fork and exec, never a bare fork) that
-gets its own guest memory (a sealed memfd), a SOCK_SEQPACKET message port,
-and nothing else of the parent's: no descriptor and no mapping of a
-sibling's memory. In the parent, one worker thread per child (Hyper-V's
-VMWP) runs the VMBus server, maps ring GPADLs, and drives the VSPs' open
-channels. A child that misbehaves loses the offending channel; a child that
-dies loses everything it had, and no one else notices.
+Each child is a fresh interpreter (fork and exec, never a bare fork),
+confined (vmbus.sandbox), with its own guest memory (a sealed memfd), a
+SOCK_SEQPACKET message port, and nothing else of the parent's. Each VM's
+VSPs are served by a `VmWorker` (Hyper-V's VMWP, vmbus.worker):
+
+- by default in a worker process of its own (`vmbus._worker`), which makes
+  the child's memory, spawns the child and serves it, so VMs share no GIL,
+  no memory budget, no table of mappings and no fault domain. A worker that
+  dies, even by a crash in compiled code, takes only its VM: the child dies
+  with it (parent-death signal, port hang-up) and the VM is reported
+  `crashed`. The devices cross to the worker as pickles with descriptors
+  (vmbus.handoff); the worker answers in JSON.
+- or in a thread of this process: `Host.attach` (an emulator's guest) and
+  `Host.start(worker="thread")`, where the caller reaches the worker's
+  objects (`server`, `channels`, the VSPs themselves) directly.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import functools
+import itertools
+import json
 import logging
 import os
 import pickle
-import selectors
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
+from vmbus import handoff, sandbox
 from vmbus import host as h
-from vmbus import messages as m
-from vmbus import sandbox
-from vmbus.channel import DEFAULT_SPIN_SECONDS, Channel
-from vmbus.device import ChannelHandler, OpenContext, Vsp
-from vmbus.errors import PeerError, PeerLog, UsageError
-from vmbus.memory import GuestMemory, GuestMemoryError, MappedRegion, map_channel_rings
-from vmbus.ring import RingCorrupt
-from vmbus.transport import MalformedMessage, MessagePort, PortClosed, Signal, SocketPort
+from vmbus.channel import DEFAULT_SPIN_SECONDS
+from vmbus.device import Vsp
+from vmbus.errors import UsageError, VmbusError
+from vmbus.memory import GuestMemory
+from vmbus.transport import MessagePort
+from vmbus.worker import VmWorker, spawn_child
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MEMORY = 32 * 1024 * 1024
-POLL_SECONDS = 0.5  # how often a worker notices a stop request
-
+START_SECONDS = 60.0  # for a worker to report its child started, on a loaded machine
+CONTROL_MESSAGE_MAX = 1 << 20  # bytes of one worker's JSON message
 
 Target = Callable[..., Any] | str  # a function, or "module:function"
+WorkerKind = Literal["process", "thread"]
 
 
-@dataclass
-class _OpenChannel:
-    channel: Channel
-    handler: ChannelHandler
-    regions: tuple[MappedRegion, MappedRegion]
-    views: tuple[memoryview, memoryview]
+class WorkerFailed(VmbusError, RuntimeError):
+    """A VM's worker process could not start its child, or died doing so."""
 
 
-@dataclass
 class ChildPartition:
-    """One child partition and the parent's state for it: a child process
-    (`Host.start`), or a guest an emulator runs itself (`Host.attach`, with
-    no process: the emulator supplies the memory and the message port)."""
+    """The parent's handle on one child partition, wherever its worker runs.
+    `state` is starting, running, exited, crashed or stopped; `pid` the
+    child's process (0 when embedded); `worker_pid` its worker's."""
 
     name: str
-    process: subprocess.Popen[bytes] | None
-    memory: GuestMemory
-    port: MessagePort
-    devices: Sequence[Vsp]
-    state: str = "starting"  # running, exited, crashed, stopped
-    exitcode: int | None = None
-    channels: dict[int, _OpenChannel] = field(default_factory=dict)
-    server: h.VmbusServer = field(init=False)
-    spin_seconds: float = 0.0  # poll mode; see _poll (it holds the GIL while it spins)
-    quotas: h.Quotas = field(default_factory=h.Quotas)  # what the child may make us hold
-    _stopping: bool = False
-    _exited: threading.Event = field(default_factory=threading.Event)
-
-    def __post_init__(self) -> None:
-        self.vsp_of: dict[h.OfferSpec, Vsp] = {}
-        for vsp in self.devices:
-            for offer in vsp.offers():
-                self.vsp_of[offer] = vsp
-        self.server = self.quotas.server(list(self.vsp_of), self.memory.page_count)
-        self.memory.max_mappings = self.quotas.max_mappings
-        self.peer_log = PeerLog(log, self.name)  # the child's protocol errors, rate-limited
-        # Readable when the child is gone: its pidfd, or an eventfd stop() rings.
-        self.pid = self.process.pid if self.process else os.getpid()
-        self.pidfd = os.pidfd_open(self.pid) if self.process else os.eventfd(0)
-        self.worker = threading.Thread(target=self._serve, name=f"vmwp-{self.name}", daemon=True)
+    pid: int
+    worker_pid: int
+    confinement: tuple[str, ...]  # the sandbox layers the child runs under
 
     @property
-    def confinement(self) -> tuple[str, ...]:
-        """The sandbox layers the child runs under (none when embedded)."""
-        if isinstance(self.process, sandbox.ConfinedProcess):
-            return self.process.confinement
-        return ()
+    def state(self) -> str:
+        raise NotImplementedError
 
-    # --- lifecycle ---
+    @property
+    def exitcode(self) -> int | None:
+        raise NotImplementedError
 
     def wait(self, timeout: float | None = None) -> int | None:
         """The exit code once the child is gone and cleaned up, else None."""
-        self._exited.wait(timeout)
-        return self.exitcode
+        raise NotImplementedError
 
     def stop(self, timeout: float = 5.0) -> int | None:
         """Ask the child to end (SIGTERM), then kill it if it does not."""
-        self._stopping = True
-        self._signal(signal.SIGTERM)
-        if self.wait(timeout) is None and self.state not in ("exited", "crashed", "stopped"):
-            self.kill()
-            self.wait(timeout)
-        return self.exitcode
+        raise NotImplementedError
 
     def kill(self) -> None:
-        self._signal(signal.SIGKILL)
+        raise NotImplementedError
 
-    def _signal(self, signo: int) -> None:
-        if self.process is None:  # embedded: there is only our worker to stop
-            os.eventfd_write(self.pidfd, 1)
-            return
-        with contextlib.suppress(ProcessLookupError, OSError):
-            signal.pidfd_send_signal(self.pidfd, signo)
+    def status(self, timeout: float = 10.0) -> dict[str, Any]:
+        """The VM as its worker sees it (vmbus.worker.VmWorker.status)."""
+        raise NotImplementedError
 
-    # --- the worker ---
+    def device_stats(self, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """Each device's counters (`Vsp.stats`), in the order given."""
+        devices: list[dict[str, Any]] = self.status(timeout)["devices"]
+        return devices
 
-    def _serve(self) -> None:
-        self.selector = selectors.DefaultSelector()
-        self.selector.register(self.port.fileno(), selectors.EVENT_READ, None)
-        self.selector.register(self.pidfd, selectors.EVENT_READ, "exit")
+    def worker_cpu(self) -> float:
+        """CPU seconds the VM's worker has used (its thread, or its process
+        with every thread it ran)."""
+        raise NotImplementedError
+
+
+class ThreadPartition(ChildPartition):
+    """A VM served by a thread of this process: its `VmWorker` is `vm`, its
+    thread `worker`, and its objects are the caller's to inspect."""
+
+    def __init__(self, vm: VmWorker) -> None:
+        self.vm = vm
+        self.name = vm.name
+        self.process = vm.process
+        self.pid = vm.pid if vm.process else 0
+        self.worker_pid = os.getpid()
+        self.confinement = getattr(vm.process, "confinement", ())
+        self.worker = threading.Thread(target=vm.serve, name=f"vmwp-{vm.name}", daemon=True)
+        self._cpu = 0.0
+
+    # The worker's objects, for tests and embedding.
+    server = property(lambda self: self.vm.server)
+    channels = property(lambda self: self.vm.channels)
+    memory = property(lambda self: self.vm.memory)
+    port = property(lambda self: self.vm.port)
+    quotas = property(lambda self: self.vm.quotas)
+
+    @property
+    def state(self) -> str:
+        return self.vm.state
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.vm.exitcode
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        self.vm.exited.wait(timeout)
+        return self.vm.exitcode
+
+    def stop(self, timeout: float = 5.0) -> int | None:
+        self.vm.stop(timeout)
+        self.wait(timeout + 5.0)
+        return self.vm.exitcode
+
+    def kill(self) -> None:
+        self.vm.signal(signal.SIGKILL)
+
+    def status(self, timeout: float = 10.0) -> dict[str, Any]:
+        return self.vm.status()
+
+    def worker_cpu(self) -> float:
+        ident = self.worker.ident
+        if ident is not None and self.worker.is_alive():
+            with contextlib.suppress(OSError):  # it ended meanwhile: keep the last reading
+                self._cpu = time.clock_gettime(time.pthread_getcpuclockid(ident))
+        return self._cpu
+
+
+class ProcessPartition(ChildPartition):
+    """A VM served by a worker process of its own (`vmbus._worker`), which
+    this handle talks to over a control socket, in JSON."""
+
+    def __init__(self, name: str, process: subprocess.Popen[bytes], control: socket.socket) -> None:
+        self.name = name
+        self.process = process  # the worker: the child is its child
+        self.worker_pid = process.pid
+        self.pid = 0
+        self.confinement: tuple[str, ...] = ()
+        self.failure: str | None = None  # why the worker could not start the child
+        self._state = "starting"
+        self._exitcode: int | None = None
+        self._stopping = False
+        self._control = control
+        self._send_lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._answers: dict[int, list[dict[str, Any]]] = {}
+        self._answered = threading.Condition()
+        self._started = threading.Event()
+        self._exited = threading.Event()
+        self._final_status: dict[str, Any] | None = None
+        self._cpu = 0.0
+        self._clock_ticks = os.sysconf("SC_CLK_TCK")
+        self._supervisor = threading.Thread(
+            target=self._supervise, name=f"vmms-{name}", daemon=True
+        )
+        self._supervisor.start()
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @property
+    def exitcode(self) -> int | None:
+        return self._exitcode
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        self._exited.wait(timeout)
+        return self._exitcode
+
+    def started(self, timeout: float) -> None:
+        """Wait for the worker to start the child; WorkerFailed if it could not."""
+        if not self._started.wait(timeout):
+            self.kill_worker()
+            raise WorkerFailed(f"{self.name}: its worker did not start the child in {timeout} s")
+        if self.failure is not None or self.pid == 0:
+            raise WorkerFailed(f"{self.name}: {self.failure or 'its worker died starting'}")
+
+    def stop(self, timeout: float = 5.0) -> int | None:
+        self._stopping = True
+        if not self._send({"op": "stop", "timeout": timeout}) or self.wait(timeout + 5.0) is None:
+            self.kill_worker()  # unresponsive: the child dies with it
+            self.wait(timeout)
+        return self._exitcode
+
+    def kill(self) -> None:
+        if not self._send({"op": "kill"}):
+            self.kill_worker()
+
+    def kill_worker(self) -> None:
+        """SIGKILL the worker itself: the child dies with it."""
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError, OSError):
+                self.process.send_signal(signal.SIGKILL)
+
+    def status(self, timeout: float = 10.0) -> dict[str, Any]:
+        if self._final_status is not None:  # it ended: how it was at the end
+            return self._final_status
+        request = next(self._ids)
+        with self._answered:
+            self._answers[request] = []
+        try:
+            if not self._send({"op": "status", "id": request}):
+                raise WorkerFailed(f"{self.name}: its worker is gone")
+            with self._answered:
+                if not self._answered.wait_for(
+                    lambda: bool(self._answers[request]) or self._exited.is_set(), timeout
+                ):
+                    raise TimeoutError(f"{self.name}: no status from its worker in {timeout} s")
+                if not self._answers[request]:
+                    raise WorkerFailed(f"{self.name}: its worker is gone")
+                return self._answers[request][0]
+        finally:
+            with self._answered:
+                self._answers.pop(request, None)
+
+    def worker_cpu(self) -> float:
+        try:
+            with open(f"/proc/{self.worker_pid}/stat") as stat:
+                fields = stat.read().rpartition(")")[2].split()
+            # utime and stime (fields 14 and 15): every thread's, ended ones too
+            self._cpu = (int(fields[11]) + int(fields[12])) / self._clock_ticks
+        except (OSError, IndexError, ValueError):  # gone: keep the last reading
+            pass
+        return self._cpu
+
+    # --- the control socket ---
+
+    def _send(self, message: dict[str, Any]) -> bool:
+        try:
+            with self._send_lock:
+                self._control.send(json.dumps(message).encode())
+            return True
+        except OSError:
+            return False
+
+    def _supervise(self) -> None:
+        """Follow the worker's reports until it ends; a worker that dies
+        without reporting its child's end crashed, and its VM with it."""
+        reported = False
         try:
             while True:
-                for key, _ in self.selector.select(POLL_SECONDS):
-                    if key.data is None:
-                        self._message()
-                    elif key.data == "exit":
-                        raise PortClosed("child exited")
-                    elif callable(key.data):
-                        key.data()
-                    else:
-                        self._service(key.data)
-                while self._poll():
-                    pass
-        except PortClosed:
+                data = self._control.recv(CONTROL_MESSAGE_MAX)
+                if not data:
+                    break
+                reported = self._report(data) or reported
+        except OSError:
             pass
-        except Exception:  # a bug of ours: never take the parent down with it
-            log.exception("worker of %s failed", self.name)
         finally:
-            self._cleanup()
+            code = self.process.wait()
+            if not reported:
+                self._exitcode = code if code else -signal.SIGKILL
+                self._state = "stopped" if self._stopping and code == -signal.SIGKILL else "crashed"
+                if self._state == "crashed":
+                    log.warning("%s: its worker died (exit %d); the VM is down", self.name, code)
+            self._control.close()
+            self._started.set()
+            with self._answered:
+                self._exited.set()
+                self._answered.notify_all()
 
-    def _poll(self) -> bool:
-        """Poll mode: before sleeping, spin on the open channels for
-        `spin_seconds` with their signals masked (the guest skips its
-        doorbell), since waking a sleeping thread costs far more than a
-        short spin. True only if a channel's packets were consumed, so a
-        peer that leaves packets we cannot take (no room for replies) sends
-        the worker back to its select, not into a busy loop. A channel whose
-        ring is corrupt fails alone, here as in `_service`."""
-        channels = [(relid, c.channel) for relid, c in self.channels.items()]
-        if not self.spin_seconds or not channels:
-            return False
-        failed: dict[int, str] = {}
-
-        def check(relid: int, step: Callable[[], object]) -> object:
-            try:
-                return step()
-            except Exception as error:  # a corrupt ring: that channel only
-                failed.setdefault(relid, str(error))
-                return None
-
-        for relid, channel in channels:
-            check(relid, channel.reader.begin_drain)
-        end = time.perf_counter() + self.spin_seconds
-        ready = None
-        while ready is None and not failed and time.perf_counter() < end:
-            for relid, channel in channels:  # no allocation in the spin
-                try:
-                    available = channel.reader.bytes_available
-                except Exception as error:  # a corrupt ring: that channel only
-                    failed.setdefault(relid, str(error))
-                    break
-                if available:
-                    ready = relid
-                    break
-        for relid, channel in channels:  # unmask; anything that slipped in is served
-            if check(relid, channel.reader.end_drain) and ready is None:
-                ready = relid
-        for relid, reason in failed.items():
-            self._fail(relid, reason)
-        if ready is None or ready in failed:
-            return False
-        return self._service(ready) > 0
-
-    def _message(self) -> None:
+    def _report(self, data: bytes) -> bool:
+        """Take one message of the worker; True if it reported the end. A
+        message that is not what a worker sends is logged and ignored."""
         try:
-            received = self.port.receive(0)
-        except MalformedMessage as error:
-            self.server.protocol_errors += 1
-            self.peer_log("%s", str(error))
-            return
-        if received is not None:
-            self._act(self.server.receive(received[0]))
-            if self.server.version is not None and self.state == "starting":
-                self.state = "running"
-
-    def _act(self, events: list[h.Event]) -> None:
-        for event in events:
-            if isinstance(event, h.Reply):
-                self.port.post(m.encode(event.message))
-            elif isinstance(event, h.OpenRequested):
-                self._open(event)
-            elif isinstance(event, h.ChannelClosed):
-                self._close(event.relid)
-
-    def _open(self, event: h.OpenRequested) -> None:
-        try:
-            regions = map_channel_rings(
-                self.memory,
-                event.gpadl.pfns,
-                event.inbound_page_offset,
-                max_runs=self.quotas.max_runs,
-            )
-        except GuestMemoryError as error:
-            log.warning("%s: relid %d: %s", self.name, event.relid, str(error))
-            self._act(self.server.open_done(event.relid, event.openid, ok=False))
-            return
-        views = (regions[0].view(), regions[1].view())
-        to_guest, to_host = Signal(), Signal()
-        failure = None
-        try:
-            # The guest's outbound ring is the one the host reads.
-            channel = Channel(views[1], views[0], to_guest, to_host, mirrored=True)
-            context = OpenContext(
-                event.offer,
-                self.memory,
-                userdata=event.userdata,
-                ring_pfns=frozenset(event.gpadl.pfns),
-                partition=self.name,
-                gpadls=self.server.gpadls,
-                add_offer=functools.partial(self._add_offer, self.vsp_of[event.offer]),
-                watch=self._watch,
-                unwatch=self._unwatch,
-                peer_log=self.peer_log,
-            )
-            handler = self.vsp_of[event.offer].open(channel, context)
-        except (RingCorrupt, PeerError, ValueError) as error:
-            failure = str(error)  # not the exception: its traceback pins the views
-        if failure is not None:
-            log.warning("%s: relid %d cannot open: %s", self.name, event.relid, failure)
-            channel = None  # type: ignore[assignment]  # drop its hold on the rings
-            for view in views:
-                view.release()
-            for region in regions:
-                region.close()
-            to_guest.close()
-            to_host.close()
-            self._act(self.server.open_done(event.relid, event.openid, ok=False))
-            return
-        # Recorded and watched before the reply goes out: if the child is
-        # gone by then, cleanup finds the channel whole.
-        self.channels[event.relid] = _OpenChannel(channel, handler, regions, views)
-        self.selector.register(to_host.fileno(), selectors.EVENT_READ, event.relid)
-        (reply,) = self.server.open_done(event.relid, event.openid, ok=True)
-        assert isinstance(reply, h.Reply)
-        self.port.post(m.encode(reply.message), [to_guest.fileno(), to_host.fileno()])
-        self._service(event.relid)  # a packet sent before the open's signal is not lost
-
-    def _watch(self, fd: int, callback: Callable[[], None]) -> None:
-        """A VSP's own descriptor (a TAP device, a switch port) served by this
-        worker, so its channels are only ever touched by one thread."""
-        self.selector.register(fd, selectors.EVENT_READ, callback)
-
-    def _unwatch(self, fd: int) -> None:
-        self.selector.unregister(fd)
-
-    def _add_offer(self, vsp: Vsp, offer: h.OfferSpec) -> None:
-        events = self.server.add_offer(offer)  # QuotaExceeded goes back to the VSP
-        self.vsp_of[offer] = vsp
-        self._act(events)
-
-    def _service(self, relid: int) -> int:
-        """Serve one channel's packets; the count consumed. Any error (a
-        corrupt ring, a request the VSP chokes on) fails that channel only."""
-        open_channel = self.channels.get(relid)
-        if open_channel is None:
-            return 0
-        failure = None
-        try:
-            handler = open_channel.handler
-            count = open_channel.channel.service(handler.on_packet, handler.admission)
-            handler.on_signal()
-            return count
-        except Exception as error:
-            failure = str(error)  # not the exception: its traceback pins views of the ring
-        self._fail(relid, failure)
-        return 0
-
-    def _fail(self, relid: int, reason: str) -> None:
-        """Rescind a channel that failed; the child's others go on."""
-        if relid in self.channels:
-            log.warning("%s: relid %d failed, rescinding: %s", self.name, relid, reason)
-            self._act(self.server.rescind(relid))
-
-    def _close(self, relid: int) -> None:
-        """Release one channel: every step is tried, whatever failed before."""
-        open_channel = self.channels.pop(relid, None)
-        if open_channel is None:
-            return
-        channel = open_channel.channel
-        self._attempt("unwatch", relid, self.selector.unregister, channel.wake_me.fileno())
-        self._attempt("close the VSP of", relid, open_channel.handler.close)
-        self._attempt("close the signals of", relid, channel.notify_peer.close)
-        self._attempt("close the signals of", relid, channel.wake_me.close)
-        del channel.writer, channel.reader  # drop the ring buffers before unmapping
-        for view in open_channel.views:
-            view.release()
-        for region in open_channel.regions:
-            self._attempt("unmap the rings of", relid, region.close)
-
-    def _attempt(self, what: str, relid: int, step: Callable[..., object], *args: object) -> None:
-        try:
-            step(*args)
-        except Exception:
-            log.exception("%s: failed to %s relid %d", self.name, what, relid)
-
-    def _cleanup(self) -> None:
-        """Release everything of the child; a failing step does not stop the
-        others, and the exit is always reported."""
-        try:
-            for relid in list(self.channels):
-                self._close(relid)
-            self._attempt("drop the GPADLs, after", -1, self.server.disconnect)
-            for step in (self.selector.close, self.port.close):
-                self._attempt("release, after", -1, step)
-            self.exitcode = self.process.wait() if self.process else 0
-            self._attempt("close the pidfd, after", -1, os.close, self.pidfd)
-            try:
-                self.memory.close()
-            except BufferError:  # a VSP still holds a view: unmapped when it lets go
-                log.warning("%s: guest memory still viewed after cleanup", self.name)
-                self.memory.detach()
-        finally:
-            if self._stopping:
-                self.state = "stopped"
+            message = json.loads(data)
+            event = message["event"]
+            if event == "started":
+                self.pid = int(message["pid"])
+                self.confinement = tuple(str(layer) for layer in message["confinement"])
+                self._state = "starting"
+                self._started.set()
+            elif event == "failed":
+                self.failure = str(message["error"])
+                self._started.set()
+            elif event == "state":
+                self._state = str(message["state"])
+            elif event == "status":
+                with self._answered:
+                    if int(message["id"]) in self._answers:
+                        self._answers[int(message["id"])].append(dict(message["status"]))
+                        self._answered.notify_all()
+            elif event == "exited":
+                self._final_status = dict(message["status"])
+                self._exitcode = int(message["exitcode"])
+                self._state = "stopped" if self._stopping else str(message["state"])
+                return True
             else:
-                self.state = "exited" if self.exitcode == 0 else "crashed"
-            # The record outlives the child (Host.finished); the devices it
-            # served are the caller's, and must not be pinned by it.
-            self.devices, self.vsp_of = (), {}
-            self._exited.set()
+                raise ValueError(f"unknown event {event!r}")
+        except (ValueError, KeyError, TypeError) as error:
+            log.warning("%s: a message of its worker makes no sense: %s", self.name, error)
+        return False
 
 
 class Host:
@@ -369,7 +340,7 @@ class Host:
 
     def _admit(self, name: str) -> None:
         """Forget finished children; refuse a name a running child has."""
-        for done in [c for c in self.children.values() if c._exited.is_set()]:
+        for done in [c for c in self.children.values() if c.wait(0) is not None]:
             del self.children[done.name]
             self.finished.append(done)
         if name in self.children:
@@ -386,39 +357,51 @@ class Host:
         spin_seconds: float = DEFAULT_SPIN_SECONDS,
         quotas: h.Quotas | None = None,
         policy: sandbox.Policy | None = None,
+        worker: WorkerKind = "process",
     ) -> ChildPartition:
         """Start a child partition that runs `target(guest, *args)` once its
-        VMBus is connected; its exit code is 0 if that returns. The parent's
-        worker polls its channels for `spin_seconds` before sleeping. The
-        child is confined by `policy` (default: `vmbus.sandbox.policy`) and
-        may make the parent hold no more than `quotas`."""
+        VMBus is connected; its exit code is 0 if that returns. Its devices
+        are served by a worker process of its own, or with
+        `worker="thread"` by a thread of this process (then the `devices`
+        objects are the ones that run). The worker polls the channels for
+        `spin_seconds` before sleeping. The child is confined by `policy`
+        (default: `vmbus.sandbox.policy`) and may make its worker hold no
+        more than `quotas`."""
         name = name or f"child-{next(self._names)}"
         self._admit(name)
-        memory = GuestMemory.create(memory_size, name=f"vmbus-{name}")
-        parent_port, child_port = SocketPort.pair()
-        fds = (child_port.fileno(), memory.fileno())
-        boot = pickle.dumps((sys.path, _target_name(target), tuple(args)))
-        process = sandbox.spawn(  # confined: see vmbus.sandbox
-            [sys.executable, "-m", "vmbus._child", *map(str, fds), str(memory_size)],
-            pass_fds=fds,
-            name=name,
-            policy=policy,
-        )
-        assert process.stdin is not None
-        process.stdin.write(boot)
-        process.stdin.close()
-        child_port.close()
-        child = ChildPartition(
-            name,
-            process,
-            memory,
-            parent_port,
-            devices,
-            spin_seconds=spin_seconds,
-            quotas=quotas or h.Quotas(),
-        )
+        quotas = quotas or h.Quotas()
+        policy = policy if policy is not None else sandbox.policy
+        target_name = _target_name(target)
+        child: ChildPartition
+        if worker == "thread":
+            memory = GuestMemory.create(memory_size, name=f"vmbus-{name}")
+            try:
+                process, port = spawn_child(name, target_name, args, memory, policy, sys.path)
+            except BaseException:
+                memory.close()
+                raise
+            vm = VmWorker(
+                name, process, memory, port, devices, spin_seconds=spin_seconds, quotas=quotas
+            )
+            child = ThreadPartition(vm)
+            child.worker.start()
+        elif worker == "process":
+            boot = {
+                "name": name,
+                "target": target_name,
+                "args": tuple(args),
+                "memory_size": memory_size,
+                "devices": tuple(devices),
+                "spin_seconds": spin_seconds,
+                "quotas": quotas,
+                "policy": policy,
+                "engine": sandbox.engine() if policy.enabled else None,
+                "path": list(sys.path),
+            }
+            child = _start_worker(name, boot)
+        else:
+            raise UsageError(f"worker must be 'process' or 'thread', not {worker!r}")
         self.children[name] = child
-        child.worker.start()
         return child
 
     def attach(
@@ -429,12 +412,13 @@ class Host:
         devices: Sequence[Vsp] = (),
         name: str,
         quotas: h.Quotas | None = None,
-    ) -> ChildPartition:
+    ) -> ThreadPartition:
         """Serve the VMBus of a guest the caller runs itself (an emulator's):
         its memory (a memfd, see GuestMemory.from_fd) and the port its
-        messages arrive on. The server takes over both and closes them."""
+        messages arrive on, in a worker thread of this process. The server
+        takes over both and closes them."""
         self._admit(name)
-        child = ChildPartition(name, None, memory, port, devices, quotas=quotas or h.Quotas())
+        child = ThreadPartition(VmWorker(name, None, memory, port, devices, quotas=quotas))
         self.children[name] = child
         child.worker.start()
         return child
@@ -449,6 +433,40 @@ class Host:
 
     def __exit__(self, *exc: object) -> None:
         self.stop_all()
+
+
+def _start_worker(name: str, boot: dict[str, Any]) -> ProcessPartition:
+    """Start a VM's worker process and hand it the VM: the pickle on its
+    stdin, the descriptors it carries over the control socket."""
+    try:
+        data, fds = handoff.dumps(boot)
+    except Exception as error:
+        raise UsageError(
+            f"{name}: its devices must pickle to run in a worker process"
+            f" (vmbus.handoff), or use worker='thread': {error}"
+        ) from error
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        argv = [sys.executable, "-m", "vmbus._worker", str(theirs.fileno()), str(os.getpid())]
+        process = sandbox.on_lasting_thread(  # its parent-death signal follows that thread
+            lambda: subprocess.Popen(argv, stdin=subprocess.PIPE, pass_fds=(theirs.fileno(),))
+        )
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    partition = ProcessPartition(name, process, ours)
+    try:
+        assert process.stdin is not None
+        # sys.path first, so the worker can import what the devices pickle names.
+        process.stdin.write(pickle.dumps((boot["path"], data)))
+        process.stdin.close()
+        socket.send_fds(ours, [b"fds"], fds)
+    except OSError as error:  # it died at once: the supervisor reports why
+        log.warning("%s: could not hand the VM to its worker: %s", name, error)
+    partition.started(START_SECONDS)
+    return partition
 
 
 def _target_name(target: Target) -> str:

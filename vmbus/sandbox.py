@@ -40,15 +40,18 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from vmbus import _output
 from vmbus import _seccomp as sc
 from vmbus.errors import VmbusError
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # The layers, as `ConfinedProcess.confinement` names them.
 USER_NAMESPACE = "user-namespace"
@@ -160,6 +163,14 @@ def engine() -> Engine:
         if _engine is None:
             _engine = _choose_engine()
         return _engine
+
+
+def use_engine(chosen: Engine) -> None:
+    """Confine this process's children as `chosen` says: a VM's worker takes
+    the parent's choice rather than probing (and warning) again."""
+    global _engine
+    with _lock:
+        _engine = chosen
 
 
 def _choose_engine() -> Engine:
@@ -347,13 +358,19 @@ def spawn(
     chosen = policy if policy is not None else globals()["policy"]
     if not chosen.enabled:
         return subprocess.Popen(list(argv), stdin=subprocess.PIPE, pass_fds=tuple(pass_fds))
-    start = functools.partial(_spawn, list(argv), tuple(pass_fds), name, chosen)
-    if threading.current_thread() is threading.main_thread():
-        return start()
-    return _spawner().submit(start).result()
+    return on_lasting_thread(functools.partial(_spawn, list(argv), tuple(pass_fds), name, chosen))
 
 
 _spawner_pool: ThreadPoolExecutor | None = None
+
+
+def on_lasting_thread(start: Callable[[], T]) -> T:
+    """`start()` (which forks) on a thread that lasts as long as this
+    process: a child's parent-death signal follows the thread that forked
+    it, and the caller's thread may end first."""
+    if threading.current_thread() is threading.main_thread():
+        return start()
+    return _spawner().submit(start).result()
 
 
 def _spawner() -> ThreadPoolExecutor:

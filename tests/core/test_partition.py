@@ -12,7 +12,7 @@ import pytest
 from vmbus.guest import Guest
 from vmbus.host import OfferSpec
 from vmbus.memory import PAGE_SIZE
-from vmbus.partition import Host, wait_until
+from vmbus.partition import ChildPartition, Host, wait_until
 from vmbus.protocols.echo import ECHO_CLASS_ID
 from vsc.echo import EchoVsc
 from vsp.echo import EchoVsp
@@ -60,8 +60,9 @@ def test_child_echoes_through_open_channels() -> None:
         child = host.start(echo_many, devices=[vsp], args=(300,), memory_size=8 << 20)
         assert child.wait(timeout=60) == 0
         assert child.state == "exited"
-        assert [h.packets for h in vsp.handlers] == [300, 300]
-        assert child.server.protocol_errors == 0
+        assert child.device_stats() == [{"device": "EchoVsp", "packets": [300, 300], "refused": 0}]
+        assert child.status()["protocol_errors"] == 0
+        assert child.worker_pid != os.getpid()  # served by a worker process of its own
 
 
 def test_two_children_at_once_each_with_its_channels() -> None:
@@ -71,13 +72,14 @@ def test_two_children_at_once_each_with_its_channels() -> None:
             host.start(echo_many, devices=[vsp], args=(200,), memory_size=4 << 20) for vsp in vsps
         ]
         assert [c.wait(timeout=60) for c in children] == [0, 0]
-        assert [len(v.handlers) for v in vsps] == [1, 3]
-        assert all(h.packets == 200 for v in vsps for h in v.handlers)
+        assert [c.device_stats()[0]["packets"] for c in children] == [[200], [200] * 3]
+        assert len({c.worker_pid for c in children}) == 2
 
 
 def test_gpadl_of_more_than_a_hundred_pages() -> None:
     with Host() as host:
-        child = host.start(grant_big_gpadl, devices=[EchoVsp()], args=(300,))
+        # In a worker thread: the test reads the worker's GPADL table itself.
+        child = host.start(grant_big_gpadl, devices=[EchoVsp()], args=(300,), worker="thread")
         assert wait_until(lambda: len(child.server.gpadls) == 1, 30)
         gpadl = next(iter(child.server.gpadls.values()))
         assert len(gpadl.pfns) == 300
@@ -90,21 +92,23 @@ def test_gpadl_of_more_than_a_hundred_pages() -> None:
 
 def test_child_killed_mid_traffic_leaves_sibling_healthy() -> None:
     with Host() as host:
-        victim_vsp, sibling_vsp = EchoVsp(), EchoVsp()
-        victim = host.start(echo_forever, devices=[victim_vsp])
-        assert wait_until(
-            lambda: bool(victim_vsp.handlers) and victim_vsp.handlers[0].packets > 100, 30
-        )
-        sibling = host.start(echo_many, devices=[sibling_vsp], args=(2000,))
-        assert wait_until(
-            lambda: bool(sibling_vsp.handlers) and sibling_vsp.handlers[0].packets > 10, 30
-        )
+        victim = host.start(echo_forever, devices=[EchoVsp()])
+        assert wait_until(lambda: _echoed(victim) > 100, 30)
+        sibling = host.start(echo_many, devices=[EchoVsp()], args=(2000,))
+        assert wait_until(lambda: _echoed(sibling) > 10, 30)
         os.kill(victim.pid, signal.SIGKILL)
         assert victim.wait(timeout=10) == -signal.SIGKILL
         assert victim.state == "crashed"
-        assert victim.channels == {} and victim.memory.closed
+        final = victim.status()  # what its worker held at the end: nothing
+        assert final["channels"] == 0 and final["mappings"] == 0 and final["gpadls"] == 0
         assert sibling.wait(timeout=60) == 0
-        assert sibling_vsp.handlers[0].packets == 2000
+        assert sibling.device_stats()[0]["packets"] == [2000]
+
+
+def _echoed(child: ChildPartition) -> int:
+    """Echoes the child's first channel has served so far."""
+    packets: list[int] = child.device_stats()[0]["packets"]
+    return packets[0] if packets else 0
 
 
 def test_child_that_raises_is_reported_crashed() -> None:
@@ -150,10 +154,9 @@ def bind_all(guest: Guest) -> list[EchoVsc]:
 
 def test_sub_channels_share_class_and_instance() -> None:
     with Host() as host:
-        vsp = SubChannelEchoVsp()
-        child = host.start(echo_on_sub_channels, devices=[vsp])
+        child = host.start(echo_on_sub_channels, devices=[SubChannelEchoVsp()])
         assert child.wait(timeout=30) == 0
-        assert sorted(h.packets for h in vsp.handlers) == [1, 1, 1]
+        assert sorted(child.device_stats()[0]["packets"]) == [1, 1, 1]
 
 
 def exit_at_once(guest: Guest) -> None:
@@ -162,7 +165,7 @@ def exit_at_once(guest: Guest) -> None:
 
 def test_host_that_starts_and_stops_children_forever_forgets_finished_ones() -> None:
     with Host() as host:
-        for _ in range(50):
+        for _ in range(Host.FINISHED_KEPT + 4):
             child = host.start(exit_at_once, devices=[EchoVsp()], memory_size=1 << 20)
             child.stop()
             assert child.state in ("exited", "stopped")

@@ -4,11 +4,13 @@ a hostile guest, and descriptors released on close."""
 
 from __future__ import annotations
 
+import gc
 import os
 from uuid import UUID
 
 import pytest
 
+from vmbus import handoff
 from vmbus.channel import COMPLETION_REQUESTED, VM_PKT_DATA_INBAND
 from vmbus.errors import UsageError
 from vmbus.guest import Guest, GuestDevice
@@ -81,7 +83,7 @@ def test_guest_that_stops_reading_while_10000_keys_are_injected_keeps_its_channe
         keys = [event for event in events if event is not None]
         assert len(events) - len(keys) == 1  # the second PROTOCOL_RESPONSE
         assert keys == sent[: len(keys)]  # in order; only the newest were lost
-        assert len(keys) + handler.dropped + handler.overflow == len(sent)
+        assert len(keys) + handler.dropped + vsp.overflow == len(sent)
         vsp.press(0x1E, down=True)  # and the channel serves on
         (payload,) = read_all(harness)
         assert client.receive(payload) == KeyEvent(0x1E, True)
@@ -106,9 +108,34 @@ def test_pointer_moves_coalesce_while_the_guest_is_slow() -> None:
         assert events[-1] == MouseEvent(9999, 7, 0)  # the latest position wins
 
 
-def test_key_injected_before_the_guest_opens_is_counted() -> None:
+def test_key_injected_before_the_guest_opens_is_discarded_and_counted() -> None:
     vsp = KeyboardVsp()
-    assert vsp.press(0x1E, down=True) is False and vsp.unopened == 1
+    assert vsp.press(0x1E, down=True)  # queued: the parent cannot know there is no channel
+    with VspHarness(vsp, ring_size=RING) as harness:
+        negotiate_keyboard(harness)
+        harness.pump()
+        assert harness.guest.poll() is None  # stale: never delivered
+        assert vsp.stats() == {"open": True, "events": 0, "unopened": 1, "dropped": 0}
+
+
+def test_injection_into_a_worker_that_stopped_taking_events_is_refused_and_counted() -> None:
+    vsp = KeyboardVsp()
+    accepted = sum(vsp.press(0x1E, down=True) for _ in range(100_000))
+    assert 0 < accepted < 100_000 and vsp.overflow == 100_000 - accepted
+
+
+def test_the_worker_copy_receives_what_the_parent_injects() -> None:
+    vsp = KeyboardVsp()
+    copy = handoff.loads(*handoff.dumps(vsp))  # what a worker process gets
+    with pytest.raises(UsageError):
+        copy.press(0x1E, down=True)  # injection is the parent's
+    assert vsp.press(0x1E, down=True)
+    with VspHarness(copy, ring_size=RING) as harness:
+        client = negotiate_keyboard(harness)
+        assert vsp.press(0x1F, down=False)
+        (payload,) = read_all(harness)
+        assert client.receive(payload) == KeyEvent(0x1F, False)
+        assert copy.stats()["unopened"] == 1
 
 
 def test_keys_injected_before_negotiation_are_dropped_and_counted() -> None:
@@ -137,18 +164,19 @@ def test_guest_sends_garbage_and_is_counted_not_answered(vsp_class: type) -> Non
 
 
 def open_fds() -> int:
+    gc.collect()  # earlier tests' devices hold socket pairs until collected
     return len(os.listdir("/proc/self/fd"))
 
 
 @pytest.mark.parametrize("vsp_class", [KeyboardVsp, MouseVsp])
-def test_open_close_cycles_leak_no_eventfd(vsp_class: type) -> None:
+def test_open_close_cycles_leak_no_descriptor(vsp_class: type) -> None:
     vsp = vsp_class()
     with VspHarness(vsp):  # a first cycle: lazy imports, caches
         pass
     baseline = open_fds()
     for _ in range(20):
         with VspHarness(vsp) as harness:
-            assert len(harness.watched) == 1  # the injection eventfd
+            assert len(harness.watched) == 1  # the injection socket
         assert not harness.watched
     assert open_fds() == baseline
 
@@ -190,9 +218,10 @@ def test_guest_vsc_that_stops_reading_while_10000_keys_are_injected_keeps_its_ch
         sent = [KeyEvent(1 + i % 0x7F, (i // 0x7F) % 2 == 0) for i in range(10_000)]
         for event in sent:
             vsp.press(event.scan_code, down=event.pressed)
-        assert wait_until(lambda: not handler.pending, 30)  # the worker took them all
+        # the worker took them all
+        assert wait_until(lambda: handler.taken + vsp.overflow == len(sent), 30)
         keyboard.channel.send(keyboard.client.request())  # renegotiating meanwhile
-        lost = handler.dropped + handler.overflow
+        lost = handler.dropped + vsp.overflow
         assert lost < len(sent)
         keys = [keyboard.next_event(timeout=30) for _ in range(len(sent) - lost)]
         assert keys == sent[: len(keys)]  # in order; only the newest were lost

@@ -4,6 +4,7 @@ a new one. It answers each packet per `vmbus.protocols.echo`."""
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 from vmbus._ringpacket import Packet
 from vmbus.channel import COMPLETION_REQUESTED, Channel
@@ -47,3 +48,9 @@ class EchoVsp(Vsp):
         handler = EchoHandler(channel, context)
         self.handlers.append(handler)
         return handler
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "packets": [handler.packets for handler in self.handlers],
+            "refused": sum(handler.refused for handler in self.handlers),
+        }

@@ -1,28 +1,32 @@
 """The synthetic keyboard and HID mouse VSPs, with programmatic injection.
 
-Input arrives from other threads (a VNC client, a test, an emulator), while
-a channel belongs to its child's worker thread. So `KeyboardVsp.press` or
-`MouseVsp.move` encodes the event on the caller's thread (a bad argument is
-the caller's UsageError), queues it on the open channel's handler and rings
-the handler's eventfd, which the worker watches (`OpenContext.watch`); the
-worker posts what was queued. A guest that reads slowly is the contract's
-problem: posts wait in the handler's bounded backlog (mouse moves coalesce
-there) and go out as the guest makes room; past the limit they are counted
-in `dropped`, and the channel lives on.
+Input comes from the parent (a VNC client, a test, an emulator), while the
+device runs in the VM's worker, a process of its own or a thread. So each
+input VSP owns a socket pair: `KeyboardVsp.press` or `MouseVsp.move`
+encodes the event on the caller's thread (a bad argument is the caller's
+UsageError) and sends it as one datagram; the worker's copy of the VSP
+watches the other end (`OpenContext.watch`) while a channel is open and
+posts what arrives. The socket is the queue between the two: if the worker
+falls that far behind, an injection fails and is counted in `overflow`. A
+guest that reads slowly is the contract's problem: posts wait in the
+handler's bounded backlog (mouse moves coalesce there) and go out as the
+guest makes room; past the limit they are counted in `dropped`, and the
+channel lives on.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import os
-import threading
+import socket
 import uuid
+from typing import Any
 
 from vmbus import guid
 from vmbus._ringpacket import Packet
 from vmbus.channel import VM_PKT_DATA_INBAND, Channel
 from vmbus.device import ChannelHandler, OpenContext, Vsp, packet_space
+from vmbus.errors import UsageError
+from vmbus.handoff import SharedFd
 from vmbus.host import OfferSpec
 from vmbus.protocols.input import (
     ABS_MAX,
@@ -43,30 +47,36 @@ from vmbus.protocols.input.wire import (
 
 __all__ = ["InputHandler", "KeyboardHandler", "KeyboardVsp", "MouseHandler", "MouseVsp"]
 
+EVENT_MAX = 64  # bytes of one encoded event, with room to spare
+QUEUE_BYTES = 1 << 20  # asked of the injection socket; the kernel may cap it
+
 
 class InputHandler(ChannelHandler):
     """One open input channel: answers the guest inband within the reserve,
-    and posts the events other threads inject. Injected events wait in
-    `pending` (at most `backlog_limit`, the rest counted in `overflow`) until
-    the worker takes them; then in the base backlog while the guest is slow."""
+    and posts the events injected into its VSP's socket. Events injected
+    before the channel opened are stale: discarded and counted in
+    `unopened`. At most `backlog_limit` events are taken per wake-up, so a
+    flood of injections cannot hold the worker."""
 
     server: KeyboardServer | MouseServer
 
-    def __init__(self, channel: Channel, context: OpenContext) -> None:
+    def __init__(self, channel: Channel, context: OpenContext, events: socket.socket) -> None:
         super().__init__(channel, context)
-        self._lock = threading.Lock()  # pending, closed, and the eventfd's life
-        self.pending: collections.deque[bytes] = collections.deque()
-        self.overflow = 0  # injected while `pending` was full (the worker stalled)
+        self.events = events
+        self.taken = 0  # events taken from the socket and handed to the server
+        self.unopened = self._discard_stale()
         self.closed = False
         self._errors_seen = 0
-        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        try:
-            context.watch(self._wake, self._on_wake)
-        except BaseException:
-            os.close(self._wake)
-            raise
+        context.watch(events.fileno(), self._take_events)
 
-    # --- the guest's requests (worker thread) ---
+    def _discard_stale(self) -> int:
+        count = 0
+        with contextlib.suppress(BlockingIOError):
+            while self.events.recv(EVENT_MAX):
+                count += 1
+        return count
+
+    # --- the guest's requests ---
 
     def on_packet(self, packet: Packet) -> None:
         answers = self.server.receive(bytes(packet.payload))  # one private copy, parsed once
@@ -77,49 +87,25 @@ class InputHandler(ChannelHandler):
         for answer in answers:  # inband: guests ignore completions (§7)
             self.reply(packet.trans_id, answer, type=VM_PKT_DATA_INBAND)
 
-    def on_signal(self) -> None:
-        super().on_signal()  # the backlog first: events keep their order
-        self._take_pending()
-
     def close(self) -> None:
-        with self._lock:
-            if self.closed:
-                return
-            self.closed = True  # from now on no thread writes the eventfd
-            self.pending.clear()
+        if self.closed:
+            return
+        self.closed = True
         try:
             with contextlib.suppress(KeyError, ValueError, OSError):
-                self.context.unwatch(self._wake)
+                self.context.unwatch(self.events.fileno())
         finally:
-            os.close(self._wake)
             super().close()
 
-    # --- injection (any thread) ---
+    # --- injected events ---
 
-    def inject(self, payload: bytes) -> bool:
-        """Queue an encoded event for the worker; False if it was dropped
-        (channel closed, or the worker has fallen `backlog_limit` behind)."""
-        with self._lock:
-            if self.closed:
-                return False
-            if len(self.pending) >= self.backlog_limit:
-                self.overflow += 1
-                return False
-            self.pending.append(payload)
-            os.eventfd_write(self._wake, 1)
-        return True
-
-    def _on_wake(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            os.eventfd_read(self._wake)
-        self._take_pending()
-
-    def _take_pending(self) -> None:
-        with self._lock:
-            if not self.pending:
+    def _take_events(self) -> None:
+        for _ in range(self.backlog_limit):
+            try:
+                payload = self.events.recv(EVENT_MAX)
+            except BlockingIOError:
                 return
-            taken, self.pending = self.pending, collections.deque()
-        for payload in taken:
+            self.taken += 1
             admitted = self.server.admit(payload)  # None before the guest negotiated
             if admitted is not None:
                 self.send_event(admitted)
@@ -135,9 +121,9 @@ class KeyboardHandler(InputHandler):
     max_reply = KEYBOARD_RESPONSE_PAYLOAD
     backlog_limit = 4096  # keys are small; a pasted page survives a busy guest
 
-    def __init__(self, channel: Channel, context: OpenContext) -> None:
+    def __init__(self, channel: Channel, context: OpenContext, events: socket.socket) -> None:
         self.server = KeyboardServer()
-        super().__init__(channel, context)
+        super().__init__(channel, context, events)
 
 
 class MouseHandler(InputHandler):
@@ -150,9 +136,9 @@ class MouseHandler(InputHandler):
     # A PROTOCOL_REQUEST is answered by two packets; the reserve holds both.
     max_reply = packet_space(PROTOCOL_RESPONSE_PAYLOAD) + packet_space(DEVICE_INFO_PAYLOAD)
 
-    def __init__(self, channel: Channel, context: OpenContext) -> None:
+    def __init__(self, channel: Channel, context: OpenContext, events: socket.socket) -> None:
         self.server = MouseServer()
-        super().__init__(channel, context)
+        super().__init__(channel, context, events)
         self.coalesced = 0  # moves merged into the backlog's tail
         self._tail_move: int | None = None  # buttons of a move at the backlog's tail
 
@@ -169,25 +155,56 @@ class MouseHandler(InputHandler):
 
 
 class _InputVsp(Vsp):
-    """One input device of one child: its offer, and the handler of its open
-    channel (the last one opened; injection goes there)."""
+    """One input device of one child: its offer, the socket pair events are
+    injected through, and the handler of its open channel (the last one
+    opened). The parent's object sends; the worker's copy (or, with a worker
+    thread, the same object) receives."""
 
     class_id: uuid.UUID
 
     def __init__(self, instance_id: uuid.UUID | None = None) -> None:
         self.instance_id = instance_id or uuid.uuid4()
         self.handler: InputHandler | None = None
-        self.unopened = 0  # events injected while no channel was open
+        self.overflow = 0  # injections refused: the worker was that far behind
+        sender, self._events = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._sender: socket.socket | None = sender
+        for end in (sender, self._events):
+            end.setblocking(False)
+        sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, QUEUE_BYTES)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The worker's copy: the receiving end only (injection is the
+        parent's), no handler yet."""
+        return {"instance_id": self.instance_id, "events": SharedFd(self._events.fileno())}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.instance_id = state["instance_id"]
+        self.handler, self.overflow, self._sender = None, 0, None
+        self._events = socket.socket(fileno=state["events"].take())
 
     def offers(self) -> list[OfferSpec]:
         return [OfferSpec(self.class_id, self.instance_id)]
 
-    def _inject(self, payload: bytes) -> bool:
+    def stats(self) -> dict[str, Any]:
         handler = self.handler
         if handler is None:
-            self.unopened += 1
+            return {"open": False}
+        return {
+            "open": not handler.closed,
+            "events": handler.taken,
+            "unopened": handler.unopened,
+            "dropped": handler.dropped,
+        }
+
+    def _inject(self, payload: bytes) -> bool:
+        if self._sender is None:
+            raise UsageError("events are injected through the parent's device, not its copy")
+        try:
+            self._sender.send(payload)
+        except BlockingIOError:
+            self.overflow += 1
             return False
-        return handler.inject(payload)
+        return True
 
 
 class KeyboardVsp(_InputVsp):
@@ -195,23 +212,19 @@ class KeyboardVsp(_InputVsp):
 
     class_id = guid.KEYBOARD
 
-    def __init__(self, instance_id: uuid.UUID | None = None) -> None:
-        super().__init__(instance_id)
-        self._idle = KeyboardServer()
-
     def open(self, channel: Channel, context: OpenContext) -> KeyboardHandler:
-        handler = KeyboardHandler(channel, context)
+        handler = KeyboardHandler(channel, context, self._events)
         self.handler = handler
         return handler
 
     @property
     def server(self) -> KeyboardServer:
         """The protocol state of the open (or last) channel."""
-        return self.handler.server if isinstance(self.handler, KeyboardHandler) else self._idle
+        return self.handler.server if isinstance(self.handler, KeyboardHandler) else KeyboardServer()
 
     def press(self, scan_code: int, *, down: bool, e0: bool = False, e1: bool = False) -> bool:
         """Inject one set-1 make (down) or break (up); thread-safe. False if
-        it was dropped (no open channel, or the worker is far behind)."""
+        it was refused (the worker is far behind)."""
         return self._inject(encode_keystroke(scan_code, down=down, e0=e0, e1=e1))
 
     def key(self, keysym: int, down: bool) -> bool:
@@ -227,19 +240,15 @@ class MouseVsp(_InputVsp):
 
     class_id = guid.MOUSE
 
-    def __init__(self, instance_id: uuid.UUID | None = None) -> None:
-        super().__init__(instance_id)
-        self._idle = MouseServer()
-
     def open(self, channel: Channel, context: OpenContext) -> MouseHandler:
-        handler = MouseHandler(channel, context)
+        handler = MouseHandler(channel, context, self._events)
         self.handler = handler
         return handler
 
     @property
     def server(self) -> MouseServer:
         """The protocol state of the open (or last) channel."""
-        return self.handler.server if isinstance(self.handler, MouseHandler) else self._idle
+        return self.handler.server if isinstance(self.handler, MouseHandler) else MouseServer()
 
     def move(self, x: int, y: int, buttons: int = 0, wheel: int = 0) -> bool:
         """Inject an absolute position (0..32767 on each axis); thread-safe."""

@@ -1,0 +1,468 @@
+"""One VM's worker (Hyper-V's VMWP): the loop that serves a child partition's
+VMBus and drives its VSPs' channels.
+
+A `VmWorker` runs either as the main thread of a worker process of its own
+(`vmbus._worker`, what `Host.start` does by default) or as a thread of the
+parent (`Host.attach`, `Host.start(worker="thread")`). It maps ring GPADLs,
+opens and closes channels, and serves them: by select on their doorbells,
+and in poll mode by a short spin before each select. A child that misbehaves
+loses the offending channel; when the child dies (or `stop` is rung) the
+worker releases everything it had, each step whatever failed before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import pickle
+import selectors
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from vmbus import host as h
+from vmbus import messages as m
+from vmbus import sandbox
+from vmbus.channel import Channel
+from vmbus.device import ChannelHandler, OpenContext, Vsp
+from vmbus.errors import PeerError, PeerLog
+from vmbus.memory import GuestMemory, GuestMemoryError, MappedRegion, map_channel_rings
+from vmbus.ring import RingCorrupt
+from vmbus.transport import MalformedMessage, MessagePort, PortClosed, Signal, SocketPort
+
+__all__ = ["POLL_SECONDS", "VmWorker", "spawn_child"]
+
+log = logging.getLogger("vmbus.partition")
+
+POLL_SECONDS = 0.5  # how often a worker notices a stop request or a stuck thread
+
+
+@dataclass
+class _OpenChannel:
+    channel: Channel
+    handler: ChannelHandler
+    regions: tuple[MappedRegion, MappedRegion]
+    views: tuple[memoryview, memoryview]
+    thread: _ChannelThread | None = None  # for a handler that wants a thread of its own
+
+
+class VmWorker:
+    """Serves one child partition: its memory, its message port, its devices.
+    `process` is the child's process, whose exit ends the serving; None for a
+    guest an emulator runs (then `stop` ends it)."""
+
+    def __init__(
+        self,
+        name: str,
+        process: subprocess.Popen[bytes] | None,
+        memory: GuestMemory,
+        port: MessagePort,
+        devices: Sequence[Vsp],
+        *,
+        spin_seconds: float = 0.0,
+        quotas: h.Quotas | None = None,
+        on_state: Callable[[str], None] = lambda state: None,
+    ) -> None:
+        self.name = name
+        self.process = process
+        self.memory = memory
+        self.port = port
+        self.devices = devices
+        self.spin_seconds = spin_seconds  # poll mode; see _poll (it holds the GIL while it spins)
+        self.quotas = quotas or h.Quotas()  # what the child may make us hold
+        self.on_state = on_state
+        self.state = "starting"  # running, exited, crashed, stopped
+        self.exitcode: int | None = None
+        self.channels: dict[int, _OpenChannel] = {}
+        self.vsp_of: dict[h.OfferSpec, Vsp] = {}
+        for vsp in devices:
+            for offer in vsp.offers():
+                self.vsp_of[offer] = vsp
+        self.server = self.quotas.server(list(self.vsp_of), memory.page_count)
+        memory.max_mappings = self.quotas.max_mappings
+        self.peer_log = PeerLog(log, name)  # the child's protocol errors, rate-limited
+        # Readable when the child is gone: its pidfd, or an eventfd stop() rings.
+        self.pid = process.pid if process else os.getpid()
+        self.pidfd = os.pidfd_open(self.pid) if process else os.eventfd(0)
+        self.stopping = False
+        self.exited = threading.Event()
+        self._kill_at: float | None = None
+        self._final_stats: list[dict[str, Any]] = []  # the devices' counters at the end
+        self._failures: list[tuple[int, str]] = []  # from channel threads, for the main loop
+        self._failed = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.selector = selectors.DefaultSelector()
+
+    # --- stopping ---
+
+    def stop(self, timeout: float) -> None:
+        """Ask the child to end (SIGTERM) and kill it if it has not within
+        `timeout`; the loop notices its exit and cleans up. Thread-safe."""
+        self.stopping = True
+        self._kill_at = time.monotonic() + timeout
+        self.signal(signal.SIGTERM)
+
+    def signal(self, signo: int) -> None:
+        if self.process is None:  # embedded: there is only our loop to stop
+            os.eventfd_write(self.pidfd, 1)
+            return
+        with contextlib.suppress(ProcessLookupError, OSError):
+            signal.pidfd_send_signal(self.pidfd, signo)
+
+    # --- the loop ---
+
+    def serve(self) -> None:
+        """Serve until the child is gone; then release everything."""
+        self.selector.register(self.port.fileno(), selectors.EVENT_READ, None)
+        self.selector.register(self.pidfd, selectors.EVENT_READ, "exit")
+        self.selector.register(self._failed, selectors.EVENT_READ, self._take_failures)
+        try:
+            while True:
+                for key, _ in self.selector.select(POLL_SECONDS):
+                    if key.data is None:
+                        self._message()
+                    elif key.data == "exit":
+                        raise PortClosed("child exited")
+                    elif callable(key.data):
+                        key.data()
+                    else:
+                        self._service(key.data)
+                while self._poll():
+                    pass
+                if self._kill_at is not None and time.monotonic() > self._kill_at:
+                    self._kill_at = None
+                    self.signal(signal.SIGKILL)
+        except PortClosed:
+            pass
+        except Exception:  # a bug of ours: never take the parent down with it
+            log.exception("worker of %s failed", self.name)
+        finally:
+            self._cleanup()
+
+    def watch(self, fd: int, callback: Callable[[], None]) -> None:
+        """A descriptor served by this loop (a VSP's TAP device, a switch
+        port, the worker process's control socket), so the channels are only
+        ever touched by this one thread."""
+        self.selector.register(fd, selectors.EVENT_READ, callback)
+
+    def unwatch(self, fd: int) -> None:
+        self.selector.unregister(fd)
+
+    def _poll(self) -> bool:
+        """Poll mode: before sleeping, spin on the open channels for
+        `spin_seconds` with their signals masked (the guest skips its
+        doorbell), since waking a sleeping thread costs far more than a
+        short spin. True only if a channel's packets were consumed, so a
+        peer that leaves packets we cannot take (no room for replies) sends
+        the worker back to its select, not into a busy loop. A channel whose
+        ring is corrupt fails alone, here as in `_service`."""
+        channels = [(r, c.channel) for r, c in self.channels.items() if c.thread is None]
+        if not self.spin_seconds or not channels:
+            return False
+        failed: dict[int, str] = {}
+
+        def check(relid: int, step: Callable[[], object]) -> object:
+            try:
+                return step()
+            except Exception as error:  # a corrupt ring: that channel only
+                failed.setdefault(relid, str(error))
+                return None
+
+        for relid, channel in channels:
+            check(relid, channel.reader.begin_drain)
+        end = time.perf_counter() + self.spin_seconds
+        ready = None
+        while ready is None and not failed and time.perf_counter() < end:
+            for relid, channel in channels:  # no allocation in the spin
+                try:
+                    available = channel.reader.bytes_available
+                except Exception as error:  # a corrupt ring: that channel only
+                    failed.setdefault(relid, str(error))
+                    break
+                if available:
+                    ready = relid
+                    break
+        for relid, channel in channels:  # unmask; anything that slipped in is served
+            if check(relid, channel.reader.end_drain) and ready is None:
+                ready = relid
+        for relid, reason in failed.items():
+            self._fail(relid, reason)
+        if ready is None or ready in failed:
+            return False
+        return self._service(ready) > 0
+
+    def _message(self) -> None:
+        try:
+            received = self.port.receive(0)
+        except MalformedMessage as error:
+            self.server.protocol_errors += 1
+            self.peer_log("%s", str(error))
+            return
+        if received is not None:
+            self._act(self.server.receive(received[0]))
+            if self.server.version is not None and self.state == "starting":
+                self.state = "running"
+                self.on_state("running")
+
+    def _act(self, events: list[h.Event]) -> None:
+        for event in events:
+            if isinstance(event, h.Reply):
+                self.port.post(m.encode(event.message))
+            elif isinstance(event, h.OpenRequested):
+                self._open(event)
+            elif isinstance(event, h.ChannelClosed):
+                self._close(event.relid)
+
+    def _open(self, event: h.OpenRequested) -> None:
+        try:
+            regions = map_channel_rings(
+                self.memory,
+                event.gpadl.pfns,
+                event.inbound_page_offset,
+                max_runs=self.quotas.max_runs,
+            )
+        except GuestMemoryError as error:
+            log.warning("%s: relid %d: %s", self.name, event.relid, str(error))
+            self._act(self.server.open_done(event.relid, event.openid, ok=False))
+            return
+        views = (regions[0].view(), regions[1].view())
+        to_guest, to_host = Signal(), Signal()
+        failure = None
+        try:
+            # The guest's outbound ring is the one the host reads.
+            channel = Channel(views[1], views[0], to_guest, to_host, mirrored=True)
+            context = OpenContext(
+                event.offer,
+                self.memory,
+                userdata=event.userdata,
+                ring_pfns=frozenset(event.gpadl.pfns),
+                partition=self.name,
+                gpadls=self.server.gpadls,
+                add_offer=functools.partial(self._add_offer, self.vsp_of[event.offer]),
+                watch=self.watch,
+                unwatch=self.unwatch,
+                peer_log=self.peer_log,
+            )
+            handler = self.vsp_of[event.offer].open(channel, context)
+        except (RingCorrupt, PeerError, ValueError) as error:
+            failure = str(error)  # not the exception: its traceback pins the views
+        if failure is not None:
+            log.warning("%s: relid %d cannot open: %s", self.name, event.relid, failure)
+            channel = None  # type: ignore[assignment]  # drop its hold on the rings
+            for view in views:
+                view.release()
+            for region in regions:
+                region.close()
+            to_guest.close()
+            to_host.close()
+            self._act(self.server.open_done(event.relid, event.openid, ok=False))
+            return
+        # Recorded and watched before the reply goes out: if the child is
+        # gone by then, cleanup finds the channel whole.
+        opened = _OpenChannel(channel, handler, regions, views)
+        self.channels[event.relid] = opened
+        if not handler.own_thread:
+            self.selector.register(to_host.fileno(), selectors.EVENT_READ, event.relid)
+        (reply,) = self.server.open_done(event.relid, event.openid, ok=True)
+        assert isinstance(reply, h.Reply)
+        self.port.post(m.encode(reply.message), [to_guest.fileno(), to_host.fileno()])
+        if handler.own_thread:  # it serves a packet sent before the open's signal, too
+            opened.thread = _ChannelThread(self, event.relid, opened)
+        else:
+            self._service(event.relid)  # a packet sent before the open's signal is not lost
+
+    def _add_offer(self, vsp: Vsp, offer: h.OfferSpec) -> None:
+        events = self.server.add_offer(offer)  # QuotaExceeded goes back to the VSP
+        self.vsp_of[offer] = vsp
+        self._act(events)
+
+    def _service(self, relid: int) -> int:
+        """Serve one channel's packets; the count consumed. Any error (a
+        corrupt ring, a request the VSP chokes on) fails that channel only."""
+        open_channel = self.channels.get(relid)
+        if open_channel is None:
+            return 0
+        failure = serve_channel(open_channel)
+        if isinstance(failure, int):
+            return failure
+        self._fail(relid, failure)
+        return 0
+
+    def _take_failures(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._failed)
+        failures, self._failures = self._failures, []
+        for relid, reason in failures:
+            self._fail(relid, reason)
+
+    def _fail(self, relid: int, reason: str) -> None:
+        """Rescind a channel that failed; the child's others go on."""
+        if relid in self.channels:
+            log.warning("%s: relid %d failed, rescinding: %s", self.name, relid, reason)
+            self._act(self.server.rescind(relid))
+
+    def _close(self, relid: int) -> None:
+        """Release one channel: every step is tried, whatever failed before."""
+        open_channel = self.channels.pop(relid, None)
+        if open_channel is None:
+            return
+        channel = open_channel.channel
+        if open_channel.thread is not None:
+            self._attempt("stop the thread of", relid, open_channel.thread.stop)
+        else:
+            self._attempt("unwatch", relid, self.selector.unregister, channel.wake_me.fileno())
+        self._attempt("close the VSP of", relid, open_channel.handler.close)
+        self._attempt("close the signals of", relid, channel.notify_peer.close)
+        self._attempt("close the signals of", relid, channel.wake_me.close)
+        del channel.writer, channel.reader  # drop the ring buffers before unmapping
+        for view in open_channel.views:
+            view.release()
+        for region in open_channel.regions:
+            self._attempt("unmap the rings of", relid, region.close)
+
+    def _attempt(self, what: str, relid: int, step: Callable[..., object], *args: object) -> None:
+        try:
+            step(*args)
+        except Exception:
+            log.exception("%s: failed to %s relid %d", self.name, what, relid)
+
+    def _cleanup(self) -> None:
+        """Release everything of the child; a failing step does not stop the
+        others, and the exit is always reported."""
+        try:
+            for relid in list(self.channels):
+                self._close(relid)
+            self._final_stats = [_device_stats(vsp) for vsp in self.devices]
+            self._attempt("drop the GPADLs, after", -1, self.server.disconnect)
+            for step in (self.selector.close, self.port.close):
+                self._attempt("release, after", -1, step)
+            self.exitcode = self.process.wait() if self.process else 0
+            self._attempt("close the pidfd, after", -1, os.close, self.pidfd)
+            self._attempt("close the failure signal, after", -1, os.close, self._failed)
+            try:
+                self.memory.close()
+            except BufferError:  # a VSP still holds a view: unmapped when it lets go
+                log.warning("%s: guest memory still viewed after cleanup", self.name)
+                self.memory.detach()
+        finally:
+            if self.stopping:
+                self.state = "stopped"
+            else:
+                self.state = "exited" if self.exitcode == 0 else "crashed"
+            # The record outlives the child (Host.finished); the devices it
+            # served are the caller's, and must not be pinned by it.
+            self.devices, self.vsp_of = (), {}
+            self.exited.set()
+
+    # --- what the parent asks ---
+
+    def status(self) -> dict[str, Any]:
+        """The VM's state and what the child makes us hold, JSON-able."""
+        gpadls = self.server.gpadls
+        return {
+            "name": self.name,
+            "state": self.state,
+            "exitcode": self.exitcode,
+            "channels": len(self.channels),
+            "gpadls": len(gpadls),
+            "gpadl_pages": gpadls.pages,
+            "mappings": self.memory.mappings,
+            "protocol_errors": self.server.protocol_errors,
+            "refusals": dict(self.server.refusals),
+            "devices": self._final_stats or [_device_stats(vsp) for vsp in self.devices],
+        }
+
+    def fail(self, relid: int, reason: str) -> None:
+        """From a channel's own thread: the main loop rescinds it."""
+        self._failures.append((relid, reason))
+        os.eventfd_write(self._failed, 1)
+
+
+def _device_stats(vsp: Vsp) -> dict[str, Any]:
+    try:
+        return {"device": type(vsp).__name__, **vsp.stats()}
+    except Exception as error:  # a VSP's bug must not hide the others' counters
+        return {"device": type(vsp).__name__, "error": str(error)}
+
+
+def serve_channel(open_channel: _OpenChannel) -> int | str:
+    """Serve a channel's packets: the count consumed, or why it failed."""
+    try:
+        handler = open_channel.handler
+        count = open_channel.channel.service(handler.on_packet, handler.admission)
+        handler.on_signal()
+        return count
+    except Exception as error:
+        return str(error)  # not the exception: its traceback pins views of the ring
+
+
+class _ChannelThread:
+    """A channel served by a thread of its own (`ChannelHandler.own_thread`),
+    so the compiled paths of several channels run at once. It waits on the
+    channel's doorbell, never spins on a stuck peer, and hands a failure to
+    the main loop, which alone talks to the control plane."""
+
+    def __init__(self, worker: VmWorker, relid: int, open_channel: _OpenChannel) -> None:
+        self.worker, self.relid, self.open_channel = worker, relid, open_channel
+        self._stop = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._thread = threading.Thread(
+            target=self._run, name=f"vmwp-{worker.name}-{relid}", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self) -> None:
+        wake = self.open_channel.channel.wake_me.fileno()
+        with selectors.DefaultSelector() as selector:
+            selector.register(wake, selectors.EVENT_READ)
+            selector.register(self._stop, selectors.EVENT_READ)
+            while True:
+                failure = serve_channel(self.open_channel)
+                if isinstance(failure, str):
+                    self.worker.fail(self.relid, failure)
+                    return
+                ready = selector.select(POLL_SECONDS)
+                if any(key.fd == self._stop for key, _ in ready):
+                    return
+
+    def stop(self) -> None:
+        os.eventfd_write(self._stop, 1)
+        self._thread.join()
+        os.close(self._stop)
+
+
+def spawn_child(
+    name: str,
+    target: str,
+    args: Sequence[Any],
+    memory: GuestMemory,
+    policy: sandbox.Policy,
+    path: Sequence[str],
+) -> tuple[subprocess.Popen[bytes], SocketPort]:
+    """Start a child partition's interpreter (vmbus._child), confined, on
+    `memory`: it runs `target(guest, *args)` with `path` as its sys.path.
+    The process, and the parent's end of its message port."""
+    parent_port, child_port = SocketPort.pair()
+    fds = (child_port.fileno(), memory.fileno())
+    boot = pickle.dumps((list(path), target, tuple(args)))
+    try:
+        process = sandbox.spawn(
+            [sys.executable, "-m", "vmbus._child", *map(str, fds), str(memory.size)],
+            pass_fds=fds,
+            name=name,
+            policy=policy,
+        )
+    except BaseException:
+        parent_port.close()
+        raise
+    finally:
+        child_port.close()
+    assert process.stdin is not None
+    process.stdin.write(boot)
+    process.stdin.close()
+    return process, parent_port
