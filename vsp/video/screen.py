@@ -138,6 +138,7 @@ class Capture:
     height: int
     rects: list[Rect]
     pixels: list[Frame]
+    frame: Frame | None = None  # with `into`: the frame-sized array the rects were copied into
 
 
 @dataclass(frozen=True)
@@ -364,8 +365,11 @@ class Screen:
         with contextlib.suppress(BlockingIOError, OSError):  # full: one is pending anyway
             self._control.send(_CONTROL.pack(kind, a, b))
 
-    def capture(self, rects: Sequence[Rect], generation: int) -> Capture:
-        """Copies of `rects` (clipped); the whole frame if `generation` is stale."""
+    def capture(self, rects: Sequence[Rect], generation: int, into: Frame | None = None) -> Capture:
+        """Copies of `rects` (clipped); the whole frame if `generation` is stale.
+        With `into` (an (h, w, 4) array an encoder keeps), the rects are copied
+        into it at their places (a new array if the frame's size changed),
+        which saves a frame-sized allocation per update."""
         with self._lock:
             shm = self._shm
             for attempt in range(_TORN_RETRIES + 1):
@@ -377,7 +381,15 @@ class Screen:
                 wanted = [(0, 0, w, h)] if generation != gen else rects
                 kept = [c for r in wanted if (c := clip(r, w, h)) is not None]
                 frame = shm.frame(w, h)
-                pixels = [frame[y1:y2, x1:x2].copy() for x1, y1, x2, y2 in kept]
+                if into is None:
+                    pixels = [frame[y1:y2, x1:x2].copy() for x1, y1, x2, y2 in kept]
+                else:
+                    if into.shape != (h, w, 4):
+                        into = np.empty((h, w, 4), np.uint8)
+                    pixels = []
+                    for x1, y1, x2, y2 in kept:
+                        np.copyto(into[y1:y2, x1:x2], frame[y1:y2, x1:x2])
+                        pixels.append(into[y1:y2, x1:x2])
                 consistent = seq is not None and shm.seq() == seq
                 if shm.end_read():
                     self._send_control(CONTROL_FLUSH)
@@ -386,7 +398,7 @@ class Screen:
                 if seq is None or attempt == _TORN_RETRIES:  # stuck, or never still
                     self.torn += 1
                     break
-            return Capture(gen, w, h, kept, pixels)
+            return Capture(gen, w, h, kept, pixels, into)
 
     def cursor(self) -> Cursor:
         """The pointer shape (0x0 until the guest sets one)."""

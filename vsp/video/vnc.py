@@ -52,13 +52,23 @@ import socket
 import struct
 import threading
 import time
-import zlib
 from collections.abc import Callable
+
+import numpy as np
 
 from vmbus.errors import UsageError
 from vsp.video import rfb
 from vsp.video.access import LoginBackoff, generate_password
-from vsp.video.screen import Rect, Screen, bounding_box, clip, intersect, subtract
+from vsp.video.encodings import ENC_EXTENDED_DESKTOP_SIZE, Encoder
+from vsp.video.screen import (
+    MAX_DIMENSION,
+    Rect,
+    Screen,
+    bounding_box,
+    clip,
+    intersect,
+    subtract,
+)
 
 __all__ = [
     "HANDSHAKE_TIMEOUT",
@@ -91,6 +101,10 @@ _SERVER_VERSION = b"RFB 003.008\n"
 _VERSION_RE = re.compile(rb"RFB (\d{3})\.(\d{3})\n")
 _U32 = struct.Struct(">I")
 _RECT_HEADER = struct.Struct(">HHHHi")
+_SET_DESKTOP_SIZE = 251
+# ExtendedDesktopSize: reasons and statuses (rfbproto).
+REASON_SERVER, REASON_CLIENT = 0, 1
+STATUS_OK, STATUS_PROHIBITED, STATUS_INVALID = 0, 1, 3
 
 
 class _Client:
@@ -109,12 +123,11 @@ class _Client:
         self.accepted = self.since = time.monotonic()  # since: the last send progress
         self.active = self.accepted  # the last message from the client
         self.generation = generation
-        self.fmt = rfb.DEFAULT_FORMAT
-        self.encoding = rfb.ENC_RAW
-        self.desktop_size = False
+        self.encoder = Encoder()  # format, encodings, zlib streams, reused buffers
         self.width = self.height = 0  # the client's framebuffer: ServerInit's, or DesktopSize's
-        self.zlib = zlib.compressobj()
-        self.zrle = zlib.compressobj()
+        self.cursor_serial = 0  # the pointer shape the client has
+        self.layout_told = False  # ExtendedDesktopSize: the client knows the layout
+        self.size_reply: int | None = None  # status owed for its SetDesktopSize
         self.dirty: list[Rect] = []
         self.want_full: Rect | None = None  # union of pending non-incremental requests
         self.want_incr: Rect | None = None
@@ -124,7 +137,7 @@ class _Client:
         """Past security: counts against the client limit."""
         return self.state in ("init", "normal")
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes | memoryview) -> None:
         # Updates are queued only onto an empty queue: the rest is small replies.
         if len(self.out) >= MAX_QUEUED_MESSAGES:
             raise _Drop("not reading its replies")
@@ -163,6 +176,7 @@ class VncServer:
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         send_stall_timeout: float = SEND_STALL_TIMEOUT,
         backoff: LoginBackoff | None = None,
+        resize: bool = True,
     ) -> None:
         if not authenticate and password is not None:
             raise UsageError("a password with authenticate=False")
@@ -179,6 +193,7 @@ class VncServer:
         self.name = name.encode()
         self.handshake_timeout = handshake_timeout
         self.send_stall_timeout = send_stall_timeout
+        self.resize = resize  # viewers' SetDesktopSize become size requests to the guest
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._running = False
@@ -456,7 +471,7 @@ class VncServer:
         if state == "init":  # ClientInit: the shared flag; every session is shared
             gen, w, h = self.screen.geometry()
             client.generation, client.width, client.height = gen, w, h
-            client.send(struct.pack(">HH", w, h) + client.fmt.pack())
+            client.send(struct.pack(">HH", w, h) + client.encoder.fmt.pack())
             client.send(_U32.pack(len(self.name)) + self.name)
             client.state = "normal"
             return 1
@@ -479,11 +494,13 @@ class VncServer:
 
     def _message(self, client: _Client, buf: memoryview) -> int:
         kind = buf[0]
-        need = {0: 20, 2: 4, 3: 10, 4: 8, 5: 6, 6: 8}.get(kind)
+        need = {0: 20, 2: 4, 3: 10, 4: 8, 5: 6, 6: 8, _SET_DESKTOP_SIZE: 8}.get(kind)
         if need is None:
             raise _Drop(f"unknown message type {kind}")
         if kind == 2 and len(buf) >= 4:
             need += 4 * int.from_bytes(buf[2:4], "big")
+        if kind == _SET_DESKTOP_SIZE and len(buf) >= 8:
+            need += 16 * buf[6]
         if len(buf) < need:
             return 0
         if kind == 0:
@@ -493,12 +510,11 @@ class VncServer:
             if not fmt.true_colour:
                 client.send(rfb.colour_map())
                 fmt = rfb.BGR233
-            client.fmt = fmt
+            client.encoder.set_format(fmt)
         elif kind == 2:
-            encodings = struct.unpack(f">{(need - 4) // 4}i", buf[4:need])
-            client.desktop_size = rfb.ENC_DESKTOP_SIZE in encodings
-            preferred = [e for e in encodings if e in (rfb.ENC_RAW, rfb.ENC_ZLIB, rfb.ENC_ZRLE)]
-            client.encoding = preferred[0] if preferred else rfb.ENC_RAW
+            client.encoder.set_encodings(struct.unpack(f">{(need - 4) // 4}i", buf[4:need]))
+        elif kind == _SET_DESKTOP_SIZE:
+            self._set_desktop_size(client, *struct.unpack(">xxHHBx", buf[:8]))
         elif kind == 3:
             incremental, x, y, w, h = struct.unpack(">xBHHHH", buf[:10])
             rect = (x, y, x + w, y + h)
@@ -526,23 +542,45 @@ class VncServer:
             except Exception:
                 log.exception("vnc: input callback failed")
 
+    def _set_desktop_size(self, client: _Client, width: int, height: int, screens: int) -> None:
+        """SetDesktopSize: becomes a size request to the guest (the answer
+        is this client's next update; the new mode follows when the guest
+        takes it)."""
+        if not client.encoder.extended_desktop_size:
+            raise _Drop("SetDesktopSize without ExtendedDesktopSize")
+        if not self.resize:
+            client.size_reply = STATUS_PROHIBITED
+        elif screens < 1 or not (1 <= width <= MAX_DIMENSION and 1 <= height <= MAX_DIMENSION):
+            client.size_reply = STATUS_INVALID
+        else:
+            client.size_reply = STATUS_OK
+            self.screen.request_size(width, height)
+
     def _update(self, client: _Client) -> None:
         """Send an update if one is asked for and the previous one has been sent."""
         if client.state != "normal" or client.out or client.closing:
             return
         if client.want_full is None and client.want_incr is None:
             return
+        enc = client.encoder
         gen, w, h = self.screen.geometry()
+        cursor = self.screen.cursor() if enc.cursor else None
+        new_cursor = cursor is not None and cursor.serial != client.cursor_serial
         rects = [client.want_full] if client.want_full else []
         if client.want_incr is not None:
             rects += [r for d in client.dirty if (r := intersect(d, client.want_incr))]
         rects = [c for r in rects if (c := clip(r, w, h)) is not None]
-        if not rects and gen == client.generation and client.want_full is None:
+        layout = enc.extended_desktop_size and not client.layout_told
+        owed = client.size_reply is not None
+        idle = not rects and gen == client.generation and client.want_full is None
+        if idle and not (new_cursor or layout or owed):
             return  # an incremental request waits for a change
-        cap = self.screen.capture(rects, client.generation)
+        cap = self.screen.capture(rects, client.generation, into=enc.scratch)
+        if cap.frame is not None:
+            enc.scratch = cap.frame
         resized = cap.generation != client.generation
         client.generation = cap.generation
-        announce = resized and client.desktop_size
+        announce = resized and (enc.desktop_size or enc.extended_desktop_size)
         if announce:
             client.width, client.height = cap.width, cap.height
         if resized:
@@ -553,10 +591,25 @@ class VncServer:
             if len(client.dirty) > MAX_DIRTY_RECTS:
                 client.dirty = [bounding_box(client.dirty)]
         client.want_full = client.want_incr = None
-        parts = []
-        if announce:  # first, so the client resizes before drawing
-            parts.append(_RECT_HEADER.pack(0, 0, cap.width, cap.height, rfb.ENC_DESKTOP_SIZE))
-        count = int(announce)
+        out = enc.out
+        out.reset()
+        out.reserve(4)  # the header, once the rectangles are counted
+        count = 0
+        if owed:  # the answer to its SetDesktopSize, with the size it has now
+            assert client.size_reply is not None
+            self._layout(client, REASON_CLIENT, client.size_reply)
+            client.size_reply, client.layout_told, count = None, True, count + 1
+        if announce or layout:  # first, so the client resizes before drawing
+            if enc.extended_desktop_size:
+                self._layout(client, REASON_SERVER, STATUS_OK)
+                client.layout_told = True
+            else:
+                out.write(_RECT_HEADER.pack(0, 0, cap.width, cap.height, rfb.ENC_DESKTOP_SIZE))
+            count += 1
+        if new_cursor and cursor is not None:
+            enc.cursor_rect(cursor.hot_x, cursor.hot_y, cursor.pixels)
+            client.cursor_serial = cursor.serial
+            count += 1
         for rect, pix in zip(cap.rects, cap.pixels, strict=True):
             # Only what fits the client's framebuffer: one that missed a
             # resize (no DesktopSize) keeps its own size.
@@ -565,10 +618,15 @@ class VncServer:
                 continue
             x1, y1, x2, y2 = fits
             pix = pix[y1 - rect[1] : y2 - rect[1], x1 - rect[0] : x2 - rect[0]]
-            parts.append(_RECT_HEADER.pack(x1, y1, x2 - x1, y2 - y1, client.encoding))
-            parts.append(
-                rfb.encode_rect(client.encoding, client.fmt, pix, client.zlib, client.zrle)
-            )
-            count += 1
-        client.send(struct.pack(">BxH", 0, count) + b"".join(parts))
+            count += enc.rect(x1, y1, pix)
+        out.array[:4] = np.frombuffer(struct.pack(">BxH", 0, min(count, 0xFFFF)), np.uint8)
+        client.send(out.view())
         self._flush(client)
+
+    def _layout(self, client: _Client, reason: int, status: int) -> None:
+        """An ExtendedDesktopSize rectangle: one screen, the client's framebuffer."""
+        w, h = client.width, client.height
+        client.encoder.out.write(
+            _RECT_HEADER.pack(reason, status, w, h, ENC_EXTENDED_DESKTOP_SIZE)
+            + struct.pack(">B3xIHHHHI", 1, 0, 0, 0, w, h, 0)
+        )
