@@ -197,8 +197,9 @@ def test_guest_completes_a_receive_it_never_got(guest: Guest) -> None:
 
 
 def test_guest_sending_into_a_full_port_is_held_not_dropped() -> None:
-    """Frames for a full switch port wait with their completions, and the
-    requests behind them wait in order, until the port drains."""
+    """Frames for a full switch port wait in the switch (and, once the
+    sender's ring is full too, with their completions), in order, until the
+    port drains: none is dropped."""
     switch = LearningSwitch(queue_frames=2, stall_seconds=None)
     with VspHarness(NetVsp(switch.port(MAC), mac=MAC), ring_size=256 << 10) as harness:
         guest = Guest(harness, switch)
@@ -211,8 +212,8 @@ def test_guest_sending_into_a_full_port_is_held_not_dropped() -> None:
             harness.guest.send(packet, flags=COMPLETION_REQUESTED, trans_id=100 + section)
         harness.pump()
         done = completions(harness)
-        assert done == {100: 1, 101: 1}  # the third waits for the port, the rest behind it
-        assert guest.handler.held is not None and guest.handler.paused
+        sender, peer = switch.stats()
+        assert sender.held == 1 and sender.waiting == 4 and peer.queued == 2  # the switch holds
         received = guest.peer.receive(8)
         harness.pump()
         while len(received) < len(frames):
@@ -220,6 +221,7 @@ def test_guest_sending_into_a_full_port_is_held_not_dropped() -> None:
             harness.pump()
         done |= completions(harness)
         assert received == frames and done == {100 + n: 1 for n in range(6)}
+        assert switch.stats()[1].dropped == 0
         assert guest.handler.held is None and not guest.handler.paused
 
 

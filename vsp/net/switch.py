@@ -1,63 +1,146 @@
-"""The learning switch: an Ethernet switch in memory between children, each
-port a `NetBackend`.
+"""The learning switch: an Ethernet switch in the parent between children,
+each port a `SwitchPort` (a `NetBackend`) that may live in a VM's worker
+process (`vsp.net.switch_port`: two rings in a memfd, doorbells).
 
+- Forwarding runs in the parent, in one thread that serves every port
+  (`serve=False` leaves it to `pump()`, for tests): it selects on the ports'
+  doorbells, reads at most BATCH frames of a port per pass (so a flooding
+  port gets its share, not more) and never spins: a port with nothing to
+  read, or waiting for room, costs nothing until its doorbell rings.
 - Learning, pinned: a port's address is the MAC it was made with, or else
   the first unicast source address it sends from. Frames to a pinned address
   go to its port alone; broadcast, multicast and unknown unicast are flooded.
   A frame whose source is another port's address is dropped and counted
-  (`spoofed`): no port can claim another's traffic.
-- Flow control: each port queues a bounded number of frames. A unicast
-  frame `transmit`ted to a full port is not taken: the sender holds it (its
-  netvsp stops taking the guest's requests) until the port drains to half,
-  when the switch signals the sender's `space_fileno()`. A port that does
-  not drain for `stall_seconds` while senders wait is stalled: frames to it
-  are dropped (counted) until it drains, so a child that never reads holds
-  nobody up for long. Flooded frames and `send` never wait: a full port
-  drops them (counted), as a real switch's full port does.
-- Counters per port (`stats()`): frames in and out, `dropped` (lost at this
-  port: full, stalled, link down), `refused` (from this port: malformed,
-  oversize, link down), `spoofed`, `held` (times a frame waited).
+  (`spoofed`). A port made with a MAC also refuses, on its own side, frames
+  from any other unicast address (so its netvsp reports them failed).
+- Flow control: each port queues at most `queue_frames` frames in its ring.
+  A unicast frame for a full port is held in the switch, and the sender's
+  frames behind it stay in its ring, which fills, so its netvsp stops
+  taking the guest's requests: back-pressure, no loss. Held senders resume
+  once the port drains to half. A port that drains nothing for
+  `stall_seconds` while senders wait is stalled: frames to it are dropped
+  (counted) until it drains. Flooded frames never wait: a full port drops
+  them, counted.
+- A hostile worker fails alone: everything read from its memory is checked
+  (the rings' own index and descriptor checks, each frame's length against
+  the MTU, its receive counter against what was written). A port whose
+  ring is corrupt, or whose worker hung up (died, or closed the port), is
+  removed, counted in `removals` and logged once.
 
-One lock covers the table and every queue: the ports are served by the
-workers of different children.
+One lock covers the table and the switch's ends of the ports.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import selectors
+import socket
 import threading
 import time
-from collections import deque
-from collections.abc import Sequence
+from collections import Counter, deque
+from collections.abc import Callable
 from typing import NamedTuple
 
 from vmbus.errors import UsageError
-from vsp.net.backends import DEFAULT_MTU, ETH_HLEN, Frame, Sent, _Backend, _eventfd, max_frame
+from vmbus.ring import RingCorrupt, RingReader, RingWriter
+from vsp.net.backends import DEFAULT_MTU, ETH_HLEN, max_frame
+from vsp.net.switch_port import (
+    P_LINK,
+    P_WANT,
+    SCRATCH_CAP,
+    W_DROPPED,
+    W_RECEIVED,
+    W_REFUSED,
+    W_SENT,
+    W_SPOOFED,
+    PortMemory,
+    SwitchPort,
+    _eventfd,
+    clear_eventfd,
+    full_fence,
+    ring_data_size,
+    ring_eventfd,
+)
 
 __all__ = ["LearningSwitch", "PortStats", "SwitchPort"]
 
-# Frames waiting at one port: ~1.5 MB of 1500-byte frames.
+log = logging.getLogger(__name__)
+
+# Frames waiting at one port.
 SWITCH_QUEUE_FRAMES = 1024
 # Pinned MACs: one per port at most, so this caps the ports that can learn.
 SWITCH_TABLE_ENTRIES = 4096
 # How long senders wait for a port that drains nothing before it is stalled.
 SWITCH_STALL_SECONDS = 1.0
+BATCH = 64  # frames read from one port per pass
+_COUNTER_LIMIT = 1 << 62  # a worker's counter above this is garbage: read as 0
 
 
 class PortStats(NamedTuple):
     mac: bytes | None
-    frames_in: int  # handed to this port's receiver
-    frames_out: int  # taken from this port's sender
-    queued: int  # waiting now
+    frames_in: int  # written to this port's ring for its receiver
+    frames_out: int  # taken from this port's sender and forwarded
+    queued: int  # waiting in its ring now
     dropped: int  # lost at this port: full queue, stalled, link down
     refused: int  # from this port, refused at the door: malformed, oversize, link down
     spoofed: int  # from this port with another port's source address
     held: int  # times a frame from this port waited for a full port
+    waiting: int = 0  # from this port, not yet forwarded: in its ring or held in the switch
+
+
+class _Corrupt(Exception):
+    """A worker's shared state is inconsistent: its port goes."""
+
+
+class _PortEnd:
+    """The switch's end of one port: the rings' other ends, the counters,
+    the flow-control state. Lives in the parent, under the switch's lock."""
+
+    def __init__(self, port: SwitchPort, memory: PortMemory, sock: socket.socket) -> None:
+        self.port = port  # the worker's end, as made here (a husk once handed over)
+        self.memory = memory
+        self.cells = memory.cells
+        self.sock = sock
+        self.bell, self.space = port.fileno(), port.space_fileno()
+        self.reader: RingReader | None = RingReader(memory.up)
+        self.writer: RingWriter | None = RingWriter(memory.down)
+        self.mac = port.mac
+        self.link_up = True
+        self.handed = False  # pickled for a worker: close our copy of its socket once it speaks
+        self.heard = False
+        self.removed = False
+        self.written = 0  # frames written to ring "down"
+        self.taken = 0  # frames read from ring "up"
+        self.received = 0  # the worker's W_RECEIVED, as last checked
+        self.dirty = False  # written, not yet committed
+        self.frames_in = self.frames_out = 0
+        self.dropped = self.refused = self.spoofed = self.held = 0
+        self.pending: deque[bytes] = deque()  # read from its ring, not yet forwarded
+        self.waiting_on: _PortEnd | None = None  # the full port pending[0] waits for
+        self.waiters: set[_PortEnd] = set()  # ports holding a frame for this one
+        self.held_since: float | None = None
+        self.stalled = False
+
+    def worker_count(self, cell: int) -> int:
+        if self.removed:
+            return 0  # added to our own counters on removal
+        value = int(self.cells[cell])
+        return value if value < _COUNTER_LIMIT else 0
+
+    def queued(self) -> int:
+        received = int(self.cells[W_RECEIVED])
+        if not self.received <= received <= self.written:
+            raise _Corrupt(
+                f"its receive count {received} is not in {self.received}..{self.written}"
+            )
+        self.received = received
+        return self.written - received
 
 
 class LearningSwitch:
-    """An Ethernet switch in memory between ports (`port()`); see the module doc."""
+    """An Ethernet switch between ports (`port()`); see the module doc."""
 
     def __init__(
         self,
@@ -65,6 +148,8 @@ class LearningSwitch:
         queue_frames: int = SWITCH_QUEUE_FRAMES,
         table_entries: int = SWITCH_TABLE_ENTRIES,
         stall_seconds: float | None = SWITCH_STALL_SECONDS,
+        *,
+        serve: bool = True,
     ) -> None:
         if queue_frames < 1:
             raise UsageError(f"a port queues at least one frame, not {queue_frames}")
@@ -74,37 +159,227 @@ class LearningSwitch:
         self.low_water = queue_frames // 2  # held senders resume once a port drains to this
         self.table_entries = table_entries
         self.stall_seconds = stall_seconds
-        self._lock = threading.Lock()
-        self._ports: list[SwitchPort] = []
-        self._table: dict[bytes, SwitchPort] = {}  # pinned address -> its port
-        self._timer: threading.Timer | None = None
+        self._ring_size = ring_data_size(queue_frames, mtu)
+        self._lock = threading.RLock()
+        self._ports: list[_PortEnd] = []
+        self._table: dict[bytes, _PortEnd] = {}  # pinned address -> its port
+        self.removals: Counter[str] = Counter()  # ports removed, by reason
+        slot = -(-self._max_frame // 8) * 8
+        self._scratch = bytearray(max(slot, min(SCRATCH_CAP, BATCH * slot)))
+        self._lengths = memoryview(bytearray(4 * BATCH)).cast("I")
+        self._ids = memoryview(bytearray(8 * BATCH)).cast("Q")
+        self._selector = selectors.DefaultSelector()
+        self._wake = _eventfd()
+        self._selector.register(self._wake, selectors.EVENT_READ, None)
+        self._serve = serve
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._busy = False  # a port left frames unread: pass again without waiting
+
+    # --- the public side ---
 
     def port(self, mac: bytes | None = None) -> SwitchPort:
         """A new port. Its `mac`, if given, is pinned at once, so frames to
         it arrive before the guest has sent anything."""
+        if mac is not None and len(mac) != 6:
+            raise UsageError(f"a MAC is 6 bytes, not {len(mac)}")
         with self._lock:
+            if self._stopping:
+                raise UsageError("the switch is closed")
             if mac is not None and mac in self._table:
                 raise UsageError(f"{mac.hex(':')} is already another port's address")
-            port = SwitchPort(self, mac)
-            self._ports.append(port)
+            memory = PortMemory.create(self._ring_size)
+            bells = (_eventfd(), _eventfd(), _eventfd())
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            ours.setblocking(False)
+            theirs.setblocking(False)
+            port = SwitchPort(self, mac, memory, bells, theirs)
+            end = _PortEnd(port, memory, ours)
+            port._end = end
+            self._ports.append(end)
             if mac is not None:
-                self._table[mac] = port
+                self._table[mac] = end
+            self._selector.register(ours, selectors.EVENT_READ, end)
+            if self._serve and self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="vmbus-switch", daemon=True)
+                self._thread.start()
         return port
 
     def stats(self) -> list[PortStats]:
-        """Every port's counters, in the order the ports were made."""
+        """Every live port's counters, in the order the ports were made."""
         with self._lock:
-            return [port._stats() for port in self._ports]
+            return [self._stats(end) for end in self._ports]
+
+    def port_stats(self, end: _PortEnd) -> PortStats:
+        with self._lock:
+            return self._stats(end)
+
+    def pump(self) -> int:
+        """What the thread does after each wake-up, without waiting: take the
+        doorbells that rang, then one forwarding pass over every port; frames
+        moved. For a switch made with serve=False (tests)."""
+        with self._lock:
+            self._doorbells(self._selector.select(0))
+            return self._pump()
 
     def check_stalls(self, now: float | None = None) -> None:
         """Declare stalled each port that senders have waited on for
-        `stall_seconds` (the watchdog calls this; tests may too)."""
+        `stall_seconds` (the thread calls this; tests may too)."""
         with self._lock:
             self._check_stalls(time.monotonic() if now is None else now)
 
-    # --- under the lock ----------------------------------------------------
+    def close(self) -> None:
+        """Stop forwarding and remove every port (their workers see a hang-up)."""
+        with self._lock:
+            self._stopping = True
+            thread, self._thread = self._thread, None
+            ring_eventfd(self._wake)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        with self._lock:
+            for end in list(self._ports):
+                self._remove(end, None)
+            if self._wake >= 0:
+                self._selector.close()
+                os.close(self._wake)
+                self._wake = -1
 
-    def _admit(self, source: SwitchPort, mac: bytes) -> bool:
+    def __enter__(self) -> LearningSwitch:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # --- the thread ---
+
+    def _run(self) -> None:
+        while not self._stopping:
+            events = self._selector.select(self._timeout())
+            with self._lock:
+                if self._stopping:
+                    return
+                self._doorbells(events)
+                self._pump()
+                if self.stall_seconds is not None:
+                    self._check_stalls(time.monotonic())
+
+    def _timeout(self) -> float | None:
+        if self._busy:
+            return 0.0
+        if self.stall_seconds is not None and any(end.waiters for end in self._ports):
+            return self.stall_seconds / 4
+        return None
+
+    def _doorbells(self, events: list[tuple[selectors.SelectorKey, int]]) -> None:
+        for key, _ in events:
+            end = key.data
+            if end is None:
+                clear_eventfd(self._wake)
+            elif not end.removed:
+                self._heard(end)
+
+    def _heard(self, end: _PortEnd) -> None:
+        """The worker rang (or hung up): empty the doorbell; a hang-up removes the port."""
+        try:
+            data = end.sock.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError as error:
+            self._remove(end, f"its worker's doorbell failed ({error.strerror})")
+            return
+        if not data:
+            self._remove(end, "its worker hung up")
+            return
+        if end.handed and not end.heard:  # the worker has its own socket now
+            end.heard = True
+            end.port._sock.close()
+
+    # --- forwarding, under the lock ---
+
+    def _pump(self) -> int:
+        moved, busy = 0, False
+        for end in list(self._ports):  # room first: held senders then go on in this pass
+            if (end.waiters or end.stalled) and not end.removed:
+                self._guard(end, self._room)
+        for end in list(self._ports):
+            if not end.removed and end.waiting_on is None:
+                count = self._guard(end, self._serve_sender)
+                moved += count
+                busy |= count >= BATCH  # maybe more in its ring: pass again at once
+        for end in list(self._ports):
+            if end.dirty and not end.removed:
+                end.dirty = False
+                self._guard(end, self._commit)
+        self._busy = busy
+        return moved
+
+    def _guard(self, end: _PortEnd, step: Callable[[_PortEnd], int]) -> int:
+        """Run one port's step; a port whose memory proves corrupt is removed."""
+        try:
+            return step(end)
+        except (RingCorrupt, _Corrupt, ValueError) as error:
+            self._remove(end, f"its ring is corrupt ({error})")
+            return 0
+
+    def _commit(self, end: _PortEnd) -> int:
+        assert end.writer is not None
+        if end.writer.commit():
+            ring_eventfd(end.bell)
+        return 0
+
+    def _room(self, end: _PortEnd) -> int:
+        """A port that senders wait on (or stalled): resume them once it drained to half."""
+        if end.queued() <= self.low_water:
+            end.stalled = False
+            self._release(end)
+        else:
+            self._want(end)
+        return 0
+
+    def _want(self, end: _PortEnd) -> bool:
+        """Ask the worker to ring once it reads; whether it already has (room now)."""
+        end.cells[P_WANT] = 1
+        full_fence()  # P_WANT stored before W_RECEIVED is loaded (the worker: the reverse)
+        return end.queued() < self.queue_frames
+
+    def _release(self, end: _PortEnd) -> None:
+        for waiter in end.waiters:
+            waiter.waiting_on = None
+        end.waiters.clear()
+        end.held_since = None
+
+    def _serve_sender(self, end: _PortEnd) -> int:
+        """Forward the frames waiting in the switch, then up to BATCH from the ring."""
+        moved = 0
+        while end.pending:
+            if not self._forward(end, end.pending[0]):
+                return moved
+            end.pending.popleft()
+            moved += 1
+        reader = end.reader
+        if reader is None:
+            return 0
+        count = reader.read_packed(self._scratch, self._lengths, self._ids)
+        if count == 0:
+            return moved
+        end.taken += count
+        scratch, pos, largest = self._scratch, 0, self._max_frame
+        for index in range(count):
+            size, length = self._lengths[index], self._ids[index]
+            if ETH_HLEN <= length <= largest and size - 8 < length <= size:
+                end.pending.append(bytes(scratch[pos : pos + length]))
+            else:
+                end.refused += 1
+            pos += size
+        if reader.commit():
+            ring_eventfd(end.space)
+        while end.pending:
+            if not self._forward(end, end.pending[0]):
+                break
+            end.pending.popleft()
+        return moved + int(count)
+
+    def _admit(self, source: _PortEnd, mac: bytes) -> bool:
         """Whether a frame from `source` may use source address `mac`; pins
         the first unicast address of a port made without one."""
         if mac[0] & 1:
@@ -114,192 +389,123 @@ class LearningSwitch:
             return True
         if owner is not None:
             source.spoofed += 1
-            source.drops += 1
             return False
         if source.mac is None and len(self._table) < self.table_entries:
             source.mac = mac
             self._table[mac] = source
         return True  # an address nobody owns: forwarded, not learned
 
-    def _forward(self, source: SwitchPort, frames: Sequence[Frame], hold: bool) -> Sent:
-        refused = 0
-        with self._lock:
-            if not source.link_up or source._fd < 0:
-                source.refused += len(frames)
-                source.drops += len(frames)
-                return Sent(len(frames), len(frames))
-            if source._signalled:  # a port we waited on drained: the wake-up is consumed
-                source._signalled = False
-                with contextlib.suppress(BlockingIOError):
-                    os.eventfd_read(source._space)
-            for index, frame in enumerate(frames):
-                if not ETH_HLEN <= len(frame) <= self._max_frame:
-                    source.refused += 1
-                    source.drops += 1
-                    refused += 1
-                    continue
-                data = bytes(frame)  # the caller's view is valid during the call only
-                if not self._admit(source, data[6:12]):
-                    refused += 1
-                    continue
-                target = None if data[0] & 1 else self._table.get(data[:6])
-                if target is None:
-                    others = [port for port in self._ports if port is not source]
-                    delivered = sum(port._enqueue(data) for port in others)
-                    refused += bool(others) and not delivered
-                elif target is not source:
-                    if hold and target._must_wait():
-                        self._wait(source, target)
-                        source.frames_out += index - refused
-                        return Sent(index, refused)
-                    refused += not target._enqueue(data)
-            source.frames_out += len(frames) - refused
-        return Sent(len(frames), refused)
+    def _forward(self, source: _PortEnd, data: bytes) -> bool:
+        """Send one frame on; False when it must wait for a full port."""
+        if not source.link_up:
+            source.refused += 1
+            return True
+        if not self._admit(source, data[6:12]):
+            return True
+        target = None if data[0] & 1 else self._table.get(data[:6])
+        if target is None:
+            for port in self._ports:
+                if port is not source and not port.removed:
+                    self._deliver(port, data, False)
+        elif target is not source and not self._deliver(target, data, True):
+            source.held += 1
+            source.waiting_on = target
+            target.waiters.add(source)
+            if target.held_since is None:
+                target.held_since = time.monotonic()
+            return False
+        source.frames_out += 1
+        return True
 
-    def _wait(self, source: SwitchPort, target: SwitchPort) -> None:
-        source.held += 1
-        target._waiters.add(source)
-        if target._held_since is None:
-            target._held_since = time.monotonic()
-        if self.stall_seconds is not None and self._timer is None:
-            self._timer = threading.Timer(self.stall_seconds, self._watchdog)
-            self._timer.daemon = True
-            self._timer.start()
-
-    def _watchdog(self) -> None:
-        with self._lock:
-            self._timer = None
-            self._check_stalls(time.monotonic())
-            waiting = [port for port in self._ports if port._waiters]
-            if waiting and self.stall_seconds is not None:
-                self._timer = threading.Timer(self.stall_seconds / 2, self._watchdog)
-                self._timer.daemon = True
-                self._timer.start()
+    def _deliver(self, target: _PortEnd, data: bytes, hold: bool) -> bool:
+        """Write one frame to a port's ring; False: it must wait (hold, and full)."""
+        if not target.link_up or target.writer is None:
+            target.dropped += 1
+            return True
+        try:
+            room = target.queued() < self.queue_frames
+            if room and target.writer.write(data, trans_id=len(data)):
+                target.written += 1
+                target.frames_in += 1
+                target.dirty = True
+                return True
+            if hold and not target.stalled:
+                if target.dirty:  # what is written must be readable, or it never drains
+                    target.dirty = False
+                    self._commit(target)
+                if not self._want(target):
+                    return False
+                if target.writer.write(data, trans_id=len(data)):  # it read meanwhile
+                    target.written += 1
+                    target.frames_in += 1
+                    target.dirty = True
+                    return True
+                return False
+        except (RingCorrupt, _Corrupt) as error:
+            self._remove(target, f"its ring is corrupt ({error})")
+            return True
+        target.dropped += 1
+        return True
 
     def _check_stalls(self, now: float) -> None:
         limit = self.stall_seconds
-        for port in self._ports:
-            since = port._held_since
+        for end in self._ports:
+            since = end.held_since
             if limit is not None and since is not None and now - since >= limit:
-                port.stalled = True
-                port._release()
+                end.stalled = True
+                end.cells[P_WANT] = 1  # its next read says whether it drains again
+                self._release(end)
 
-    def _remove(self, port: SwitchPort) -> None:
+    def _set_link(self, end: _PortEnd, up: bool) -> None:
         with self._lock:
-            self._ports.remove(port)
-            if port.mac is not None and self._table.get(port.mac) is port:
-                del self._table[port.mac]
-            for other in self._ports:
-                other._waiters.discard(port)
-            port._flush()
-            port._release()
-            os.close(port._space)
-            port._space = -1
-            _Backend.close(port)
+            end.link_up = up
+            if not up:
+                self._release(end)  # senders held for this port now drop instead
+            ring_eventfd(self._wake)
 
-
-class SwitchPort(_Backend):
-    """One port of a LearningSwitch. Its eventfd counts 1 exactly while its
-    queue holds frames (both change under the switch's lock)."""
-
-    def __init__(self, switch: LearningSwitch, mac: bytes | None) -> None:
-        super().__init__(mac, switch.mtu, _eventfd())
-        self.switch = switch
-        self._queue: deque[bytes] = deque()
-        self._space = _eventfd()  # readable once a port this one waited on drained
-        self._signalled = False
-        self._waiters: set[SwitchPort] = set()  # ports holding frames for this one
-        self._held_since: float | None = None
-        self.stalled = False
-        self.dropped = 0
-        self.refused = 0
-        self.spoofed = 0
-        self.held = 0
-
-    # --- under the switch's lock ---
-
-    def _must_wait(self) -> bool:
-        """A frame for this port must wait: full, but alive and connected."""
-        return len(self._queue) >= self.switch.queue_frames and self.link_up and not self.stalled
-
-    def _enqueue(self, frame: bytes) -> bool:
-        if not self.link_up or len(self._queue) >= self.switch.queue_frames:
-            self.dropped += 1
-            self.drops += 1
-            return False
-        if not self._queue:
-            os.eventfd_write(self._fd, 1)
-        self._queue.append(frame)
-        return True
-
-    def _release(self) -> None:
-        """Wake the ports holding frames for this one."""
-        for waiter in self._waiters:
-            if not waiter._signalled and waiter._space >= 0:
-                waiter._signalled = True
-                os.eventfd_write(waiter._space, 1)
-        self._waiters.clear()
-        self._held_since = None
-
-    def _flush(self) -> None:  # the lost frames are drops
-        if self._queue:
-            self.dropped += len(self._queue)
-            self.drops += len(self._queue)
-            self._queue.clear()
-            os.eventfd_read(self._fd)
-
-    def _stats(self) -> PortStats:
+    def _stats(self, end: _PortEnd) -> PortStats:
+        queued = 0
+        with contextlib.suppress(_Corrupt):
+            queued = 0 if end.removed else end.queued()
         return PortStats(
-            self.mac,
-            self.frames_in,
-            self.frames_out,
-            len(self._queue),
-            self.dropped,
-            self.refused,
-            self.spoofed,
-            self.held,
+            end.mac,
+            end.frames_in,
+            end.frames_out,
+            queued,
+            end.dropped + end.worker_count(W_DROPPED),
+            end.refused + end.worker_count(W_REFUSED),
+            end.spoofed + end.worker_count(W_SPOOFED),
+            end.held,
+            len(end.pending) + max(0, end.worker_count(W_SENT) - end.taken),
         )
 
-    # --- the NetBackend interface ---
-
-    def space_fileno(self) -> int:
-        return self._space
-
-    def receive(self, max_frames: int) -> list[bytes]:
-        with self.switch._lock:
-            queue = self._queue
-            count = min(max_frames, len(queue))
-            if count == 0:
-                return []
-            frames = [queue.popleft() for _ in range(count)]
-            if not queue:
-                os.eventfd_read(self._fd)
-            if len(queue) <= self.switch.low_water:
-                self.stalled = False
-                self._release()
-            self.frames_in += count
-        return frames
-
-    def send(self, frames: Sequence[Frame]) -> int:
-        """Frames accepted (delivered to at least one port); never waits."""
-        sent = self.switch._forward(self, frames, hold=False)
-        return sent.taken - sent.refused
-
-    def transmit(self, frames: Sequence[Frame]) -> Sent:
-        return self.switch._forward(self, frames, hold=True)
-
-    def set_link(self, up: bool) -> None:
-        """Down is a pulled cable: frames waiting here are lost, and frames to
-        and from this port are dropped until it is up again."""
-        with self.switch._lock:
-            changed = up != self.link_up
-            self.link_up = up
-            if not up:
-                self._flush()
-                self._release()  # senders held for this port now drop instead
-        if changed:
-            self._link_changed(up)
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            self.switch._remove(self)
+    def _remove(self, end: _PortEnd, reason: str | None) -> None:
+        """Forget a port; `reason` (None: closed by its owner) is counted and logged."""
+        with self._lock:
+            if end.removed:
+                return
+            end.dropped += end.worker_count(W_DROPPED)
+            end.refused += end.worker_count(W_REFUSED)
+            end.spoofed += end.worker_count(W_SPOOFED)
+            end.removed = True
+            self._ports.remove(end)
+            if end.mac is not None and self._table.get(end.mac) is end:
+                del self._table[end.mac]
+            for other in self._ports:
+                other.waiters.discard(end)
+                if other.waiting_on is end:
+                    other.waiting_on = None  # its frame goes wherever the table says now
+            self._release(end)
+            end.pending.clear()
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(end.sock)
+            end.sock.close()
+            end.reader = end.writer = None
+            end.cells[P_LINK] = 0  # a worker still there reads nothing more
+            if reason is not None:
+                self.removals[reason.split(" (")[0]] += 1
+                mac = end.mac.hex(":") if end.mac else "(no address)"
+                log.warning("switch: port %s removed: %s", mac, reason)
+            if end.handed:  # the parent's copy is a husk: release it with the port
+                end.port._close_here()
+            ring_eventfd(self._wake)
