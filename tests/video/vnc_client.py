@@ -1,5 +1,6 @@
 """A minimal RFB client written here for the VNC server's tests: handshake,
-requests, Raw/Zlib/ZRLE decoding; and what a client must see."""
+requests, Raw/Zlib/ZRLE/Hextile/Tight (fill, basic, JPEG) decoding, Cursor
+and ExtendedDesktopSize; and what a client must see."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ import numpy as np
 from vsp.video.rfb import vnc_auth_response
 from vsp.video.vnc import VncServer
 
-RAW, ZLIB, ZRLE, DESKTOP_SIZE = 0, 6, 16, -223
+RAW, COPYRECT, HEXTILE, ZLIB, TIGHT, ZRLE, DESKTOP_SIZE = 0, 1, 5, 6, 7, 16, -223
+CURSOR, EXTENDED_DESKTOP_SIZE = -239, -308
+QUALITY_6 = -26  # noVNC's default JPEG quality level
 # (bpp, depth, big_endian, true_colour, red_max, green_max, blue_max, shifts r, g, b)
 DEFAULT_PF = (32, 24, 0, 1, 255, 255, 255, 16, 8, 0)
 PF = struct.Struct(">BBBBHHHBBB3x")
@@ -67,7 +70,13 @@ class Rfb:
         self.sock.connect(address)
         self.pf = DEFAULT_PF
         self.zlib, self.zrle = zlib.decompressobj(), zlib.decompressobj()
+        self.tight = [zlib.decompressobj() for _ in range(4)]
         self.colour_map: bytes | None = None
+        self.cursor: tuple[int, int, np.ndarray, np.ndarray] | None = None  # hot x, y, values, mask
+        self.layouts: list[
+            tuple[int, int, int, int]
+        ] = []  # ExtendedDesktopSize: reason, status, w, h
+        self.jpeg_rects = 0
 
     def recv(self, n: int) -> bytes:
         data = b""
@@ -137,6 +146,26 @@ class Rfb:
             if enc == DESKTOP_SIZE:
                 self.width, self.height = w, h
                 self.fb = np.zeros((h, w), np.uint32)
+            elif enc == EXTENDED_DESKTOP_SIZE:
+                screens = self.recv(4)[0]
+                self.recv(16 * screens)
+                self.layouts.append((x, y, w, h))
+                if (w, h) != (self.width, self.height):
+                    self.width, self.height = w, h
+                    self.fb = np.zeros((h, w), np.uint32)
+            elif enc == CURSOR:
+                pixels = self.values(self.recv(w * h * self.bypp), h, w)
+                mask = np.unpackbits(
+                    np.frombuffer(self.recv((w + 7) // 8 * h), np.uint8).reshape(h, -1), axis=1
+                )[:, :w]
+                self.cursor = (x, y, pixels, mask)
+            elif enc == COPYRECT:
+                sx, sy = struct.unpack(">HH", self.recv(4))
+                self.fb[y : y + h, x : x + w] = self.fb[sy : sy + h, sx : sx + w].copy()
+            elif enc == HEXTILE:
+                self.decode_hextile(x, y, w, h)
+            elif enc == TIGHT:
+                self.decode_tight(x, y, w, h)
             elif enc == RAW:
                 self.fb[y : y + h, x : x + w] = self.values(self.recv(w * h * self.bypp), h, w)
             elif enc == ZLIB:
@@ -198,6 +227,84 @@ class Rfb:
                 pos += used
                 self.fb[ty : ty + th, tx : tx + tw] = tile
         assert pos == len(data)
+
+    def pixel(self) -> int:
+        return int(self.values(self.recv(self.bypp), 1, 1)[0, 0])
+
+    def decode_hextile(self, x: int, y: int, w: int, h: int) -> None:
+        bg = fg = 0
+        for ty in range(y, y + h, 16):
+            for tx in range(x, x + w, 16):
+                th, tw = min(16, y + h - ty), min(16, x + w - tx)
+                sub = self.recv(1)[0]
+                if sub & 1:  # raw
+                    self.fb[ty : ty + th, tx : tx + tw] = self.values(
+                        self.recv(th * tw * self.bypp), th, tw
+                    )
+                    continue
+                if sub & 2:
+                    bg = self.pixel()
+                self.fb[ty : ty + th, tx : tx + tw] = bg
+                if sub & 4:
+                    fg = self.pixel()
+                if sub & 8:
+                    for _ in range(self.recv(1)[0]):
+                        colour = self.pixel() if sub & 16 else fg
+                        xy, wh = self.recv(2)
+                        sx, sy = tx + (xy >> 4), ty + (xy & 15)
+                        self.fb[sy : sy + (wh & 15) + 1, sx : sx + (wh >> 4) + 1] = colour
+
+    def tpixel24(self) -> bool:
+        return self.pf[0] == 32 and self.pf[1] == 24 and self.pf[4:7] == (255, 255, 255)
+
+    def tpixels(self, data: bytes, h: int, w: int) -> np.ndarray:
+        """TPIXELs as values: R, G, B bytes for 24-bit formats, else whole pixels."""
+        if not self.tpixel24():
+            return self.values(data, h, w)
+        rgb = np.frombuffer(data, np.uint8).reshape(h, w, 3).astype(np.uint32)
+        rs, gs, bs = self.pf[7:10]
+        return (rgb[..., 0] << rs | rgb[..., 1] << gs | rgb[..., 2] << bs) | padding(self.pf)
+
+    def compact(self) -> int:
+        n = 0
+        for shift in (0, 7, 14):
+            byte = self.recv(1)[0]
+            n |= (byte & (0x7F if shift < 14 else 0xFF)) << shift
+            if shift < 14 and not byte & 0x80:
+                break
+        return n
+
+    def decode_tight(self, x: int, y: int, w: int, h: int) -> None:
+        control = self.recv(1)[0]
+        for stream in range(4):
+            if control & (1 << stream):
+                self.tight[stream] = zlib.decompressobj()
+        kind = control >> 4
+        tsize = 3 if self.tpixel24() else self.bypp
+        if kind == 8:  # fill
+            self.fb[y : y + h, x : x + w] = self.tpixels(self.recv(tsize), 1, 1)[0, 0]
+        elif kind == 9:  # JPEG
+            import simplejpeg
+
+            rgb = simplejpeg.decode_jpeg(self.recv(self.compact()), colorspace="RGB")
+            assert rgb.shape == (h, w, 3)
+            self.fb[y : y + h, x : x + w] = self.tpixels(rgb.tobytes(), h, w)
+            self.jpeg_rects += 1
+        else:
+            assert kind < 8 and not kind & 4, f"unexpected Tight control {control:#x}"
+            size = w * h * tsize
+            data = (
+                self.recv(size)
+                if size < 12
+                else self.tight[kind & 3].decompress(self.recv(self.compact()))
+            )
+            assert len(data) == size
+            self.fb[y : y + h, x : x + w] = self.tpixels(data, h, w)
+
+    def set_desktop_size(self, w: int, h: int) -> None:
+        self.sock.sendall(
+            struct.pack(">BxHHBx", 251, w, h, 1) + struct.pack(">IHHHHI", 0, 0, 0, w, h, 0)
+        )
 
     def close(self) -> None:
         self.sock.close()

@@ -45,6 +45,7 @@ class VideoHandler(ChannelHandler):
         self.pending: list[Rect] | None = []  # not yet shown; None: the whole screen
         self.dirt_requested = False
         self.size_requests: list[tuple[int, int]] = []  # viewers' sizes, newest last
+        self.cursor_shapes = 0
         # The parent's requests (FLUSH after a read that made us wait, a
         # viewer's size) come through the Screen's socket pair.
         self.watching = False
@@ -87,6 +88,18 @@ class VideoHandler(ChannelHandler):
             elif isinstance(event, sv.Dirty):
                 self.frames += 1
                 self._dirty(event.rects)
+            elif isinstance(event, sv.PointerShape):
+                self._pointer_shape(event)
+
+    def _pointer_shape(self, shape: sv.PointerShape) -> None:
+        """The guest's pointer (ARGB8888: B, G, R, A bytes) for Cursor clients."""
+        pixels = np.frombuffer(shape.argb, np.uint8).reshape(shape.height, shape.width, 4)
+        hot_x, hot_y = (
+            min(shape.hot_x, max(shape.width - 1, 0)),
+            min(shape.hot_y, max(shape.height - 1, 0)),
+        )
+        self.screen.set_cursor(pixels, hot_x, hot_y)
+        self.cursor_shapes += 1
 
     def _dirty(self, rects: tuple[Rect, ...]) -> None:
         """Collect a drain's dirty rectangles; on_signal copies them once,
@@ -203,6 +216,7 @@ class VideoVsp(Vsp):
             "mode": None if mode is None else [mode.width, mode.height, mode.pitch],
             "vram_mapped": self.vram is not None,
             "deferred_updates": self.screen.deferred,
+            "cursor_shapes": 0 if handler is None else handler.cursor_shapes,
             "size_requests": [] if handler is None else [list(s) for s in handler.size_requests],
         }
 

@@ -35,7 +35,7 @@ from vsp.video import rfb
 from vsp.video.rfb import PixelFormat
 
 try:
-    import simplejpeg
+    import simplejpeg  # type: ignore[import-untyped]
 except ImportError:  # pragma: no cover - Tight then never uses JPEG
     simplejpeg = None
 

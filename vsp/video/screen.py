@@ -181,7 +181,7 @@ class Screen:
         self._exported = False  # the parent's, once pickled: a watcher calls the listeners
         self._watcher: threading.Thread | None = None
         self._stop_watch: socket.socket | None = None
-        self._seen = (0, 0)  # (generation, serial) the watcher has passed on
+        self._seen = (0, 0, 0)  # (generation, serial, cursor serial) the watcher passed on
         self.deferrable = False  # the VSP watches control_fd, so a copy may wait for FLUSH
         self.torn = 0  # captures that gave up waiting for a consistent frame
         self.deferred = 0  # updates the writer put off while the parent read
@@ -425,9 +425,9 @@ class Screen:
     # The parent's watcher: once the Screen is handed to a worker, a thread
     # (only while there are listeners) turns the worker's wake-ups into calls.
 
-    def _seen_now(self) -> tuple[int, int]:
+    def _seen_now(self) -> tuple[int, int, int]:
         state = self._shm.read_header()
-        return state.generation, state.serial
+        return state.generation, state.serial, state.cursor_serial
 
     def _update_watcher(self) -> None:
         with self._lock:
@@ -462,24 +462,25 @@ class Screen:
                 with contextlib.suppress(BlockingIOError):
                     os.eventfd_read(self._events)
                 rects = self._new_damage()
-                if rects:
+                if rects is not None:
                     with self._lock:
                         listeners = list(self._listeners)
                     for fn in listeners:
                         fn(rects)
 
-    def _new_damage(self) -> list[Rect]:
+    def _new_damage(self) -> list[Rect] | None:
         """What changed since the watcher last looked: the ring's new
-        rectangles, or the whole frame after a mode change or a gap."""
+        rectangles, or the whole frame after a mode change or a gap; [] for
+        a new pointer shape alone; None for nothing."""
         state = self._shm.read_header()
-        generation, serial = self._seen
-        self._seen = (state.generation, state.serial)
+        generation, serial, cursor = self._seen
+        self._seen = (state.generation, state.serial, state.cursor_serial)
         whole = [(0, 0, state.width, state.height)]
         if state.generation != generation or not state.consistent:
             return whole
         fresh = state.serial - serial
         if fresh <= 0:
-            return []
+            return [] if state.cursor_serial != cursor else None
         if fresh > len(state.ring):
             return whole
         return list(state.ring[-fresh:])
