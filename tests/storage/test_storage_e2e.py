@@ -63,10 +63,12 @@ def test_random_io_matches_a_model(tmp_path: Path, seed: int, sub_channels: int)
         vsp = StorVsp([backend], channels=1 + sub_channels)
         child = host.start(random_io, devices=[vsp], args=(seed, 6, sub_channels))
         assert child.wait(timeout=120) == 0
-        assert vsp.errors == 0
-        assert not vsp.handlers  # the child closed its channels: none is kept
-        assert sorted(vsp.served) == list(range(1 + sub_channels))
-        assert all(vsp.served.values())  # requests spread over every channel
+        (stats,) = child.device_stats()  # the worker process's StorVsp, at its end
+        assert stats["errors"] == 0
+        assert stats["open_channels"] == 0  # the child closed its channels: none is kept
+        served = stats["requests_by_channel"]
+        assert sorted(served) == [str(index) for index in range(1 + sub_channels)]
+        assert all(served.values())  # requests spread over every channel
 
 
 def two_luns_and_errors(guest: Guest) -> None:

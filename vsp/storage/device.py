@@ -144,12 +144,15 @@ class StorVsp(Vsp):
         totals = self._retired.copy()
         for handler in self.handlers:
             by_channel[handler.context.offer.sub_channel_index] += handler.requests
-            totals["fast_path_requests"] += handler.fast_served
-            totals["overlapped_requests"] += handler.overlapped
+            for name, value in handler.counters().items():
+                totals[name] += value
         return {
             "requests": sum(by_channel.values()),
             "fast_path_requests": totals["fast_path_requests"],
             "overlapped_requests": totals["overlapped_requests"],
+            # Toward the guest: packets written, and doorbells rung (it slept).
+            "packets_sent": totals["packets_sent"],
+            "signals_sent": totals["signals_sent"],
             "errors": self.errors,
             "protocol_errors": dict(self.protocol.errors),
             "check_conditions": {
@@ -188,8 +191,7 @@ class StorVsp(Vsp):
             self.handlers.remove(handler)
             self._retired_errors += handler.bad_ranges
             self.served[handler.context.offer.sub_channel_index] += handler.requests
-            self._retired["fast_path_requests"] += handler.fast_served
-            self._retired["overlapped_requests"] += handler.overlapped
+            self._retired.update(handler.counters())
 
     @property
     def errors(self) -> int:
@@ -222,6 +224,15 @@ class StorvspChannel(ChannelHandler):
             return FastPath(self.channel, self.context.memory, self.context.ring_pfns, self.reserve)
         except TypeError:  # the Python ring: no C-level access
             return None
+
+    def counters(self) -> dict[str, int]:
+        """What this channel adds to StorVsp.stats()."""
+        return {
+            "fast_path_requests": self.fast_served,
+            "overlapped_requests": self.overlapped,
+            "packets_sent": self.channel.packets_sent,
+            "signals_sent": self.channel.signals_sent,
+        }
 
     def admission(self) -> int:
         """Asked before each packet the drain takes: first the compiled path
