@@ -16,9 +16,11 @@ from typing import Any, TypeVar
 import pytest
 from test_block_device import scsi_loopback
 
-from vmbus import handoff
+from vmbus import guid, handoff
 from vmbus.errors import UsageError
-from vsc.storage import BlockDevice
+from vmbus.guest import Guest, GuestDevice
+from vmbus.partition import Host
+from vsc.storage import BlockDevice, StorageController
 from vsp.storage import (
     DirectBackend,
     FaultyBackend,
@@ -200,3 +202,27 @@ def test_a_worker_process_writes_the_parents_ram_and_file_disks(tmp_path: Path) 
         )
         assert read(raw, 1024, 512) == b"\x42" * 512
     assert ram.data[512:1024] == b"\x41" * 512 and ram.data[:512] == bytes(512)
+
+
+def write_a_pattern(guest: Guest) -> None:
+    """Child: one write to each LUN, through the worker process's StorVsp."""
+    devices: list[GuestDevice] = []
+    guest.register(guid.SCSI, devices.append)
+    controller = StorageController(devices[0])
+    for lun in (0, 1):
+        controller.disk(lun).write(4096 * lun, bytes([0x60 + lun]) * 4096)
+    controller.close()
+
+
+def test_a_child_writes_the_parents_ram_and_file_disks_through_the_worker_process(
+    tmp_path: Path,
+) -> None:
+    ram = RamBackend(MIB)
+    with RawFileBackend(tmp_path / "disk.img", size=MIB) as raw, Host() as host:
+        child = host.start(write_a_pattern, devices=[StorVsp([ram, raw])])
+        assert child.worker_pid != os.getpid()  # served by a worker process
+        assert child.wait(timeout=60) == 0
+        (stats,) = child.device_stats()
+        assert read(raw, 4096, 4096) == b"\x61" * 4096
+    assert ram.data[:4096] == b"\x60" * 4096 and ram.data[4096:8192] == bytes(4096)
+    assert stats["errors"] == 0 and stats["requests"] >= 2
