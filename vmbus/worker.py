@@ -92,6 +92,7 @@ class VmWorker:
         self.pid = process.pid if process else os.getpid()
         self.pidfd = os.pidfd_open(self.pid) if process else os.eventfd(0)
         self.stopping = False
+        self.rescinded = 0  # channels failed alone (a corrupt ring, a VSP's error)
         self.exited = threading.Event()
         self._kill_at: float | None = None
         self._final_stats: list[dict[str, Any]] = []  # the devices' counters at the end
@@ -305,6 +306,7 @@ class VmWorker:
         """Rescind a channel that failed; the child's others go on."""
         if relid in self.channels:
             log.warning("%s: relid %d failed, rescinding: %s", self.name, relid, reason)
+            self.rescinded += 1
             self._act(self.server.rescind(relid))
 
     def _close(self, relid: int) -> None:
@@ -370,6 +372,7 @@ class VmWorker:
             "state": self.state,
             "exitcode": self.exitcode,
             "channels": len(self.channels),
+            "rescinded": self.rescinded,
             "gpadls": len(gpadls),
             "gpadl_pages": gpadls.pages,
             "mappings": self.memory.mappings,

@@ -5,19 +5,25 @@ fails only the offending channel, and its siblings never notice."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import os
+import signal
 import struct
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
+import bounds
 import pytest
 
 from vmbus import messages as m
 from vmbus.channel import COMPLETION_REQUESTED, Channel
 from vmbus.device import OpenContext
 from vmbus.guest import Guest, GuestError
-from vmbus.partition import Host, wait_until
+from vmbus.partition import Host, WorkerKind, wait_until
 from vmbus.protocols.echo import ECHO_CLASS_ID
 from vmbus.transport import SYNIC_HEADER
 from vsc.echo import EchoVsc
@@ -139,8 +145,21 @@ def echo_steadily(guest: Guest, count: int) -> None:
         assert driver.echo(b"%d" % i).startswith(b"%d" % i)
 
 
+def echo_forever(guest: Guest) -> None:
+    (driver,) = bind_echo(guest)
+    i = 0
+    while True:
+        assert driver.echo(b"%d" % i).startswith(b"%d" % i)
+        i += 1
+
+
+# What a hostile child may make its own worker hold while it attacks, over
+# the worker's figures when the attack started.
+WORKER_SLACK = {"rss": 64 << 20, "fds": 16, "maps": 64, "threads": 2}
+
+
 @pytest.mark.parametrize(
-    ("target", "expected_errors", "channels_left"),
+    ("target", "expected_errors", "channels_left"),  # of its two
     [
         (corrupt_one_ring, 0, 1),
         (corrupt_one_ring_while_polled, 0, 1),
@@ -152,17 +171,37 @@ def echo_steadily(guest: Guest, count: int) -> None:
 def test_hostile_child_fails_alone(
     target: object, expected_errors: int, channels_left: int
 ) -> None:
+    """Each in a worker process of its own: the hostile child loses at most
+    the channel it broke, its worker stays within bounds and lets go of
+    everything at the end, and the sibling keeps its rate and its checks."""
     with Host() as host:
-        sibling_vsp = EchoVsp()
-        sibling = host.start(echo_steadily, devices=[sibling_vsp], args=(3000,))
+        sibling = host.start(echo_forever, devices=[EchoVsp()])
+        assert wait_until(lambda: bounds.echoed(sibling) > 50, 30)
+        alone = bounds.rate_for(sibling, 1.0)
+        parent = bounds.resources()
         hostile = host.start(target, devices=[EchoVsp(count=2)])  # type: ignore[arg-type]
+        worker = bounds.resources(hostile.worker_pid)
+        peak = dict(worker)
+
+        def attacking() -> bool:
+            with contextlib.suppress(FileNotFoundError, KeyError):
+                for key, value in bounds.resources(hostile.worker_pid).items():
+                    peak[key] = max(peak[key], value)
+            return hostile.wait(0) is None
+
+        during = bounds.rate_while(sibling, attacking)
         assert hostile.wait(timeout=60) == 0, "the hostile child's own checks failed"
-        assert hostile.server.protocol_errors >= expected_errors
+        final = hostile.status()
+        assert final["protocol_errors"] >= expected_errors
         # A corrupt ring costs that channel (rescinded, then released) only.
-        assert len(hostile.server.channels) == channels_left
-        assert sibling.wait(timeout=60) == 0
-        assert sibling_vsp.handlers[0].packets == 3000
-        assert sibling.server.protocol_errors == 0
+        assert final["rescinded"] == 2 - channels_left
+        assert final["channels"] == 0 and final["mappings"] == 0 and final["gpadls"] == 0
+        bounds.within(peak, worker, WORKER_SLACK)
+        assert wait_until(lambda: bounds.gone(hostile.worker_pid), 10)
+        assert during >= bounds.SIBLING_FLOOR * alone, (during, alone)
+        assert sibling.status()["protocol_errors"] == 0 and sibling.state == "running"
+        sibling.stop()
+    bounds.within(bounds.resources(), parent, {"fds": 0, "threads": 0, "rss": 8 << 20})
 
 
 def linger(guest: Guest) -> None:
@@ -174,13 +213,16 @@ def test_child_cannot_see_a_siblings_memory() -> None:
         first = host.start(linger, devices=[EchoVsp()])
         second = host.start(linger, devices=[EchoVsp()])
         assert wait_until(lambda: first.state == "running" and second.state == "running", 30)
-        maps = Path(f"/proc/{second.pid}/maps").read_text()
-        assert f"vmbus-{second.name}" in maps  # its own guest memory is mapped
-        assert f"vmbus-{first.name}" not in maps
-        fd_dir = f"/proc/{second.pid}/fd"
-        targets = [os.readlink(f"{fd_dir}/{fd}") for fd in os.listdir(fd_dir)]
-        assert any(f"vmbus-{second.name}" in t for t in targets)
-        assert not any(f"vmbus-{first.name}" in t for t in targets), targets
+        for pid, own, other in ((second.pid, second, first), (second.worker_pid, second, first)):
+            maps = Path(f"/proc/{pid}/maps").read_text()
+            assert f"vmbus-{own.name}" in maps  # its own guest memory is mapped
+            assert f"vmbus-{other.name}" not in maps
+            fd_dir = f"/proc/{pid}/fd"
+            targets = [os.readlink(f"{fd_dir}/{fd}") for fd in os.listdir(fd_dir)]
+            assert any(f"vmbus-{own.name}" in t for t in targets)
+            assert not any(f"vmbus-{other.name}" in t for t in targets), targets
+        # The parent holds no guest memory at all: only the workers do.
+        assert "vmbus-child" not in Path("/proc/self/maps").read_text()
 
 
 def die_right_after_asking_to_open(guest: Guest) -> None:
@@ -207,28 +249,23 @@ class SlowToOpenEcho(EchoVsp):
         return super().open(channel, context)
 
 
-def _parent_resources() -> tuple[int, int]:
-    """The parent's open descriptors and mappings."""
-    fds = len(os.listdir("/proc/self/fd"))
-    maps = Path("/proc/self/maps").read_text().count("\n")
-    return fds, maps
-
-
-def test_child_that_dies_right_after_asking_to_open_leaks_nothing() -> None:
+@pytest.mark.parametrize("worker", ["process", "thread"])
+def test_child_that_dies_right_after_asking_to_open_leaks_nothing(worker: WorkerKind) -> None:
     """The open's reply finds the child gone; cleanup must still release the
     channel's rings, signals and the whole partition (it raised KeyError)."""
     with Host() as host:
-        warm = host.start(die_right_after_asking_to_open, devices=[SlowToOpenEcho()])
+        warm = host.start(die_right_after_asking_to_open, devices=[SlowToOpenEcho()], worker=worker)
         warm.wait(timeout=30)
-        baseline = _parent_resources()
+        baseline = bounds.resources()
         for _ in range(5):
-            child = host.start(die_right_after_asking_to_open, devices=[SlowToOpenEcho()])
+            child = host.start(
+                die_right_after_asking_to_open, devices=[SlowToOpenEcho()], worker=worker
+            )
             assert child.wait(timeout=30) == 0
-            assert child.state == "exited" and not child.channels
-            assert child.memory.closed
-        fds, maps = _parent_resources()
-        assert fds <= baseline[0] + 2, "descriptors leaked"
-        assert maps <= baseline[1] + 8, "mappings leaked"
+            final = child.status()
+            assert child.state == "exited" and final["channels"] == final["mappings"] == 0
+            assert wait_until(functools.partial(bounds.gone, child.pid), 10)
+        bounds.within(bounds.resources(), baseline, {"fds": 2, "maps": 8})
 
 
 def flood_and_never_read(guest: Guest) -> None:
@@ -247,20 +284,80 @@ def flood_and_never_read(guest: Guest) -> None:
     time.sleep(2.0)
 
 
-def _thread_cpu_seconds(native_id: int) -> float:
-    fields = Path(f"/proc/self/task/{native_id}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def test_child_that_floods_and_never_reads_costs_the_worker_no_cpu() -> None:
-    """Back-pressure (no room for replies) sends the parent's worker to
-    sleep on the guest's signal; in poll mode it used to spin at 100 %."""
+    """Back-pressure (no room for replies) sends the worker to sleep on the
+    guest's signal; in poll mode it used to spin at 100 %."""
     with Host() as host:
         child = host.start(flood_and_never_read, devices=[EchoVsp(count=2)], spin_seconds=50e-6)
-        assert wait_until(lambda: bool(child.channels), 30)
+        assert wait_until(lambda: child.status()["channels"] == 1, 30)
         time.sleep(0.8)  # the flood is in; both rings are full
-        before = _thread_cpu_seconds(child.worker.native_id)
+        before = child.worker_cpu()
         time.sleep(1.0)
-        used = _thread_cpu_seconds(child.worker.native_id) - before
+        used = child.worker_cpu() - before
         assert used < 0.2, f"the worker used {used:.2f} s of CPU in 1 s on a stuck peer"
         assert child.wait(timeout=30) == 0
+
+
+class CrashingEcho(EchoVsp):
+    """A VSP with a bug in compiled code: the open dereferences NULL."""
+
+    def open(self, channel: Channel, context: OpenContext) -> EchoHandler:
+        ctypes.string_at(0)
+        raise AssertionError("unreachable")
+
+
+def open_and_wait(guest: Guest) -> None:
+    (driver,) = bind_echo(guest)
+    driver.open()
+    time.sleep(60)
+
+
+@pytest.mark.parametrize("how", ["sigkill", "segfault"])
+def test_worker_that_dies_takes_only_its_vm(how: str) -> None:
+    """A VM's worker killed, or crashing in compiled code: that VM is
+    reported crashed, its child dies with its worker, the sibling keeps its
+    rate, and a VM of the same name starts again."""
+    with Host() as host:
+        sibling = host.start(echo_forever, devices=[EchoVsp()])
+        assert wait_until(lambda: bounds.echoed(sibling) > 50, 30)
+        alone = bounds.rate_for(sibling, 1.0)
+        devices = [CrashingEcho()] if how == "segfault" else [EchoVsp()]
+        victim = host.start(open_and_wait, devices=devices, name="victim")
+        if how == "sigkill":
+            assert wait_until(lambda: victim.status()["channels"] == 1, 30)
+            os.kill(victim.worker_pid, signal.SIGKILL)
+        during = bounds.rate_while(sibling, lambda: victim.wait(0) is None)
+        expected = -signal.SIGKILL if how == "sigkill" else -signal.SIGSEGV
+        assert victim.wait(30) == expected and victim.state == "crashed"
+        assert wait_until(lambda: bounds.gone(victim.pid), 10), "the child outlived its worker"
+        assert during >= bounds.SIBLING_FLOOR * alone, (during, alone)
+        again = host.start(echo_steadily, devices=[EchoVsp()], args=(100,), name="victim")
+        assert again.wait(30) == 0
+        assert sibling.state == "running" and sibling.status()["protocol_errors"] == 0
+
+
+PARENT_SCRIPT = """
+import sys, time
+sys.path[:0] = {path!r}
+from vmbus.partition import Host
+from vsp.echo import EchoVsp
+host = Host()
+child = host.start("test_hostile_child:open_and_wait", devices=[EchoVsp()])
+print(child.worker_pid, child.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def test_parent_that_dies_takes_its_workers_and_children_with_it() -> None:
+    script = PARENT_SCRIPT.format(path=sys.path)
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    try:
+        assert parent.stdout is not None
+        worker_pid, child_pid = map(int, parent.stdout.readline().split())
+        parent.kill()
+        parent.wait()
+        assert wait_until(lambda: bounds.gone(worker_pid), 10), "the worker outlived the parent"
+        assert wait_until(lambda: bounds.gone(child_pid), 10), "the child outlived the parent"
+    finally:
+        parent.kill()
+        parent.wait()
