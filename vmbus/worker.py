@@ -53,6 +53,12 @@ class _OpenChannel:
     thread: _ChannelThread | None = None  # for a handler that wants a thread of its own
 
 
+@dataclass(frozen=True)
+class _Watch:
+    callback: Callable[[], None]
+    relid: int | None  # the channel whose VSP watches it
+
+
 class VmWorker:
     """Serves one child partition: its memory, its message port, its devices.
     `process` is the child's process, whose exit ends the serving; None for a
@@ -130,8 +136,8 @@ class VmWorker:
                         self._message()
                     elif key.data == "exit":
                         raise PortClosed("child exited")
-                    elif callable(key.data):
-                        key.data()
+                    elif isinstance(key.data, _Watch):
+                        self._run_watch(key.data)
                     else:
                         self._service(key.data)
                 while self._poll():
@@ -146,11 +152,20 @@ class VmWorker:
         finally:
             self._cleanup()
 
-    def watch(self, fd: int, callback: Callable[[], None]) -> None:
+    def watch(self, fd: int, callback: Callable[[], None], relid: int | None = None) -> None:
         """A descriptor served by this loop (a VSP's TAP device, a switch
         port, the worker process's control socket), so the channels are only
-        ever touched by this one thread."""
-        self.selector.register(fd, selectors.EVENT_READ, callback)
+        ever touched by this one thread. If the callback raises, the channel
+        `relid` that watches it fails alone."""
+        self.selector.register(fd, selectors.EVENT_READ, _Watch(callback, relid))
+
+    def _run_watch(self, watch: _Watch) -> None:
+        try:
+            watch.callback()
+        except Exception as error:
+            if watch.relid is None:
+                raise  # ours: the loop's own handler reports it
+            self._fail(watch.relid, f"{type(error).__name__}: {error}")
 
     def unwatch(self, fd: int) -> None:
         self.selector.unregister(fd)
@@ -246,7 +261,7 @@ class VmWorker:
                 partition=self.name,
                 gpadls=self.server.gpadls,
                 add_offer=functools.partial(self._add_offer, self.vsp_of[event.offer]),
-                watch=self.watch,
+                watch=functools.partial(self.watch, relid=event.relid),
                 unwatch=self.unwatch,
                 peer_log=self.peer_log,
             )
@@ -376,6 +391,7 @@ class VmWorker:
             "gpadls": len(gpadls),
             "gpadl_pages": gpadls.pages,
             "mappings": self.memory.mappings,
+            "mapping_refusals": self.memory.mapping_refusals,
             "protocol_errors": self.server.protocol_errors,
             "refusals": dict(self.server.refusals),
             "devices": self._final_stats or [_device_stats(vsp) for vsp in self.devices],

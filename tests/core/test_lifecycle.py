@@ -1,5 +1,6 @@
-"""Children started and stopped over and over, with every device: the
-parent returns to its baseline (descriptors, mappings, threads, memory)."""
+"""Children started and stopped over and over, with every device, each VM
+in a worker process of its own: the parent returns to its baseline
+(descriptors, mappings, threads, memory)."""
 
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ def run_children(host: Host, count: int) -> None:
         started.append((host.start(use_every_device, devices=devices, memory_size=16 * MiB), net))
     for child, net in started:
         assert child.wait(60) == 0, f"{child.name} failed"
-        child.worker.join(10)
+        assert child.worker_pid != os.getpid()  # each in a worker process of its own
         net.close()  # the caller's backend: the caller closes it
 
 

@@ -9,13 +9,15 @@ import time
 
 import pytest
 
+from vmbus.channel import Channel
+from vmbus.device import OpenContext
 from vmbus.guest import Guest
 from vmbus.host import OfferSpec
 from vmbus.memory import PAGE_SIZE
 from vmbus.partition import ChildPartition, Host, wait_until
 from vmbus.protocols.echo import ECHO_CLASS_ID
 from vsc.echo import EchoVsc
-from vsp.echo import EchoVsp
+from vsp.echo import EchoHandler, EchoVsp
 
 
 def echo_many(guest: Guest, count: int, ring_size: int = 64 * 1024) -> None:
@@ -174,3 +176,36 @@ def test_host_that_starts_and_stops_children_forever_forgets_finished_ones() -> 
         assert len({c.name for c in host.finished}) == Host.FINISHED_KEPT  # each one once
         host.start(exit_at_once, memory_size=1 << 20).wait(30)
         assert host.finished[-1] is child and child.name not in host.children
+
+
+class FaultyWatchEcho(EchoVsp):
+    """An echo VSP whose own descriptor's callback raises (a VSP bug)."""
+
+    def open(self, channel: Channel, context: OpenContext) -> EchoHandler:
+        handler = super().open(channel, context)
+        if len(self.handlers) == 1:  # the first channel's callback is broken
+            wake = os.eventfd(1)  # readable at once
+            handler.wake = wake  # type: ignore[attr-defined]
+            context.watch(wake, self._broken)
+        return handler
+
+    def _broken(self) -> None:
+        raise RuntimeError("a VSP's callback failed")
+
+
+def echo_on_the_second(guest: Guest) -> None:
+    first, second = bind_all(guest)
+    first.open()
+    second.open()
+    deadline = time.monotonic() + 10
+    while not first.device.rescinded:
+        assert time.monotonic() < deadline, "the broken channel was not rescinded"
+        time.sleep(0.01)
+    assert second.echo(b"still").startswith(b"still")
+
+
+def test_vsp_callback_that_raises_fails_only_its_channel() -> None:
+    with Host() as host:
+        child = host.start(echo_on_the_second, devices=[FaultyWatchEcho(count=2)])
+        assert child.wait(timeout=30) == 0
+        assert child.status()["rescinded"] == 1

@@ -11,15 +11,14 @@ always agrees with a search of every GPADL.
 
 from __future__ import annotations
 
-import gc
+import contextlib
 import math
-import os
-import threading
 from collections.abc import Iterator
 from typing import Any
 from uuid import UUID
 
 import pytest
+from bounds import resources, within
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -50,7 +49,7 @@ from vmbus.memory import (
     map_channel_rings,
     map_contiguous,
 )
-from vmbus.partition import Host
+from vmbus.partition import Host, wait_until
 from vmbus.testing.strategies import control_messages
 from vsc.echo import EchoVsc
 from vsp.echo import EchoVsp
@@ -496,46 +495,32 @@ def flood_gpadls(guest: Guest) -> None:
     assert refused == 500
 
 
-def parent_resources() -> dict[str, int]:
-    """What a child could make the parent hold: memory, fds, mappings, threads."""
-    with open("/proc/self/statm") as statm:
-        rss = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    return {
-        "rss": rss,
-        "fds": len(os.listdir("/proc/self/fd")),
-        "maps": maps_lines(),
-        "threads": threading.active_count(),
-    }
-
-
-# How much a flooding child may add to the parent while it runs, and after.
+# How much a flooding child may add to its worker while it runs, and to the
+# parent ever (the worker holds it all, and is gone after).
 DURING = {"rss": 24 << 20, "fds": 8, "maps": 24, "threads": 1}
-AFTER = {"rss": 8 << 20, "fds": 0, "maps": 4, "threads": 0}
+PARENT = {"rss": 8 << 20, "fds": 0, "maps": 4, "threads": 0}
 
 
-def test_child_floods_gpadls_and_the_parent_stays_within_bounds() -> None:
+def test_child_floods_gpadls_and_its_worker_stays_within_bounds() -> None:
     with Host() as host:
         warm = host.start(echo_once, devices=[EchoVsp()])  # imports, first-use caches
         assert warm.wait(60) == 0
-        warm.worker.join(10)
-        gc.collect()
-        baseline = parent_resources()
-        peak = dict(baseline)
+        parent = resources()
         child = host.start(flood_gpadls, devices=[EchoVsp()])
+        assert wait_until(lambda: child.state == "running" or child.wait(0) is not None, 30)
+        baseline = resources(child.worker_pid)
+        peak = dict(baseline)
         while child.wait(0.02) is None:
-            for key, value in parent_resources().items():
-                peak[key] = max(peak[key], value)
-            assert child.server.gpadls.pages <= DEFAULT_MAX_GPADL_PAGES
-            assert len(child.server.gpadls) <= DEFAULT_MAX_GPADLS
+            with contextlib.suppress(FileNotFoundError, KeyError):
+                for key, value in resources(child.worker_pid).items():
+                    peak[key] = max(peak[key], value)
         assert child.exitcode == 0, "the child's own checks failed"
-        assert child.server.refusals == {"gpadl_pages": 1, "gpadls": 500}
-        assert child.memory.mapping_refusals == 1 and child.memory.mappings == 0
-        child.worker.join(10)
-        gc.collect()
-        after = parent_resources()
-    for key in baseline:
-        assert peak[key] - baseline[key] <= DURING[key], (key, baseline, peak)
-        assert after[key] - baseline[key] <= AFTER[key], (key, baseline, after)
+        final = child.status()
+        assert final["refusals"] == {"gpadl_pages": 1, "gpadls": 500}
+        assert final["mapping_refusals"] == 1 and final["mappings"] == 0
+        assert final["gpadls"] == 0 and final["gpadl_pages"] == 0
+        within(peak, baseline, DURING)
+    within(resources(), parent, PARENT)
 
 
 def echo_once(guest: Guest) -> None:
@@ -551,8 +536,9 @@ def hold_gpadls(guest: Guest) -> None:
         guest.create_gpadl(device.relid, pages)
 
 
-def test_child_dies_holding_gpadls_and_the_parent_drops_them() -> None:
+def test_child_dies_holding_gpadls_and_the_worker_drops_them() -> None:
     with Host() as host:
         child = host.start(hold_gpadls, devices=[EchoVsp()])
         assert child.wait(60) == 0
-        assert len(child.server.gpadls) == 0 and child.server.gpadls.pages == 0
+        final = child.status()
+        assert final["gpadls"] == 0 and final["gpadl_pages"] == 0

@@ -72,7 +72,7 @@ class InputHandler(ChannelHandler):
     def _discard_stale(self) -> int:
         count = 0
         with contextlib.suppress(BlockingIOError):
-            while self.events.recv(EVENT_MAX):
+            while self.events.recv(EVENT_MAX):  # b"": the parent's end is closed
                 count += 1
         return count
 
@@ -104,6 +104,9 @@ class InputHandler(ChannelHandler):
             try:
                 payload = self.events.recv(EVENT_MAX)
             except BlockingIOError:
+                return
+            if not payload:  # the parent's device is gone: nothing more will come
+                self.context.unwatch(self.events.fileno())
                 return
             self.taken += 1
             admitted = self.server.admit(payload)  # None before the guest negotiated
@@ -220,7 +223,9 @@ class KeyboardVsp(_InputVsp):
     @property
     def server(self) -> KeyboardServer:
         """The protocol state of the open (or last) channel."""
-        return self.handler.server if isinstance(self.handler, KeyboardHandler) else KeyboardServer()
+        return (
+            self.handler.server if isinstance(self.handler, KeyboardHandler) else KeyboardServer()
+        )
 
     def press(self, scan_code: int, *, down: bool, e0: bool = False, e1: bool = False) -> bool:
         """Inject one set-1 make (down) or break (up); thread-safe. False if
