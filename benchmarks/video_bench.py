@@ -28,6 +28,7 @@ import statistics
 import struct
 import sys
 import tempfile
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable, Sequence
@@ -45,6 +46,7 @@ from vmbus.partition import ChildPartition, Host, wait_until
 from vmbus.protocols import video as sv
 from vsc.video import Framebuffer
 from vsp.video import VideoVsp, rfb
+from vsp.video.encodings import ENC_TIGHT
 from vsp.video.screen import Rect, Screen
 from vsp.video.vnc import VncServer
 
@@ -60,6 +62,10 @@ Pixels = npt.NDArray[np.uint8]
 REFERENCE = "numpy copyto, one process"
 FULL, RECT, RECTS = "full frames", "64×64 rects, 1 per update()", "64×64 rects, 64 per update()"
 RAW, ZRLE = "VNC client, Raw", "VNC client, ZRLE"
+TIGHT_JPEG, TIGHT_ZLIB = "VNC client, Tight-JPEG", "VNC client, Tight-zlib"
+SENDALL = "loopback TCP sendall of a Raw update's bytes"
+RAW_UPDATE_BYTES = 4 + 12 + FRAME_BYTES  # a FramebufferUpdate of one Raw full frame
+QUALITY_6 = -26  # noVNC's default JPEG quality level
 STATIC = "VNC client, Raw, idle child, full requests"
 UNHOOKED = ", VNC server unhooked"
 PER_DIRT = {FULL: 1, RECT: 1, RECTS: BATCH}  # items (frames or rectangles) per DIRT
@@ -212,9 +218,10 @@ def video_child(guest: Guest, address: str) -> None:
 class RfbClient:
     """A minimal RFB 3.8 viewer: security None, one encoding, the server's 32 bpp."""
 
-    def __init__(self, sock: socket.socket, encoding: int) -> None:
+    def __init__(self, sock: socket.socket, encodings: Sequence[int]) -> None:
         self.sock = sock
         self.inflate = zlib.decompressobj()  # one zlib stream per connection
+        self.tight = zlib.decompressobj()  # Tight's stream 0
         if self.exact(12)[:4] != b"RFB ":
             raise ConnectionError("not an RFB server")
         sock.sendall(b"RFB 003.008\n")
@@ -227,7 +234,8 @@ class RfbClient:
         self.width, self.height = struct.unpack(">HH", self.exact(4))
         self.exact(16)  # the pixel format: the frame's own XRGB8888, kept
         self.exact(struct.unpack(">I", self.exact(4))[0])  # the desktop's name
-        sock.sendall(struct.pack(">BxHi", 2, 1, encoding))  # SetEncodings
+        n = len(encodings)
+        sock.sendall(struct.pack(f">BxH{n}i", 2, n, *encodings))  # SetEncodings
         self.buffer = memoryview(bytearray(2 * self.width * self.height * 4 + 4096))
 
     def exact(self, n: int, into: memoryview | None = None) -> bytes:
@@ -255,6 +263,8 @@ class RfbClient:
             if encoding == rfb.ENC_RAW:
                 self.exact(w * h * 4, self.buffer)
                 wire += 12 + w * h * 4
+            elif encoding == ENC_TIGHT:
+                wire += 12 + self.tight_rect(w, h)
             else:
                 (length,) = struct.unpack(">I", self.exact(4))
                 self.exact(length, self.buffer)
@@ -262,11 +272,38 @@ class RfbClient:
                 wire += 16 + length
         return wire
 
+    def compact(self) -> tuple[int, int]:
+        """Tight's compact length, and the bytes it took."""
+        n = 0
+        for k, shift in enumerate((0, 7, 14)):
+            byte = self.exact(1)[0]
+            n |= (byte & (0x7F if shift < 14 else 0xFF)) << shift
+            if shift == 14 or not byte & 0x80:
+                return n, k + 1
+        raise AssertionError("unreachable")
 
-def watch(port: int, encoding: int, incremental: bool, window: Window) -> tuple[int, Reading]:
+    def tight_rect(self, w: int, h: int) -> int:
+        """One Tight rectangle's data (zlib inflated, JPEG read but not decoded); its bytes."""
+        kind = self.exact(1)[0] >> 4
+        if kind == 8:  # fill: one TPIXEL
+            self.exact(3)
+            return 4
+        if kind != 9 and w * h * 3 < 12:
+            self.exact(w * h * 3)
+            return 1 + w * h * 3
+        length, took = self.compact()
+        self.exact(length, self.buffer)
+        if kind != 9:
+            self.tight.decompress(self.buffer[:length])
+        return 1 + took + length
+
+
+def watch(
+    port: int, encodings: Sequence[int], incremental: bool, window: Window
+) -> tuple[int, Reading]:
     """One update request at a time until t1 and MIN_UPDATES: (updates, wire Reading)."""
     with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
-        client = RfbClient(sock, encoding)
+        client = RfbClient(sock, encodings)
         client.request(incremental=False)
 
         def step(tally: Tally) -> None:
@@ -290,6 +327,26 @@ def copies(window: Window) -> tuple[int, Reading]:
     return run_window(step, window, window.t1)
 
 
+def sendall_client(port: int, window: Window) -> tuple[int, Reading]:
+    """The baseline's viewer: a 10-byte request, then a Raw update's bytes, read."""
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        buffer = memoryview(bytearray(RAW_UPDATE_BYTES))
+        request = struct.pack(">BBHHHH", 3, 1, 0, 0, WIDTH, HEIGHT)
+
+        def step(tally: Tally) -> None:
+            sock.sendall(request)
+            got = 0
+            while got < RAW_UPDATE_BYTES:
+                chunk = sock.recv_into(buffer[got:], RAW_UPDATE_BYTES - got)
+                if not chunk:
+                    raise ConnectionError("the sender closed")
+                got += chunk
+            tally.items += 1
+            tally.bytes += RAW_UPDATE_BYTES
+
+        return run_window(step, window, window.t1, MIN_UPDATES)
+
+
 def client_main(control: Connection) -> None:
     """The VNC client's process, which also runs the reference copy: each
     ("watch", port, encoding, incremental, marks) or ("copy", marks) the
@@ -299,6 +356,8 @@ def client_main(control: Connection) -> None:
         for kind, *args in iter(control.recv, None):
             if kind == "copy":
                 items, reading = copies(Window(*args[0]))
+            elif kind == "sendall":
+                items, reading = sendall_client(args[0], Window(*args[1]))
             else:
                 port, encoding, incremental, marks = args
                 items, reading = watch(port, encoding, incremental, Window(*marks))
@@ -387,7 +446,7 @@ class Bench:
     def __init__(self, host: Host, settings: Settings, workdir: str) -> None:
         self.settings = settings
         self.screen = Screen(WIDTH, HEIGHT)
-        self.video = VideoVsp(self.screen)
+        self.video = VideoVsp(self.screen)  # served in the VM's worker process
         self.watch = FrameWatch(self.screen)
         self.vnc = VncServer(self.screen, port=0, authenticate=False)  # its viewer speaks None
         self.cleanup = contextlib.ExitStack()  # undone in reverse on close() or a failed start
@@ -419,29 +478,29 @@ class Bench:
         sock.settimeout(None)
         self.control = Connection(sock.detach())
         # The VNC server's thread is private; its CPU clock is what we need.
-        threads = {"worker": self.child.worker, "vnc": self.vnc._thread}
-        self.clocks = {
-            role: time.pthread_getcpuclockid(t.ident)
-            for role, t in threads.items()
-            if t is not None and t.ident is not None
-        }
+        # The worker is a process: its CPU comes from /proc (worker_cpu).
+        assert self.vnc._thread is not None and self.vnc._thread.ident is not None
+        self.clocks = {"vnc": time.pthread_getcpuclockid(self.vnc._thread.ident)}
         assert self.vnc._thread is not None and self.vnc._thread.native_id is not None
         self.vnc_tid = self.vnc._thread.native_id
 
     def counters(self, at: float) -> Counters:
         """Sleep until `at`; the parent's counters then."""
         time.sleep(max(0.0, at - time.monotonic()))
-        handler = self.video.handler
-        channel = None if handler is None else handler.channel
+        stats = self.child.device_stats()[0]  # from the worker: a JSON round trip
+        cpu = {role: time.clock_gettime(clock) for role, clock in self.clocks.items()}
         return Counters(
             time.monotonic(),
-            self.video.frames,
+            int(stats["frames"]),
             self.watch.new,
             self.watch.torn,
-            0 if channel is None else channel.reader.bytes_available,
-            {role: time.clock_gettime(clock) for role, clock in self.clocks.items()},
+            int(stats.get("queued_bytes", 0)),
+            cpu | {"worker": self.child.worker_cpu()},
             task_stat(self.vnc_tid),
         )
+
+    def shown(self) -> int:
+        return int(self.child.device_stats()[0]["frames"])
 
     def stream(self, name: str, unhook_vnc: bool = False) -> Sample:
         """The child streams `name` through a window: what the parent showed.
@@ -454,10 +513,11 @@ class Bench:
         finally:
             self.screen.add_listener(self.vnc._on_damage)
 
-    def vnc_stream(self, encoding: int) -> Sample:
+    def vnc_stream(self, *encodings: int) -> Sample:
         """The child streams full frames while the VNC client watches."""
         window = Window.starting(self.settings)
-        self.client_control.send(("watch", self.vnc.address[1], encoding, True, astuple(window)))
+        port = self.vnc.address[1]
+        self.client_control.send(("watch", port, encodings, True, astuple(window)))
         shown, seen = self._stream(FULL, window, self.client_control)
         assert seen is not None
         return replace(
@@ -471,7 +531,7 @@ class Bench:
     def _stream(
         self, name: str, window: Window, client: Connection | None
     ) -> tuple[Sample, Reading | None]:
-        base, per = self.video.frames, PER_DIRT[name]
+        base, per = self.shown(), PER_DIRT[name]
         self.control.send((name, astuple(window), client is not None))
         a, b = self.counters(window.t0), self.counters(window.t1)
         seen = None
@@ -479,7 +539,7 @@ class Bench:
             seen = receive(client, "the VNC client")[1]
             self.control.send("stop")
         sent, child = receive(self.control, "the child partition")
-        if not wait_until(lambda: self.video.frames >= base + sent // per, TIMEOUT):
+        if not wait_until(lambda: self.shown() >= base + sent // per, TIMEOUT):
             raise TimeoutError("the parent did not show every update")
         span, full = b.time - a.time, name == FULL
         dirts = (b.frames - a.frames) / span
@@ -502,11 +562,42 @@ class Bench:
         """The VNC client asks for the whole (unchanging) screen, one request at a time."""
         window = Window.starting(self.settings)
         port = self.vnc.address[1]
-        self.client_control.send(("watch", port, rfb.ENC_RAW, False, astuple(window)))
+        self.client_control.send(("watch", port, (rfb.ENC_RAW,), False, astuple(window)))
         a, b = self.counters(window.t0), self.counters(window.t1)
         seen = receive(self.client_control, "the VNC client")[1]
         cpu = a.rates(b) | {"client": seen.cpu}
         return Sample(seen.items, seen.items * FRAME_BYTES, seen.bytes, cpu=cpu, **a.vnc_rates(b))
+
+    def sendall(self) -> Sample:
+        """The Raw baseline: the same bytes per request through a plain loopback
+        TCP socket (sendall from a thread of this process, as the VNC server's)."""
+        window = Window.starting(self.settings)
+        payload = bytes(RAW_UPDATE_BYTES)
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            listener.settimeout(TIMEOUT)
+            self.client_control.send(("sendall", listener.getsockname()[1], astuple(window)))
+            sock, _ = listener.accept()
+        clock: list[int] = []
+
+        def serve() -> None:
+            clock.append(time.pthread_getcpuclockid(threading.get_ident()))
+            with sock, contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                while sock.recv(10):
+                    sock.sendall(payload)
+
+        sender = threading.Thread(target=serve, name="sendall", daemon=True)
+        sender.start()
+        while not clock:
+            time.sleep(0.001)
+        time.sleep(max(0.0, window.t0 - time.monotonic()))
+        c0, t0 = time.clock_gettime(clock[0]), time.monotonic()
+        time.sleep(max(0.0, window.t1 - time.monotonic()))
+        c1, t1 = time.clock_gettime(clock[0]), time.monotonic()
+        seen = receive(self.client_control, "the sendall client")[1]
+        sender.join(TIMEOUT)
+        cpu = {"vnc": (c1 - c0) / (t1 - t0), "client": seen.cpu}
+        return Sample(seen.items, seen.items * FRAME_BYTES, seen.bytes, cpu=cpu)
 
     def reference(self) -> Sample:
         """The numpy copy, in the client's process (nothing else runs meanwhile)."""
@@ -547,7 +638,20 @@ def receive(control: Connection, who: str) -> tuple[int, Reading]:
 # --- the runner ------------------------------------------------------------------
 
 Results = dict[str, list[Sample]]  # by measurement, one per round
-ALL = [REFERENCE, FULL, FULL + UNHOOKED, RECT, RECT + UNHOOKED, RECTS, RAW, ZRLE, STATIC]
+ALL = [
+    REFERENCE,
+    FULL,
+    FULL + UNHOOKED,
+    RECT,
+    RECT + UNHOOKED,
+    RECTS,
+    SENDALL,
+    RAW,
+    ZRLE,
+    TIGHT_ZLIB,
+    TIGHT_JPEG,
+    STATIC,
+]
 
 
 def measure(settings: Settings, workdir: str, names: Sequence[str]) -> Results:
@@ -561,8 +665,11 @@ def measure(settings: Settings, workdir: str, names: Sequence[str]) -> Results:
                 RECT: lambda: bench.stream(RECT),
                 RECT + UNHOOKED: lambda: bench.stream(RECT, unhook_vnc=True),
                 RECTS: lambda: bench.stream(RECTS),
+                SENDALL: bench.sendall,
                 RAW: lambda: bench.vnc_stream(rfb.ENC_RAW),
                 ZRLE: lambda: bench.vnc_stream(rfb.ENC_ZRLE),
+                TIGHT_ZLIB: lambda: bench.vnc_stream(ENC_TIGHT),
+                TIGHT_JPEG: lambda: bench.vnc_stream(ENC_TIGHT, QUALITY_6),
                 STATIC: bench.static,
             }
             order = [n for n in ALL if n in names]
@@ -598,6 +705,7 @@ HEADERS = [
     "new frames /s, torn",
     "queue at t1, ms",
     "wire MB/s",
+    "wire KB/update",
     "VNC thread faults/update, sys",
     "CPU % child, worker, VNC, client",
     "CPU µs/item child, parent",
@@ -613,7 +721,11 @@ LEGEND = (
     "row item of the child and of the thread that serves the row (the worker, the VNC "
     "server, or the numpy copy's process). Unhooked: "
     "the VNC server's Screen listener removed for the measurement. VNC thread: its minor "
-    "page faults per update received, and the share of its CPU time spent in the kernel."
+    "page faults per update received, and the share of its CPU time spent in the kernel. "
+    "The child's video device is served by the VM's worker process (its CPU is the worker "
+    "column); the VNC client inflates zlib data but does not decode JPEG. The sendall row: "
+    "the same request and the same bytes as a Raw update, through a plain TCP socket from "
+    "a thread of the parent (its CPU is in the VNC column)."
 )
 UNITS = {REFERENCE: "frames", FULL: "frames", RECT: "rects", RECTS: "rects"}
 ROLES = ("child", "worker", "vnc", "client")
@@ -636,7 +748,8 @@ def row(name: str, samples: list[Sample], reference: list[Sample] | None) -> lis
         ratio = median(s.pixels / r.pixels for s, r in zip(samples, reference, strict=True))
     new, torn, lag = (median(getattr(s, k) for s in samples) for k in ("new", "torn", "lag"))
     cpu = [median(s.cpu.get(role) for s in samples) for role in ROLES]
-    parent = "client" if name == REFERENCE else "vnc" if name.startswith("VNC") else "worker"
+    served_by_vnc = name.startswith("VNC") or name == SENDALL
+    parent = "client" if name == REFERENCE else "vnc" if served_by_vnc else "worker"
     kind = name.removesuffix(UNHOOKED)
     child = per_item(samples, "child") if kind in PER_DIRT else None
     return [
@@ -650,6 +763,7 @@ def row(name: str, samples: list[Sample], reference: list[Sample] | None) -> lis
         "—" if new is None or torn is None else f"{new:,.0f}, {torn * 100:.1f} %",
         fmt(lag and lag * 1e3, 1),
         fmt(median(s.wire and s.wire / 1e6 for s in samples)),
+        fmt(median(s.wire and s.rate and s.wire / s.rate / 1e3 for s in samples), 1),
         vnc_faults(samples) if name.startswith("VNC") else "—",
         ", ".join(fmt(c and c * 100) for c in cpu),
         f"{fmt(child, 1)}, {fmt(per_item(samples, parent), 1)}",
@@ -666,13 +780,22 @@ def report(settings: Settings, command: str, names: Sequence[str]) -> tuple[str,
         results = measure(settings, tmp, names)
     reference = results.get(REFERENCE)
     rows = [row(name, samples, reference) for name, samples in results.items()]
+    notes = []
+    if RAW in results and SENDALL in results:  # within each round, then the median
+        ratio = median(
+            r.rate / b.rate if b.rate else None
+            for r, b in zip(results[RAW], results[SENDALL], strict=True)
+        )
+        notes.append(f"Raw updates ÷ plain loopback TCP sendall of the same bytes: {fmt(ratio, 2)}")
     header = (
         f"`{command}`: {os.cpu_count()} CPUs, Linux {platform.release()}, Python "
         f"{platform.python_version()}, load average {load:.1f} → {os.getloadavg()[0]:.1f}; "
         f"{WIDTH}×{HEIGHT}×32; {settings.repeats} interleaved rounds, {settings.seconds:g} s "
         "windows; medians, and ratios of pixel bytes/s to the numpy copy's within each round."
     )
-    text, markdown = ("\n\n".join([header, render(rows, md), LEGEND]) for md in (False, True))
+    text, markdown = (
+        "\n\n".join([header, render(rows, md), *notes, LEGEND]) for md in (False, True)
+    )
     return text, markdown
 
 

@@ -217,6 +217,7 @@ class VideoVsp(Vsp):
             "vram_mapped": self.vram is not None,
             "deferred_updates": self.screen.deferred,
             "cursor_shapes": 0 if handler is None else handler.cursor_shapes,
+            "queued_bytes": 0 if handler is None else handler.channel.reader.bytes_available,
             "size_requests": [] if handler is None else [list(s) for s in handler.size_requests],
         }
 

@@ -38,6 +38,10 @@ try:
     import simplejpeg  # type: ignore[import-untyped]
 except ImportError:  # pragma: no cover - Tight then never uses JPEG
     simplejpeg = None
+try:  # zlib-ng: the same deflate streams, about 4x faster at level 1
+    from zlib_ng import zlib_ng as deflate  # type: ignore[import-untyped]
+except ImportError:  # pragma: no cover - the standard library's zlib
+    deflate = zlib
 
 __all__ = [
     "ENC_COPYRECT",
@@ -177,7 +181,7 @@ class Encoder:
 
     def stream(self, key: int) -> Any:
         if key not in self._streams:
-            self._streams[key] = zlib.compressobj(self.level)
+            self._streams[key] = deflate.compressobj(self.level)
         return self._streams[key]
 
     # Pixels in the client's format.
@@ -241,7 +245,7 @@ class Encoder:
 
     def _deflate(self, key: int, data: memoryview, *, length: int) -> int:
         stream = self.stream(key)
-        compressed = stream.compress(data) + stream.flush(zlib.Z_SYNC_FLUSH)
+        compressed = stream.compress(data) + stream.flush(deflate.Z_SYNC_FLUSH)
         n = len(compressed)
         self.out.write(struct.pack(">I", n) if length == 4 else compact_length(n))
         self.out.write(compressed)

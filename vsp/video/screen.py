@@ -472,15 +472,11 @@ class Screen:
         """What changed since the watcher last looked: the ring's new
         rectangles, or the whole frame after a mode change or a gap; [] for
         a new pointer shape alone; None for nothing."""
-        state = self._shm.read_header()
         generation, serial, cursor = self._seen
-        self._seen = (state.generation, state.serial, state.cursor_serial)
-        whole = [(0, 0, state.width, state.height)]
-        if state.generation != generation or not state.consistent:
-            return whole
-        fresh = state.serial - serial
-        if fresh <= 0:
-            return [] if state.cursor_serial != cursor else None
-        if fresh > len(state.ring):
-            return whole
-        return list(state.ring[-fresh:])
+        gen, w, h, now, cursor_now, rects, consistent = self._shm.read_damage(serial)
+        self._seen = (gen, now, cursor_now)
+        if gen != generation or not consistent or rects is None:
+            return [(0, 0, w, h)]
+        if rects:
+            return rects
+        return [] if cursor_now != cursor else None

@@ -198,6 +198,38 @@ class SharedFrame:
             return generation, 1, 1, False
         return generation, width, height, before is not None
 
+    def read_damage(self, seen: int) -> tuple[int, int, int, int, int, list[Rect] | None, bool]:
+        """(generation, width, height, serial, cursor serial, the rectangles
+        published after serial `seen` (None: more than the ring holds), consistent):
+        the watcher's per-wake-up reading, a few words rather than the header."""
+        words = self.words
+        rects: list[Rect] | None = []
+        for _ in range(8):
+            before = self.stable_seq()
+            generation, width, height, serial = (int(w) for w in words[_GENERATION : _SERIAL + 1])
+            cursor = int(words[_CURSOR_SERIAL])
+            fresh = serial - seen
+            if 0 < fresh <= RING:
+                at = [_RING_BASE + 2 * (k % RING) for k in range(seen, serial)]
+                pairs = words[np.array([(i, i + 1) for i in at]).reshape(-1)].tolist()
+            if before is None or self.seq() == before:
+                break
+        consistent = before is not None and self.seq() == before
+        if not (1 <= width <= MAX_DIMENSION and 1 <= height <= MAX_DIMENSION) or (
+            width * height * 4 > self.capacity
+        ):
+            return generation, 1, 1, serial, cursor, None, False
+        if fresh > RING or fresh < 0:
+            rects = None
+        elif fresh > 0:
+            for k in range(0, len(pairs), 2):
+                a, b = pairs[k], pairs[k + 1]
+                x1, y1 = min(a & 0xFFFFFFFF, width), min(a >> 32, height)
+                x2, y2 = min(b & 0xFFFFFFFF, width), min(b >> 32, height)
+                if x1 < x2 and y1 < y2:
+                    rects.append((x1, y1, x2, y2))
+        return generation, width, height, serial, cursor, rects, consistent
+
     def read_header(self) -> HeaderState:
         for _ in range(8):
             before = self.stable_seq()
