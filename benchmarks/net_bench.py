@@ -38,7 +38,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from time import clock_gettime, perf_counter, process_time, pthread_getcpuclockid
+from time import perf_counter, process_time
 from typing import NamedTuple
 
 from benchmarks.harness import CHILD_POLICY, render_table
@@ -196,7 +196,7 @@ class ChildRunner:
         listener.bind(address)
         listener.listen(1)
         listener.settimeout(TIMEOUT)
-        self.vsps = {vsp.mac: vsp for vsp in vsps}
+        self.index = {vsp.mac: index for index, vsp in enumerate(vsps)}
         self.child: ChildPartition = host.start(
             CHILD_TARGET, devices=vsps, args=(address, spin), policy=CHILD_POLICY
         )
@@ -206,8 +206,6 @@ class ChildRunner:
             listener.close()
         sock.settimeout(None)
         self.control = Connection(sock.detach())
-        assert self.child.worker.ident is not None
-        self.clock = pthread_getcpuclockid(self.child.worker.ident)
 
     def post(self, *command: object) -> None:
         self.control.send(command)
@@ -217,11 +215,16 @@ class ChildRunner:
             raise TimeoutError(f"child partition {self.child.pid} sent no result")
         return Run(*self.control.recv())
 
-    def counters(self, mac: bytes) -> tuple[float, int]:
-        """The worker thread's CPU seconds, and the doorbells the VSP of `mac` rang."""
-        handler = self.vsps[mac].handler
-        assert handler is not None
-        return clock_gettime(self.clock), handler.channel.signals_sent
+    def counters(self, mac: bytes) -> Counters:
+        """The worker's CPU seconds, and the doorbells the VSP of `mac` rang
+        and its backend's frames out and drops (its `stats`, from the worker)."""
+        stats = self.child.device_stats()[self.index[mac]]
+        return Counters(
+            self.child.worker_cpu(),
+            stats["signals_to_guest"],
+            stats["backend_frames_out"],
+            stats["backend_drops"],
+        )
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -234,19 +237,30 @@ class ChildRunner:
 # --- the measurements ------------------------------------------------------------------
 
 
-def per_frame(before: tuple[float, int], after: tuple[float, int], frames: int) -> list[float]:
-    return [(b - a) / max(1, frames) for a, b in zip(before, after, strict=True)]
+class Counters(NamedTuple):
+    cpu: float  # the worker's CPU seconds
+    signals: int  # doorbells the VSP rang
+    frames_out: int  # its backend's
+    drops: int
+
+
+def per_frame(before: Counters, after: Counters, frames: int) -> list[float]:
+    return [
+        (after.cpu - before.cpu) / max(1, frames),
+        (after.signals - before.signals) / max(1, frames),
+    ]
 
 
 def via_tap(a: ChildRunner, tap: TapBackend, frame: bytes, seconds: float) -> Sample:
     """Child → netvsp → TAP: frames the TAP accepted per second."""
-    out, dropped, vsp = tap.frames_out, tap.drops, a.counters(TAP_NIC)
+    vsp = a.counters(TAP_NIC)
     a.post("send", TAP_NIC, frame, seconds)
     run = a.result(seconds)
-    out, dropped = tap.frames_out - out, tap.drops - dropped
+    after = a.counters(TAP_NIC)
+    out, dropped = after.frames_out - vsp.frames_out, after.drops - vsp.drops
     if out + dropped != run.total:
         raise RuntimeError(f"the TAP saw {out + dropped} frames, the child sent {run.total}")
-    vsp_cpu, vsp_rung = per_frame(vsp, a.counters(TAP_NIC), run.total)
+    vsp_cpu, vsp_rung = per_frame(vsp, after, run.total)
     rate = run.frames / run.seconds * out / run.total
     return Sample(
         rate, dropped / run.total, (run.cpu / run.frames, vsp_cpu), (run.doorbells, vsp_rung)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import os
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -27,6 +28,11 @@ from vmbus.protocols.net import rndis_data as rd
 from vmbus.protocols.net import rndis_wire as rw
 from vmbus.protocols.net import vsc
 from vmbus.protocols.net import wire as nvsp
+
+try:
+    from vsc.net._fast import Engine
+except ImportError:  # not built: the Python loops
+    Engine = None  # type: ignore[assignment,misc]
 
 __all__ = ["NetAdapter"]
 
@@ -46,8 +52,10 @@ class NetAdapter:
         *,
         receive_buffer: int = RECEIVE_BUFFER,
         send_buffer: int = SEND_BUFFER,
+        fast: bool | None = None,
     ) -> None:
         self.device = device
+        self.fast: Engine | None = None  # the compiled loops, once initialized
         self.channel: GuestChannel = device.open(RING_SIZE, RING_SIZE)
         guest = device.guest
         self.buffers = {}
@@ -63,6 +71,20 @@ class NetAdapter:
         self.sending: dict[int, int] = {}  # trans_id -> send section
         self.send_failures = 0  # sends the host completed with a status other than SUCCESS
         self._initialize(receive_buffer, send_buffer)
+        if fast is None:
+            fast = os.environ.get("VMBUS_NET_FAST", "1").lower() not in ("0", "off", "false", "no")
+        if fast and Engine is not None:
+            try:
+                self.fast = Engine(
+                    self.channel,
+                    self.buffers["send"][2],
+                    self.buffers["receive"][2],
+                    self.send_section,
+                    self.max_packets,
+                    self.alignment,
+                )
+            except TypeError:  # the Python ring: no C-level access
+                self.fast = None
 
     # --- initialization ---
 
@@ -128,6 +150,9 @@ class NetAdapter:
     def send_batch(self, frames: Iterable[Any]) -> None:
         """Send frames, several RNDIS messages per send section (as many as
         the device allows), so the bus carries one packet per batch."""
+        if self.fast is not None:
+            self._send_fast(frames if isinstance(frames, list | tuple) else list(frames))
+            return
         batch: list[bytes] = []
         size = 0
         for frame in frames:
@@ -144,6 +169,23 @@ class NetAdapter:
             size += len(message)
         if batch:
             self._send_rndis(b"".join(batch), nvsp.RndisChannel.DATA)
+
+    def _send_fast(self, frames: list[Any] | tuple[Any, ...]) -> None:
+        """send_batch's loop, compiled: sections filled in place, one commit
+        per pass; waits here for sections (completions) or ring room."""
+        assert self.fast is not None
+        start = 0
+        while start < len(frames):
+            start, stalled = self.fast.pack(
+                frames, start, self.free_sections, self.sending, self.ids
+            )
+            if stalled is not None:
+                payload, trans_id = stalled
+                self.channel.send(
+                    payload, flags=COMPLETION_REQUESTED, trans_id=trans_id, timeout=TIMEOUT
+                )
+            elif start < len(frames):
+                self._pump(TIMEOUT)  # completions of earlier sends free sections
 
     def _aligned(self, message: bytes) -> bytes:
         """Pad to the device's alignment; msg_len covers the padding."""
@@ -197,13 +239,17 @@ class NetAdapter:
 
     def _pump(self, timeout: float | None) -> None:
         """Handle at least one packet from the host (waiting up to timeout)."""
+        fast = self.fast if not self.channel.backlog else None
+        reaped = 0 if fast is None else fast.reap(self.sending, self.free_sections, self.frames)
         packet = self.channel.poll()
         if packet is None:
-            if timeout == 0:
+            if timeout == 0 or reaped:
                 return
             packet = self.channel.receive(timeout)
         while packet is not None:
             self._handle(packet)
+            if fast is not None:
+                fast.reap(self.sending, self.free_sections, self.frames)
             packet = self.channel.poll()
 
     def _handle(self, packet: Packet) -> None:
@@ -240,6 +286,9 @@ class NetAdapter:
             self.rndis_replies[event.req_id] = event
 
     def close(self) -> None:
+        if self.fast is not None:
+            self.fast.release()  # its hold on the buffers, before they go
+            self.fast = None
         guest = self.device.guest
         for _, _, view in self.buffers.values():
             view.release()

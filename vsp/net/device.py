@@ -45,7 +45,7 @@ from typing import Any
 
 from vmbus import guid
 from vmbus._ringpacket import Packet
-from vmbus.channel import COMPLETION_REQUESTED, VM_PKT_COMP, Channel
+from vmbus.channel import COMPLETION_REQUESTED, PAUSED, VM_PKT_COMP, Channel
 from vmbus.device import BadGpaRanges, ChannelHandler, OpenContext, Vsp, packet_space
 from vmbus.errors import UsageError
 from vmbus.host import OfferSpec
@@ -57,13 +57,23 @@ from vmbus.protocols.net import vsp as nv
 from vmbus.protocols.net import wire as nvsp
 from vsp.net.backends import ETH_HLEN, VLAN_HLEN, NetBackend
 
-__all__ = ["NetVsp", "NetvspChannel", "random_mac", "section_sizes"]
+try:
+    from vsp.net._fast import FastPath
+except ImportError:  # not built: every packet takes the Python path
+    FastPath = None  # type: ignore[assignment,misc]
+
+__all__ = ["NetVsp", "NetvspChannel", "fast_path_default", "random_mac", "section_sizes"]
 
 MAX_PENDING = 1024  # RNDIS messages (control replies, indications) waiting for sections
 RECEIVE_BATCH = 64  # frames taken from the backend per wake-up
 DELIVERY_BATCH = 16  # frames per transfer-page packet (one range each)
 PPI_ROOM = 256  # per-packet info before a guest's frame (Linux sends < 128 bytes)
 FRAME_OVERHEAD = ETH_HLEN + VLAN_HLEN  # what an MTU does not count
+
+
+def fast_path_default() -> bool:
+    """On unless VMBUS_NET_FAST is 0 (or off/false/no)."""
+    return os.environ.get("VMBUS_NET_FAST", "1").lower() not in ("0", "off", "false", "no")
 
 
 def random_mac() -> bytes:
@@ -103,8 +113,10 @@ class NetVsp(Vsp):
         instance_id: uuid.UUID | None = None,
         recv_section_size: int | None = None,
         send_section_size: int | None = None,
+        fast_path: bool | None = None,
     ) -> None:
         self.backend = backend
+        self.fast_path = fast_path_default() if fast_path is None else fast_path
         self.mac = mac or backend.mac or random_mac()
         self.instance_id = instance_id or uuid.uuid4()
         recv, send = section_sizes(backend.mtu)
@@ -227,6 +239,7 @@ class NetvspChannel(ChannelHandler):
         self.lock = threading.Lock()
         self.kick = os.eventfd(0, os.EFD_NONBLOCK)
         self.counters = vsp.counters
+        self.fast = self._fast_path() if vsp.fast_path else None
         self.serving = True  # until close: its doorbells are then in the counters
         self.backend.on_link_change = self._link_changed
         context.watch(self.backend.fileno(), self._from_backend)
@@ -235,7 +248,25 @@ class NetvspChannel(ChannelHandler):
         if self._link_fd >= 0:
             context.watch(self._link_fd, self.backend.poll_link)
 
+    def _fast_path(self) -> FastPath | None:
+        """The compiled path, when the channel runs on the Cython ring."""
+        if FastPath is None:
+            return None
+        try:
+            return FastPath(self.channel, self.reserve)
+        except TypeError:  # the Python ring: no C-level access
+            return None
+
     # --- from the guest ---
+
+    def admission(self) -> int:
+        """Asked before each packet the drain takes: first the compiled path
+        serves the steady-state sends at the head of the ring (stopping at
+        the first it declines, which the drain hands to on_packet)."""
+        room = super().admission()
+        if self.fast is not None and room < PAUSED and not self.channel.backlog:
+            self.fast.drain(self)
+        return room
 
     def on_packet(self, packet: Packet) -> None:
         if packet.type == VM_PKT_COMP:
@@ -476,6 +507,7 @@ class NetvspChannel(ChannelHandler):
             self.context.unwatch(self._link_fd)
         self.counters.signals += self.channel.signals_sent
         self.serving = False
+        self.fast = None  # it holds the rings, which the worker unmaps next
         self.backend.on_link_change = None
         for kind in list(self.buffers):
             self._unmap(kind)

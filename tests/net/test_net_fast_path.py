@@ -1,0 +1,259 @@
+"""The compiled netvsp path (vsp.net._fast) against the Python path, which
+defines behaviour: for random and hostile SEND_RNDIS_PKT streams, the fast
+path either declines a packet (the Python path answers it) or produces the
+same completion bytes, the same frames on the backend and the same counters.
+Two VspHarnesses, fast path on and off, each over a TapBackend whose
+descriptor is one end of a SOCK_SEQPACKET pair (a record per frame, as a
+TAP device's writes are), so no root is needed."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vmbus import ring
+from vmbus.channel import COMPLETION_REQUESTED, Channel
+from vmbus.memory import PAGE_SIZE
+from vmbus.packet import GpaRange, PacketType, encode_gpa_direct_header
+from vmbus.protocols.net import wire as nvsp
+from vmbus.protocols.net.rndis_wire import encode_packet
+from vmbus.protocols.net.vsc import RndisClient
+from vmbus.testing import VspHarness
+from vsp.net import NetVsp, NetvspChannel, TapBackend
+from vsp.net.backends import _Backend
+
+pytestmark = pytest.mark.skipif(
+    ring.IMPLEMENTATION != "cython", reason="the fast path needs the Cython ring"
+)
+
+MAC = bytes.fromhex("020000000f01")
+SECTION = nvsp.DEFAULT_SEND_SECTION_SIZE
+SECTIONS = 16
+MTU = 1500
+
+
+def seqpacket_tap(mtu: int = MTU) -> tuple[TapBackend, socket.socket]:
+    """A TapBackend (its send, drop rules and fast_fd) on a socket pair's end."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 22)
+    backend = TapBackend.__new__(TapBackend)
+    _Backend.__init__(backend, None, mtu, ours.detach())
+    backend.netns, backend.index, backend._created_netns, backend.name = None, -1, False, "sp"
+    return backend, theirs
+
+
+def frames_out(sock: socket.socket) -> list[bytes]:
+    got = []
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            got.append(sock.recv(1 << 17))
+    return got
+
+
+@dataclass
+class Side:
+    harness: VspHarness
+    backend: TapBackend
+    wire: socket.socket
+    send_pfn: int
+
+    @property
+    def guest(self) -> Channel:
+        return self.harness.guest
+
+    @property
+    def handler(self) -> NetvspChannel:
+        handler = self.harness.handler
+        assert isinstance(handler, NetvspChannel)
+        return handler
+
+    def request(self, payload: bytes, flags: int = COMPLETION_REQUESTED, trans_id: int = 0) -> None:
+        self.guest.send(payload.ljust(40, b"\0"), flags=flags, trans_id=trans_id)
+
+    def replies(self) -> list[tuple[int, int, int, bytes]]:
+        """Completions; transfer-page packets (control replies) completed as Linux does."""
+        out = []
+        while (reply := self.guest.poll()) is not None:
+            if reply.type == PacketType.DATA_USING_XFER_PAGES:
+                done = nvsp.SendRndisPacketComplete(status=nvsp.NvspStatus.SUCCESS).pack()
+                self.guest.send(done, type=PacketType.COMP, trans_id=reply.trans_id)
+                continue
+            out.append((reply.type, reply.flags, reply.trans_id, bytes(reply.payload)))
+        return out
+
+    def write_section(self, section: int, data: bytes) -> None:
+        offset = self.send_pfn * PAGE_SIZE + section * SECTION
+        self.harness.memory.view(offset, len(data))[:] = data
+
+
+@contextlib.contextmanager
+def side(fast: bool, link_up: bool = True) -> Iterator[Side]:
+    backend, wire = seqpacket_tap()
+    vsp = NetVsp(backend, mac=MAC, fast_path=fast)
+    harness = VspHarness(vsp, memory_size=1 << 20, ring_size=256 << 10)
+    try:
+        recv = harness.grant(64)
+        send = harness.grant(SECTIONS * SECTION // PAGE_SIZE)
+        s = Side(harness, backend, wire, send.pfns[0])
+        assert (s.handler.fast is not None) == fast
+        init = nvsp.NvspInit(min_protocol_ver=0x60001, max_protocol_ver=0x60001)
+        for message in (
+            nvsp.encode(init),
+            nvsp.encode(nvsp.SendReceiveBuffer(gpadl_handle=recv.gpadl)),
+            nvsp.encode(nvsp.SendSendBuffer(gpadl_handle=send.gpadl)),
+        ):
+            s.request(message, trans_id=1 << 40)
+            harness.pump()
+        s.write_section(0, control := RndisClient().initialize())
+        s.request(nvsp.send_rndis_packet(nvsp.RndisChannel.CONTROL, 0, len(control)), trans_id=1)
+        harness.pump()
+        s.replies()
+        harness.pump()
+        assert s.handler.rndis.initialized
+        s.handler.rndis._packet_filter = 0x0D  # as Linux sets it next
+        if not link_up:
+            backend.link_up = False
+        yield s
+    finally:
+        harness.close()
+        backend.close()
+        wire.close()
+
+
+def rndis_packet(frame: bytes, ppis: list[tuple[int, bytes]], pad: int) -> bytes:
+    message = encode_packet(frame, ppis)
+    padded = len(message) + pad
+    return message[:4] + struct.pack("<I", padded) + message[8:] + bytes(pad)
+
+
+# A request: (section, section bytes, claimed size or None, channel, flags, gpa-direct)
+Request = tuple[int, bytes, int | None, int, int, bool]
+
+
+@pytest.fixture(autouse=True)
+def quiet(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.ERROR)  # every hostile packet logs a protocol error
+
+
+def differential(requests: list[Request], link_up: bool = True) -> int:
+    """Run the requests through both paths; assert they agree; return how
+    many the fast path served."""
+    with side(True, link_up) as fast, side(False, link_up) as slow:
+        results = []
+        for s in (fast, slow):
+            for trans_id, (section, data, size, channel, flags, gpa) in enumerate(requests, 2):
+                s.write_section(section, data)
+                claimed = len(data) if size is None else size
+                if gpa:
+                    start = s.send_pfn * PAGE_SIZE + section * SECTION
+                    pfns = tuple(
+                        range(start // PAGE_SIZE, (start + len(data) - 1) // PAGE_SIZE + 1)
+                    )
+                    rng = GpaRange(len(data), start % PAGE_SIZE, pfns)
+                    header = encode_gpa_direct_header([rng])
+                    payload = nvsp.send_rndis_packet(channel)
+                    s.guest.send(
+                        payload,
+                        type=PacketType.DATA_USING_GPA_DIRECT,
+                        flags=flags,
+                        trans_id=trans_id,
+                        header=header,
+                    )
+                else:
+                    payload = nvsp.send_rndis_packet(channel, section, claimed)
+                    s.request(payload, flags=flags, trans_id=trans_id)
+                s.harness.pump()
+            results.append(
+                (
+                    s.replies(),
+                    frames_out(s.wire),
+                    s.harness.vsp.stats(),
+                    s.handler.refused,
+                    s.handler.rndis.xmit_ok,
+                    dict(s.handler.rndis.errors),
+                    dict(s.handler.nvsp.errors),
+                    s.handler.channel.packets_sent,
+                )
+            )
+        stats_fast, stats_slow = results[0][2], results[1][2]
+        stats_fast.pop("signals_to_guest"), stats_slow.pop("signals_to_guest")  # one commit a batch
+        assert results[0] == results[1]
+        assert fast.handler.fast is not None
+        return fast.handler.fast.served
+
+
+def frame_of(size: int, seed: int) -> bytes:
+    return bytes((seed + i) & 0xFF for i in range(size))
+
+
+def test_plain_sends_are_served_by_the_fast_path() -> None:
+    batch = b"".join(rndis_packet(frame_of(n, n), [], -(44 + n) % 8) for n in (60, 1514, 14, 700))
+    requests: list[Request] = [
+        (i % SECTIONS, batch, None, 0, COMPLETION_REQUESTED, False) for i in range(40)
+    ]
+    assert differential(requests) == 40
+
+
+def test_oversize_and_runt_frames_complete_with_fail_on_both_paths() -> None:
+    batch = rndis_packet(frame_of(13, 1), [], 3) + rndis_packet(frame_of(1519, 2), [], 1)
+    batch += rndis_packet(frame_of(1518, 3), [(0, b"\1\2\3\4")], 2)  # the largest with a VLAN tag
+    assert differential([(0, batch, None, 0, COMPLETION_REQUESTED, False)]) == 1
+
+
+def test_link_down_declines_and_the_python_path_drops() -> None:
+    batch = rndis_packet(frame_of(100, 1), [], 4)
+    assert differential([(0, batch, None, 0, COMPLETION_REQUESTED, False)], link_up=False) == 0
+
+
+@st.composite
+def requests(draw: st.DrawFn) -> list[Request]:
+    out: list[Request] = []
+    for _ in range(draw(st.integers(1, 12))):
+        hostile = draw(st.integers(0, 3)) == 0  # else plausible: what a guest sends
+        messages = []
+        for _ in range(draw(st.integers(1, 9))):
+            sizes = (
+                [0, 1, 13, 14, 60, 64, 1500, 1514, 1518, 1519, 2000] if hostile else [14, 60, 1514]
+            )
+            size = draw(st.sampled_from(sizes))
+            ppis = draw(st.lists(st.tuples(st.integers(0, 12), st.binary(max_size=8)), max_size=3))
+            message = bytearray(
+                rndis_packet(frame_of(size, len(messages)), ppis, draw(st.integers(0, 8)))
+                if size
+                else encode_packet(b"x")
+            )
+            if size == 0:
+                message[12:16] = bytes(4)  # data_len 0: no frame
+            if (
+                hostile and draw(st.integers(0, 3)) == 0
+            ):  # a hostile field: type, lengths, offsets, PPIs
+                at = draw(st.sampled_from([0, 4, 8, 12, 16, 20, 28, 32, 44, 48, 52]))
+                if at + 4 <= len(message):
+                    message[at : at + 4] = struct.pack("<I", draw(st.integers(0, 1 << 32 - 1)))
+            messages.append(bytes(message))
+        data = b"".join(messages)[:SECTION]
+        size = channel = gpa = None
+        if hostile:
+            size = draw(st.sampled_from([None, 0, len(data) - 1, SECTION + 1]))
+            channel = draw(st.sampled_from([0, 1, 7]))
+            gpa = draw(st.booleans())
+        flags = draw(st.sampled_from([COMPLETION_REQUESTED] * 4 + [0]))
+        section = draw(st.integers(0, SECTIONS - 1))
+        out.append((section, data, size, channel or 0, flags, bool(gpa)))
+    return out
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(requests())
+def test_fast_path_agrees_with_the_python_path(stream: list[Request]) -> None:
+    differential(stream)

@@ -1,0 +1,357 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The compiled steady-state path of one netvsp channel, both directions.
+
+Guest -> backend (`FastPath.drain`, from `admission()`): SEND_RNDIS_PKT
+in-band packets on the DATA channel naming a send-buffer section, served
+without the GIL from the head of the ring. The NVSP message is copied out of
+the ring once and the section once, into private buffers; the RNDIS PACKET
+messages in it are checked as `rndis_wire.decode_packets` checks them (PPIs
+included) and each frame is written to the backend's `fast_fd()` (a TAP
+device: one write per frame, the kernel processes it before returning) with
+TapBackend.send's length checks and drop rules. The completion is written
+into the ring in place; both rings are committed once per batch.
+
+Backend -> guest (`FastPath.deliver`, from the backend's readable
+callback): frames read from the descriptor into a private staging buffer,
+filtered as `RndisDevice.accepts` filters them, framed as
+`rndis_wire.encode_packet` frames them into receive sections lent by
+`ReceiveSections`, and announced in transfer-page packets of up to
+DELIVERY_BATCH ranges, one commit per call.
+
+Everything else declines: a packet is left in the ring for
+`NetvspChannel.on_packet` (the Python path, the definition of behaviour),
+and what the receive side cannot place is handed back as frames for the
+Python path to queue. The differential tests hold the two together
+(tests/net/test_net_fast_path.py).
+"""
+
+from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from libc.errno cimport EAGAIN, EINTR, EINVAL, EIO, ENOBUFS, ENOMEM, errno
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcmp, memcpy, memset
+from posix.unistd cimport read, write
+
+from vmbus._cring cimport DESCRIPTOR_SIZE, READY, Descriptor, RingReader, RingWriter
+
+from vmbus.protocols.net import rndis_wire as _rw
+from vmbus.protocols.net import vsp as _nv
+from vmbus.protocols.net import wire as _nvsp
+from vsp.net.backends import max_frame as _max_frame
+
+__all__ = ["FastPath"]
+
+DEF SECTION_MAX = 65536      # private copy of one send section; larger declines
+DEF MAX_MESSAGES = 64        # rndis_wire.MAX_MESSAGES_PER_BATCH
+DEF MAX_PPIS = 32            # rndis_wire.MAX_PPIS
+DEF PACKET_HEADER = 44       # rndis_wire.PacketHeader.SIZE
+DEF RNDIS_HEADER = 8
+DEF PPI_HEADER = 12
+DEF RNDIS_PACKET = 1
+DEF NVSP_MIN = 32            # wire.NVSP_MIN_MESSAGE_SIZE
+DEF NVSP_SIZE = 40           # wire.NVSP_MESSAGE_SIZE
+DEF SEND_RNDIS_PKT = 107
+DEF DATA_CHANNEL = 0
+DEF INVALID_SECTION = 0xFFFFFFFF
+DEF INBAND = 0x6
+DEF XFER_PAGES = 0x7
+DEF COMPLETION = 0xB
+DEF COMPLETION_REQUESTED = 0x1
+DEF BATCH_LIMIT = 1024       # packets per call: bounds one call's latency
+DEF STAGE_FRAMES = 64        # frames read from the backend per call (RECEIVE_BATCH)
+DEF STAGE_MAX = 65536 + 18   # the largest frame a TAP read holds (backends.MAX_MTU + 18)
+DEF DELIVERY = 16            # device.DELIVERY_BATCH ranges per transfer-page packet
+DEF PROMISCUOUS = 0x20
+DEF BROADCAST = 0x08
+DEF MULTICASTS = 0x06        # MULTICAST | ALL_MULTICAST
+DEF DIRECTED = 0x01
+
+DEF SERVED = 1
+DEF DECLINED = 0
+DEF FAILED = -1              # a system call failed as no drop rule allows: Python raises
+
+for _name, _ours, _theirs in (
+    ("MAX_MESSAGES_PER_BATCH", MAX_MESSAGES, _rw.MAX_MESSAGES_PER_BATCH),
+    ("MAX_PPIS", MAX_PPIS, _rw.MAX_PPIS),
+    ("PacketHeader.SIZE", PACKET_HEADER, _rw.PacketHeader.SIZE),
+    ("NVSP_MIN_MESSAGE_SIZE", NVSP_MIN, _nvsp.NVSP_MIN_MESSAGE_SIZE),
+    ("NVSP_MESSAGE_SIZE", NVSP_SIZE, _nvsp.NVSP_MESSAGE_SIZE),
+    ("SEND_RNDIS_PKT", SEND_RNDIS_PKT, _nvsp.NvspMessageType.SEND_RNDIS_PKT),
+):
+    if _ours != _theirs:
+        raise ImportError(f"vsp.net._fast: {_name} is {_theirs}, built for {_ours}")
+
+
+cdef inline uint32_t le32(const uint8_t *p) noexcept nogil:
+    cdef uint32_t v
+    memcpy(&v, p, 4)  # x86-64: little-endian, as the wire
+    return v
+
+
+cdef inline void put32(uint8_t *p, uint32_t v) noexcept nogil:
+    memcpy(p, &v, 4)
+
+
+cdef inline bint area_ok(uint32_t offset, uint32_t length, uint32_t msg_len) noexcept nogil:
+    """rndis_wire.area for a PACKET: empty, or after the fixed part and inside."""
+    if length == 0:
+        return True
+    if offset < PACKET_HEADER - RNDIS_HEADER:
+        return False
+    return <uint64_t>RNDIS_HEADER + offset + length <= msg_len
+
+
+cdef inline bint ppis_ok(const uint8_t *info, uint32_t size) noexcept nogil:
+    """rndis_wire._decode_ppis's checks, without building the values."""
+    cdef uint32_t pos = 0, count = 0, ppi_size, ppi_offset
+    while pos < size:
+        if count == MAX_PPIS or size - pos < PPI_HEADER:
+            return False
+        ppi_size = le32(info + pos)
+        ppi_offset = le32(info + pos + 8)
+        if ppi_size < PPI_HEADER or ppi_size > size - pos:
+            return False
+        if ppi_offset < PPI_HEADER or ppi_offset > ppi_size:
+            return False
+        pos += ppi_size
+        count += 1
+    return True
+
+
+cdef class FastPath:
+    """The fast path of one channel; see the module doc."""
+
+    cdef RingReader reader
+    cdef RingWriter writer
+    cdef object channel
+    cdef object notify_peer
+    cdef uint32_t reserve
+    # Configured per call, under the GIL:
+    cdef int fd
+    cdef uint32_t max_frame
+    cdef const uint8_t *send_base
+    cdef uint64_t send_len
+    cdef uint32_t section_size
+    cdef uint32_t section_count
+    # Scratch, reused by every packet (no allocation in the loop):
+    cdef uint8_t nvsp[NVSP_SIZE]
+    cdef uint8_t private[SECTION_MAX]
+    cdef uint32_t frame_at[MAX_MESSAGES]
+    cdef uint32_t frame_len[MAX_MESSAGES]
+    cdef uint8_t reply_ok[NVSP_SIZE]
+    cdef uint8_t reply_fail[NVSP_SIZE]
+    # What one call did, handed to the Python counters after it:
+    cdef uint64_t frames, nbytes, written, drops, refused, replies
+    cdef int error
+    # Receive side:
+    cdef uint8_t stage[STAGE_FRAMES * 1536]
+    cdef uint32_t stage_len[STAGE_FRAMES]
+    cdef uint32_t stage_at[STAGE_FRAMES]
+    cdef uint8_t mac[6]
+    cdef uint32_t packet_filter
+    cdef public unsigned long long served    # SEND_RNDIS_PKTs completed here, ever
+    cdef public unsigned long long declined  # calls that stopped at a packet for Python
+    cdef public unsigned long long delivered  # frames given to the guest here, ever
+
+    def __init__(self, channel, int reserve):
+        # TypeError unless the channel runs on the Cython ring.
+        self.reader = channel.reader
+        self.writer = channel.writer
+        self.channel = channel
+        self.notify_peer = channel.notify_peer
+        self.reserve = reserve
+        ok = _nvsp.encode(_nvsp.SendRndisPacketComplete(status=_nvsp.NvspStatus.SUCCESS))
+        fail = _nvsp.encode(_nvsp.SendRndisPacketComplete(status=_nvsp.NvspStatus.FAIL))
+        memcpy(self.reply_ok, <const char *>ok, NVSP_SIZE)
+        memcpy(self.reply_fail, <const char *>fail, NVSP_SIZE)
+
+    # --- guest -> backend ---------------------------------------------------------
+
+    def drain(self, handler):
+        """Serve SEND_RNDIS_PKTs from the head of the ring until one is
+        declined, the ring is empty, or a completion would not fit. Commits
+        both rings, signals the guest as they answer, and adds to the
+        counters. Returns the count served."""
+        cdef Descriptor d
+        if self.reader.corrupt is not None or self.reader.next(&d) != READY:
+            return 0  # empty, or corrupt: the Python drain reports corruption
+        mapped = self.configure_send(handler)
+        if mapped is None:
+            self.declined += 1
+            return 0
+        cdef Py_buffer view
+        PyObject_GetBuffer(mapped, &view, PyBUF_SIMPLE)
+        cdef uint32_t count = 0
+        cdef int outcome
+        self.frames = self.nbytes = self.written = self.drops = self.refused = 0
+        self.replies = 0
+        self.error = 0
+        try:
+            self.send_base = <const uint8_t *>view.buf
+            self.send_len = view.len
+            with nogil:
+                outcome = self.serve_batch(&count)
+        finally:
+            self.send_base = NULL
+            PyBuffer_Release(&view)
+        if outcome != SERVED:
+            self.declined += 1
+        if count:
+            self.served += count
+            self.account(handler)
+            if self.writer.commit():
+                self.notify_peer.set()
+            if self.reader.commit():
+                self.notify_peer.set()
+        if outcome == FAILED:
+            raise OSError(self.error, "netvsp: a frame write failed")
+        return count
+
+    cdef object configure_send(self, handler):
+        """The send buffer's view when this path may serve: NVSP ready, RNDIS
+        initialized, the backend's frame descriptor usable, nothing held."""
+        if handler.held is not None or handler.paused:
+            return None
+        backend = handler.backend
+        if not handler.rndis.initialized or not backend.link_up:
+            return None
+        if handler.nvsp.state is not _nv.NvspState.READY:
+            return None
+        fd = backend.fast_fd()
+        buffer = handler.nvsp.send_buffer
+        mapped = handler.buffers.get(_nvsp.BufferKind.SEND)
+        if fd < 0 or buffer is None or mapped is None:
+            return None
+        self.fd = fd
+        self.max_frame = _max_frame(backend.mtu)
+        self.section_size = buffer.section_size
+        self.section_count = buffer.section_count
+        return mapped.view
+
+    cdef int account(self, handler) except -1:
+        counters = handler.counters
+        counters.frames_from_guest += self.frames
+        counters.bytes_from_guest += self.nbytes
+        counters.refused += self.refused
+        handler.refused += self.refused
+        handler.rndis.xmit_ok += self.frames
+        backend = handler.backend
+        backend.frames_out += self.written
+        backend.drops += self.drops
+        self.channel.packets_sent += self.replies
+        return 0
+
+    cdef int serve_batch(self, uint32_t *count) noexcept nogil:
+        cdef Descriptor d
+        cdef int outcome
+        while count[0] < BATCH_LIMIT:
+            # Reserve first: the completion of a request taken must fit now.
+            if self.writer.free_from(self.writer.seen_read) <= self.reserve:
+                if self.writer.refresh_read() != READY:
+                    return DECLINED  # a bad read_index: Python raises it
+                if self.writer.free_from(self.writer.seen_read) <= self.reserve:
+                    return SERVED  # full: Python asks the guest for room
+            if self.reader.next(&d) != READY:
+                return SERVED  # empty (or corrupt: Python reports it)
+            outcome = self.serve(&d)
+            if outcome == DECLINED:
+                return DECLINED  # left in the ring, unconsumed
+            self.reader.consume(&d)
+            count[0] += 1
+            if outcome == FAILED:
+                return FAILED
+        return SERVED
+
+    cdef int serve(self, Descriptor *d) noexcept nogil:
+        """Serve the packet `d` describes, or decline it touching nothing."""
+        cdef uint32_t total = <uint32_t>d.len8 * 8 - DESCRIPTOR_SIZE
+        cdef uint32_t header_len = <uint32_t>d.offset8 * 8 - DESCRIPTOR_SIZE
+        cdef uint32_t payload_len = total - header_len
+        cdef uint32_t index, size, messages
+        if d.type != INBAND or payload_len < NVSP_MIN:
+            return DECLINED
+        # The one copy of the NVSP message (the fields used are its first 16 bytes).
+        self.reader.copy_out(
+            self.reader.advance(self.reader.cursor, DESCRIPTOR_SIZE + header_len), self.nvsp, 16)
+        if le32(self.nvsp) != SEND_RNDIS_PKT or le32(self.nvsp + 4) != DATA_CHANNEL:
+            return DECLINED
+        index, size = le32(self.nvsp + 8), le32(self.nvsp + 12)
+        if index == <uint32_t>INVALID_SECTION or index >= self.section_count:
+            return DECLINED  # GPA-direct, or a bad index: the Python path
+        if size == 0 or size > self.section_size or size > SECTION_MAX:
+            return DECLINED
+        if <uint64_t>index * self.section_size + size > self.send_len:
+            return DECLINED
+        # The one copy of the section: the guest may rewrite it meanwhile.
+        memcpy(self.private, self.send_base + <uint64_t>index * self.section_size, size)
+        messages = self.parse(size)
+        if messages == 0:
+            return DECLINED  # malformed: Python answers INVALID_RNDIS_PKT
+        return self.transmit(messages, d)
+
+    cdef uint32_t parse(self, uint32_t size) noexcept nogil:
+        """rndis_wire.decode_packets on the private copy: the frames' places,
+        or 0 when it would raise."""
+        cdef uint32_t pos = 0, count = 0, left, msg_len, data_off, data_len
+        cdef const uint8_t *m
+        while pos < size:
+            if count == MAX_MESSAGES:
+                return 0
+            left = size - pos
+            if left < PACKET_HEADER:
+                return 0
+            m = self.private + pos
+            msg_len = le32(m + 4)
+            if le32(m) != RNDIS_PACKET or msg_len < PACKET_HEADER or msg_len > left:
+                return 0
+            data_off, data_len = le32(m + 8), le32(m + 12)
+            if data_len == 0 or not area_ok(data_off, data_len, msg_len):
+                return 0
+            if not area_ok(le32(m + 16), le32(m + 20), msg_len):
+                return 0  # the OOB area: bounds only
+            if not area_ok(le32(m + 28), le32(m + 32), msg_len):
+                return 0
+            if le32(m + 32) and not ppis_ok(m + RNDIS_HEADER + le32(m + 28), le32(m + 32)):
+                return 0
+            self.frame_at[count] = pos + RNDIS_HEADER + data_off
+            self.frame_len[count] = data_len
+            count += 1
+            pos += msg_len
+        return count
+
+    cdef int transmit(self, uint32_t messages, Descriptor *d) noexcept nogil:
+        """TapBackend.send of the frames, then the completion."""
+        cdef uint32_t i, refused = 0, length
+        cdef ssize_t done
+        cdef int outcome = SERVED
+        cdef const uint8_t *reply
+        for i in range(messages):
+            length = self.frame_len[i]
+            self.frames += 1
+            self.nbytes += length
+            if length < 14 or length > self.max_frame:
+                refused += 1
+                continue
+            while True:
+                done = write(self.fd, self.private + self.frame_at[i], length)
+                if done >= 0 or errno != EINTR:
+                    break
+            if done >= 0:
+                self.written += 1
+            elif errno in (EAGAIN, ENOBUFS, ENOMEM, EIO, EINVAL):
+                refused += 1
+            else:
+                self.error = errno
+                outcome = FAILED
+                break
+        self.drops += refused
+        self.refused += refused
+        if outcome == FAILED or not d.flags & COMPLETION_REQUESTED:
+            return outcome
+        reply = self.reply_ok
+        if refused:
+            reply = self.reply_fail
+        if self.writer.put(reply, NVSP_SIZE, COMPLETION, 0, d.trans_id, NULL, 0) != READY:
+            return FAILED  # cannot happen past the reserve
+        self.replies += 1
+        return outcome
