@@ -24,6 +24,7 @@ Hextile (5): 16x16 tiles, each solid (background) or raw.
 
 from __future__ import annotations
 
+import os
 import struct
 import zlib
 from typing import Any
@@ -38,6 +39,12 @@ try:
     import simplejpeg  # type: ignore[import-untyped]
 except ImportError:  # pragma: no cover - Tight then never uses JPEG
     simplejpeg = None
+try:  # the compiled pixel shuffle; VMBUS_VIDEO_FAST=0 keeps numpy's
+    from vsp.video import _fast
+except ImportError:  # pragma: no cover - not built
+    _fast = None
+if os.environ.get("VMBUS_VIDEO_FAST", "1") == "0":
+    _fast = None
 try:  # zlib-ng: the same deflate streams, about 4x faster at level 1
     from zlib_ng import zlib_ng as deflate  # type: ignore[import-untyped]
 except ImportError:  # pragma: no cover - the standard library's zlib
@@ -144,12 +151,36 @@ def compact_length(n: int) -> bytes:
     return bytes([n & 0x7F | 0x80, (n >> 7) & 0x7F | 0x80, n >> 14])
 
 
+def pack_numpy(pix: Pixels, target: npt.NDArray[np.uint8], order: tuple[int, ...]) -> None:
+    """The definition of `_fast.pack_pixels`: each pixel of `pix` (h, w, 4)
+    as len(order) bytes, byte k = pix byte order[k] (3: 0xFF), into `target`."""
+    h, w = pix.shape[:2]
+    n = len(order)
+    shaped = target[: h * w * n].reshape(h, w, n)
+    if order == (0, 1, 2, 3):  # the frame's own layout: one pass
+        np.bitwise_or(pix.view(np.uint32), np.uint32(0xFF000000), out=shaped.view(np.uint32))
+        return
+    for k, source in enumerate(order):
+        if source == 3:
+            shaped[:, :, k] = 0xFF
+        else:
+            shaped[:, :, k] = pix[:, :, source]
+
+
+def pack(pix: Pixels, target: npt.NDArray[np.uint8], order: tuple[int, ...]) -> None:
+    if _fast is not None and pix.size:
+        _fast.pack_pixels(pix, target, bytes(order))
+    else:
+        pack_numpy(pix, target, order)
+
+
 class Encoder:
     """One client's encoding state (touched by the server thread only)."""
 
     def __init__(self) -> None:
         self.fmt = rfb.DEFAULT_FORMAT
         self.order: tuple[int, ...] | None = byte_order(self.fmt)
+        self.corder = tuple(k for k in self.order or () if k != 3)
         self.encoding = rfb.ENC_RAW
         self.desktop_size = self.extended_desktop_size = False
         self.cursor = self.copyrect = False
@@ -163,6 +194,7 @@ class Encoder:
     def set_format(self, fmt: PixelFormat) -> None:
         self.fmt = fmt
         self.order = byte_order(fmt)
+        self.corder = tuple(k for k in self.order or () if k != 3)  # ZRLE's CPIXEL bytes
 
     def set_encodings(self, encodings: tuple[int, ...]) -> None:
         announced = set(encodings)
@@ -193,27 +225,14 @@ class Encoder:
         if order is None:
             out.write(rfb.encode_pixels(self.fmt, pix))
             return
-        target = out.reserve(h * w * 4).reshape(h, w, 4)
-        if order == (0, 1, 2, 3):  # the frame's own layout: one pass
-            np.bitwise_or(pix.view(np.uint32), np.uint32(0xFF000000), out=target.view(np.uint32))
-            return
-        for k, source in enumerate(order):
-            if source == 3:
-                target[:, :, k] = 0xFF
-            else:
-                target[:, :, k] = pix[:, :, source]
+        pack(pix, out.reserve(h * w * 4), order)
 
     def cpixel_bytes(self, pix: Pixels, out: OutBuffer) -> None:
         """ZRLE's CPIXELs: the 3 colour bytes of a fast-path format, in order."""
         order = self.order
         assert order is not None
         h, w = pix.shape[:2]
-        target = out.reserve(h * w * 3).reshape(h, w, 3)
-        k = 0
-        for source in order:
-            if source != 3:
-                target[:, :, k] = pix[:, :, source]
-                k += 1
+        pack(pix, out.reserve(h * w * 3), self.corder)
 
     def cpixel_fits(self) -> bool:
         """ZRLE may drop the padding byte: it is at an end of the pixel."""
@@ -275,15 +294,8 @@ class Encoder:
 
     def _cpixels_into(self, pix: Pixels, body: npt.NDArray[np.uint8]) -> None:
         """`pix` (th, n * 64, 4) into `body` (n, th, 64, 3), tile by tile."""
-        order = self.order
-        assert order is not None
-        th = pix.shape[0]
-        tiles = pix.reshape(th, -1, ZRLE_TILE, 4).transpose(1, 0, 2, 3)
-        k = 0
-        for source in order:
-            if source != 3:
-                body[..., k] = tiles[..., source]
-                k += 1
+        for t in range(body.shape[0]):
+            pack(pix[:, t * ZRLE_TILE : (t + 1) * ZRLE_TILE], body[t].reshape(-1), self.corder)
 
     def _zrle_tile(self, tile: Pixels, out: OutBuffer) -> None:
         colours = tile.view(np.uint32)[:, :, 0] & np.uint32(0xFFFFFF)
@@ -369,7 +381,7 @@ class Encoder:
             self.pixel_bytes(pix, out)
             return
         h, w = pix.shape[:2]
-        np.copyto(out.reserve(h * w * 3).reshape(h, w, 3), pix[:, :, 2::-1])
+        pack(pix, out.reserve(h * w * 3), (2, 1, 0))
 
     # Pseudo-rectangles.
 
