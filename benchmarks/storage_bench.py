@@ -57,7 +57,7 @@ from vsp.storage import device as storvsp
 KiB, MiB = 1 << 10, 1 << 20
 QUEUE_DEPTH = 32
 MAX_IO = MiB  # one SRB per 1 MiB request, as fio does one syscall
-CHILD_MEMORY = QUEUE_DEPTH * MAX_IO + 16 * MiB  # the bounce slots, rings and room
+CHILD_MEMORY = 2 * QUEUE_DEPTH * MAX_IO + 16 * MiB  # two controllers' bounce slots, rings, room
 CHILD_TARGET = "benchmarks.storage_bench:storage_child"  # importable even as __main__
 TIMEOUT = 60.0
 WARMUP_STEPS = 4
@@ -74,6 +74,7 @@ class Workload:
     size: int  # bytes per request
     depth: int  # requests in flight
     direct: bool = False  # O_DIRECT: the stack's LUN 1 (DirectBackend), fio --direct=1
+    channels: int = 1  # >1: the second controller, whose sub-channels have threads of their own
 
     @property
     def fio_rw(self) -> str:
@@ -96,7 +97,21 @@ DIRECT_WORKLOADS = [
     Workload("4 KiB random read, QD32, O_DIRECT", False, True, 4 * KiB, QUEUE_DEPTH, True),
     Workload("1 MiB sequential read, QD1, O_DIRECT", False, False, MiB, 1, True),
 ]
-BY_NAME = {w.name: w for w in WORKLOADS + DIRECT_WORKLOADS}
+SUB_CHANNELS = 2
+CHANNELS = 1 + SUB_CHANNELS
+MULTI_WORKLOADS = [
+    Workload(
+        f"4 KiB random read, QD32, {CHANNELS} channels", False, True, 4 * KiB, 32, False, CHANNELS
+    ),
+    Workload(
+        f"4 KiB random write, QD32, {CHANNELS} channels", True, True, 4 * KiB, 32, False, CHANNELS
+    ),
+    Workload(
+        f"1 MiB sequential read, QD4, {CHANNELS} channels", False, False, MiB, 4, False, CHANNELS
+    ),
+]
+ALL_WORKLOADS = WORKLOADS + DIRECT_WORKLOADS + MULTI_WORKLOADS
+BY_NAME = {w.name: w for w in ALL_WORKLOADS}
 ROUND_TRIP = "64 B bus round trip"
 
 
@@ -161,12 +176,12 @@ def timed(step: Callable[[], int], seconds: float) -> tuple[int, float]:
 # --- the child partition -------------------------------------------------------
 
 
-_GUEST_BUFFERS: dict[tuple[int, int], list[GuestBuffer]] = {}
+_GUEST_BUFFERS: dict[tuple[int, int, int], list[GuestBuffer]] = {}
 
 
 def guest_buffers(disk: BlockDevice, workload: Workload) -> list[GuestBuffer]:
     """The workload's buffers in guest memory (zero copy), made once per shape."""
-    key = (workload.size, workload.depth)
+    key = (id(disk), workload.size, workload.depth)
     if key not in _GUEST_BUFFERS:
         _GUEST_BUFFERS[key] = [disk.buffer(workload.size) for _ in range(workload.depth)]
     return _GUEST_BUFFERS[key]
@@ -215,19 +230,26 @@ def per_packet(before: Counters, after: Counters) -> tuple[float, float]:
     return (after[0] - before[0]) / packets, (after[2] - before[2]) / packets
 
 
-def storage_child(guest: Guest, address: str, image: int, spin: float) -> None:
+def storage_child(guest: Guest, address: str, image: int, spin: float, multi: str) -> None:
     """Child partition: bind the SCSI and echo devices, then run each
     (workload name, seconds, seed) the parent sends and answer (ops, seconds,
-    (doorbells, CPU seconds) per request it sent). Both channels spin `spin`
-    seconds before they sleep."""
+    (doorbells, CPU seconds) per request it sent). Every channel spins `spin`
+    seconds before it sleeps. The controller `multi` (an instance id) gets
+    its sub-channels."""
     scsi: list[GuestDevice] = []
     echoes: list[EchoVsc] = []
     guest.register(guid.SCSI, scsi.append)
     guest.register(ECHO_CLASS_ID, lambda device: echoes.append(EchoVsc(device)))
-    controller = StorageController(
-        scsi[0], queue_depth=QUEUE_DEPTH, max_io_bytes=MAX_IO, spin_seconds=spin
+    primaries = [d for d in scsi if d.sub_channel_index == 0]
+    (single,) = [d for d in primaries if str(d.instance_id) != multi]
+    (several,) = [d for d in primaries if str(d.instance_id) == multi]
+    controller, spread = (
+        StorageController(d, queue_depth=QUEUE_DEPTH, max_io_bytes=MAX_IO, spin_seconds=spin)
+        for d in (single, several)
     )
+    assert spread.create_sub_channels(SUB_CHANNELS) == SUB_CHANNELS
     disk, direct = controller.disk(0), controller.disk(DIRECT_LUN)
+    spread_disk = spread.disk(0)
     echo = echoes[0]
     echo.channel = echo.device.open(ECHO_RING, ECHO_RING, spin_seconds=spin)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -244,14 +266,21 @@ def storage_child(guest: Guest, address: str, image: int, spin: float) -> None:
                 step = round_trip
             else:
                 workload = BY_NAME[name]
-                step = disk_step(direct if workload.direct else disk, workload, image, seed)
-            channel = echo.channel if name == ROUND_TRIP else controller.channel
+                target = direct if workload.direct else disk
+                step = disk_step(
+                    spread_disk if workload.channels > 1 else target, workload, image, seed
+                )
+            if name == ROUND_TRIP:
+                channel = echo.channel
+            else:
+                channel = (spread if BY_NAME[name].channels > 1 else controller).channel
             assert channel is not None
             before = counters(channel, process_time())
             ops, elapsed = timed(step, seconds)
             after = counters(channel, process_time())
             control.send((ops, elapsed, per_packet(before, after)))
     controller.close()
+    spread.close()
     guest.unload()
 
 
@@ -268,11 +297,13 @@ class StackRunner:
         self.backend = RawFileBackend(path)
         self.direct = DirectBackend(path)  # the same image, O_DIRECT: LUN 1
         self.vsp = StorVsp([self.backend, self.direct], max_transfer_bytes=MAX_IO)
+        # The same image behind a second controller, with sub-channels.
+        self.multi = StorVsp([self.backend], max_transfer_bytes=MAX_IO, channels=CHANNELS)
         self.echo = EchoVsp()
         self.child: ChildPartition = host.start(
             CHILD_TARGET,
-            devices=[self.vsp, self.echo],
-            args=(address, settings.image, settings.spin),
+            devices=[self.vsp, self.echo, self.multi],
+            args=(address, settings.image, settings.spin, str(self.multi.instance_id)),
             memory_size=CHILD_MEMORY,
             policy=CHILD_POLICY,
         )
@@ -287,7 +318,9 @@ class StackRunner:
         """The VSP side's doorbells and packets toward the child (its
         stats, read from the worker process), and the worker's CPU time:
         its whole process, every thread (I/O pool, channel threads) included."""
-        storvsp, echo = self.child.device_stats()
+        storvsp, echo, multi = self.child.device_stats()
+        if name != ROUND_TRIP and BY_NAME[name].channels > 1:
+            storvsp = multi
         if name == ROUND_TRIP:
             signals, packets = echo.get("signals_sent"), sum(echo.get("packets", [0]))
         else:
@@ -420,8 +453,10 @@ def jobs(
         return lambda seed: fio(path, w, image, s, engine)
 
     found = [((ROUND_TRIP, ECHO), on_stack(ROUND_TRIP))]
-    for w in WORKLOADS + DIRECT_WORKLOADS:
+    for w in ALL_WORKLOADS:
         found.append(((w.name, STACK), on_stack(w.name)))
+        if w.channels > 1:
+            continue  # compared with the one-channel rows' baselines
         if w.depth == 1 and not w.direct:
             found.append(((w.name, PYTHON), loop(w)))
         if have_fio and w.depth == 1:
@@ -455,7 +490,7 @@ def measure(settings: Settings, workdir: str) -> tuple[Results, bool]:
 
 def baseline(workload: str, method: str) -> Key:
     """What a row is compared with: the same operation, one request at a time."""
-    return re.sub(r"QD\d+", "QD1", workload), method
+    return re.sub(r"QD\d+", "QD1", re.sub(r", \d+ channels$", "", workload)), method
 
 
 def ratio(results: Results, key: Key, base: Key, inverse: bool = False) -> float | None:
@@ -584,6 +619,14 @@ def target_lines(results: Results) -> list[str]:
         engine = URING if w.depth == QUEUE_DEPTH else FIO
         value = ratio(results, (w.name, STACK), (w.name, engine))
         lines.append(f"- {w.name}: {fmt(value, 3)}× {engine} --direct=1")
+    lines.append(
+        f"Sub-channels ({SUB_CHANNELS}, each on a thread of its own), against the one-channel row:"
+    )
+    for w in MULTI_WORKLOADS:
+        single = re.sub(r", \d+ channels$", "", w.name)
+        value = ratio(results, (w.name, STACK), (single, STACK))
+        versus_fio = ratio(results, (w.name, STACK), baseline(w.name, FIO))
+        lines.append(f"- {w.name}: {fmt(value, 3)}× one channel, {fmt(versus_fio, 3)}× fio psync")
     return lines
 
 

@@ -26,6 +26,7 @@ from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from libc.errno cimport EINTR, errno
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.types cimport off_t
 from posix.uio cimport iovec, preadv, pwritev
 from posix.unistd cimport fdatasync
@@ -67,6 +68,25 @@ DEF CONTROL_BAD = 0x05       # NACA | LINK in the CONTROL byte
 # Outcomes of serving one packet.
 DEF SERVED = 1
 DEF DECLINED = 0
+
+cdef extern from *:
+    """
+    static inline void storvsp_cpu_relax(void) {
+    #if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+    #elif defined(__aarch64__)
+        __asm__ __volatile__("yield");
+    #endif
+    }
+    """
+    void storvsp_cpu_relax() nogil
+
+
+cdef inline double monotonic() noexcept nogil:
+    cdef timespec now
+    clock_gettime(CLOCK_MONOTONIC, &now)
+    return now.tv_sec + now.tv_nsec * 1e-9
+
 
 if _PAGE_SIZE != PAGE:
     raise ImportError(f"vsp.storage._fast assumes {PAGE}-byte pages, not {_PAGE_SIZE}")
@@ -201,6 +221,23 @@ cdef class FastPath:
             if self.reader.commit():
                 self.notify_peer.set()
         return count
+
+    def poll(self, double seconds):
+        """Spin up to `seconds`, without the GIL, until the guest has written
+        a packet: True once one is there (or the ring's write index is bad,
+        which the drain then reports), False if none came."""
+        cdef double end
+        cdef bint found = False
+        with nogil:
+            end = monotonic() + seconds
+            while True:
+                if self.reader.refresh_write() != READY or self.reader.available():
+                    found = True
+                    break
+                if monotonic() >= end:
+                    break
+                storvsp_cpu_relax()
+        return found
 
     cdef bint configure(self, vsp) except -1:
         """The protocol's negotiated state and the disks this path may serve,

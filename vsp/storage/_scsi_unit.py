@@ -8,6 +8,7 @@ Private to vsp.storage.scsi, which documents the behaviour.
 from __future__ import annotations
 
 import errno
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -124,6 +125,32 @@ class LogicalUnit:
     def __init__(self) -> None:
         self.unit_attention: Sense | None = None
         self.check_conditions = 0
+        # Several threads run commands on one unit (a controller's channels
+        # on threads of their own, the I/O pool): the unit attention is
+        # taken by exactly one command, and no CHECK CONDITION goes uncounted.
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_lock"]  # a lock does not pickle: the worker's copy makes its own
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def raise_unit_attention(self, sense: Sense) -> None:
+        """The next command that is not exempt reports `sense` (once)."""
+        with self._lock:
+            self.unit_attention = sense
+
+    def take_unit_attention(self) -> Sense | None:
+        """The pending unit attention, cleared; None if there is none."""
+        if self.unit_attention is None:  # the steady state: no lock
+            return None
+        with self._lock:
+            sense, self.unit_attention = self.unit_attention, None
+        return sense
 
     def execute(
         self,
@@ -135,9 +162,10 @@ class LogicalUnit:
         cdb = bytes(cdb)
         code = w.opcode(cdb[0]) if cdb else -1
         try:
-            if self.unit_attention and code not in _UNIT_ATTENTION_EXEMPT:
-                sense, self.unit_attention = self.unit_attention, None
-                raise Check(sense)
+            if code not in _UNIT_ATTENTION_EXEMPT:
+                sense = self.take_unit_attention()
+                if sense is not None:
+                    raise Check(sense)
             if not isinstance(code, Opcode) or code not in self.COMMANDS:
                 raise Check(self.UNSUPPORTED)
             layout, handler = self.COMMANDS[code]
@@ -145,7 +173,8 @@ class LogicalUnit:
             invalid_if(cdb[layout.SIZE - 1] & (w.CONTROL_NACA | w.CONTROL_LINK))
             return handler(self, layout.unpack_from(cdb), Buffer(data, direction))
         except Check as check:
-            self.check_conditions += 1
+            with self._lock:
+                self.check_conditions += 1
             return ScsiResult(w.CHECK_CONDITION, check.sense.fixed())
 
     def lun_list(self) -> list[int]:
@@ -156,7 +185,7 @@ class LogicalUnit:
 
     def _request_sense(self, cdb: w.RequestSenseCdb, buf: Buffer) -> ScsiResult:
         invalid_if(cdb.flags & w.REQUEST_SENSE_DESC)  # descriptor format unsupported
-        sense, self.unit_attention = self.unit_attention or self.IDLE_SENSE, None
+        sense = self.take_unit_attention() or self.IDLE_SENSE
         return buf.fill(sense.fixed(), cdb.allocation_length)
 
     def _report_luns(self, cdb: w.ReportLunsCdb, buf: Buffer) -> ScsiResult:

@@ -31,6 +31,22 @@ the worker through the pool's eventfd and are written there, in the order
 they finish (VSTOR completions carry the request's transaction id; Linux's
 storvsc matches them by it). The reply reserve covers every request in
 flight, so each completion still fits when it comes.
+
+Sub-channels are served by threads of their own (`ChannelHandler.own_thread`;
+`StorVsp(channel_threads=False)` keeps them on the worker's loop), so the
+compiled paths of several channels move data at once; the primary stays on
+the worker's loop, which alone offers channels (CREATE_SUB_CHANNELS comes
+there). What the channels share is guarded: the protocol's state and
+counters by the controller's lock, a disk's unit attention and counters by
+its own (vsp.storage._scsi_unit); backends move data with positioned,
+thread-safe system calls. A channel on its own thread has its pool's
+completions wake its own doorbell, and takes them on its thread.
+
+Poll mode: after a wake-up that served requests, a channel spins on its
+ring without the GIL (FastPath.poll, the ring masked so the guest rings no
+doorbell) for the next request, and rings its own doorbell when one comes,
+so the worker serves it at once instead of sleeping into a cross-core
+wake-up; spins that keep finding nothing back off.
 """
 
 from __future__ import annotations
@@ -38,6 +54,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
 import uuid
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -46,7 +63,7 @@ from typing import Any
 
 from vmbus import guid
 from vmbus._ringpacket import Packet
-from vmbus.channel import PAUSED, Channel
+from vmbus.channel import DEFAULT_SPIN_SECONDS, PAUSED, Channel
 from vmbus.device import BadGpaRanges, ChannelHandler, OpenContext, Vsp
 from vmbus.errors import UsageError
 from vmbus.host import OfferSpec
@@ -63,7 +80,7 @@ try:
 except ImportError:  # not built: every packet takes the Python path
     FastPath = None  # type: ignore[assignment,misc]
 
-__all__ = ["DEFAULT_MAX_TRANSFER", "StorVsp", "StorvspChannel"]
+__all__ = ["DEFAULT_MAX_TRANSFER", "StorVsp", "StorvspChannel", "StorvspSubChannel"]
 
 DEFAULT_MAX_TRANSFER = MAX_TRANSFER_BYTES
 # (path_id, target_id) of the one SCSI target a controller presents.
@@ -82,6 +99,9 @@ _OVERLAPPED = frozenset(
     + (Opcode.WRITE_6, Opcode.WRITE_10, Opcode.WRITE_12, Opcode.WRITE_16)
 )
 MAX_IN_FLIGHT = 64  # requests of one channel in the I/O pool at once
+POLL_SECONDS = DEFAULT_SPIN_SECONDS  # a channel's GIL-free spin for its next request
+POLL_MISSES = 4  # spins in a row that found nothing before poll mode backs off
+POLL_PROBE = 32  # then spin after one wake-up in this many
 
 log = logging.getLogger(__name__)
 
@@ -107,12 +127,15 @@ class StorVsp(Vsp):
         channels: int = 1,
         serial: str = "vmbus",
         fast_path: bool | None = None,
+        channel_threads: bool = True,
     ) -> None:
         by_lun = dict(disks) if isinstance(disks, Mapping) else dict(enumerate(disks))
         self.instance_id = instance_id or uuid.uuid4()
         self.max_transfer_bytes = max_transfer_bytes
         self.channels = channels
         self.fast_path = fast_path_default() if fast_path is None else fast_path
+        self.channel_threads = channel_threads  # sub-channels on threads of their own
+        self.lock = threading.Lock()  # the protocol, which every channel's requests go through
         self.protocol = self._new_protocol()  # checks the configuration first
         limits = replace(LIMITS, max_transfer_bytes=max_transfer_bytes)
         self.target = ScsiTarget(
@@ -134,7 +157,13 @@ class StorVsp(Vsp):
         their descriptors), the counters so far; never a channel."""
         if self.handlers:
             raise UsageError("a StorVsp with open channels cannot be handed to a worker")
-        return self.__dict__.copy()
+        state = self.__dict__.copy()
+        del state["lock"]  # a lock does not pickle: the worker's copy makes its own
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self.lock = threading.Lock()
 
     def stats(self) -> dict[str, Any]:
         """Requests served (all, by the compiled path, overlapped in the I/O
@@ -171,9 +200,12 @@ class StorVsp(Vsp):
 
     def open(self, channel: Channel, context: OpenContext) -> StorvspChannel:
         if context.offer.sub_channel_index == 0:  # a (re)opened primary starts over
-            self._retired_errors += sum(self.protocol.errors.values())
-            self.protocol = self._new_protocol()
-        handler = StorvspChannel(self, channel, context)
+            with self.lock:
+                self._retired_errors += sum(self.protocol.errors.values())
+                self.protocol = self._new_protocol()
+        threaded = context.offer.sub_channel_index and self.channel_threads
+        kind = StorvspSubChannel if threaded else StorvspChannel
+        handler = kind(self, channel, context)
         self.handlers.append(handler)
         return handler
 
@@ -214,7 +246,13 @@ class StorvspChannel(ChannelHandler):
         self.bad_ranges = 0
         self.fast = self._fast_path() if vsp.fast_path else None
         self.pool: IoPool | None = None  # started by the first overlapped request
+        self.pool_watched = False  # its completions come through the worker's loop
         self.overlap = True  # False once the context turned out to have no worker
+        self.primary = context.offer.sub_channel_index == 0
+        self._loop_thread = threading.get_ident()  # the worker's loop opens channels
+        self._served_before = 0  # requests, at the last poll-mode decision
+        self._poll_misses = 0
+        self._polls = 0
 
     def _fast_path(self) -> FastPath | None:
         """The compiled path, when the channel runs on the Cython ring."""
@@ -259,7 +297,9 @@ class StorvspChannel(ChannelHandler):
                 ranges = self.context.gpa_ranges(packet.header)  # counted and logged there
             except BadGpaRanges:
                 self.bad_ranges += 1  # no buffer: an SRB with data fails as INVALID_REQUEST
-        event = self.vsp.protocol.receive(packet.payload, ranges)
+        with self.vsp.lock:
+            protocol = self.vsp.protocol
+            event = protocol.receive(packet.payload, ranges, primary=self.primary)
         if isinstance(event, vstor.ExecuteSrb):
             if self._overlap(packet.trans_id, event):
                 return  # answered by _complete
@@ -312,9 +352,15 @@ class StorvspChannel(ChannelHandler):
 
     def _start_pool(self) -> bool:
         """The I/O pool, its eventfd watched by the worker; False (and every
-        request inline from then on) where the context has no worker to watch."""
+        request inline from then on) where the context has no worker to watch.
+        On a thread of our own, the pool rings the channel's doorbell instead,
+        and on_signal takes its completions here (the worker's loop must not
+        write this channel's ring)."""
         if not self.overlap:
             return False
+        if self._on_own_thread():
+            self.pool = IoPool(notify=self.channel.wake_me.fileno())
+            return True
         pool = IoPool()
         try:
             self.context.watch(pool.fd, self._complete)
@@ -323,7 +369,36 @@ class StorvspChannel(ChannelHandler):
             self.overlap = False
             return False
         self.pool = pool
+        self.pool_watched = True
         return True
+
+    def _on_own_thread(self) -> bool:
+        return threading.get_ident() != self._loop_thread
+
+    def on_signal(self) -> None:
+        super().on_signal()
+        if self.pool is not None and not self.pool_watched:
+            self._complete()
+        self._poll_mode()
+
+    def _poll_mode(self) -> None:
+        """After a wake-up that served requests: spin, without the GIL and
+        with the ring masked, for the next one; ring our own doorbell when
+        it comes, so the worker (or our thread) serves it at once."""
+        served, self._served_before = self.requests - self._served_before, self.requests
+        if not served or self.fast is None or (self.pool is not None and self.pool.in_flight):
+            return
+        self._polls += 1
+        if self._poll_misses >= POLL_MISSES and self._polls % POLL_PROBE:
+            return
+        reader = self.channel.reader
+        reader.begin_drain()
+        found = self.fast.poll(POLL_SECONDS)
+        if reader.end_drain() or found:  # unmasked again either way
+            self._poll_misses = 0
+            self.channel.wake_me.set()
+        else:
+            self._poll_misses += 1
 
     def _complete(self) -> None:
         """The pool's eventfd is readable: write the completions that came."""
@@ -357,8 +432,15 @@ class StorvspChannel(ChannelHandler):
     def close(self) -> None:
         self.fast = None  # it holds the rings, which the worker unmaps next
         if self.pool is not None:  # running I/O finishes, nothing is answered after
-            self.context.unwatch(self.pool.fd)
+            if self.pool_watched:
+                self.context.unwatch(self.pool.fd)
             self.pool.close()
             self.pool = None
         super().close()
         self.vsp.closed(self)
+
+
+class StorvspSubChannel(StorvspChannel):
+    """A sub-channel, served by a thread of its own (see the module doc)."""
+
+    own_thread = True

@@ -35,12 +35,18 @@ _STOP = None  # a thread's signal to exit
 class IoPool:
     """Threads that run `work()` callables and report their completions."""
 
-    def __init__(self, threads: int = DEFAULT_THREADS, name: str = "storvsp-io") -> None:
+    def __init__(
+        self, threads: int = DEFAULT_THREADS, name: str = "storvsp-io", notify: int | None = None
+    ) -> None:
         if threads < 1:
             raise UsageError(f"an I/O pool needs a thread, not {threads}")
         self.threads = threads
         self.name = name
-        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        # `notify`: an eventfd of the caller's to write instead of our own (a
+        # channel's doorbell, which its thread waits on); it stays the
+        # caller's to read and close.
+        self._own_fd = notify is None
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) if notify is None else notify
         self.in_flight = 0  # submitted, not yet taken by completions(): the worker's count
         self._work: queue.SimpleQueue[tuple[Any, Callable[[], Any]] | None] = queue.SimpleQueue()
         self._done: collections.deque[tuple[Any, Any, BaseException | None]] = collections.deque()
@@ -65,8 +71,9 @@ class IoPool:
     def completions(self) -> list[tuple[Any, Any, BaseException | None]]:
         """The completions so far, as (tag, result, error): in the order they
         finished, not the order submitted."""
-        with contextlib.suppress(BlockingIOError):  # a wake-up with nothing new
-            os.eventfd_read(self.fd)
+        if self._own_fd:
+            with contextlib.suppress(BlockingIOError):  # a wake-up with nothing new
+                os.eventfd_read(self.fd)
         done = []
         while self._done:
             done.append(self._done.popleft())
@@ -108,5 +115,6 @@ class IoPool:
         self._workers.clear()
         self._done.clear()
         self.in_flight = 0
-        os.close(self.fd)
+        if self._own_fd:
+            os.close(self.fd)
         self.fd = -1

@@ -122,7 +122,7 @@ class ScsiDisk(LogicalUnit):
 
     def notify_capacity_changed(self) -> None:
         """The backend was resized: report it once, on the next command."""
-        self.unit_attention = w.CAPACITY_DATA_HAS_CHANGED
+        self.raise_unit_attention(w.CAPACITY_DATA_HAS_CHANGED)
 
     @property
     def thin(self) -> bool:

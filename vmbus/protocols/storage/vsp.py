@@ -196,10 +196,16 @@ class StorvspProtocol:
         return self.max_channel_count - 1
 
     def receive(
-        self, payload: bytes | bytearray | memoryview, ranges: Sequence[GpaRange] = ()
+        self,
+        payload: bytes | bytearray | memoryview,
+        ranges: Sequence[GpaRange] = (),
+        *,
+        primary: bool = True,
     ) -> Event:
         """The one answer to one packet from the guest. `ranges` are the GPA
-        ranges of a GPA-direct packet, already checked against guest memory."""
+        ranges of a GPA-direct packet, already checked against guest memory;
+        `primary`: it came on the primary channel (sub-channels are asked
+        for there only)."""
         view = memoryview(payload).cast("B")
         if self.version is None:  # answer in the size we were asked in
             size = minimum = PRE_WIN8_VSTOR_PACKET_SIZE
@@ -222,13 +228,13 @@ class StorvspProtocol:
             reason = f"{Operation(op).name} while {self.state.value}"
             status = STATUS_INVALID_DEVICE_STATE
             return self._refuse(op, private, size, status, "out_of_order", reason)
-        event, advance = self._handle(Operation(op), private, size, ranges)
+        event, advance = self._handle(Operation(op), private, size, ranges, primary)
         if advance:
             self.state = after
         return event
 
     def _handle(
-        self, op: Operation, private: bytes, size: int, ranges: Sequence[GpaRange]
+        self, op: Operation, private: bytes, size: int, ranges: Sequence[GpaRange], primary: bool
     ) -> tuple[Event, bool]:
         body = private[VSTOR_HEADER_SIZE:]
         if op == Operation.EXECUTE_SRB:
@@ -247,7 +253,7 @@ class StorvspProtocol:
             )
             return Reply(_completion(STATUS_SUCCESS, properties.pack(), size)), True
         elif op == Operation.CREATE_SUB_CHANNELS:
-            return self._create_sub_channels(private, size)
+            return self._create_sub_channels(private, size, primary)
         # BEGIN/END_INITIALIZATION, and resets: outstanding SRBs complete on their own.
         return Reply(_completion(STATUS_SUCCESS, body, size)), True
 
@@ -302,10 +308,12 @@ class StorvspProtocol:
             return f"transfer of {length} bytes into a {buffer}-byte buffer"
         return None
 
-    def _create_sub_channels(self, private: bytes, size: int) -> tuple[Event, bool]:
+    def _create_sub_channels(self, private: bytes, size: int, primary: bool) -> tuple[Event, bool]:
         count = SubChannelCount.unpack_from(private, VSTOR_HEADER_SIZE).sub_channel_count
         limit = self.max_sub_channels
-        if not limit:
+        if not primary:
+            status, reason = STATUS_INVALID_DEVICE_STATE, "asked for on a sub-channel"
+        elif not limit:
             status, reason = STATUS_NOT_SUPPORTED, "sub-channels are not offered"
         elif self.sub_channels:
             status, reason = STATUS_INVALID_DEVICE_STATE, "sub-channels were already created"
