@@ -14,6 +14,7 @@ import socket
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -66,6 +67,8 @@ class Side:
     backend: TapBackend
     wire: socket.socket
     send_pfn: int
+    recv_at: int = 0
+    recv_pages: int = 0
 
     @property
     def guest(self) -> Channel:
@@ -97,14 +100,16 @@ class Side:
 
 
 @contextlib.contextmanager
-def side(fast: bool, link_up: bool = True) -> Iterator[Side]:
+def side(
+    fast: bool, link_up: bool = True, recv_pages: int = 64, ring_size: int = 256 << 10
+) -> Iterator[Side]:
     backend, wire = seqpacket_tap()
     vsp = NetVsp(backend, mac=MAC, fast_path=fast)
-    harness = VspHarness(vsp, memory_size=1 << 20, ring_size=256 << 10)
+    harness = VspHarness(vsp, memory_size=1 << 20, ring_size=ring_size)
     try:
-        recv = harness.grant(64)
+        recv = harness.grant(recv_pages)
         send = harness.grant(SECTIONS * SECTION // PAGE_SIZE)
-        s = Side(harness, backend, wire, send.pfns[0])
+        s = Side(harness, backend, wire, send.pfns[0], recv.pfns[0] * PAGE_SIZE, recv_pages)
         assert (s.handler.fast is not None) == fast
         init = nvsp.NvspInit(min_protocol_ver=0x60001, max_protocol_ver=0x60001)
         for message in (
@@ -257,3 +262,104 @@ def requests(draw: st.DrawFn) -> list[Request]:
 @given(requests())
 def test_fast_path_agrees_with_the_python_path(stream: list[Request]) -> None:
     differential(stream)
+
+
+# --- backend -> guest ---
+
+OTHER = bytes.fromhex("020000000f02")
+MULTICAST = bytes.fromhex("01005e000001")
+
+
+def inbound(dst: bytes, size: int, seed: int) -> bytes:
+    return (dst + OTHER + b"\x88\xb5" + bytes((seed + i) & 0xFF for i in range(size)))[:size]
+
+
+# A step: ("frames", [(destination, size)]) from the backend, or ("complete", n) by the guest.
+Step = tuple[str, Any]
+
+
+def delivered(s: Side, steps: list[Step]) -> list[Any]:
+    log: list[Any] = []
+    outstanding: list[int] = []
+    for seed, (kind, value) in enumerate(steps):
+        if kind == "frames":
+            for dst, size in value:
+                s.wire.send(inbound(dst, size, seed))
+        else:
+            done = nvsp.SendRndisPacketComplete(status=nvsp.NvspStatus.SUCCESS).pack()
+            for trans_id in outstanding[:value]:
+                s.guest.send(done, type=PacketType.COMP, trans_id=trans_id)
+            del outstanding[:value]
+        s.harness.pump()
+        while (packet := s.guest.poll()) is not None:
+            header = bytes(packet.header)
+            messages = []
+            count = struct.unpack_from("<I", header, 4)[0]
+            for i in range(count):
+                length, offset = struct.unpack_from("<II", header, 8 + 8 * i)
+                messages.append(bytes(s.harness.memory.view(s.recv_at + offset, length)))
+            log.append(
+                (
+                    packet.type,
+                    packet.flags,
+                    packet.trans_id,
+                    bytes(packet.payload),
+                    header,
+                    messages,
+                )
+            )
+            outstanding.append(packet.trans_id)
+    log.append(s.harness.vsp.stats())
+    log[-1].pop("signals_to_guest")
+    log.append((s.handler.rndis.rcv_ok, s.handler.undelivered, len(s.handler.to_guest)))
+    return log
+
+
+def receive_differential(
+    steps: list[Step], recv_pages: int, ring_size: int, packet_filter: int
+) -> int:
+    logs = []
+    with (
+        side(True, recv_pages=recv_pages, ring_size=ring_size) as fast,
+        side(False, recv_pages=recv_pages, ring_size=ring_size) as slow,
+    ):
+        for s in (fast, slow):
+            s.handler.rndis._packet_filter = packet_filter
+            logs.append(delivered(s, steps))
+        assert logs[0] == logs[1]
+        assert fast.handler.fast is not None
+        return fast.handler.fast.delivered
+
+
+def test_frames_from_the_backend_are_delivered_by_the_fast_path() -> None:
+    steps: list[Step] = [
+        ("frames", [(MAC, 60), (b"\xff" * 6, 1514), (OTHER, 100), (MULTICAST, 64)])
+    ]
+    steps += [("complete", 8), ("frames", [(MAC, 1518)] * 40), ("complete", 40)]
+    assert receive_differential(steps, 64, 256 << 10, 0x0D) == 43
+
+
+@st.composite
+def receive_steps(draw: st.DrawFn) -> list[Step]:
+    steps: list[Step] = []
+    for _ in range(draw(st.integers(1, 10))):
+        if draw(st.booleans()):
+            dst = st.sampled_from([MAC, MAC, OTHER, MULTICAST, b"\xff" * 6])
+            size = st.sampled_from([0, 13, 14, 60, 1514, 1518, 1600])
+            steps.append(("frames", draw(st.lists(st.tuples(dst, size), max_size=80))))
+        else:
+            steps.append(("complete", draw(st.integers(0, 20))))
+    return steps
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    receive_steps(),
+    st.sampled_from([2, 8, 64]),
+    st.sampled_from([8 << 10, 256 << 10]),
+    st.sampled_from([0, 0x01, 0x0D, 0x20]),
+)
+def test_delivery_agrees_with_the_python_path(
+    steps: list[Step], recv_pages: int, ring_size: int, packet_filter: int
+) -> None:
+    receive_differential(steps, recv_pages, ring_size, packet_filter)

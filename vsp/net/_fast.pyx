@@ -59,7 +59,8 @@ DEF COMPLETION = 0xB
 DEF COMPLETION_REQUESTED = 0x1
 DEF BATCH_LIMIT = 1024       # packets per call: bounds one call's latency
 DEF STAGE_FRAMES = 64        # frames read from the backend per call (RECEIVE_BATCH)
-DEF STAGE_MAX = 65536 + 18   # the largest frame a TAP read holds (backends.MAX_MTU + 18)
+DEF STAGE_SLOT = 1536        # a staged frame: max_frame(1500) = 1518 fits; larger MTUs decline
+DEF XFER_PAGESET = 0xCAFE    # wire.RECEIVE_BUFFER_ID
 DEF DELIVERY = 16            # device.DELIVERY_BATCH ranges per transfer-page packet
 DEF PROMISCUOUS = 0x20
 DEF BROADCAST = 0x08
@@ -77,6 +78,7 @@ for _name, _ours, _theirs in (
     ("NVSP_MIN_MESSAGE_SIZE", NVSP_MIN, _nvsp.NVSP_MIN_MESSAGE_SIZE),
     ("NVSP_MESSAGE_SIZE", NVSP_SIZE, _nvsp.NVSP_MESSAGE_SIZE),
     ("SEND_RNDIS_PKT", SEND_RNDIS_PKT, _nvsp.NvspMessageType.SEND_RNDIS_PKT),
+    ("RECEIVE_BUFFER_ID", XFER_PAGESET, _nvsp.RECEIVE_BUFFER_ID),
 ):
     if _ours != _theirs:
         raise ImportError(f"vsp.net._fast: {_name} is {_theirs}, built for {_ours}")
@@ -144,11 +146,13 @@ cdef class FastPath:
     cdef uint64_t frames, nbytes, written, drops, refused, replies
     cdef int error
     # Receive side:
-    cdef uint8_t stage[STAGE_FRAMES * 1536]
+    cdef uint8_t stage[STAGE_FRAMES * STAGE_SLOT]
     cdef uint32_t stage_len[STAGE_FRAMES]
-    cdef uint32_t stage_at[STAGE_FRAMES]
+    cdef uint32_t accepted[STAGE_FRAMES]   # indices into the stage, in order
     cdef uint8_t mac[6]
     cdef uint32_t packet_filter
+    cdef uint8_t xfer_payload[NVSP_SIZE]
+    cdef uint8_t xfer_header[8 + 8 * DELIVERY]
     cdef public unsigned long long served    # SEND_RNDIS_PKTs completed here, ever
     cdef public unsigned long long declined  # calls that stopped at a packet for Python
     cdef public unsigned long long delivered  # frames given to the guest here, ever
@@ -164,6 +168,8 @@ cdef class FastPath:
         fail = _nvsp.encode(_nvsp.SendRndisPacketComplete(status=_nvsp.NvspStatus.FAIL))
         memcpy(self.reply_ok, <const char *>ok, NVSP_SIZE)
         memcpy(self.reply_fail, <const char *>fail, NVSP_SIZE)
+        xfer = _nvsp.send_rndis_packet(_nvsp.RndisChannel.DATA)
+        memcpy(self.xfer_payload, <const char *>xfer, NVSP_SIZE)
 
     # --- guest -> backend ---------------------------------------------------------
 
@@ -355,3 +361,126 @@ cdef class FastPath:
             return FAILED  # cannot happen past the reserve
         self.replies += 1
         return outcome
+
+    # --- backend -> guest ---------------------------------------------------------
+
+    def deliver(self, handler, int limit):
+        """NetvspChannel._from_backend and _deliver for up to `limit` frames
+        (the free sections not spoken for): read from the backend's frame
+        descriptor, filtered, framed into receive sections and announced,
+        one commit. Returns the accepted frames it could not announce (no
+        ring room: the Python path queues and sends them), or None when it
+        declined before reading anything."""
+        sections = handler.receive_sections
+        mapped = handler.buffers.get(_nvsp.BufferKind.RECEIVE)
+        backend = handler.backend
+        cdef int fd = backend.fast_fd()
+        if fd < 0 or sections is None or mapped is None or handler.to_guest or limit <= 0:
+            return None
+        cdef uint32_t max_frame = _max_frame(backend.mtu)
+        if max_frame > STAGE_SLOT or sections.section_size < PACKET_HEADER + max_frame:
+            return None
+        rndis = handler.rndis
+        self.packet_filter = rndis.packet_filter if rndis.initialized else 0
+        mac = rndis.mac
+        memcpy(self.mac, <const char *>mac, 6)
+        cdef uint32_t got = 0, kept = 0, i, count, k, at, length, wrote = 0
+        cdef uint64_t nbytes = 0
+        cdef int error = 0
+        cdef ssize_t done
+        cdef int wanted = limit if limit < STAGE_FRAMES else STAGE_FRAMES
+        with nogil:
+            while got < <uint32_t>wanted:
+                done = read(fd, self.stage + got * STAGE_SLOT, max_frame)
+                if done < 0:
+                    if errno == EINTR:
+                        continue
+                    if errno != EAGAIN:
+                        error = errno
+                    break
+                self.stage_len[got] = <uint32_t>done
+                if self.accepts(self.stage + got * STAGE_SLOT, <uint32_t>done):
+                    self.accepted[kept] = got
+                    kept += 1
+                    nbytes += <uint32_t>done
+                got += 1
+        backend.frames_in += got
+        rndis.rcv_ok += kept
+        handler.counters.frames_to_guest += kept
+        handler.counters.bytes_to_guest += nbytes
+        cdef Py_buffer view
+        cdef uint8_t *base
+        cdef uint32_t section_size = sections.section_size
+        cdef uint32_t need
+        left = []
+        PyObject_GetBuffer(mapped.view, &view, PyBUF_WRITABLE)
+        try:
+            base = <uint8_t *>view.buf
+            i = 0
+            while i < kept:
+                count = kept - i if kept - i < DELIVERY else DELIVERY
+                # packet_space(payload, header) and the reply reserve, as _deliver asks.
+                need = ((16 + 8 + 8 * count + NVSP_SIZE + 7) & ~7u) + 8 + self.reserve
+                if self.writer.free_from(self.writer.seen_read) <= need:
+                    if self.writer.refresh_read() != READY:
+                        break
+                    if self.writer.free_from(self.writer.seen_read) <= need:
+                        break  # the rest goes through the Python path, which asks for room
+                trans_id = next(handler.ids)
+                taken = sections.alloc(trans_id, count)
+                put32(self.xfer_header, XFER_PAGESET)  # pageset id, sender_owns_set 0
+                put32(self.xfer_header + 4, count)
+                for k in range(count):
+                    at = <uint32_t>taken[k] * section_size
+                    if <uint64_t>at + section_size > <uint64_t>view.len:
+                        raise RuntimeError("netvsp: a receive section outside the buffer")
+                    length = self.stage_len[self.accepted[i + k]]
+                    self.frame_message(base + at, self.stage + self.accepted[i + k] * STAGE_SLOT,
+                                       length)
+                    put32(self.xfer_header + 8 + 8 * k, PACKET_HEADER + length)
+                    put32(self.xfer_header + 12 + 8 * k, at)
+                if self.writer.put(self.xfer_payload, NVSP_SIZE, XFER_PAGES, COMPLETION_REQUESTED,
+                                   trans_id, self.xfer_header, 8 + 8 * count) != READY:
+                    sections.free(trans_id)
+                    break
+                wrote += 1
+                self.delivered += count
+                i += count
+            while i < kept:
+                k = self.accepted[i]
+                left.append(PyBytes_FromStringAndSize(
+                    <const char *>self.stage + k * STAGE_SLOT, self.stage_len[k]))
+                i += 1
+        finally:
+            PyBuffer_Release(&view)
+        if wrote:
+            self.channel.packets_sent += wrote
+            if self.writer.commit():
+                self.notify_peer.set()
+        if error:
+            raise OSError(error, "netvsp: a frame read failed")
+        return left
+
+    cdef bint accepts(self, const uint8_t *frame, uint32_t length) noexcept nogil:
+        """RndisDevice.accepts."""
+        cdef uint32_t wanted = self.packet_filter
+        if not wanted or length < 14:
+            return False
+        if wanted & PROMISCUOUS:
+            return True
+        if frame[0] == 0xFF and frame[1] == 0xFF and frame[2] == 0xFF and frame[3] == 0xFF \
+                and frame[4] == 0xFF and frame[5] == 0xFF:
+            return (wanted & BROADCAST) != 0
+        if frame[0] & 1:
+            return (wanted & MULTICASTS) != 0
+        return (wanted & DIRECTED) != 0 and memcmp(frame, self.mac, 6) == 0
+
+    cdef void frame_message(self, uint8_t *at, const uint8_t *frame, uint32_t length) noexcept nogil:
+        """rndis_wire.encode_packet(frame): the header, then the frame."""
+        memset(at, 0, PACKET_HEADER)
+        put32(at, RNDIS_PACKET)
+        put32(at + 4, PACKET_HEADER + length)
+        put32(at + 8, PACKET_HEADER - RNDIS_HEADER)
+        put32(at + 12, length)
+        put32(at + 28, PACKET_HEADER - RNDIS_HEADER)
+        memcpy(at + PACKET_HEADER, frame, length)
