@@ -196,7 +196,8 @@ def test_batched_frames_arrive_in_order(tmp_path: Path) -> None:
         )
         assert wait_until(lambda: (tmp_path / "ready").exists(), 30)
         a_vsp = NetVsp(switch.port(MAC_A), mac=MAC_A)
-        a = host.start(batch_sender, devices=[a_vsp], args=(200,))
+        # The sender's worker is a thread of ours, so its handler can be inspected.
+        a = host.start(batch_sender, devices=[a_vsp], args=(200,), worker="thread")
         assert a.wait(timeout=60) == 0 and b.wait(timeout=60) == 0
         got = json.loads((tmp_path / "got.json").read_text())
         assert got == [f"{i:06d}" for i in range(200)]
