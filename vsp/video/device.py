@@ -5,6 +5,9 @@ which the PNG snapshot and the VNC server show."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import time
 import uuid
 from collections import Counter
 from collections.abc import Sequence
@@ -25,6 +28,9 @@ from vsp.video.screen import CONTROL_FLUSH, CONTROL_SIZE, Rect, Screen
 
 DEFAULT_VRAM_MB = 8  # what Hyper-V offers a WIN8+ guest
 DEFAULT_MODE = (1024, 768)
+# The Screen is refreshed from VRAM at most this often: more than a viewer
+# shows, far fewer than a guest can send DIRTs (~4,000 full frames/s here).
+MAX_COPIES_PER_SECOND = 500.0
 
 
 class VideoHandler(ChannelHandler):
@@ -46,16 +52,26 @@ class VideoHandler(ChannelHandler):
         self.dirt_requested = False
         self.size_requests: list[tuple[int, int]] = []  # viewers' sizes, newest last
         self.cursor_shapes = 0
+        self.throttled = 0  # drains whose copy waited for min_copy_interval
         # The parent's requests (FLUSH after a read that made us wait, a
         # viewer's size) come through the Screen's socket pair.
+        # Copies are at most `min_copy_interval` apart while the guest
+        # streams (nothing reads faster; the copies would only eat memory
+        # bandwidth); what a burst leaves pending is copied once the worker
+        # is idle again, woken by `later` (an eventfd it watches).
+        self.min_copy_interval = vsp.min_copy_interval
+        self.last_copy = 0.0
+        self.later = -1
         self.watching = False
         try:
             context.watch(self.screen.control_fd, self._on_control)
-        except UsageError:  # no worker loop (a bare harness): never defer
+        except UsageError:  # no worker loop (a bare harness): never defer, never wait
             pass
         else:
             self.watching = True
             self.screen.deferrable = True
+            self.later = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            context.watch(self.later, self._on_later)
 
     def _vram_ok(self, gpa: int, size: int) -> bool:
         """VRAM must be guest memory the guest granted us through one GPADL."""
@@ -124,11 +140,26 @@ class VideoHandler(ChannelHandler):
             elif kind == CONTROL_SIZE:
                 self.size_requests = [*self.size_requests[-7:], (a, b)]
 
-    def _flush(self) -> None:
+    def _on_later(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self.later)
+        self._flush(now=True)
+
+    def _flush(self, now: bool = False) -> None:
         """Show what is pending, unless the Screen defers it (the parent is
-        reading): then it stays pending until the parent's FLUSH."""
-        if self.pending != [] and self._show(self.pending):
+        reading: it stays pending until the parent's FLUSH) or the last copy
+        was too recent (until the next drain, or `later`)."""
+        if self.pending == []:
+            return
+        clock = time.monotonic()
+        if not now and self.later >= 0 and clock - self.last_copy < self.min_copy_interval:
+            self.throttled += 1
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_write(self.later, 1)
+            return
+        if self._show(self.pending):
             self.pending = []
+            self.last_copy = clock
 
     def _show(self, rects: list[Rect] | None) -> bool:
         mode = self.server.mode
@@ -149,6 +180,9 @@ class VideoHandler(ChannelHandler):
         if self.watching:
             self.watching = self.screen.deferrable = False
             self.context.unwatch(self.screen.control_fd)
+            self.context.unwatch(self.later)
+            os.close(self.later)
+            self.later = -1
         super().close()
 
 
@@ -165,8 +199,10 @@ class VideoVsp(Vsp):
         resolutions: Sequence[tuple[int, int]] | None = None,
         default: tuple[int, int] | None = None,
         instance_id: uuid.UUID | None = None,
+        max_copies_per_second: float = MAX_COPIES_PER_SECOND,
     ) -> None:
         self.vram_size = vram_megabytes << 20
+        self.min_copy_interval = 1.0 / max_copies_per_second
         # Every mode fits the VRAM, so a Screen that holds the VRAM holds every mode.
         self.screen = screen or Screen(
             *DEFAULT_MODE, capacity=max(self.vram_size, DEFAULT_MODE[0] * DEFAULT_MODE[1] * 4)
@@ -217,6 +253,7 @@ class VideoVsp(Vsp):
             "vram_mapped": self.vram is not None,
             "deferred_updates": self.screen.deferred,
             "cursor_shapes": 0 if handler is None else handler.cursor_shapes,
+            "throttled": 0 if handler is None else handler.throttled,
             "queued_bytes": 0 if handler is None else handler.channel.reader.bytes_available,
             "size_requests": [] if handler is None else [list(s) for s in handler.size_requests],
         }

@@ -168,7 +168,7 @@ def pack_numpy(pix: Pixels, target: npt.NDArray[np.uint8], order: tuple[int, ...
 
 
 def pack(pix: Pixels, target: npt.NDArray[np.uint8], order: tuple[int, ...]) -> None:
-    if _fast is not None and pix.size:
+    if _fast is not None and pix.size and order != (0, 1, 2, 3):  # numpy's OR is SIMD
         _fast.pack_pixels(pix, target, bytes(order))
     else:
         pack_numpy(pix, target, order)

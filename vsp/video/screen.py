@@ -244,10 +244,11 @@ class Screen:
         return self.geometry()[2]
 
     def geometry(self) -> tuple[int, int, int]:
-        """(generation, width, height), read together."""
+        """(generation, width, height), read together (validated; without
+        waiting for a writer's frame copy, which leaves them alone)."""
         if not self._remote and not self._exported:
             return self._mode
-        generation, width, height, _ = self._shm.read_mode()
+        generation, width, height, _ = self._shm.read_mode(wait=False)
         return generation, width, height
 
     # Listeners.
@@ -365,11 +366,20 @@ class Screen:
         with contextlib.suppress(BlockingIOError, OSError):  # full: one is pending anyway
             self._control.send(_CONTROL.pack(kind, a, b))
 
-    def capture(self, rects: Sequence[Rect], generation: int, into: Frame | None = None) -> Capture:
+    def capture(
+        self,
+        rects: Sequence[Rect],
+        generation: int,
+        into: Frame | None = None,
+        encode: Callable[[Capture], None] | None = None,
+    ) -> Capture:
         """Copies of `rects` (clipped); the whole frame if `generation` is stale.
         With `into` (an (h, w, 4) array an encoder keeps), the rects are copied
         into it at their places (a new array if the frame's size changed),
-        which saves a frame-sized allocation per update."""
+        which saves a frame-sized allocation per update. With `encode`, no
+        copy: it is called with views of the shared frame while the read is
+        protected, and called again if the writer changed the frame meanwhile
+        (so it must start over each time); the views are gone on return."""
         with self._lock:
             shm = self._shm
             for attempt in range(_TORN_RETRIES + 1):
@@ -381,7 +391,11 @@ class Screen:
                 wanted = [(0, 0, w, h)] if generation != gen else rects
                 kept = [c for r in wanted if (c := clip(r, w, h)) is not None]
                 frame = shm.frame(w, h)
-                if into is None:
+                if encode is not None:
+                    views = [frame[y1:y2, x1:x2] for x1, y1, x2, y2 in kept]
+                    encode(Capture(gen, w, h, kept, views))
+                    pixels = []
+                elif into is None:
                     pixels = [frame[y1:y2, x1:x2].copy() for x1, y1, x2, y2 in kept]
                 else:
                     if into.shape != (h, w, 4):

@@ -182,8 +182,22 @@ class SharedFrame:
     def seq(self) -> int:
         return int(self.words[_SEQ])
 
-    def read_mode(self) -> tuple[int, int, int, bool]:
-        """(generation, width, height, consistent), validated."""
+    def read_mode(self, wait: bool = True) -> tuple[int, int, int, bool]:
+        """(generation, width, height, consistent), validated. Without `wait`,
+        the words are read until two readings agree (a resize changes them;
+        a frame copy, which keeps the seqlock odd far longer, does not)."""
+        if not wait:
+            words = self.words[_GENERATION : _HEIGHT + 1]
+            for _ in range(8):
+                first = words.tolist()
+                if words.tolist() == first:
+                    break
+            generation, width, height = first
+            if not (1 <= width <= MAX_DIMENSION and 1 <= height <= MAX_DIMENSION) or (
+                width * height * 4 > self.capacity
+            ):
+                return generation, 1, 1, False
+            return generation, width, height, True
         for _ in range(8):
             before = self.stable_seq()
             words = self.words[_GENERATION : _HEIGHT + 1].copy()

@@ -62,6 +62,7 @@ from vsp.video.access import LoginBackoff, generate_password
 from vsp.video.encodings import ENC_EXTENDED_DESKTOP_SIZE, Encoder
 from vsp.video.screen import (
     MAX_DIMENSION,
+    Capture,
     Rect,
     Screen,
     bounding_box,
@@ -575,9 +576,16 @@ class VncServer:
         idle = not rects and gen == client.generation and client.want_full is None
         if idle and not (new_cursor or layout or owed):
             return  # an incremental request waits for a change
-        cap = self.screen.capture(rects, client.generation, into=enc.scratch)
-        if cap.frame is not None:
-            enc.scratch = cap.frame
+        direct = enc.encoding == rfb.ENC_RAW  # stateless: encoded from the shared frame
+        if direct:
+            raw_count = [0]
+            cap = self.screen.capture(
+                rects, client.generation, encode=lambda c: self._raw(client, c, raw_count)
+            )
+        else:
+            cap = self.screen.capture(rects, client.generation, into=enc.scratch)
+            if cap.frame is not None:
+                enc.scratch = cap.frame
         resized = cap.generation != client.generation
         client.generation = cap.generation
         announce = resized and (enc.desktop_size or enc.extended_desktop_size)
@@ -610,18 +618,43 @@ class VncServer:
             enc.cursor_rect(cursor.hot_x, cursor.hot_y, cursor.pixels)
             client.cursor_serial = cursor.serial
             count += 1
+        if direct:
+            count += raw_count[0]
+        else:
+            count += self._rects(client, cap, client.width, client.height)
+        out.array[:4] = np.frombuffer(struct.pack(">BxH", 0, min(count, 0xFFFF)), np.uint8)
+        client.send(out.view())
+        if direct:
+            client.send(enc.work.view())  # the rectangles, behind the header
+        self._flush(client)
+
+    def _raw(self, client: _Client, cap: Capture, count: list[int]) -> None:
+        """Raw rectangles into the encoder's `work` buffer straight from the
+        shared frame (called again from the start if the frame changed)."""
+        enc = client.encoder
+        width, height = client.width, client.height
+        if cap.generation != client.generation and (enc.desktop_size or enc.extended_desktop_size):
+            width, height = cap.width, cap.height  # announced in this update
+        out, enc.out = enc.out, enc.work
+        try:
+            enc.work.reset()
+            count[0] = self._rects(client, cap, width, height)
+        finally:
+            enc.out = out
+
+    @staticmethod
+    def _rects(client: _Client, cap: Capture, width: int, height: int) -> int:
+        count = 0
         for rect, pix in zip(cap.rects, cap.pixels, strict=True):
             # Only what fits the client's framebuffer: one that missed a
             # resize (no DesktopSize) keeps its own size.
-            fits = clip(rect, client.width, client.height)
+            fits = clip(rect, width, height)
             if fits is None:
                 continue
             x1, y1, x2, y2 = fits
             pix = pix[y1 - rect[1] : y2 - rect[1], x1 - rect[0] : x2 - rect[0]]
-            count += enc.rect(x1, y1, pix)
-        out.array[:4] = np.frombuffer(struct.pack(">BxH", 0, min(count, 0xFFFF)), np.uint8)
-        client.send(out.view())
-        self._flush(client)
+            count += client.encoder.rect(x1, y1, pix)
+        return count
 
     def _layout(self, client: _Client, reason: int, status: int) -> None:
         """An ExtendedDesktopSize rectangle: one screen, the client's framebuffer."""
