@@ -57,7 +57,10 @@ from vsp.storage import device as storvsp
 KiB, MiB = 1 << 10, 1 << 20
 QUEUE_DEPTH = 32
 MAX_IO = MiB  # one SRB per 1 MiB request, as fio does one syscall
-CHILD_MEMORY = 2 * QUEUE_DEPTH * MAX_IO + 16 * MiB  # two controllers' bounce slots, rings, room
+CHILD_MEMORY = 2 * QUEUE_DEPTH * MAX_IO + 48 * MiB  # two controllers' bounce slots, buffers, rings
+# A QDn step keeps n requests in flight over PIPELINE * n of them (each
+# refilled as one completes), as fio's iodepth does: not n, then none.
+PIPELINE = 4
 CHILD_TARGET = "benchmarks.storage_bench:storage_child"  # importable even as __main__
 TIMEOUT = 60.0
 WARMUP_STEPS = 4
@@ -180,16 +183,18 @@ _GUEST_BUFFERS: dict[tuple[int, int, int], list[GuestBuffer]] = {}
 
 
 def guest_buffers(disk: BlockDevice, workload: Workload) -> list[GuestBuffer]:
-    """The workload's buffers in guest memory (zero copy), made once per shape."""
+    """The workload's buffers in guest memory (zero copy), made once per
+    shape: twice the queue depth, so no two requests in flight share one."""
     key = (id(disk), workload.size, workload.depth)
+    count = 1 if workload.depth == 1 else 2 * workload.depth
     if key not in _GUEST_BUFFERS:
-        _GUEST_BUFFERS[key] = [disk.buffer(workload.size) for _ in range(workload.depth)]
+        _GUEST_BUFFERS[key] = [disk.buffer(workload.size) for _ in range(count)]
     return _GUEST_BUFFERS[key]
 
 
 def disk_step(disk: BlockDevice, workload: Workload, image: int, seed: int) -> Callable[[], int]:
-    """One call of the BlockDevice API: a request, or `depth` at once, on
-    buffers from BlockDevice.buffer (the zero-copy path)."""
+    """One call of the BlockDevice API: a request, or PIPELINE * depth with
+    `depth` in flight, on buffers from BlockDevice.buffer (the zero-copy path)."""
     where = offsets(workload, image, seed)
     buffers = guest_buffers(disk, workload)
     if workload.depth == 1:
@@ -203,9 +208,11 @@ def disk_step(disk: BlockDevice, workload: Workload, image: int, seed: int) -> C
         return single
     many = disk.write_many if workload.write else disk.read_many
 
+    count = PIPELINE * workload.depth
+
     def batch() -> int:
-        many([(next(where), b) for b in buffers])
-        return len(buffers)
+        many([(next(where), buffers[i % len(buffers)]) for i in range(count)], depth=workload.depth)
+        return count
 
     return batch
 
@@ -653,7 +660,9 @@ def report(settings: Settings, command: str, workdir: str | None) -> tuple[str, 
         f"a {settings.image // MiB} MiB image, page cache warm; {settings.repeats} interleaved "
         f"rounds of {settings.seconds:g} s per measurement; the child spins "
         f"{settings.spin * 1e6:g} µs before it sleeps; medians, ratios within each round. "
-        "Rows at QD>1 are compared with the QD1 baselines. Doorbells: signals per packet "
+        "Rows at QD>1 keep that many requests in flight (each refilled as one completes, "
+        f"{PIPELINE}× the depth a call) and are compared with the QD1 baselines. "
+        "Doorbells: signals per packet "
         "(the peer had gone to sleep); CPU: the child process's, and the VM's worker process's "
         "(every thread: its main loop, channel threads, I/O pools). "
         f"storvsp's compiled path: {fast_path_state()}. O_DIRECT rows: LUN {DIRECT_LUN}, a "

@@ -9,7 +9,10 @@ packet is copied out of the ring ONCE into a private buffer (the VSTOR packet
 and its GPA range list; the descriptor was copied and checked by the ring)
 and validated from that copy; the data moves with preadv/pwritev between the
 image file and the guest's pages; the completion is written into the ring in
-place; both rings are committed once per batch.
+place; both rings are committed once per batch, and the completions also
+every PUBLISH_EVERY packets inside a long one, so a guest with a deep queue
+reaps and refills while the rest of the batch is served (pipelining, not
+turns).
 
 Everything else is declined: the drain stops at the first packet it does not
 serve and leaves it, and all after it, in the ring for the Python path
@@ -31,7 +34,16 @@ from posix.types cimport off_t
 from posix.uio cimport iovec, preadv, pwritev
 from posix.unistd cimport fdatasync
 
-from vmbus._cring cimport DESCRIPTOR_SIZE, READY, Descriptor, RingReader, RingWriter
+from vmbus._cring cimport (
+    DESCRIPTOR_SIZE,
+    READY,
+    Descriptor,
+    RingReader,
+    RingWriter,
+    vmbus_fence_full,
+    vmbus_load_relaxed,
+    vmbus_store_release,
+)
 
 from vmbus.memory import PAGE_SIZE as _PAGE_SIZE
 from vmbus.protocols.storage.vsp import VspState
@@ -45,6 +57,7 @@ DEF PAGE = 4096              # vmbus.memory.PAGE_SIZE, checked at import
 DEF PACKET_MAX = 16384       # private copy: GPA header + VSTOR packet; larger declines
 DEF IOV_LIMIT = 1024         # iovecs of one request (Linux IOV_MAX); more declines
 DEF BATCH_LIMIT = 4096       # packets per call: bounds one call's latency
+DEF PUBLISH_EVERY = 8        # completions published this often inside a batch
 DEF LUNS = 256               # a vmscsi_request's u8 lun
 DEF MAX_RANGES = 256         # vmbus.packet.MAX_GPA_RANGES
 DEF MAX_PFNS = 8192          # vmbus.packet.MAX_GPA_PFNS
@@ -161,6 +174,7 @@ cdef class FastPath:
     cdef uint8_t private[PACKET_MAX]
     cdef uint8_t reply[VSTOR_PACKET]
     cdef iovec iov[IOV_LIMIT]
+    cdef bint signal_due                     # a publish in the batch asks for a signal
     cdef public unsigned long long served    # requests completed here, ever
     cdef public unsigned long long declined  # calls that stopped at a packet for Python
 
@@ -212,6 +226,9 @@ cdef class FastPath:
             PyBuffer_Release(&view)
         if outcome == DECLINED:
             self.declined += 1
+        if self.signal_due:  # a publish inside the batch found the guest asleep
+            self.signal_due = False
+            self.notify_peer.set()
         if count:
             self.served += count
             self.channel.packets_sent += count  # the completions, as Channel counts them
@@ -282,7 +299,35 @@ cdef class FastPath:
                 return DECLINED  # left in the ring, unconsumed
             self.reader.consume(&d)
             count[0] += 1
+            if count[0] % PUBLISH_EVERY == 0 and not self.publish():
+                return DECLINED  # a bad read_index: Python raises it
         return SERVED
+
+    cdef bint publish(self) noexcept nogil:
+        """RingWriter.commit without the GIL: make the completions written so
+        far visible; if the guest sleeps on an empty ring (unmasked, it had
+        read everything), ring its doorbell now. False on a bad read_index."""
+        cdef uint32_t old = self.writer.published
+        if self.writer.cursor == old:
+            return True
+        # Release: the completions' bytes are visible before the index.
+        vmbus_store_release(self.writer.write_index, self.writer.cursor)
+        self.writer.published = self.writer.cursor
+        # Full fence: the index store is ordered before the loads below, so
+        # a guest that unmasks and re-checks sees the packets or our signal.
+        vmbus_fence_full()
+        if vmbus_load_relaxed(self.writer.interrupt_mask):
+            return True
+        if self.writer.refresh_read() != READY:
+            return False
+        if self.writer.seen_read == old:
+            with gil:
+                self.signal_due = False
+                try:
+                    self.notify_peer.set()
+                except OSError:
+                    self.signal_due = True  # tried again after the batch
+        return True
 
     cdef int serve(self, Descriptor *d) noexcept nogil:
         """Serve the packet `d` describes (its descriptor already copied out
