@@ -82,14 +82,13 @@ def flood_the_port(guest: object) -> None:
 
 
 def test_child_that_floods_its_port_cannot_flood_the_parents_log(
-    caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="vmbus.partition"), Host() as host:
+    """The worker process logs to the parent's stderr: at most a dozen lines."""
+    with Host() as host:
         child = host.start(flood_the_port, devices=[EchoVsp()])
         assert child.wait(timeout=60) == 0
-        errors_seen = child.server.protocol_errors
-    lines = [
-        r for r in caplog.records if r.name == "vmbus.partition" and child.name in r.getMessage()
-    ]
+        errors_seen = child.status()["protocol_errors"]
+    lines = [line for line in capfd.readouterr().err.splitlines() if f"{child.name}: " in line]
     assert errors_seen >= 2000
-    assert len(lines) <= 12, f"{len(lines)} log lines for {errors_seen} bad datagrams"
+    assert 1 <= len(lines) <= 12, f"{len(lines)} log lines for {errors_seen} bad datagrams"

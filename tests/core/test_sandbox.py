@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -43,6 +44,13 @@ def linger(guest: Guest) -> None:
 
 def running(child: ChildPartition) -> bool:
     return wait_until(lambda: child.state == "running", 30)
+
+
+def start(host: Host, *args: Any, **kwargs: Any) -> ChildPartition:
+    """A child spawned by a worker thread of this process: the sandbox is the
+    same whoever spawns, and here the test reaches the child's process
+    object and the sandbox's log. (Worker processes: test_hostile_child.)"""
+    return host.start(*args, worker="thread", **kwargs)
 
 
 def confined(child: ChildPartition) -> sandbox.ConfinedProcess:
@@ -94,10 +102,11 @@ def test_child_cannot_open_a_siblings_memory() -> None:
     marker.write_bytes(b"the parent's")
     try:
         with Host() as host:
-            sibling = host.start(linger, devices=[EchoVsp()])
+            sibling = start(host, linger, devices=[EchoVsp()])
             assert running(sibling)
             sibling_fd = memfd_number(sibling.pid, f"vmbus-{sibling.name}")
-            attacker = host.start(
+            attacker = start(
+                host,
                 try_to_reach_a_sibling,
                 args=(sibling.pid, sibling_fd, os.getpid(), sibling.memory.fileno(), marker.name),
             )
@@ -122,7 +131,7 @@ def try_to_signal_the_parent(guest: Guest, parent: int) -> None:
 @pytest.mark.requires_root
 def test_child_cannot_signal_the_parent() -> None:
     with Host() as host:
-        child = host.start(try_to_signal_the_parent, args=(os.getpid(),))
+        child = start(host, try_to_signal_the_parent, args=(os.getpid(),))
         assert child.wait(60) == 0
         assert sandbox.PID_NAMESPACE in confined(child).confinement
 
@@ -156,7 +165,7 @@ def serve_a_lingering_child(target: str) -> None:
     with Host() as host:
         vsp = EchoVsp()
         program = {"listening": linger_listening, "deaf": linger_deaf}[target]
-        child = host.start(program, devices=[vsp])
+        child = start(host, program, devices=[vsp])
         assert wait_until(lambda: bool(vsp.handlers), 60)
         print(child.pid, flush=True)
         child.wait()
@@ -195,7 +204,7 @@ def test_child_started_from_a_thread_that_ends_outlives_that_thread() -> None:
         vsp = EchoVsp()
         started: list[ChildPartition] = []
         starter = threading.Thread(
-            target=lambda: started.append(host.start(linger_listening, devices=[vsp]))
+            target=lambda: started.append(start(host, linger_listening, devices=[vsp]))
         )
         starter.start()
         starter.join(60)
@@ -217,7 +226,7 @@ def wait_for_a_packet_forever(guest: Guest) -> None:
 def test_child_notices_a_dead_parent_port(capfd: pytest.CaptureFixture[str]) -> None:
     with Host() as host:
         vsp = EchoVsp()
-        child = host.start(wait_for_a_packet_forever, devices=[vsp])
+        child = start(host, wait_for_a_packet_forever, devices=[vsp])
         assert wait_until(lambda: bool(vsp.handlers), 30)
         assert isinstance(child.port, SocketPort)
         child.port.sock.shutdown(socket.SHUT_RDWR)  # what the child sees when we die
@@ -280,7 +289,7 @@ def check_own_confinement(guest: Guest, layers: tuple[str, ...], parent_userns: 
 def test_child_is_not_dumpable_and_has_no_new_privs() -> None:
     with Host() as host:
         layers = sandbox.engine().layers
-        child = host.start(check_own_confinement, args=(layers, PARENT_USERNS))
+        child = start(host, check_own_confinement, args=(layers, PARENT_USERNS))
         assert child.wait(60) == 0
         assert confined(child).confinement == layers
         for layer in (sandbox.NO_NEW_PRIVS, sandbox.NOT_DUMPABLE, sandbox.DIES_WITH_PARENT):
@@ -306,7 +315,7 @@ def test_seccomp_refuses_a_forbidden_syscall() -> None:
     if sandbox.SECCOMP not in sandbox.engine().layers:
         pytest.skip("libseccomp is missing")
     with Host() as host:
-        child = host.start(try_forbidden_syscalls)
+        child = start(host, try_forbidden_syscalls)
         assert child.wait(60) == 0
 
 
@@ -326,7 +335,7 @@ def test_a_policy_with_unix_sockets_lets_a_trusted_child_report_back(
         listener.bind(address)
         listener.listen(1)
         listener.settimeout(60)
-        child = host.start(report_over_a_unix_socket, args=(address,))
+        child = start(host, report_over_a_unix_socket, args=(address,))
         connection, _ = listener.accept()
         with connection:
             assert connection.recv(16) == b"done"
@@ -343,7 +352,7 @@ def test_child_does_not_inherit_the_parents_credentials(monkeypatch: pytest.Monk
     monkeypatch.setenv("GITHUB_TOKEN", "secret")
     monkeypatch.setenv("PYTHONHASHSEED", "7")
     with Host() as host:
-        child = host.start(check_environment)
+        child = start(host, check_environment)
         assert child.wait(60) == 0
 
 
@@ -359,7 +368,7 @@ def test_child_that_floods_its_output_is_held_back(
     burst = 32 * 1024
     monkeypatch.setattr(sandbox, "policy", sandbox.Policy(output_rate=1, output_burst=burst))
     with Host() as host:
-        child = host.start(flood_the_output)
+        child = start(host, flood_the_output)
         # Read at one byte a second, it blocks on its own writes.
         assert child.wait(3) is None
         child.kill()
@@ -379,11 +388,11 @@ def test_without_bwrap_a_child_confines_itself_and_the_parent_says_so_once(
     monkeypatch.setattr(shutil, "which", lambda name: None)
     caplog.set_level(logging.WARNING, logger="vmbus.sandbox")
     with Host() as host:
-        children = [host.start(try_to_signal_the_parent, args=(os.getpid(),)) for _ in range(2)]
+        children = [start(host, try_to_signal_the_parent, args=(os.getpid(),)) for _ in range(2)]
         assert [child.wait(60) for child in children] == [0, 0]
         layers = confined(children[0]).confinement
         assert sandbox.PID_NAMESPACE not in layers and sandbox.NO_NEW_PRIVS in layers
-        checked = host.start(check_own_confinement, args=(layers, PARENT_USERNS))
+        checked = start(host, check_own_confinement, args=(layers, PARENT_USERNS))
         assert checked.wait(60) == 0
     warnings = [r for r in caplog.records if "bwrap is not installed" in r.getMessage()]
     assert len(warnings) == 1
@@ -410,14 +419,14 @@ def test_child_environment_keeps_only_what_a_child_needs() -> None:
 def test_unconfined_when_the_policy_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sandbox, "policy", sandbox.Policy(enabled=False))
     with Host() as host:
-        child = host.start("builtins:print", memory_size=1 << 20)
+        child = start(host, "builtins:print", memory_size=1 << 20)
         assert child.wait(60) == 0
         assert not hasattr(child.process, "confinement")
 
 
 def test_a_child_killed_by_a_signal_reports_that_signal() -> None:
     with Host() as host:
-        child = host.start(linger)
+        child = start(host, linger)
         assert running(child)
         os.kill(child.pid, signal.SIGKILL)
         assert child.wait(30) == -signal.SIGKILL
