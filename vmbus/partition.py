@@ -449,7 +449,15 @@ def _start_worker(name: str, boot: dict[str, Any]) -> ProcessPartition:
     try:
         argv = [sys.executable, "-m", "vmbus._worker", str(theirs.fileno()), str(os.getpid())]
         process = sandbox.on_lasting_thread(  # its parent-death signal follows that thread
-            lambda: subprocess.Popen(argv, stdin=subprocess.PIPE, pass_fds=(theirs.fileno(),))
+            lambda: subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE,
+                pass_fds=(theirs.fileno(),),
+                # A session of its own is a scheduling group of its own (the
+                # kernel's autogroup): a VM gets one share of the CPU, however
+                # many threads its worker runs, and no terminal's signals.
+                start_new_session=True,
+            )
         )
     except BaseException:
         ours.close()

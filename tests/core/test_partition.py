@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -209,3 +210,21 @@ def test_vsp_callback_that_raises_fails_only_its_channel() -> None:
         child = host.start(echo_on_the_second, devices=[FaultyWatchEcho(count=2)])
         assert child.wait(timeout=30) == 0
         assert child.status()["rescinded"] == 1
+
+
+def test_each_vm_gets_a_scheduling_group_of_its_own() -> None:
+    """Fairness: the kernel shares the CPU between autogroups (sessions), so
+    a worker with many busy threads takes one VM's share, not more."""
+    autogroups = Path("/proc/sys/kernel/sched_autogroup_enabled")
+    if not autogroups.exists() or autogroups.read_text().strip() != "1":
+        pytest.skip("this kernel does not group sessions for scheduling (autogroup)")
+    with Host() as host:
+        children = [host.start(linger, devices=[EchoVsp()]) for _ in range(2)]
+        groups = {Path(f"/proc/{c.worker_pid}/autogroup").read_text().split()[0] for c in children}
+        groups.add(Path("/proc/self/autogroup").read_text().split()[0])
+        assert len(groups) == 3, groups
+        assert {os.getsid(c.worker_pid) for c in children} == {c.worker_pid for c in children}
+
+
+def linger(guest: Guest) -> None:
+    time.sleep(30)
