@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import struct
+import types
 import zlib
 from typing import Any
 
@@ -39,16 +40,19 @@ try:
     import simplejpeg  # type: ignore[import-untyped]
 except ImportError:  # pragma: no cover - Tight then never uses JPEG
     simplejpeg = None
+_fast: types.ModuleType | None = None
 try:  # the compiled pixel shuffle; VMBUS_VIDEO_FAST=0 keeps numpy's
-    from vsp.video import _fast
+    if os.environ.get("VMBUS_VIDEO_FAST", "1") != "0":
+        from vsp.video import _fast
 except ImportError:  # pragma: no cover - not built
-    _fast = None
-if os.environ.get("VMBUS_VIDEO_FAST", "1") == "0":
-    _fast = None
+    pass
+deflate: types.ModuleType = zlib
 try:  # zlib-ng: the same deflate streams, about 4x faster at level 1
-    from zlib_ng import zlib_ng as deflate  # type: ignore[import-untyped]
+    from zlib_ng import zlib_ng
+
+    deflate = zlib_ng
 except ImportError:  # pragma: no cover - the standard library's zlib
-    deflate = zlib
+    pass
 
 __all__ = [
     "ENC_COPYRECT",

@@ -151,10 +151,12 @@ class Cursor:
     pixels: Frame
 
 
-def _close_all(fds: list[int]) -> None:
+def _close_all(fds: list[int], sockets: Sequence[socket.socket] = ()) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)
+    for sock in sockets:
+        sock.close()
 
 
 class Screen:
@@ -187,7 +189,8 @@ class Screen:
         self.deferred = 0  # updates the writer put off while the parent read
         self.dropped_controls = 0
         fds = [self._shm.fd, self._events]
-        self._finalizer = weakref.finalize(self, _close_all, fds)
+        sockets = {self._control, self._control_worker}  # one socket in a worker's copy
+        self._finalizer = weakref.finalize(self, _close_all, fds, tuple(sockets))
 
     # Pickling: the worker's copy maps the same memfd (vmbus.handoff).
 
@@ -226,8 +229,6 @@ class Screen:
             self._listeners.clear()
         self._update_watcher()
         self._finalizer()
-        self._control.close()
-        self._control_worker.close()
 
     # The mode, as the writer set it (validated when read from shared memory).
 

@@ -217,7 +217,7 @@ class SharedFrame:
         published after serial `seen` (None: more than the ring holds), consistent):
         the watcher's per-wake-up reading, a few words rather than the header."""
         words = self.words
-        rects: list[Rect] | None = []
+        rects: list[Rect] = []
         for _ in range(8):
             before = self.stable_seq()
             generation, width, height, serial = (int(w) for w in words[_GENERATION : _SERIAL + 1])
@@ -234,8 +234,8 @@ class SharedFrame:
         ):
             return generation, 1, 1, serial, cursor, None, False
         if fresh > RING or fresh < 0:
-            rects = None
-        elif fresh > 0:
+            return generation, width, height, serial, cursor, None, consistent
+        if fresh > 0:
             for k in range(0, len(pairs), 2):
                 a, b = pairs[k], pairs[k + 1]
                 x1, y1 = min(a & 0xFFFFFFFF, width), min(a >> 32, height)

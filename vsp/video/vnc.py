@@ -53,6 +53,8 @@ import struct
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -70,6 +72,9 @@ from vsp.video.screen import (
     intersect,
     subtract,
 )
+
+if TYPE_CHECKING:
+    from vsp.video.web import WebConsole
 
 __all__ = [
     "HANDSHAKE_TIMEOUT",
@@ -178,6 +183,8 @@ class VncServer:
         send_stall_timeout: float = SEND_STALL_TIMEOUT,
         backoff: LoginBackoff | None = None,
         resize: bool = True,
+        web_port: int | None = None,
+        novnc_dir: Path | None = None,
     ) -> None:
         if not authenticate and password is not None:
             raise UsageError("a password with authenticate=False")
@@ -200,6 +207,12 @@ class VncServer:
         self._running = False
         self._clients: dict[socket.socket, _Client] = {}
         self._damage: collections.deque[list[Rect]] = collections.deque()
+        self._adopted: collections.deque[tuple[socket.socket, str]] = collections.deque()
+        self.web: WebConsole | None = None
+        if web_port is not None:  # the websockets library only when asked for
+            from vsp.video.web import WebConsole
+
+            self.web = WebConsole(self, host, web_port, novnc_dir)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_pending = False
         self._wake_w.setblocking(False)
@@ -234,10 +247,21 @@ class VncServer:
         self._running = True
         self._thread = threading.Thread(target=self._run, name="vnc-server", daemon=True)
         self._thread.start()
+        if self.web is not None:
+            self.web.start()
+
+    @property
+    def url(self) -> str:
+        """The browser console's one URL (noVNC; with `web_port` only)."""
+        if self.web is None:
+            raise UsageError("no browser console: VncServer(..., web_port=...) makes one")
+        return self.web.url
 
     def stop(self) -> None:
         if not self._running:
             return
+        if self.web is not None:
+            self.web.stop()
         self._running = False
         self.screen.remove_listener(self._on_damage)
         self._wake()
@@ -245,6 +269,8 @@ class VncServer:
             self._thread.join()
         for client in list(self._clients.values()):
             self._drop(client)
+        while self._adopted:
+            self._adopted.popleft()[0].close()
         assert self._listener is not None
         self._selector.close()
         self._listener.close()
@@ -292,6 +318,8 @@ class VncServer:
                     self._wake_r.recv(4096)
             elif key.data.sock in self._clients:
                 self._serve(key.data, events)
+        while self._adopted:
+            self._admit(*self._adopted.popleft())
         while self._damage:
             rects = self._damage.popleft()
             for client in self._clients.values():
@@ -309,19 +337,32 @@ class VncServer:
             else:
                 self._guard(client, self._update)
 
+    def adopt(self, sock: socket.socket, source: str) -> None:
+        """Serve `sock` (connected, e.g. a WebSocket session's socket pair)
+        as a client from `source` (an address, for the login backoff); from
+        any thread."""
+        if not self._running:
+            raise RuntimeError("the server is not started")
+        self._adopted.append((sock, source))
+        self._wake()
+
     def _accept(self) -> None:
         assert self._listener is not None
         try:
             sock, address = self._listener.accept()
         except OSError:
             return
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._admit(sock, str(address[0]))
+
+    def _admit(self, sock: socket.socket, source: str) -> None:
         if len(self._clients) - self.admitted_count >= MAX_PENDING:
-            log.info("vnc: refusing %s: %d connections in the handshake", address[0], MAX_PENDING)
+            log.info("vnc: refusing %s: %d connections in the handshake", source, MAX_PENDING)
             sock.close()
             return
         sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        client = _Client(sock, str(address[0]), self.screen.geometry()[0])
+        client = _Client(sock, source, self.screen.geometry()[0])
         self._clients[sock] = client
         self._selector.register(sock, selectors.EVENT_READ, client)
         client.send(_SERVER_VERSION)
