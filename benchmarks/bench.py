@@ -25,6 +25,7 @@ RUNNERS = {
     "storage": "benchmarks.storage_bench",
     "network": "benchmarks.net_bench",
     "video": "benchmarks.video_bench",
+    "scale": "benchmarks.scale_bench",
 }
 CHECKOUT = Path(__file__).resolve().parent.parent
 
