@@ -40,15 +40,17 @@ TIMEOUT = 30.0
 INBAND, GPA_DIRECT, COMP = PacketType.DATA_INBAND, PacketType.DATA_USING_GPA_DIRECT, PacketType.COMP
 HEADER_CACHE = 64  # lengths of GPA-direct header kept per slot
 # Poll mode for large requests: a request takes the VSP about its bytes at
-# the backing store's speed (a page-cache copy runs at ~25 GB/s here), which
-# for 1 MiB is longer than the channel's spin; sleeping through it costs a
-# cross-core wake-up (~70 us), so the wait spins that long first. Beyond
-# LONG_SPIN_MAX sleeping is cheaper than spinning. Spins that end asleep
-# anyway (a slow disk: O_DIRECT) back off as the channel's own do.
-SPIN_BYTES_PER_SECOND = 12e9  # under the page cache's ~25 GB/s: a completion is late, not early
-LONG_SPIN_MAX = 100e-6
-LONG_SPIN_MISSES = 4  # long spins in a row that found nothing: back off
-LONG_SPIN_PROBE = 32  # then spin long on one wait in this many
+# the backing store's speed, which for 1 MiB from the page cache (~40-70 us
+# here) is longer than the channel's spin, and sleeping through it costs a
+# cross-core wake-up (~70 us). So a wait for a large request spins for the
+# time such requests have been taking (learnt: seconds per byte, a moving
+# average of the waits), with a margin; if that is over LONG_SPIN_MAX (an
+# O_DIRECT disk), it sleeps at once, as sleeping is then the cheaper.
+LONG_REQUEST = 64 * 1024  # bytes: smaller ones are left to the channel's own spin
+FIRST_SECONDS_PER_BYTE = 1 / 12e9  # the guess before any wait was seen
+LONG_SPIN_MARGIN = 1.5
+LONG_SPIN_MAX = 150e-6
+LEARNING_RATE = 0.125
 
 # One SRB to run, a plain tuple (the hot path builds one per request):
 # (packet, length, gpa, data, reading, index)
@@ -135,8 +137,7 @@ class StorageController:
         self._in_flight: list[dict[int, tuple[Command, _Slot]]] = [{}]
         self._buffers: set[GuestBuffer] = set()
         self._next_channel = 0
-        self._long_misses = 0
-        self._long_waits = 0
+        self._seconds_per_byte = FIRST_SECONDS_PER_BYTE  # how long large requests take
 
     @property
     def channel(self) -> GuestChannel:
@@ -254,14 +255,29 @@ class StorageController:
         channel once.
         Returns (a command the ring had no room for, whether more may follow)."""
         channels, free, flights = self.channels, self._free, self._in_flight
-        channel = channels[0]
-        if len(channels) == 1 and isinstance(channel.writer, CompiledWriter):
-            stalled, more, written = _fast.submit(
-                channel.writer, pending, stalled, flights[0], free, spare, channel.ids
-            )
-            channel.packets_sent += written
-            if written or flights[0] or stalled is None:
-                channel.flush()
+        if all(isinstance(c.writer, CompiledWriter) for c in channels):
+            # Compiled: each channel in turn takes an even share of the free
+            # slots, written in one call and committed once.
+            count, written, more = len(channels), 0, True
+            for turn in range(count):
+                room = len(free) - spare
+                if room <= 0:
+                    break
+                index = self._next_channel
+                self._next_channel = (index + 1) % count
+                channel = channels[index]
+                share = -(-room // (count - turn))
+                stalled, more, wrote = _fast.submit(
+                    channel.writer, pending, stalled, flights[index], free, len(free) - share,
+                    channel.ids,
+                )  # fmt: skip
+                channel.packets_sent += wrote
+                written += wrote
+                if wrote:
+                    channel.flush()
+                if stalled is not None or not more:
+                    break
+            if written or any(flights) or stalled is None:
                 return stalled, more
             # A full ring and nothing in flight: the loop below waits for room.
         written = 0
@@ -354,37 +370,41 @@ class StorageController:
 
     def _wait(self, deadline: float) -> None:
         channels = [c for c, flight in zip(self.channels, self._in_flight, strict=True) if flight]
-        if self._spin_long(channels):
-            return
-        if len(channels) == 1:
-            channels[0].wait(deadline)
-        else:
-            wait_any(channels, max(0.0, deadline - time.monotonic()))
+        largest = self._largest_in_flight()
+        start = time.perf_counter()
+        if largest < LONG_REQUEST or not self._spin_long(channels, largest):
+            if len(channels) == 1:
+                channels[0].wait(deadline)
+            else:
+                wait_any(channels, max(0.0, deadline - time.monotonic()))
+        if largest >= LONG_REQUEST:  # learn how long the VSP takes for these
+            observed = (time.perf_counter() - start) / largest
+            self._seconds_per_byte += (observed - self._seconds_per_byte) * LEARNING_RATE
 
-    def _spin_long(self, channels: list[GuestChannel]) -> bool:
-        """Spin for the time the largest request in flight should take the
-        VSP (see SPIN_BYTES_PER_SECOND); True if a completion came meanwhile.
-        Small requests leave the wait to the channel's own poll mode."""
+    def _largest_in_flight(self) -> int:
+        """The bytes of the largest request in flight; 0 for a deep queue
+        (completions come often then: the channel's own spin covers it)."""
         largest = 0
         for flight in self._in_flight:
             if len(flight) > 8:
-                return False  # a deep queue of small requests: completions come often
+                return 0
             for command, _ in flight.values():
                 largest = max(largest, command[1])
-        budget = min(largest / SPIN_BYTES_PER_SECOND, LONG_SPIN_MAX)
-        if budget <= max(c.spin_seconds for c in channels):
+        return largest
+
+    def _spin_long(self, channels: list[GuestChannel], largest: int) -> bool:
+        """Spin for the time a request of `largest` bytes has been taking (see
+        LONG_REQUEST); True if a completion came meanwhile."""
+        spin = max(c.spin_seconds for c in channels)
+        expected = largest * self._seconds_per_byte
+        if not spin or expected > LONG_SPIN_MAX:  # interrupt-driven, or a slow disk: sleep
             return False
-        self._long_waits += 1
-        if self._long_misses >= LONG_SPIN_MISSES and self._long_waits % LONG_SPIN_PROBE:
-            return False
-        end = time.perf_counter() + budget
+        end = time.perf_counter() + min(expected * LONG_SPIN_MARGIN, LONG_SPIN_MAX)
         readers = [c.reader for c in channels]
         while time.perf_counter() < end:
             for reader in readers:
                 if reader.bytes_available:
-                    self._long_misses = 0
                     return True
-        self._long_misses += 1
         return False
 
     def close(self) -> None:

@@ -128,6 +128,7 @@ class StorVsp(Vsp):
         serial: str = "vmbus",
         fast_path: bool | None = None,
         channel_threads: bool = True,
+        poll_seconds: float = POLL_SECONDS,
     ) -> None:
         by_lun = dict(disks) if isinstance(disks, Mapping) else dict(enumerate(disks))
         self.instance_id = instance_id or uuid.uuid4()
@@ -135,6 +136,7 @@ class StorVsp(Vsp):
         self.channels = channels
         self.fast_path = fast_path_default() if fast_path is None else fast_path
         self.channel_threads = channel_threads  # sub-channels on threads of their own
+        self.poll_seconds = poll_seconds  # poll mode's spin; 0: interrupt-driven
         self.lock = threading.Lock()  # the protocol, which every channel's requests go through
         self.protocol = self._new_protocol()  # checks the configuration first
         limits = replace(LIMITS, max_transfer_bytes=max_transfer_bytes)
@@ -386,14 +388,16 @@ class StorvspChannel(ChannelHandler):
         with the ring masked, for the next one; ring our own doorbell when
         it comes, so the worker (or our thread) serves it at once."""
         served, self._served_before = self.requests - self._served_before, self.requests
-        if not served or self.fast is None or (self.pool is not None and self.pool.in_flight):
+        if not served or self.fast is None or not self.vsp.poll_seconds:
+            return
+        if self.pool is not None and self.pool.in_flight:
             return
         self._polls += 1
         if self._poll_misses >= POLL_MISSES and self._polls % POLL_PROBE:
             return
         reader = self.channel.reader
         reader.begin_drain()
-        found = self.fast.poll(POLL_SECONDS)
+        found = self.fast.poll(self.vsp.poll_seconds)
         if reader.end_drain() or found:  # unmasked again either way
             self._poll_misses = 0
             self.channel.wake_me.set()
