@@ -160,3 +160,48 @@ def test_a_handed_video_vsp_is_seen_by_a_vnc_client_of_the_parent() -> None:
 def test_a_screen_smaller_than_the_vram_is_refused() -> None:
     with pytest.raises(UsageError):
         VideoVsp(Screen(64, 64, capacity=1 << 20), vram_megabytes=2)
+
+
+def test_a_viewers_size_resizes_a_guest_that_follows_the_host() -> None:
+    """SetDesktopSize's path without the VNC part: Screen.request_size in the
+    parent, the VSP's FEATURE_CHANGE, the guest's new RESOLUTION_REQUEST and
+    the mode it then sets."""
+    vsp = VideoVsp(Screen(64, 64), vram_megabytes=2, resolutions=[(640, 480), (320, 240)])
+    served = handed(vsp)
+    assert isinstance(served, VideoVsp)
+    devices: list[GuestDevice] = []
+
+    def register(guest: Guest) -> None:
+        guest.register(guid.SYNTHVID, devices.append)
+
+    with loopback([served], register):
+        fb = Framebuffer(devices[0], 320, 240, follow_host=True)
+        fb.wait_ready()
+        vsp.screen.request_size(500, 2000)  # taller than any mode: clamped to 480
+        wait_for(lambda: fb.poll() or fb.mode_changes > 0)
+        assert (fb.width, fb.height) == (500, 480)
+        fb.pixels[:] = 0x5A
+        fb.update()
+        wait_for(lambda: vsp.screen.geometry()[1:] == (500, 480))
+        wait_for(lambda: bool((vsp.screen.frame_copy() == 0x5A).all()))
+        assert served.stats()["size_requests"] == [[500, 2000]]
+        fb.close()
+    served.screen.close()
+
+
+def test_a_guest_that_does_not_follow_keeps_its_mode() -> None:
+    vsp = VideoVsp(Screen(64, 64), vram_megabytes=2, resolutions=[(640, 480), (320, 240)])
+    devices: list[GuestDevice] = []
+
+    def register(guest: Guest) -> None:
+        guest.register(guid.SYNTHVID, devices.append)
+
+    with loopback([vsp], register):
+        fb = Framebuffer(devices[0], 320, 240)  # as Linux: re-sends its own mode
+        fb.wait_ready()
+        vsp.screen.request_size(640, 480)
+        wait_for(lambda: vsp.handler is not None and vsp.handler.size_requests == [(640, 480)])
+        for _ in range(20):
+            fb.poll()
+        assert (fb.width, fb.height) == (320, 240) and fb.mode_changes == 0
+        fb.close()

@@ -567,3 +567,14 @@ def test_well_framed_garbage_never_raises(msg_type: int, body: bytes) -> None:
         for e in events:
             if isinstance(e, Dirty):
                 assert all(0 <= r[0] < r[2] <= server.mode.width for r in e.rects)
+
+
+def test_prefer_makes_a_viewers_size_the_clamped_default() -> None:
+    server = sv.SynthvidServer(1 << 20, [(640, 400), (320, 200)], (320, 200))
+    change = server.prefer(5000, 300)  # wider than any mode
+    assert change == server.feature_change(dirt=True, situation=True)
+    assert server.default == (640, 300) and server.resolutions[0] == (640, 300)
+    assert server.prefer(640, 300) is None  # nothing changed
+    server.prefer(600, 410)  # taller than any mode: 400 rows
+    assert server.default == (600, 400) and (640, 300) not in server.resolutions
+    assert all(w * h * 4 <= 1 << 20 for w, h in server.resolutions)

@@ -24,13 +24,24 @@ class Framebuffer:
     """`pixels` is (height, width, 4) uint8 in XRGB8888 little-endian
     (byte 0 blue, 1 green, 2 red): write into it, then `update()`."""
 
-    def __init__(self, device: GuestDevice, width: int = 1024, height: int = 768) -> None:
+    def __init__(
+        self,
+        device: GuestDevice,
+        width: int = 1024,
+        height: int = 768,
+        *,
+        follow_host: bool = False,
+    ) -> None:
         self.device = device
         self.vram_size = device.offer.mmio_megabytes << 20
         if not self.vram_size:
             raise UsageError("the video offer names no VRAM size")
         self.channel: GuestChannel = device.open(RING_SIZE, RING_SIZE)
-        self.client = sv.SynthvidClient()
+        # follow_host: take the size the host prefers (a viewer's window)
+        # when it says so; `poll` (and `update`) then switch mode, and
+        # `mode_changes` counts it for the program to redraw.
+        self.client = sv.SynthvidClient(follow_host=follow_host)
+        self.mode_changes = 0
         guest = device.guest
         self.pfns = guest.allocator.alloc(self.vram_size // PAGE_SIZE)
         self.gpadl = guest.create_gpadl(device.relid, self.pfns)
@@ -58,10 +69,19 @@ class Framebuffer:
             packet = self.channel.receive(max(0.0, deadline - time.monotonic()))
             self._send(self.client.receive(packet.payload))
 
-    def poll(self) -> None:
-        """Handle what the host sent (e.g. the FEATURE_CHANGE that starts updates)."""
+    def poll(self) -> bool:
+        """Handle what the host sent (e.g. the FEATURE_CHANGE that starts
+        updates); True if the mode changed to the host's size (redraw)."""
         while (packet := self.channel.poll()) is not None:
             self._send(self.client.receive(packet.payload))
+        size, self.client.host_size = self.client.host_size, None
+        if size is None or size == (self.width, self.height):
+            return False
+        if size[0] * size[1] * sv.BYTES_PER_PIXEL > self.vram_size:
+            return False  # the host offers only what fits; never trust it blindly
+        self.set_mode(*size)
+        self.mode_changes += 1
+        return True
 
     def set_mode(self, width: int, height: int) -> None:
         """Switch resolution; `pixels` is re-made for it."""

@@ -137,8 +137,11 @@ class VideoHandler(ChannelHandler):
         for kind, a, b in self.screen.read_control():
             if kind == CONTROL_FLUSH:
                 self._flush()
-            elif kind == CONTROL_SIZE:
+            elif kind == CONTROL_SIZE:  # a viewer's window: the guest's preferred size
                 self.size_requests = [*self.size_requests[-7:], (a, b)]
+                change = self.server.prefer(a, b)
+                if change is not None and self.dirt_requested:
+                    self.post(change)
 
     def _on_later(self) -> None:
         with contextlib.suppress(BlockingIOError):

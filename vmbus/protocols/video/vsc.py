@@ -50,8 +50,15 @@ class SynthvidClient:
     WIN10 answer, the next version after a refusal); then `vram_location`,
     `hide_pointer`, `situation_update`, and `dirt` once `dirt_needed`."""
 
-    def __init__(self, versions: Sequence[int] = VSC_VERSIONS) -> None:
+    def __init__(
+        self, versions: Sequence[int] = VSC_VERSIONS, *, follow_host: bool = False
+    ) -> None:
         self.versions = tuple(versions)
+        # follow_host: a FEATURE_CHANGE asking for the situation makes us ask
+        # for the resolution list again, and its new default is `host_size`
+        # (the Framebuffer then switches to it). Linux does not do this.
+        self.follow_host = follow_host
+        self.host_size: tuple[int, int] | None = None
         self._tried = 0
         self.version: int | None = None
         self.resolutions: tuple[tuple[int, int], ...] = ()
@@ -92,6 +99,9 @@ class SynthvidClient:
                 return self._version_response(SynthvidVersionResp.unpack(body))
             if msg_type == MessageType.RESOLUTION_RESPONSE:
                 self._resolution_response(body)
+                mode = self.mode
+                if self.follow_host and mode is not None and self.preferred not in (None, mode[:2]):
+                    self.host_size = self.preferred
                 return []
             if msg_type == MessageType.VRAM_LOCATION_ACK:
                 if SynthvidAck.unpack(body).user_ctx != self.vram_gpa:
@@ -105,10 +115,19 @@ class SynthvidClient:
                 if self.mode is None:
                     return self.hide_pointer()
                 width, height, pitch = self.mode
-                return [*self.hide_pointer(), self.situation_update(width, height, pitch=pitch)]
+                again = [self.situation_update(width, height, pitch=pitch)]
+                if self.features.is_situ_needed and self.follow_host and self._win10():
+                    request = SynthvidResolutionReq().pack()
+                    again.append(encode_message(MessageType.RESOLUTION_REQUEST, request))
+                return [*self.hide_pointer(), *again]
         except WireError as error:
             raise SynthvidProtocolError(str(error)) from None
         raise SynthvidProtocolError(f"unexpected message type {msg_type!r}")
+
+    def _win10(self) -> bool:
+        return self.version is not None and version_tuple(self.version) >= version_tuple(
+            SYNTHVID_VERSION_WIN10
+        )
 
     def _version_response(self, response: SynthvidVersionResp) -> list[bytes]:
         asked = self.versions[self._tried]

@@ -13,6 +13,12 @@ Choices where the sources leave room (docs/protocol.md §8):
 - VRAM_LOCATION without a GPA (host-chosen VRAM) is refused: there is none.
 - DIRT with more than MAX_DIRT_RECTS rects dirties the whole screen.
 - POINTER_SHAPE only as one complete ARGB part (as Linux sends it).
+- A viewer's size (`prefer`) becomes the default of the resolution list,
+  and a FEATURE_CHANGE asking for the situation tells the guest: Linux only
+  re-sends its mode, a guest that follows the host (vsc.video's
+  Framebuffer(follow_host=True)) asks for the list again and takes the new
+  default. The synthvid protocol has no host-set mode; this is the nearest
+  message sequence it allows.
 """
 
 from __future__ import annotations
@@ -114,6 +120,9 @@ _MIN_BODY: dict[int, int] = {  # the guest's messages and their fixed part
 }
 
 
+MIN_PREFERRED = 64  # the smallest side a viewer's size becomes
+
+
 def _clip(rect: Rect, width: int, height: int) -> tuple[int, int, int, int] | None:
     x1, y1 = max(rect.x1, 0), max(rect.y1, 0)
     x2, y2 = min(rect.x2, width), min(rect.y2, height)
@@ -147,6 +156,7 @@ class SynthvidServer:
         self.versions = tuple(versions)
         self.max_width = max(w for w, _ in resolutions)
         self.max_height = max(h for _, h in resolutions)
+        self._viewer_size: tuple[int, int] | None = None  # the entry `prefer` added
         self.version: int | None = None
         self.vram_gpa: int | None = None
         self.mode: ModeSet | None = None
@@ -200,6 +210,24 @@ class SynthvidServer:
         flags = (dirt, pointer_position, pointer_shape, situation)
         body = SynthvidFeatureChange(*map(int, flags))
         return encode_message(MessageType.FEATURE_CHANGE, body.pack())
+
+    def prefer(self, width: int, height: int) -> bytes | None:
+        """Make width x height (clamped to the largest offered mode and to
+        the VRAM) the default resolution; the FEATURE_CHANGE to post, or None
+        if nothing changed."""
+        width = max(MIN_PREFERRED, min(width, self.max_width))
+        height = max(MIN_PREFERRED, min(height, self.max_height))
+        while width * height * BYTES_PER_PIXEL > self.vram_size:
+            height -= 1
+        wanted = (width, height)
+        if wanted == self.default:
+            return None
+        offered = [r for r in self.resolutions if r != self._viewer_size]
+        if wanted not in offered:
+            offered = [wanted, *offered[: MAX_RESOLUTION_COUNT - 1]]
+            self._viewer_size = wanted
+        self.resolutions, self.default = tuple(offered), wanted
+        return self.feature_change(dirt=True, situation=True)
 
     def _version(self, body: memoryview, vram_ok: VramCheck) -> Result:
         version = SynthvidVersionReq.unpack(body).version
