@@ -41,7 +41,7 @@ SECTIONS = 16
 MTU = 1500
 
 
-def seqpacket_tap(mtu: int = MTU) -> tuple[TapBackend, socket.socket]:
+def seqpacket_tap(mtu: int = MTU, vnet: bool = False) -> tuple[TapBackend, socket.socket]:
     """A TapBackend (its send, drop rules and fast_fd) on a socket pair's end."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     ours.setblocking(False)
@@ -50,6 +50,7 @@ def seqpacket_tap(mtu: int = MTU) -> tuple[TapBackend, socket.socket]:
     backend = TapBackend.__new__(TapBackend)
     _Backend.__init__(backend, None, mtu, ours.detach())
     backend.netns, backend.index, backend._created_netns, backend.name = None, -1, False, "sp"
+    backend.vnet_hdr = vnet  # each record then starts with a virtio_net_hdr
     return backend, theirs
 
 
@@ -69,6 +70,7 @@ class Side:
     send_pfn: int
     recv_at: int = 0
     recv_pages: int = 0
+    section: int = SECTION
 
     @property
     def guest(self) -> Channel:
@@ -95,21 +97,28 @@ class Side:
         return out
 
     def write_section(self, section: int, data: bytes) -> None:
-        offset = self.send_pfn * PAGE_SIZE + section * SECTION
+        offset = self.send_pfn * PAGE_SIZE + section * self.section
         self.harness.memory.view(offset, len(data))[:] = data
 
 
 @contextlib.contextmanager
 def side(
-    fast: bool, link_up: bool = True, recv_pages: int = 64, ring_size: int = 256 << 10
+    fast: bool,
+    link_up: bool = True,
+    recv_pages: int = 64,
+    ring_size: int = 256 << 10,
+    vnet: bool = False,
 ) -> Iterator[Side]:
-    backend, wire = seqpacket_tap()
+    backend, wire = seqpacket_tap(vnet=vnet)
     vsp = NetVsp(backend, mac=MAC, fast_path=fast)
-    harness = VspHarness(vsp, memory_size=1 << 20, ring_size=ring_size)
+    harness = VspHarness(vsp, memory_size=4 << 20 if vnet else 1 << 20, ring_size=ring_size)
     try:
         recv = harness.grant(recv_pages)
-        send = harness.grant(SECTIONS * SECTION // PAGE_SIZE)
-        s = Side(harness, backend, wire, send.pfns[0], recv.pfns[0] * PAGE_SIZE, recv_pages)
+        section = vsp.sections[1]
+        send = harness.grant(-(-SECTIONS * section // PAGE_SIZE))
+        s = Side(
+            harness, backend, wire, send.pfns[0], recv.pfns[0] * PAGE_SIZE, recv_pages, section
+        )
         assert (s.handler.fast is not None) == fast
         init = nvsp.NvspInit(min_protocol_ver=0x60001, max_protocol_ver=0x60001)
         for message in (
@@ -150,17 +159,17 @@ def quiet(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.ERROR)  # every hostile packet logs a protocol error
 
 
-def differential(requests: list[Request], link_up: bool = True) -> int:
+def differential(requests: list[Request], link_up: bool = True, vnet: bool = False) -> int:
     """Run the requests through both paths; assert they agree; return how
     many the fast path served."""
-    with side(True, link_up) as fast, side(False, link_up) as slow:
+    with side(True, link_up, vnet=vnet) as fast, side(False, link_up, vnet=vnet) as slow:
         results = []
         for s in (fast, slow):
             for trans_id, (section, data, size, channel, flags, gpa) in enumerate(requests, 2):
                 s.write_section(section, data)
                 claimed = len(data) if size is None else size
                 if gpa:
-                    start = s.send_pfn * PAGE_SIZE + section * SECTION
+                    start = s.send_pfn * PAGE_SIZE + section * s.section
                     pfns = tuple(
                         range(start // PAGE_SIZE, (start + len(data) - 1) // PAGE_SIZE + 1)
                     )
@@ -259,9 +268,17 @@ def requests(draw: st.DrawFn) -> list[Request]:
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(requests())
-def test_fast_path_agrees_with_the_python_path(stream: list[Request]) -> None:
-    differential(stream)
+@given(requests(), st.booleans())
+def test_fast_path_agrees_with_the_python_path(stream: list[Request], vnet: bool) -> None:
+    differential(stream, vnet=vnet)
+
+
+def test_a_vnet_backend_gets_a_header_before_each_frame_on_both_paths() -> None:
+    batch = b"".join(rndis_packet(frame_of(n, n), [], -(44 + n) % 8) for n in (60, 1514))
+    with_ppi = rndis_packet(frame_of(80, 9), [(0, bytes(4))], 4)  # the Python path's
+    requests: list[Request] = [(0, batch, None, 0, COMPLETION_REQUESTED, False)] * 3
+    requests.append((1, with_ppi, None, 0, COMPLETION_REQUESTED, False))
+    assert differential(requests, vnet=True) == 3
 
 
 # --- backend -> guest ---

@@ -24,6 +24,7 @@ from vmbus.errors import UsageError
 from vmbus.guest import GuestChannel, GuestDevice
 from vmbus.memory import PAGE_SIZE
 from vmbus.packet import PacketType, decode_transfer_page_header
+from vmbus.protocols.net import offload as ol
 from vmbus.protocols.net import rndis_data as rd
 from vmbus.protocols.net import rndis_wire as rw
 from vmbus.protocols.net import vsc
@@ -111,9 +112,21 @@ class NetAdapter:
         self.mac = self._control(self.rndis.query(rd.OID_802_3_PERMANENT_ADDRESS)).info[:6]
         self.link_up = self._query_u32(rd.OID_GEN_MEDIA_CONNECT_STATUS) == 0
         self._control(self.rndis.set(rd.OID_GEN_CURRENT_PACKET_FILTER, rd.u32(PACKET_FILTER)))
+        self.offloads = self._negotiate_offloads()
         assert isinstance(init.message, rw.InitializeComplete)
         self.max_packets = max(1, init.message.max_pkt_per_msg)
         self.alignment = 1 << min(init.message.pkt_alignment_factor, 12)
+
+    def _negotiate_offloads(self) -> ol.Offloads:
+        """As Linux's netvsc: query the hardware capabilities (offering a
+        zeroed revision-3 ndis_offload) and enable what they offer."""
+        query = rd.NdisObjectHeader(rd.NDIS_OBJECT_TYPE_OFFLOAD, 3, rd.NDIS_OFFLOAD_SIZE)
+        oid = rd.OID_TCP_OFFLOAD_HARDWARE_CAPABILITIES
+        caps = self._control(self.rndis.query(oid, query.pack().ljust(rd.NDIS_OFFLOAD_SIZE, b"\0")))
+        offloads = ol.decode_capabilities(bytes(caps.info))
+        if offloads.any:
+            self._control(self.rndis.set(rd.OID_TCP_OFFLOAD_PARAMETERS, ol.parameters(offloads)))
+        return offloads
 
     def _query_u32(self, oid: int) -> int:
         return int.from_bytes(self._control(self.rndis.query(oid)).info[:4], "little")
@@ -169,6 +182,35 @@ class NetAdapter:
             size += len(message)
         if batch:
             self._send_rndis(b"".join(batch), nvsp.RndisChannel.DATA)
+
+    def send_segment(self, frame: Any, *, mss: int = 0) -> None:
+        """Send one IPv4/IPv6 TCP or UDP frame whose transport checksum the
+        host completes (the checksum field holds the pseudo-header sum, as
+        for CHECKSUM_PARTIAL); with `mss`, a TCP segment of up to 64 KiB
+        that the host cuts into segments of `mss` bytes (LSOv2: IP lengths
+        and checksums are the host's to fill). Needs the offloads the host
+        offered (`offloads`)."""
+        data = bytes(frame)
+        place = ol.transport(data)
+        if place is None or place[2] not in (ol.IPPROTO_TCP, ol.IPPROTO_UDP):
+            raise UsageError("send_segment takes an IPv4 or IPv6 TCP or UDP frame")
+        ipv6, offset, protocol = place
+        tcp = protocol == ol.IPPROTO_TCP
+        wanted = {
+            (False, True): self.offloads.tx_tcp4,
+            (False, False): self.offloads.tx_udp4,
+            (True, True): self.offloads.tx_tcp6,
+            (True, False): self.offloads.tx_udp6,
+        }[(ipv6, tcp)]
+        if mss:
+            wanted = tcp and (self.offloads.lso6 if ipv6 else self.offloads.lso4)
+        if not wanted:
+            raise UsageError("the host offers no such offload")
+        ppi = ol.lso_ppi(ipv6, offset, mss) if mss else ol.csum_ppi(ipv6, tcp, offset)
+        message = self._aligned(rw.encode_packet(data, [ppi]))
+        if len(message) > self.send_section:
+            raise UsageError(f"a {len(data)}-byte segment does not fit a send section")
+        self._send_rndis(message, nvsp.RndisChannel.DATA)
 
     def _send_fast(self, frames: list[Any] | tuple[Any, ...]) -> None:
         """send_batch's loop, compiled: sections filled in place, one commit

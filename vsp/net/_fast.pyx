@@ -30,6 +30,7 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.errno cimport EAGAIN, EINTR, EINVAL, EIO, ENOBUFS, ENOMEM, errno
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
+from posix.uio cimport iovec, readv, writev
 from posix.unistd cimport read, write
 
 from vmbus._cring cimport DESCRIPTOR_SIZE, READY, Descriptor, RingReader, RingWriter
@@ -62,6 +63,7 @@ DEF STAGE_FRAMES = 64        # frames read from the backend per call (RECEIVE_BA
 DEF STAGE_SLOT = 1536        # a staged frame: max_frame(1500) = 1518 fits; larger MTUs decline
 DEF XFER_PAGESET = 0xCAFE    # wire.RECEIVE_BUFFER_ID
 DEF DELIVERY = 16            # device.DELIVERY_BATCH ranges per transfer-page packet
+DEF VNET_HDR = 10            # offload.VNET_HDR_SIZE
 DEF PROMISCUOUS = 0x20
 DEF BROADCAST = 0x08
 DEF MULTICASTS = 0x06        # MULTICAST | ALL_MULTICAST
@@ -130,6 +132,9 @@ cdef class FastPath:
     cdef uint32_t reserve
     # Configured per call, under the GIL:
     cdef int fd
+    cdef bint vnet                 # the backend's frames carry a virtio_net_hdr
+    cdef uint8_t vnet_zero[VNET_HDR]
+    cdef uint8_t vnet_in[VNET_HDR]
     cdef uint32_t max_frame
     cdef const uint8_t *send_base
     cdef uint64_t send_len
@@ -156,6 +161,9 @@ cdef class FastPath:
     cdef public unsigned long long served    # SEND_RNDIS_PKTs completed here, ever
     cdef public unsigned long long declined  # calls that stopped at a packet for Python
     cdef public unsigned long long delivered  # frames given to the guest here, ever
+
+    def __cinit__(self):
+        memset(self.vnet_zero, 0, VNET_HDR)
 
     def __init__(self, channel, int reserve):
         # TypeError unless the channel runs on the Cython ring.
@@ -229,6 +237,7 @@ cdef class FastPath:
         if fd < 0 or buffer is None or mapped is None:
             return None
         self.fd = fd
+        self.vnet = backend.vnet_hdr
         self.max_frame = _max_frame(backend.mtu)
         self.section_size = buffer.section_size
         self.section_count = buffer.section_count
@@ -319,6 +328,8 @@ cdef class FastPath:
                 return 0
             if le32(m + 32) and not ppis_ok(m + RNDIS_HEADER + le32(m + 28), le32(m + 32)):
                 return 0
+            if le32(m + 32) and self.vnet:
+                return 0  # checksum or LSO info to translate: the Python path
             self.frame_at[count] = pos + RNDIS_HEADER + data_off
             self.frame_len[count] = data_len
             count += 1
@@ -331,6 +342,9 @@ cdef class FastPath:
         cdef ssize_t done
         cdef int outcome = SERVED
         cdef const uint8_t *reply
+        cdef iovec iov[2]
+        iov[0].iov_base = self.vnet_zero
+        iov[0].iov_len = VNET_HDR
         for i in range(messages):
             length = self.frame_len[i]
             self.frames += 1
@@ -339,7 +353,12 @@ cdef class FastPath:
                 refused += 1
                 continue
             while True:
-                done = write(self.fd, self.private + self.frame_at[i], length)
+                if self.vnet:
+                    iov[1].iov_base = self.private + self.frame_at[i]
+                    iov[1].iov_len = length
+                    done = writev(self.fd, iov, 2)
+                else:
+                    done = write(self.fd, self.private + self.frame_at[i], length)
                 if done >= 0 or errno != EINTR:
                     break
             if done >= 0:
@@ -389,9 +408,20 @@ cdef class FastPath:
         cdef int error = 0
         cdef ssize_t done
         cdef int wanted = limit if limit < STAGE_FRAMES else STAGE_FRAMES
+        cdef bint vnet = backend.vnet_hdr
+        cdef iovec iov[2]
+        iov[0].iov_base = self.vnet_in
+        iov[0].iov_len = VNET_HDR
         with nogil:
             while got < <uint32_t>wanted:
-                done = read(fd, self.stage + got * STAGE_SLOT, max_frame)
+                if vnet:  # the header goes aside: TapBackend.receive drops it too
+                    iov[1].iov_base = self.stage + got * STAGE_SLOT
+                    iov[1].iov_len = max_frame
+                    done = readv(fd, iov, 2)
+                    if done >= 0:
+                        done = done - VNET_HDR if done >= VNET_HDR else 0
+                else:
+                    done = read(fd, self.stage + got * STAGE_SLOT, max_frame)
                 if done < 0:
                     if errno == EINTR:
                         continue

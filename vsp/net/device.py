@@ -52,10 +52,11 @@ from vmbus.host import OfferSpec
 from vmbus.memory import MappedRegion, guest_segments
 from vmbus.packet import PacketType
 from vmbus.packet import encode_transfer_page_header as transfer_header
+from vmbus.protocols.net import offload as ol
 from vmbus.protocols.net import rndis_wire as rw
 from vmbus.protocols.net import vsp as nv
 from vmbus.protocols.net import wire as nvsp
-from vsp.net.backends import ETH_HLEN, VLAN_HLEN, NetBackend
+from vsp.net.backends import ETH_HLEN, GSO_MAX_FRAME, VLAN_HLEN, NetBackend, TapBackend
 
 try:
     from vsp.net._fast import FastPath
@@ -69,6 +70,7 @@ RECEIVE_BATCH = 64  # frames taken from the backend per wake-up
 DELIVERY_BATCH = 16  # frames per transfer-page packet (one range each)
 PPI_ROOM = 256  # per-packet info before a guest's frame (Linux sends < 128 bytes)
 FRAME_OVERHEAD = ETH_HLEN + VLAN_HLEN  # what an MTU does not count
+LSO_SECTION = -(-(rw.PacketHeader.SIZE + PPI_ROOM + GSO_MAX_FRAME) // 8) * 8  # one large send
 
 
 def fast_path_default() -> bool:
@@ -119,7 +121,12 @@ class NetVsp(Vsp):
         self.fast_path = fast_path_default() if fast_path is None else fast_path
         self.mac = mac or backend.mac or random_mac()
         self.instance_id = instance_id or uuid.uuid4()
+        # Offloads (checksums, LSOv2) where the backend takes virtio_net_hdrs:
+        # then a send section also holds one large send.
+        self.offload = isinstance(backend, TapBackend) and backend.vnet_hdr
         recv, send = section_sizes(backend.mtu)
+        if self.offload:
+            send = max(send, LSO_SECTION)
         self.sections = (recv_section_size or recv, send_section_size or send)
         self.mtu = _fitting_mtu(backend.mtu, *self.sections)  # what the guest is told
         if self.mtu < nv.MIN_MTU:
@@ -225,7 +232,8 @@ class NetvspChannel(ChannelHandler):
         self.vsp = vsp
         self.backend = vsp.backend
         self.nvsp = nv.NvspServer(*vsp.sections)
-        self.rndis = nv.RndisDevice(vsp.mac, vsp.mtu, self.backend.link_up)
+        offered = ol.OFFERED if vsp.offload else ol.NO_OFFLOADS
+        self.rndis = nv.RndisDevice(vsp.mac, vsp.mtu, self.backend.link_up, offloads=offered)
         self.buffers: dict[nvsp.BufferKind, _Mapped] = {}
         self.receive_sections: nv.ReceiveSections | None = None
         self.to_guest: collections.deque[bytes] = collections.deque()  # RNDIS messages
@@ -326,7 +334,36 @@ class NetvspChannel(ChannelHandler):
         counts = self.counters
         counts.frames_from_guest += len(frames)
         counts.bytes_from_guest += sum(len(frame) for frame, _ in frames)
+        if self.vsp.offload:
+            self._transmit_offloaded(packet.trans_id, completion, frames)
+            return
         self._transmit(_Send(packet.trans_id, completion, [frame for frame, _ in frames]))
+
+    def _transmit_offloaded(
+        self, trans_id: int, completion: bool, frames: list[tuple[memoryview, tuple[rw.Ppi, ...]]]
+    ) -> None:
+        """Frames with their checksum and LSO per-packet info, as
+        virtio_net_hdrs to a TAP that never holds back; a frame whose info
+        does not fit it is refused."""
+        backend = self.backend
+        assert isinstance(backend, TapBackend)
+        ready = []
+        for frame, ppis in frames:
+            values = {
+                p.type: int.from_bytes(p.value[:4], "little")
+                for p in ppis
+                if p.type in (ol.PPI_CHECKSUM, ol.PPI_LSO) and len(p.value) >= 4
+            }
+            vnet = ol.vnet_header(bytes(frame), values)
+            if vnet is not None:
+                ready.append(vnet)
+        refused = len(frames) - len(ready)
+        backend.drops += refused
+        refused += len(ready) - backend.send_offloaded(ready)
+        self.refused += refused
+        self.counters.refused += refused
+        status = nvsp.NvspStatus.FAIL if refused else nvsp.NvspStatus.SUCCESS
+        self._status(trans_id, completion, status)
 
     def _rndis_bytes(self, packet: Packet, event: nv.RndisPacket) -> bytes | None:
         """One private copy of the RNDIS message(s): from a send-buffer

@@ -28,8 +28,11 @@ refused; SUBCHANNEL is answered once.
 RNDIS choices:
 - INITIALIZE_CMPLT offers max_pkt_per_msg 8 and 8-byte alignment (factor 3;
   DPDK raises anything under 4 to 4) and max_xfer_size MAX_XFER_SIZE.
-- No offloads: TCP_OFFLOAD_HARDWARE_CAPABILITIES is a revision-1, 112-byte
-  ndis_offload of zeros; TCP_OFFLOAD_PARAMETERS that would enable one is
+- Offloads only when the device is made with them (`offloads=offload.OFFERED`,
+  a TAP with IFF_VNET_HDR behind it): TCP_OFFLOAD_HARDWARE_CAPABILITIES is
+  then offload.capabilities() (TCP/UDP checksums and LSOv2 over IPv4 and
+  IPv6), else a revision-1, 112-byte ndis_offload of zeros;
+  TCP_OFFLOAD_PARAMETERS that would enable anything not offered is
   INVALID_DATA. One receive queue, so Linux asks for no sub-channels.
 - GEN_LINK_SPEED defaults to 10 Gbit/s; VENDOR_ID is 0xFFFFFF (no OUI);
   GEN_XMIT_OK / GEN_RCV_OK are u64 when the query offers 8 bytes, else u32.
@@ -54,6 +57,7 @@ from typing import Any, NoReturn
 
 from vmbus.errors import UsageError
 from vmbus.packet import MAX_GPA_RANGES
+from vmbus.protocols.net import offload as ol
 from vmbus.protocols.net import rndis_data as rd
 from vmbus.protocols.net import rndis_wire as rw
 from vmbus.protocols.net.wire import (
@@ -477,6 +481,7 @@ class RndisDevice:
         link_speed: int = DEFAULT_LINK_SPEED,
         *,
         friendly_name: str = DEFAULT_FRIENDLY_NAME,
+        offloads: ol.Offloads = ol.NO_OFFLOADS,
     ) -> None:
         if not _valid_mac(bytes(mac)):
             raise UsageError(f"{bytes(mac).hex(':')} is no unicast MAC address")
@@ -491,6 +496,8 @@ class RndisDevice:
         self.friendly_name = friendly_name
         self.state = RndisState.UNINITIALIZED
         self._packet_filter = 0
+        self.offered = offloads  # what TCP_OFFLOAD_HARDWARE_CAPABILITIES reports
+        self.offloads = ol.NO_OFFLOADS  # what the guest enabled
         self.offload_parameters = b""  # the guest's last TCP_OFFLOAD_PARAMETERS
         self.rss_parameters = b""  # and GEN_RECEIVE_SCALE_PARAMETERS
         self.xmit_ok = 0  # frames the guest sent
@@ -572,10 +579,12 @@ class RndisDevice:
             if rd.NdisObjectHeader.unpack(info).type != kind:
                 return _S.INVALID_DATA
             if offload:
-                # ndis_offload_params: 0 no change, 1 off; the checksum, LSO, IPsec and
-                # RSC bytes (4..14, 20..23) may not ask for an offload we do not offer.
-                if any(b > 1 for b in bytes(info[4:15]) + bytes(info[20:24])):
+                # ndis_offload_params: 0 no change, 1 off; no byte may ask for
+                # an offload we do not offer (offload.parse_parameters).
+                chosen = ol.parse_parameters(bytes(info), self.offered, self.offloads)
+                if chosen is None:
                     return _S.INVALID_DATA
+                self.offloads = chosen
                 self.offload_parameters = bytes(info)
             else:
                 self.rss_parameters = bytes(info)  # one queue: nothing to spread
@@ -691,7 +700,9 @@ _QUERIES: dict[int, Callable[[RndisDevice, int], bytes]] = {
     rd.OID_GEN_FRIENDLY_NAME: lambda d, _: _friendly_name(d),
     rd.OID_802_3_PERMANENT_ADDRESS: lambda d, _: d.permanent_mac,
     rd.OID_802_3_CURRENT_ADDRESS: lambda d, _: d.mac,
-    rd.OID_TCP_OFFLOAD_HARDWARE_CAPABILITIES: lambda d, _: rd.offload_capabilities(),
+    rd.OID_TCP_OFFLOAD_HARDWARE_CAPABILITIES: lambda d, _: (
+        ol.capabilities() if d.offered.any else rd.offload_capabilities()
+    ),
     rd.OID_GEN_RECEIVE_SCALE_CAPABILITIES: lambda d, _: rd.RecvScaleCapabilities().pack(),
     rd.OID_GEN_XMIT_OK: lambda d, room: _counter(d.xmit_ok, room),
     rd.OID_GEN_RCV_OK: lambda d, room: _counter(d.rcv_ok, room),
