@@ -44,9 +44,10 @@ completions wake its own doorbell, and takes them on its thread.
 
 Poll mode: after a wake-up that served requests, a channel spins on its
 ring without the GIL (FastPath.poll, the ring masked so the guest rings no
-doorbell) for the next request, and rings its own doorbell when one comes,
-so the worker serves it at once instead of sleeping into a cross-core
-wake-up; spins that keep finding nothing back off.
+doorbell) for the next request and serves it at once, instead of sleeping
+into a cross-core wake-up; after POLL_TURN it rings its own doorbell and
+returns, so the worker's loop has its turn; spins that keep finding nothing
+back off.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ import functools
 import logging
 import os
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -102,6 +104,7 @@ MAX_IN_FLIGHT = 64  # requests of one channel in the I/O pool at once
 POLL_SECONDS = DEFAULT_SPIN_SECONDS  # a channel's GIL-free spin for its next request
 POLL_MISSES = 4  # spins in a row that found nothing before poll mode backs off
 POLL_PROBE = 32  # then spin after one wake-up in this many
+POLL_TURN = 200e-6  # seconds a channel serves itself in poll mode before the loop's turn
 
 log = logging.getLogger(__name__)
 
@@ -385,24 +388,35 @@ class StorvspChannel(ChannelHandler):
 
     def _poll_mode(self) -> None:
         """After a wake-up that served requests: spin, without the GIL and
-        with the ring masked, for the next one; ring our own doorbell when
-        it comes, so the worker (or our thread) serves it at once."""
+        with the ring masked, for the next one, and serve it here, for up
+        to POLL_TURN; then ring our own doorbell, so the worker's loop (or
+        our thread's) has its turn before it serves us again."""
         served, self._served_before = self.requests - self._served_before, self.requests
         if not served or self.fast is None or not self.vsp.poll_seconds:
-            return
-        if self.pool is not None and self.pool.in_flight:
             return
         self._polls += 1
         if self._poll_misses >= POLL_MISSES and self._polls % POLL_PROBE:
             return
-        reader = self.channel.reader
-        reader.begin_drain()
-        found = self.fast.poll(self.vsp.poll_seconds)
-        if reader.end_drain() or found:  # unmasked again either way
+        reader, channel = self.channel.reader, self.channel
+        turn_ends = time.perf_counter() + POLL_TURN
+        while self.fast is not None and (self.pool is None or not self.pool.in_flight):
+            reader.begin_drain()
+            found = self.fast.poll(self.vsp.poll_seconds)
+            if not reader.end_drain() and not found:  # unmasked again either way
+                self._poll_misses += 1
+                return
             self._poll_misses = 0
-            self.channel.wake_me.set()
-        else:
-            self._poll_misses += 1
+            if time.perf_counter() > turn_ends:
+                break
+            before = self.requests
+            channel.service(self.on_packet, self.admission)
+            super().on_signal()
+            if self.pool is not None and not self.pool_watched:
+                self._complete()
+            if self.requests == before:
+                break  # nothing taken (no room for replies): the loop's wake-up handles it
+        self._served_before = self.requests
+        channel.wake_me.set()
 
     def _complete(self) -> None:
         """The pool's eventfd is readable: write the completions that came."""
