@@ -15,11 +15,17 @@ only: any local process could then watch the guest and type into it. After a
 failed login a source (IP address) waits a growing, bounded delay
 (`vsp.video.access.LoginBackoff`) before its next login is checked.
 
-Encodings: Raw, Zlib (6), ZRLE (16) and the DesktopSize pseudo-encoding
-(-223); the client's first supported preference wins. Pixel formats: any
-true-colour 8/16/32 bpp format (shifts, maxima, endianness); a colour-mapped
-8 bpp format gets a BGR233 colour map. The unused bits of 32 bpp pixels are
-sent set: clients that read them as alpha (noVNC) show an opaque screen.
+Encodings (`vsp.video.encodings`, per-client state in `vsp.video.session`):
+Tight (7; JPEG when the client names a quality level), ZRLE (16), Hextile (5),
+Zlib (6), Raw; the client's first announced one wins. Pseudo-encodings:
+DesktopSize, ExtendedDesktopSize (a client's SetDesktopSize becomes
+``screen.request_size``, the guest's preferred size; ``resize=False`` refuses
+it), Cursor (the guest's pointer shape), JPEG quality and compression levels.
+Pixel formats: any true-colour 8/16/32 bpp format; a colour-mapped 8 bpp
+format gets a BGR233 colour map. The unused bits of 32 bpp pixels are sent
+set: clients that read them as alpha (noVNC) show an opaque screen.
+``web_port``: also RFB over WebSocket, and noVNC's files (`vsp.video.web`);
+``url`` is the one address to open in a browser.
 
 Updates follow the Screen's dirty rectangles: each client accumulates them and
 gets the part inside its request on its next FramebufferUpdateRequest; a
@@ -56,21 +62,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from vmbus.errors import UsageError
 from vsp.video import rfb
 from vsp.video.access import LoginBackoff, generate_password
-from vsp.video.encodings import ENC_EXTENDED_DESKTOP_SIZE, Encoder
 from vsp.video.screen import (
-    MAX_DIMENSION,
-    Capture,
     Rect,
     Screen,
     bounding_box,
-    clip,
-    intersect,
-    subtract,
+)
+from vsp.video.session import (
+    MAX_DIRTY_RECTS,
+    MAX_QUEUED_MESSAGES,
+    STATUS_OK,
+    Drop,
+    Session,
 )
 
 if TYPE_CHECKING:
@@ -94,10 +99,6 @@ MAX_CLIENTS = 16  # past security; the default of max_clients
 MAX_PENDING = 16  # connections still in the handshake
 # Above the largest legal client message: SetEncodings with 65535 entries (256 KiB).
 MAX_INPUT_BYTES = 512 * 1024
-MAX_DIRTY_RECTS = 32  # more are merged into their bounding box
-# Output: one update at most (the next is encoded once it is sent) and this many
-# messages behind it (replies to input, each at most 1.5 KiB).
-MAX_QUEUED_MESSAGES = 64
 HANDSHAKE_TIMEOUT = 10.0  # seconds from accept to ServerInit
 IDLE_TIMEOUT = 600.0  # seconds a client may send nothing (a viewer asks for updates)
 SEND_STALL_TIMEOUT = 10.0  # seconds a queued update may make no progress
@@ -106,61 +107,7 @@ SEC_NONE, SEC_VNC_AUTH = 1, 2
 _SERVER_VERSION = b"RFB 003.008\n"
 _VERSION_RE = re.compile(rb"RFB (\d{3})\.(\d{3})\n")
 _U32 = struct.Struct(">I")
-_RECT_HEADER = struct.Struct(">HHHHi")
 _SET_DESKTOP_SIZE = 251
-# ExtendedDesktopSize: reasons and statuses (rfbproto).
-REASON_SERVER, REASON_CLIENT = 0, 1
-STATUS_OK, STATUS_PROHIBITED, STATUS_INVALID = 0, 1, 3
-
-
-class _Client:
-    """One connection's protocol state; touched only by the server thread."""
-
-    def __init__(self, sock: socket.socket, source: str, generation: int) -> None:
-        self.sock = sock
-        self.source = source  # the peer's address, for the login backoff
-        self.inbuf = bytearray()
-        self.out: collections.deque[memoryview] = collections.deque()
-        self.state = "version"
-        self.minor = 8
-        self.challenge = b""
-        self.discard = 0  # ClientCutText bytes still to skip
-        self.closing = False  # drop once the output is sent
-        self.accepted = self.since = time.monotonic()  # since: the last send progress
-        self.active = self.accepted  # the last message from the client
-        self.generation = generation
-        self.encoder = Encoder()  # format, encodings, zlib streams, reused buffers
-        self.width = self.height = 0  # the client's framebuffer: ServerInit's, or DesktopSize's
-        self.cursor_serial = 0  # the pointer shape the client has
-        self.layout_told = False  # ExtendedDesktopSize: the client knows the layout
-        self.size_reply: int | None = None  # status owed for its SetDesktopSize
-        self.dirty: list[Rect] = []
-        self.want_full: Rect | None = None  # union of pending non-incremental requests
-        self.want_incr: Rect | None = None
-
-    @property
-    def admitted(self) -> bool:
-        """Past security: counts against the client limit."""
-        return self.state in ("init", "normal")
-
-    def send(self, data: bytes | memoryview) -> None:
-        # Updates are queued only onto an empty queue: the rest is small replies.
-        if len(self.out) >= MAX_QUEUED_MESSAGES:
-            raise _Drop("not reading its replies")
-        if not self.out:
-            self.since = time.monotonic()
-        self.out.append(memoryview(data))
-
-    def add_dirty(self, rect: Rect) -> None:
-        if any(subtract(rect, d) == [] for d in self.dirty):
-            return  # already covered
-        self.dirty = [d for d in self.dirty if subtract(d, rect)] + [rect]
-        if len(self.dirty) > MAX_DIRTY_RECTS:
-            self.dirty = [bounding_box(self.dirty)]
-
-
-class _Drop(Exception):
-    """The client broke the protocol: log and disconnect it."""
 
 
 class VncServer:
@@ -205,7 +152,7 @@ class VncServer:
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._running = False
-        self._clients: dict[socket.socket, _Client] = {}
+        self._clients: dict[socket.socket, Session] = {}
         self._damage: collections.deque[list[Rect]] = collections.deque()
         self._adopted: collections.deque[tuple[socket.socket, str]] = collections.deque()
         self.web: WebConsole | None = None
@@ -362,13 +309,13 @@ class VncServer:
             sock.close()
             return
         sock.setblocking(False)
-        client = _Client(sock, source, self.screen.geometry()[0])
+        client = Session(sock, source, self.screen.geometry()[0])
         self._clients[sock] = client
         self._selector.register(sock, selectors.EVENT_READ, client)
         client.send(_SERVER_VERSION)
         self._guard(client, self._flush)
 
-    def _drop(self, client: _Client, reason: str = "") -> None:
+    def _drop(self, client: Session, reason: str = "") -> None:
         if reason:
             log.info("vnc: dropping client: %s", reason)
         if self._clients.pop(client.sock, None) is not None:
@@ -376,12 +323,12 @@ class VncServer:
                 self._selector.unregister(client.sock)
         client.sock.close()
 
-    def _guard(self, client: _Client, step: Callable[[_Client], None]) -> None:
+    def _guard(self, client: Session, step: Callable[[Session], None]) -> None:
         if client.sock not in self._clients:
             return
         try:
             step(client)
-        except _Drop as e:
+        except Drop as e:
             self._drop(client, str(e))
         except OSError as e:
             self._drop(client, f"socket error: {e}")
@@ -389,19 +336,19 @@ class VncServer:
             log.exception("vnc: client failed")
             self._drop(client)
 
-    def _serve(self, client: _Client, events: int) -> None:
+    def _serve(self, client: Session, events: int) -> None:
         if events & selectors.EVENT_WRITE:
             self._guard(client, self._flush)
         if events & selectors.EVENT_READ:
             self._guard(client, self._receive)
 
-    def _receive(self, client: _Client) -> None:
+    def _receive(self, client: Session) -> None:
         try:
             data = client.sock.recv(65536)
         except BlockingIOError:
             return
         if not data:
-            raise _Drop("disconnected")
+            raise Drop("disconnected")
         if client.closing:
             return
         client.active = time.monotonic()
@@ -419,10 +366,10 @@ class VncServer:
             off += used
         client.inbuf = bytearray(buf[off:])
         if len(client.inbuf) > MAX_INPUT_BYTES:
-            raise _Drop("input buffer overflow")
+            raise Drop("input buffer overflow")
         self._flush(client)
 
-    def _flush(self, client: _Client) -> None:
+    def _flush(self, client: Session) -> None:
         while client.out:
             chunk = client.out[0]
             try:
@@ -435,24 +382,24 @@ class VncServer:
             else:
                 client.out[0] = chunk[sent:]
         if not client.out and client.closing:
-            raise _Drop("")
+            raise Drop("")
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if client.out else 0)
         self._selector.modify(client.sock, events, client)
 
-    def _fail(self, client: _Client, reason: str) -> None:
+    def _fail(self, client: Session, reason: str) -> None:
         """SecurityResult failed (with a reason from 3.8 on), then disconnect."""
         client.send(_U32.pack(1) + (_U32.pack(len(reason)) + reason.encode()) * (client.minor >= 8))
         client.closing = True
         log.info("vnc: %s: %s", client.source, reason)
 
-    def _refuse(self, client: _Client, reason: str) -> None:
+    def _refuse(self, client: Session, reason: str) -> None:
         """No security types (3.3: security type 0) and the reason, then disconnect."""
         zero = _U32.pack(0) if client.minor == 3 else b"\0"
         client.send(zero + _U32.pack(len(reason)) + reason.encode())
         client.closing = True
         log.info("vnc: refusing %s: %s", client.source, reason)
 
-    def _refusal(self, client: _Client) -> str | None:
+    def _refusal(self, client: Session) -> str | None:
         """Why `client` may not log in now, if it may not."""
         if self.admitted_count >= self.max_clients:
             return f"too many clients (at most {self.max_clients})"
@@ -461,7 +408,7 @@ class VncServer:
             return f"too many authentication failures: retry in {math.ceil(wait)} s"
         return None
 
-    def _parse(self, client: _Client, buf: memoryview) -> int:
+    def _parse(self, client: Session, buf: memoryview) -> int:
         """Handles one message at the head of `buf`; returns its length, 0 if incomplete."""
         state = client.state
         if state == "version":
@@ -469,7 +416,7 @@ class VncServer:
                 return 0
             m = _VERSION_RE.fullmatch(bytes(buf[:12]))
             if m is None or int(m[1]) != 3:
-                raise _Drop("not an RFB 3.x client")
+                raise Drop("not an RFB 3.x client")
             minor = int(m[2])
             client.minor = 8 if minor >= 8 else 7 if minor == 7 else 3
             refusal = self._refusal(client)
@@ -519,7 +466,7 @@ class VncServer:
             return 1
         return self._message(client, buf)
 
-    def _start_security(self, client: _Client, sec: int) -> None:
+    def _start_security(self, client: Session, sec: int) -> None:
         if sec == SEC_VNC_AUTH:
             client.challenge = os.urandom(16)
             client.send(client.challenge)
@@ -534,11 +481,11 @@ class VncServer:
                 client.send(_U32.pack(0))
             client.state = "init"
 
-    def _message(self, client: _Client, buf: memoryview) -> int:
+    def _message(self, client: Session, buf: memoryview) -> int:
         kind = buf[0]
         need = {0: 20, 2: 4, 3: 10, 4: 8, 5: 6, 6: 8, _SET_DESKTOP_SIZE: 8}.get(kind)
         if need is None:
-            raise _Drop(f"unknown message type {kind}")
+            raise Drop(f"unknown message type {kind}")
         if kind == 2 and len(buf) >= 4:
             need += 4 * int.from_bytes(buf[2:4], "big")
         if kind == _SET_DESKTOP_SIZE and len(buf) >= 8:
@@ -548,7 +495,7 @@ class VncServer:
         if kind == 0:
             fmt = rfb.PixelFormat.unpack(bytes(buf[4:20]))
             if not fmt.valid():
-                raise _Drop(f"unsupported pixel format {fmt}")
+                raise Drop(f"unsupported pixel format {fmt}")
             if not fmt.true_colour:
                 client.send(rfb.colour_map())
                 fmt = rfb.BGR233
@@ -584,123 +531,14 @@ class VncServer:
             except Exception:
                 log.exception("vnc: input callback failed")
 
-    def _set_desktop_size(self, client: _Client, width: int, height: int, screens: int) -> None:
-        """SetDesktopSize: becomes a size request to the guest (the answer
-        is this client's next update; the new mode follows when the guest
-        takes it)."""
-        if not client.encoder.extended_desktop_size:
-            raise _Drop("SetDesktopSize without ExtendedDesktopSize")
-        if not self.resize:
-            client.size_reply = STATUS_PROHIBITED
-        elif screens < 1 or not (1 <= width <= MAX_DIMENSION and 1 <= height <= MAX_DIMENSION):
-            client.size_reply = STATUS_INVALID
-        else:
-            client.size_reply = STATUS_OK
+    def _set_desktop_size(self, client: Session, width: int, height: int, screens: int) -> None:
+        """SetDesktopSize: a size request to the guest (the answer is this
+        client's next update; the new mode follows when the guest takes it)."""
+        status = client.desktop_size_status(width, height, screens, allowed=self.resize)
+        if status == STATUS_OK:
             self.screen.request_size(width, height)
 
-    def _update(self, client: _Client) -> None:
+    def _update(self, client: Session) -> None:
         """Send an update if one is asked for and the previous one has been sent."""
-        if client.state != "normal" or client.out or client.closing:
-            return
-        if client.want_full is None and client.want_incr is None:
-            return
-        enc = client.encoder
-        gen, w, h = self.screen.geometry()
-        cursor = self.screen.cursor() if enc.cursor else None
-        new_cursor = cursor is not None and cursor.serial != client.cursor_serial
-        rects = [client.want_full] if client.want_full else []
-        if client.want_incr is not None:
-            rects += [r for d in client.dirty if (r := intersect(d, client.want_incr))]
-        rects = [c for r in rects if (c := clip(r, w, h)) is not None]
-        layout = enc.extended_desktop_size and not client.layout_told
-        owed = client.size_reply is not None
-        idle = not rects and gen == client.generation and client.want_full is None
-        if idle and not (new_cursor or layout or owed):
-            return  # an incremental request waits for a change
-        direct = enc.encoding == rfb.ENC_RAW  # stateless: encoded from the shared frame
-        if direct:
-            raw_count = [0]
-            cap = self.screen.capture(
-                rects, client.generation, encode=lambda c: self._raw(client, c, raw_count)
-            )
-        else:
-            cap = self.screen.capture(rects, client.generation, into=enc.scratch)
-            if cap.frame is not None:
-                enc.scratch = cap.frame
-        resized = cap.generation != client.generation
-        client.generation = cap.generation
-        announce = resized and (enc.desktop_size or enc.extended_desktop_size)
-        if announce:
-            client.width, client.height = cap.width, cap.height
-        if resized:
-            client.dirty = []
-        else:
-            for sent in cap.rects:
-                client.dirty = [p for d in client.dirty for p in subtract(d, sent)]
-            if len(client.dirty) > MAX_DIRTY_RECTS:
-                client.dirty = [bounding_box(client.dirty)]
-        client.want_full = client.want_incr = None
-        out = enc.out
-        out.reset()
-        out.reserve(4)  # the header, once the rectangles are counted
-        count = 0
-        if owed:  # the answer to its SetDesktopSize, with the size it has now
-            assert client.size_reply is not None
-            self._layout(client, REASON_CLIENT, client.size_reply)
-            client.size_reply, client.layout_told, count = None, True, count + 1
-        if announce or layout:  # first, so the client resizes before drawing
-            if enc.extended_desktop_size:
-                self._layout(client, REASON_SERVER, STATUS_OK)
-                client.layout_told = True
-            else:
-                out.write(_RECT_HEADER.pack(0, 0, cap.width, cap.height, rfb.ENC_DESKTOP_SIZE))
-            count += 1
-        if new_cursor and cursor is not None:
-            enc.cursor_rect(cursor.hot_x, cursor.hot_y, cursor.pixels)
-            client.cursor_serial = cursor.serial
-            count += 1
-        if direct:
-            count += raw_count[0]
-        else:
-            count += self._rects(client, cap, client.width, client.height)
-        out.array[:4] = np.frombuffer(struct.pack(">BxH", 0, min(count, 0xFFFF)), np.uint8)
-        client.send(out.view())
-        if direct:
-            client.send(enc.work.view())  # the rectangles, behind the header
-        self._flush(client)
-
-    def _raw(self, client: _Client, cap: Capture, count: list[int]) -> None:
-        """Raw rectangles into the encoder's `work` buffer straight from the
-        shared frame (called again from the start if the frame changed)."""
-        enc = client.encoder
-        width, height = client.width, client.height
-        if cap.generation != client.generation and (enc.desktop_size or enc.extended_desktop_size):
-            width, height = cap.width, cap.height  # announced in this update
-        out, enc.out = enc.out, enc.work
-        try:
-            enc.work.reset()
-            count[0] = self._rects(client, cap, width, height)
-        finally:
-            enc.out = out
-
-    @staticmethod
-    def _rects(client: _Client, cap: Capture, width: int, height: int) -> int:
-        count = 0
-        for rect, pix in zip(cap.rects, cap.pixels, strict=True):
-            # Only what fits the client's framebuffer: one that missed a
-            # resize (no DesktopSize) keeps its own size.
-            fits = clip(rect, width, height)
-            if fits is None:
-                continue
-            x1, y1, x2, y2 = fits
-            pix = pix[y1 - rect[1] : y2 - rect[1], x1 - rect[0] : x2 - rect[0]]
-            count += client.encoder.rect(x1, y1, pix)
-        return count
-
-    def _layout(self, client: _Client, reason: int, status: int) -> None:
-        """An ExtendedDesktopSize rectangle: one screen, the client's framebuffer."""
-        w, h = client.width, client.height
-        client.encoder.out.write(
-            _RECT_HEADER.pack(reason, status, w, h, ENC_EXTENDED_DESKTOP_SIZE)
-            + struct.pack(">B3xIHHHHI", 1, 0, 0, 0, w, h, 0)
-        )
+        if client.update(self.screen):
+            self._flush(client)

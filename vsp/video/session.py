@@ -1,0 +1,220 @@
+"""One VNC client's session state, and the FramebufferUpdates it is sent.
+
+`Session` holds what `vsp.video.vnc.VncServer` keeps per connection: the
+handshake state, input and output queues, the `Encoder` (pixel format,
+encodings, zlib streams, reused buffers), the client's framebuffer size,
+its dirty rectangles and pending requests. `Session.update(screen)` builds
+and queues the next update when one is asked for and the last one has gone:
+pseudo-rectangles first (the answer to a SetDesktopSize, a new desktop size,
+a new pointer shape), then the rectangles in the client's encoding. Raw is
+encoded straight from the Screen's shared frame; the others from the
+encoder's own copy (their zlib streams cannot be re-run if the writer
+changed the frame meanwhile). Touched only by the server's thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import socket
+import struct
+import time
+
+import numpy as np
+
+from vsp.video import rfb
+from vsp.video.encodings import ENC_EXTENDED_DESKTOP_SIZE, Encoder
+from vsp.video.screen import (
+    MAX_DIMENSION,
+    Capture,
+    Rect,
+    Screen,
+    bounding_box,
+    clip,
+    intersect,
+    subtract,
+)
+
+__all__ = [
+    "MAX_DIRTY_RECTS",
+    "MAX_QUEUED_MESSAGES",
+    "REASON_CLIENT",
+    "REASON_SERVER",
+    "STATUS_INVALID",
+    "STATUS_OK",
+    "STATUS_PROHIBITED",
+    "Drop",
+    "Session",
+]
+
+MAX_DIRTY_RECTS = 32  # more are merged into their bounding box
+# Output: one update at most (the next is encoded once it is sent) and this many
+# messages behind it (replies to input, each at most 1.5 KiB).
+MAX_QUEUED_MESSAGES = 64
+# ExtendedDesktopSize: reasons and statuses (rfbproto).
+REASON_SERVER, REASON_CLIENT = 0, 1
+STATUS_OK, STATUS_PROHIBITED, STATUS_INVALID = 0, 1, 3
+_RECT_HEADER = struct.Struct(">HHHHi")
+
+
+class Drop(Exception):
+    """The client broke the protocol: log and disconnect it."""
+
+
+class Session:
+    """One connection's protocol state; touched only by the server thread."""
+
+    def __init__(self, sock: socket.socket, source: str, generation: int) -> None:
+        self.sock = sock
+        self.source = source  # the peer's address, for the login backoff
+        self.inbuf = bytearray()
+        self.out: collections.deque[memoryview] = collections.deque()
+        self.state = "version"
+        self.minor = 8
+        self.challenge = b""
+        self.discard = 0  # ClientCutText bytes still to skip
+        self.closing = False  # drop once the output is sent
+        self.accepted = self.since = time.monotonic()  # since: the last send progress
+        self.active = self.accepted  # the last message from the client
+        self.generation = generation
+        self.encoder = Encoder()  # format, encodings, zlib streams, reused buffers
+        self.width = self.height = 0  # the client's framebuffer: ServerInit's, or DesktopSize's
+        self.cursor_serial = 0  # the pointer shape the client has
+        self.layout_told = False  # ExtendedDesktopSize: the client knows the layout
+        self.size_reply: int | None = None  # status owed for its SetDesktopSize
+        self.dirty: list[Rect] = []
+        self.want_full: Rect | None = None  # union of pending non-incremental requests
+        self.want_incr: Rect | None = None
+
+    @property
+    def admitted(self) -> bool:
+        """Past security: counts against the client limit."""
+        return self.state in ("init", "normal")
+
+    def send(self, data: bytes | memoryview) -> None:
+        # Updates are queued only onto an empty queue: the rest is small replies.
+        if len(self.out) >= MAX_QUEUED_MESSAGES:
+            raise Drop("not reading its replies")
+        if not self.out:
+            self.since = time.monotonic()
+        self.out.append(memoryview(data))
+
+    def add_dirty(self, rect: Rect) -> None:
+        if any(subtract(rect, d) == [] for d in self.dirty):
+            return  # already covered
+        self.dirty = [d for d in self.dirty if subtract(d, rect)] + [rect]
+        if len(self.dirty) > MAX_DIRTY_RECTS:
+            self.dirty = [bounding_box(self.dirty)]
+
+    def desktop_size_status(self, width: int, height: int, screens: int, *, allowed: bool) -> int:
+        """SetDesktopSize: the status this client's next update answers with."""
+        if not self.encoder.extended_desktop_size:
+            raise Drop("SetDesktopSize without ExtendedDesktopSize")
+        if not allowed:
+            self.size_reply = STATUS_PROHIBITED
+        elif screens < 1 or not (1 <= width <= MAX_DIMENSION and 1 <= height <= MAX_DIMENSION):
+            self.size_reply = STATUS_INVALID
+        else:
+            self.size_reply = STATUS_OK
+        return self.size_reply
+
+    def update(self, screen: Screen) -> bool:
+        """Queue an update if one is asked for, there is something to send
+        and the last one has gone; True if one was queued."""
+        if self.state != "normal" or self.out or self.closing:
+            return False
+        if self.want_full is None and self.want_incr is None:
+            return False
+        enc = self.encoder
+        gen, w, h = screen.geometry()
+        cursor = screen.cursor() if enc.cursor else None
+        new_cursor = cursor is not None and cursor.serial != self.cursor_serial
+        rects = [self.want_full] if self.want_full else []
+        if self.want_incr is not None:
+            rects += [r for d in self.dirty if (r := intersect(d, self.want_incr))]
+        rects = [c for r in rects if (c := clip(r, w, h)) is not None]
+        layout = enc.extended_desktop_size and not self.layout_told
+        owed = self.size_reply is not None
+        idle = not rects and gen == self.generation and self.want_full is None
+        if idle and not (new_cursor or layout or owed):
+            return False  # an incremental request waits for a change
+        direct = enc.encoding == rfb.ENC_RAW  # stateless: encoded from the shared frame
+        raw_count = [0]
+        if direct:
+            cap = screen.capture(rects, self.generation, encode=lambda c: self._raw(c, raw_count))
+        else:
+            cap = screen.capture(rects, self.generation, into=enc.scratch)
+            if cap.frame is not None:
+                enc.scratch = cap.frame
+        resized = cap.generation != self.generation
+        self.generation = cap.generation
+        announce = resized and (enc.desktop_size or enc.extended_desktop_size)
+        if announce:
+            self.width, self.height = cap.width, cap.height
+        if resized:
+            self.dirty = []
+        else:
+            for sent in cap.rects:
+                self.dirty = [p for d in self.dirty for p in subtract(d, sent)]
+            if len(self.dirty) > MAX_DIRTY_RECTS:
+                self.dirty = [bounding_box(self.dirty)]
+        self.want_full = self.want_incr = None
+        out = enc.out
+        out.reset()
+        out.reserve(4)  # the header, once the rectangles are counted
+        count = 0
+        if owed:  # the answer to its SetDesktopSize, with the size it has now
+            assert self.size_reply is not None
+            self._layout(REASON_CLIENT, self.size_reply)
+            self.size_reply, self.layout_told, count = None, True, count + 1
+        if announce or layout:  # first, so the client resizes before drawing
+            if enc.extended_desktop_size:
+                self._layout(REASON_SERVER, STATUS_OK)
+                self.layout_told = True
+            else:
+                out.write(_RECT_HEADER.pack(0, 0, cap.width, cap.height, rfb.ENC_DESKTOP_SIZE))
+            count += 1
+        if new_cursor and cursor is not None:
+            enc.cursor_rect(cursor.hot_x, cursor.hot_y, cursor.pixels)
+            self.cursor_serial = cursor.serial
+            count += 1
+        count += raw_count[0] if direct else self._rects(cap, self.width, self.height)
+        out.array[:4] = np.frombuffer(struct.pack(">BxH", 0, min(count, 0xFFFF)), np.uint8)
+        self.send(out.view())
+        if direct:
+            self.send(enc.work.view())  # the rectangles, behind the header
+        return True
+
+    def _raw(self, cap: Capture, count: list[int]) -> None:
+        """Raw rectangles into the encoder's `work` buffer straight from the
+        shared frame (called again from the start if the frame changed)."""
+        enc = self.encoder
+        width, height = self.width, self.height
+        if cap.generation != self.generation and (enc.desktop_size or enc.extended_desktop_size):
+            width, height = cap.width, cap.height  # announced in this update
+        out, enc.out = enc.out, enc.work
+        try:
+            enc.work.reset()
+            count[0] = self._rects(cap, width, height)
+        finally:
+            enc.out = out
+
+    def _rects(self, cap: Capture, width: int, height: int) -> int:
+        count = 0
+        for rect, pix in zip(cap.rects, cap.pixels, strict=True):
+            # Only what fits the client's framebuffer: one that missed a
+            # resize (no DesktopSize) keeps its own size.
+            fits = clip(rect, width, height)
+            if fits is None:
+                continue
+            x1, y1, x2, y2 = fits
+            pix = pix[y1 - rect[1] : y2 - rect[1], x1 - rect[0] : x2 - rect[0]]
+            count += self.encoder.rect(x1, y1, pix)
+        return count
+
+    def _layout(self, reason: int, status: int) -> None:
+        """An ExtendedDesktopSize rectangle: one screen, the client's framebuffer."""
+        w, h = self.width, self.height
+        self.encoder.out.write(
+            _RECT_HEADER.pack(reason, status, w, h, ENC_EXTENDED_DESKTOP_SIZE)
+            + struct.pack(">B3xIHHHHI", 1, 0, 0, 0, w, h, 0)
+        )
