@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from vnc_client import (
+    COPYRECT,
     CURSOR,
     DESKTOP_SIZE,
     EXTENDED_DESKTOP_SIZE,
@@ -210,3 +211,45 @@ def test_encoder_round_trips_any_rectangle(
     client = BytesRfb(bytes(encoder.out.view()), pf, height, width)
     assert len(client.read_update()) == count and client.pos == len(client.data)
     assert (client.fb == expected_values(pix, pf)).all()
+
+
+@pytest.mark.parametrize("encoding", [ZRLE, TIGHT, HEXTILE])
+def test_a_scroll_is_sent_as_copyrect(server: VncServer, screen: Screen, encoding: int) -> None:
+    client = connect(server, encoding, COPYRECT)
+    client.request(False)
+    client.read_update()
+    before = screen.frame_copy()
+    scrolled = np.roll(before, -37, axis=0)
+    scrolled[-37:] = pattern(37, W, seed=8)  # the new lines at the bottom
+    screen.update(scrolled)
+    client.request(True)
+    rects = client.read_update()
+    assert rects[0] == (0, 0, W, H - 37, COPYRECT)  # from (0, 37): read by the client
+    assert [r[4] for r in rects[1:]] == [encoding]
+    assert (client.fb == rgb_values(screen.frame_copy())).all()
+
+
+def test_no_copyrect_for_a_client_that_does_not_announce_it(
+    server: VncServer, screen: Screen
+) -> None:
+    client = connect(server, ZRLE)
+    client.request(False)
+    client.read_update()
+    screen.update(np.roll(screen.frame_copy(), -37, axis=0))
+    client.request(True)
+    assert all(r[4] == ZRLE for r in client.read_update())
+    assert (client.fb == rgb_values(screen.frame_copy())).all()
+
+
+def test_find_scroll_needs_a_long_enough_band() -> None:
+    rng = np.random.default_rng(3)
+    old = rng.integers(0, 256, (100, 80, 4), dtype=np.uint8)
+    new = rng.integers(0, 256, (100, 80, 4), dtype=np.uint8)
+    new[10:30] = old[50:70]  # 20 rows moved: under MIN_SCROLL_ROWS
+    assert encodings.find_scroll(encodings.row_hashes(old), encodings.row_hashes(new)) is None
+    new[10:60] = old[40:90]
+    assert encodings.find_scroll(encodings.row_hashes(old), encodings.row_hashes(new)) == (
+        10,
+        60,
+        30,
+    )

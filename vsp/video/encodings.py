@@ -193,6 +193,7 @@ class Encoder:
         self.out = OutBuffer()
         self.work = OutBuffer()
         self.scratch: Pixels = np.empty((0, 0, 4), np.uint8)  # what the client was sent
+        self.synced = False  # scratch holds all the client has (CopyRect may copy from it)
         self._streams: dict[int, Any] = {}
 
     def set_format(self, fmt: PixelFormat) -> None:
@@ -419,3 +420,54 @@ def _any_few_colours(values: npt.NDArray[np.uint32], th: int) -> bool:
     first_rows.sort(axis=1)
     distinct = 1 + (first_rows[:, 1:] != first_rows[:, :-1]).sum(axis=1)
     return bool((distinct <= 16).any())
+
+
+# CopyRect: content the client already has, moved up or down (a scroll).
+
+# Random per process: a guest cannot draw rows that collide on purpose.
+_HASH_KEY = np.random.default_rng().integers(1, 2**63, 4096, dtype=np.uint64) | np.uint64(1)
+MIN_SCROLL_ROWS = 32  # a shorter moved band is not worth a CopyRect
+
+
+def row_hashes(pix: Pixels) -> npt.NDArray[np.uint64]:
+    """One 64-bit hash per row of `pix` (h, w, 4), the unused byte ignored."""
+    h, w = pix.shape[:2]
+    colours = (pix.view(np.uint32)[:, :, 0] & np.uint32(0xFFFFFF)).astype(np.uint64)
+    key = np.resize(_HASH_KEY, w)
+    with np.errstate(over="ignore"):
+        hashes: npt.NDArray[np.uint64] = (colours * key).sum(axis=1, dtype=np.uint64)
+    return hashes
+
+
+def find_scroll(
+    old: npt.NDArray[np.uint64], new: npt.NDArray[np.uint64]
+) -> tuple[int, int, int] | None:
+    """The longest run of rows [a, b) of the new content that equals the old
+    content's rows [a + dy, b + dy), dy != 0: (a, b, dy), or None if no run
+    has MIN_SCROLL_ROWS rows. Candidates: where a few new rows sit in the old."""
+    h = len(new)
+    if h < MIN_SCROLL_ROWS or len(old) != h:
+        return None
+    where: dict[int, int] = {}
+    for i, value in enumerate(old.tolist()):
+        where.setdefault(value, i)
+    best: tuple[int, int, int] | None = None
+    for probe in (h // 4, h // 2, 3 * h // 4):
+        at = where.get(int(new[probe]))
+        if at is None or at == probe:
+            continue
+        dy = at - probe
+        lo, hi = max(0, -dy), min(h, h - dy)  # rows whose source is inside
+        same = new[lo:hi] == old[lo + dy : hi + dy]
+        if not same[probe - lo]:
+            continue
+        a = probe - lo
+        while a > 0 and same[a - 1]:
+            a -= 1
+        b = probe - lo
+        while b < len(same) and same[b]:
+            b += 1
+        run = (lo + a, lo + b, dy)
+        if b - a >= MIN_SCROLL_ROWS and (best is None or b - a > best[1] - best[0]):
+            best = run
+    return best

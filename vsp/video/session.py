@@ -18,11 +18,18 @@ import collections
 import socket
 import struct
 import time
+from typing import Any
 
 import numpy as np
 
 from vsp.video import rfb
-from vsp.video.encodings import ENC_EXTENDED_DESKTOP_SIZE, Encoder
+from vsp.video.encodings import (
+    ENC_EXTENDED_DESKTOP_SIZE,
+    MIN_SCROLL_ROWS,
+    Encoder,
+    find_scroll,
+    row_hashes,
+)
 from vsp.video.screen import (
     MAX_DIMENSION,
     Capture,
@@ -142,7 +149,10 @@ class Session:
         if direct:
             cap = screen.capture(rects, self.generation, encode=lambda c: self._raw(c, raw_count))
         else:
+            scroll = self._scroll_candidates(rects, gen)
             cap = screen.capture(rects, self.generation, into=enc.scratch)
+            if cap.frame is not enc.scratch:  # a new size: a new copy, unknown to the client
+                enc.synced = False
             if cap.frame is not None:
                 enc.scratch = cap.frame
         resized = cap.generation != self.generation
@@ -177,12 +187,57 @@ class Session:
             enc.cursor_rect(cursor.hot_x, cursor.hot_y, cursor.pixels)
             self.cursor_serial = cursor.serial
             count += 1
+        if not direct and not resized and scroll:
+            cap, moved = self._scrolled(cap, scroll)
+            count += moved
         count += raw_count[0] if direct else self._rects(cap, self.width, self.height)
+        if not direct and (0, 0, cap.width, cap.height) in cap.rects:
+            enc.synced = (cap.width, cap.height) == (self.width, self.height)
         out.array[:4] = np.frombuffer(struct.pack(">BxH", 0, min(count, 0xFFFF)), np.uint8)
         self.send(out.view())
         if direct:
             self.send(enc.work.view())  # the rectangles, behind the header
         return True
+
+    def _scroll_candidates(self, rects: list[Rect], generation: int) -> dict[Rect, Any]:
+        """Row hashes of what the client has under the big rectangles about
+        to be sent, for CopyRect (taken before the capture overwrites them)."""
+        enc = self.encoder
+        if not (enc.copyrect and enc.synced) or generation != self.generation:
+            return {}
+        found: dict[Rect, Any] = {}
+        for rect in rects[:4]:
+            x1, y1, x2, y2 = rect
+            inside = x2 <= min(self.width, enc.scratch.shape[1]) and y2 <= min(
+                self.height, enc.scratch.shape[0]
+            )
+            if inside and y2 - y1 >= MIN_SCROLL_ROWS and x2 - x1 >= 64:
+                found[rect] = row_hashes(enc.scratch[y1:y2, x1:x2])
+        return found
+
+    def _scrolled(self, cap: Capture, scroll: dict[Rect, Any]) -> tuple[Capture, int]:
+        """One CopyRect for the longest band that moved inside a rectangle;
+        the capture then holds the rest of that rectangle, above and below."""
+        best: tuple[Rect, tuple[int, int, int]] | None = None
+        for rect, pix in zip(cap.rects, cap.pixels, strict=True):
+            band = find_scroll(scroll[rect], row_hashes(pix)) if rect in scroll else None
+            if band is not None and (best is None or band[1] - band[0] > best[1][1] - best[1][0]):
+                best = (rect, band)
+        if best is None:
+            return cap, 0
+        (x1, y1, x2, y2), (a, b, dy) = best
+        self.encoder.copy_rect(x1, y1 + a, x2 - x1, b - a, x1, y1 + a + dy)
+        rects, pixels = [], []
+        for rect, pix in zip(cap.rects, cap.pixels, strict=True):
+            if rect != best[0]:
+                rects.append(rect)
+                pixels.append(pix)
+                continue
+            for top, bottom in ((0, a), (b, y2 - y1)):  # what did not move
+                if top < bottom:
+                    rects.append((x1, y1 + top, x2, y1 + bottom))
+                    pixels.append(pix[top:bottom])
+        return Capture(cap.generation, cap.width, cap.height, rects, pixels, cap.frame), 1
 
     def _raw(self, cap: Capture, count: list[int]) -> None:
         """Raw rectangles into the encoder's `work` buffer straight from the
