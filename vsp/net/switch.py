@@ -109,6 +109,8 @@ class _PortEnd:
         self.mac = port.mac
         self.link_up = True
         self.handed = False  # pickled for a worker: close our copy of its socket once it speaks
+        self.closing: str | None = None  # hung up (why): forward what it sent, then remove it
+        self.owns_memory = False  # its owner closed the port here: the memory is ours to close
         self.heard = False
         self.removed = False
         self.written = 0  # frames written to ring "down"
@@ -120,7 +122,8 @@ class _PortEnd:
         self.pending: deque[bytes] = deque()  # read from its ring, not yet forwarded
         self.waiting_on: _PortEnd | None = None  # the full port pending[0] waits for
         self.waiters: set[_PortEnd] = set()  # ports holding a frame for this one
-        self.held_since: float | None = None
+        self.held_since: float | None = None  # senders wait since, or since it last read
+        self.progress = 0  # its read count at held_since
         self.stalled = False
 
     def worker_count(self, cell: int) -> int:
@@ -285,10 +288,10 @@ class LearningSwitch:
         except BlockingIOError:
             return
         except OSError as error:
-            self._remove(end, f"its worker's doorbell failed ({error.strerror})")
+            self._retire(end, f"its worker's doorbell failed ({error.strerror})")
             return
         if not data:
-            self._remove(end, "its worker hung up")
+            self._retire(end, "its worker hung up")
             return
         if end.handed and not end.heard:  # the worker has its own socket now
             end.heard = True
@@ -310,7 +313,12 @@ class LearningSwitch:
             if end.dirty and not end.removed:
                 end.dirty = False
                 self._guard(end, self._commit)
+            if end.closing is not None and not end.removed:
+                self._guard(end, self._finish)
         self._busy = busy
+        kicked = self._thread is not None and threading.current_thread() is not self._thread
+        if kicked and (busy or any(end.waiters for end in self._ports)):
+            ring_eventfd(self._wake)  # the thread may sleep with no timeout: it goes on
         return moved
 
     def _guard(self, end: _PortEnd, step: Callable[[_PortEnd], int]) -> int:
@@ -318,22 +326,46 @@ class LearningSwitch:
         try:
             return step(end)
         except (RingCorrupt, _Corrupt, ValueError) as error:
-            self._remove(end, f"its ring is corrupt ({error})")
-            return 0
+            reason = f"its ring is corrupt ({error})"
+        self._remove(end, reason)  # outside the handler: its traceback holds the rings
+        return 0
+
+    def _retire(self, end: _PortEnd, reason: str) -> None:
+        """The worker is gone (or its owner closed the port): nothing more
+        reaches it, and what it sent still goes on; then it is removed."""
+        if end.removed or end.closing is not None:
+            return
+        end.closing = reason
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(end.sock)
+        self._release(end)  # frames held for it are dropped instead
+        self._guard(end, self._finish)
+
+    def _finish(self, end: _PortEnd) -> int:
+        """Remove a retiring port once all it sent has been forwarded."""
+        if end.waiting_on is None and not end.pending:
+            self._serve_sender(end)
+        drained = end.reader is None or not end.reader.bytes_available
+        if end.waiting_on is None and not end.pending and drained:
+            self._remove(end, end.closing or None)
+        return 0
 
     def _commit(self, end: _PortEnd) -> int:
-        assert end.writer is not None
+        if end.writer is None:
+            return 0
         if end.writer.commit():
             ring_eventfd(end.bell)
         return 0
 
     def _room(self, end: _PortEnd) -> int:
         """A port that senders wait on (or stalled): resume them once it drained to half."""
-        if end.queued() <= self.low_water:
-            end.stalled = False
-            self._release(end)
-        else:
-            self._want(end)
+        if end.queued() > self.low_water:
+            end.cells[P_WANT] = 1  # ring once you have read
+            full_fence()  # P_WANT stored before W_RECEIVED is loaded (the worker: the reverse)
+            if end.queued() > self.low_water:
+                return 0  # its next read rings us
+        end.stalled = False
+        self._release(end)
         return 0
 
     def _want(self, end: _PortEnd) -> bool:
@@ -412,14 +444,14 @@ class LearningSwitch:
             source.waiting_on = target
             target.waiters.add(source)
             if target.held_since is None:
-                target.held_since = time.monotonic()
+                target.held_since, target.progress = time.monotonic(), target.received
             return False
         source.frames_out += 1
         return True
 
     def _deliver(self, target: _PortEnd, data: bytes, hold: bool) -> bool:
         """Write one frame to a port's ring; False: it must wait (hold, and full)."""
-        if not target.link_up or target.writer is None:
+        if not target.link_up or target.writer is None or target.closing is not None:
             target.dropped += 1
             return True
         try:
@@ -442,19 +474,49 @@ class LearningSwitch:
                     return True
                 return False
         except (RingCorrupt, _Corrupt) as error:
-            self._remove(target, f"its ring is corrupt ({error})")
+            reason = f"its ring is corrupt ({error})"
+        else:
+            target.dropped += 1
             return True
-        target.dropped += 1
+        self._remove(target, reason)  # outside the handler: its traceback holds the rings
         return True
 
     def _check_stalls(self, now: float) -> None:
+        """A port that senders wait on and that read nothing for stall_seconds
+        is stalled (one that reads, however slowly, is not: it drains)."""
         limit = self.stall_seconds
-        for end in self._ports:
+        for end in list(self._ports):
             since = end.held_since
-            if limit is not None and since is not None and now - since >= limit:
-                end.stalled = True
-                end.cells[P_WANT] = 1  # its next read says whether it drains again
-                self._release(end)
+            if limit is None or since is None:
+                continue
+            try:
+                end.queued()  # refreshes what it has read
+            except _Corrupt as error:
+                reason = f"its ring is corrupt ({error})"
+            else:
+                if end.received != end.progress:
+                    end.progress, end.held_since = end.received, now
+                elif now - since >= limit:
+                    end.stalled = True
+                    end.cells[P_WANT] = 1  # its next read says whether it drains again
+                    self._release(end)
+                continue
+            self._remove(end, reason)
+
+    def _closed_here(self, end: _PortEnd) -> bool:
+        """The port's owner, in this process, closed it: its descriptors go
+        now, the memory with the end (a handed port's husk, all of it), once
+        what it sent has been forwarded. False: the end is gone already."""
+        with self._lock:
+            if end.removed:
+                return False
+            if not end.handed:  # its eventfds close now: never ring them again
+                end.bell = end.space = -1
+                end.owns_memory = True
+            self._retire(end, "")
+            if not end.removed:
+                ring_eventfd(self._wake)
+            return True
 
     def _set_link(self, end: _PortEnd, up: bool) -> None:
         with self._lock:
@@ -484,7 +546,7 @@ class LearningSwitch:
         with self._lock:
             if end.removed:
                 return
-            end.dropped += end.worker_count(W_DROPPED)
+            end.dropped += end.worker_count(W_DROPPED) + len(end.pending)
             end.refused += end.worker_count(W_REFUSED)
             end.spoofed += end.worker_count(W_SPOOFED)
             end.removed = True
@@ -502,7 +564,9 @@ class LearningSwitch:
             end.sock.close()
             end.reader = end.writer = None
             end.cells[P_LINK] = 0  # a worker still there reads nothing more
-            if reason is not None:
+            if end.owns_memory:
+                end.memory.close()
+            if reason:
                 self.removals[reason.split(" (")[0]] += 1
                 mac = end.mac.hex(":") if end.mac else "(no address)"
                 log.warning("switch: port %s removed: %s", mac, reason)

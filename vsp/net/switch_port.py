@@ -120,6 +120,7 @@ class PortMemory:
         for mapping in (self._cells_map, self.up, self.down):
             with contextlib.suppress(BufferError):  # a ring still holds it: unmapped with it
                 mapping.close()
+        del self._cells_map, self.up, self.down  # (each mmap holds a dup of the fd till then)
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -130,6 +131,8 @@ def _eventfd() -> int:
 
 
 def ring_eventfd(fd: int) -> None:
+    if fd < 0:
+        return
     # A full counter (a peer filled it) still reads as rung.
     with contextlib.suppress(BlockingIOError):
         os.eventfd_write(fd, 1)
@@ -384,16 +387,22 @@ class SwitchPort(_Backend):
     def close(self) -> None:
         if self._fd < 0:
             return
-        if self.switch is not None and self._end is not None:
-            self.switch._remove(self._end, None)  # in the switch's process: forgotten at once
+        end, switch = self._end, self.switch
+        if switch is not None and end is not None and switch._closed_here(end):
+            # In the switch's process: what it sent still goes on, and the
+            # switch closes the memory (a husk's everything) once it is drained.
+            if not end.handed:
+                self._close_here(keep_memory=True)
+            return
         self._close_here()
 
-    def _close_here(self) -> None:
-        """Release this copy's descriptors and mapping."""
+    def _close_here(self, keep_memory: bool = False) -> None:
+        """Release this copy's descriptors and (unless kept) its mapping."""
         if self._fd < 0:
             return
         del self._writer, self._reader
-        self._memory.close()
+        if not keep_memory:
+            self._memory.close()
         self._sock.close()
         for fd in (self._fd, self._space, self._link_bell):
             os.close(fd)
