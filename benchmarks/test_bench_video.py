@@ -1,8 +1,9 @@
 """pytest-benchmark tests of the video path's pieces in one process and one
 thread: the parent's Screen copy of dirty rectangles, a DIRT's whole trip
 from the guest through an in-process channel (vmbus.testing.VspHarness) to
-the VideoVsp and its Screen, and the VNC server's Raw and ZRLE encodings of
-a full frame. No process wakes another: these are CPU costs, the floor of
+the VideoVsp and its Screen, and the VNC server's encodings of a full frame
+(Raw, ZRLE, Hextile, Tight with zlib and with JPEG). No process wakes
+another: these are CPU costs, the floor of
 the cross-process figures.
 
     .venv/bin/pytest benchmarks/test_bench_video.py --benchmark-enable -p no:cacheprovider
@@ -15,8 +16,6 @@ from __future__ import annotations
 import mmap
 import multiprocessing
 import random
-import struct
-import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import cast
@@ -30,7 +29,8 @@ from vmbus.memory import PAGE_SIZE
 from vmbus.protocols import video as sv
 from vmbus.testing import VspHarness
 from vsp.video import VideoVsp, rfb
-from vsp.video.screen import Rect, Screen
+from vsp.video.encodings import ENC_HEXTILE, ENC_TIGHT, Encoder
+from vsp.video.screen import Capture, Rect, Screen
 
 MiB = 1 << 20
 RING = 256 * 1024
@@ -164,46 +164,48 @@ def test_dirt_decode(benchmark, guest: Guest, rects: int) -> None:  # type: igno
 
 # --- the VNC server's encodings of a full frame ------------------------------------
 
-
-def test_vnc_raw_encode(benchmark) -> None:  # type: ignore[no-untyped-def]
-    """Raw in the server's own pixel format: mask the unused byte, to bytes."""
-    pixels = vram_frame()
-    data = benchmark(rfb.encode_pixels, rfb.DEFAULT_FORMAT, pixels)
-    assert len(data) == FRAME_BYTES
-
-
-def test_vnc_update_assembly(benchmark) -> None:  # type: ignore[no-untyped-def]
-    """Framing a Raw update as VncServer._update does: the rectangle's parts
-    joined, then the message header prepended (two copies of the frame)."""
-    body = rfb.encode_pixels(rfb.DEFAULT_FORMAT, vram_frame())
-    header = struct.pack(">HHHHi", 0, 0, WIDTH, HEIGHT, rfb.ENC_RAW)
-
-    def assemble() -> bytes:
-        return struct.pack(">BxH", 0, 1) + b"".join([header, body])
-
-    assert len(benchmark(assemble)) == FRAME_BYTES + 16
+NOVNC_FORMAT = rfb.PixelFormat(32, 24, False, True, 255, 255, 255, 0, 8, 16)  # RGBX
+ENCODINGS = {
+    "raw": (rfb.ENC_RAW,),
+    "zrle": (rfb.ENC_ZRLE,),
+    "hextile": (ENC_HEXTILE,),
+    "tight-zlib": (ENC_TIGHT,),
+    "tight-jpeg": (ENC_TIGHT, -26),  # noVNC's default quality level
+}
 
 
-def test_vnc_zrle_tiles(benchmark) -> None:  # type: ignore[no-untyped-def]
-    """ZRLE before deflate: pixel values, then 64x64 tiles (all raw for this frame)."""
-    pixels = vram_frame()
+@pytest.mark.parametrize("fmt", [rfb.DEFAULT_FORMAT, NOVNC_FORMAT], ids=["bgrx", "novnc-rgbx"])
+@pytest.mark.parametrize("name", sorted(ENCODINGS))
+def test_vnc_encode_full_frame(benchmark, name: str, fmt: rfb.PixelFormat) -> None:  # type: ignore[no-untyped-def]
+    """One full-frame rectangle in each encoding, as the server writes it:
+    into the client's reused buffer, zlib streams carried on (two frames
+    alternating, as the child animates)."""
+    pair = frames(WIDTH, HEIGHT)
+    encoder = Encoder()
+    encoder.set_format(fmt)
+    encoder.set_encodings(ENCODINGS[name])
+    turn = [0]
 
-    def tiles() -> bytes:
-        return rfb.zrle_tiles(rfb.DEFAULT_FORMAT, rfb.pixel_values(rfb.DEFAULT_FORMAT, pixels))
+    def encode() -> int:
+        turn[0] ^= 1
+        encoder.out.reset()
+        return encoder.rect(0, 0, pair[turn[0]])
 
-    assert len(benchmark(tiles)) > 0
+    assert benchmark(encode) >= 1 and encoder.out.size > 0
 
 
-def test_vnc_zrle_deflate(benchmark) -> None:  # type: ignore[no-untyped-def]
-    """ZRLE's deflate of those tiles on the connection's stream (zlib's default level)."""
-    fmt = rfb.DEFAULT_FORMAT
-    data = rfb.zrle_tiles(fmt, rfb.pixel_values(fmt, vram_frame()))
-    stream = zlib.compressobj()
+def test_vnc_update_send_ready(benchmark) -> None:  # type: ignore[no-untyped-def]
+    """Screen.capture straight into the encoder (Raw's path): no frame-sized temporary."""
+    screen = Screen(WIDTH, HEIGHT)
+    screen.update(vram_frame())
+    encoder = Encoder()
 
-    def deflate() -> bytes:
-        return stream.compress(data) + stream.flush(zlib.Z_SYNC_FLUSH)
+    def raw(cap: Capture) -> None:
+        encoder.work.reset()
+        encoder.pixel_bytes(cap.pixels[0], encoder.work)
 
-    assert len(benchmark(deflate)) > 0
+    benchmark(screen.capture, [(0, 0, WIDTH, HEIGHT)], 0, encode=raw)
+    assert encoder.work.size == FRAME_BYTES
 
 
 # --- the cross-process runner, smoke test ------------------------------------------

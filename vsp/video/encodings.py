@@ -328,8 +328,23 @@ class Encoder:
         data = converted.array[: h * w * bypp].reshape(h, w, bypp)
         colours = pix.view(np.uint32)[:, :, 0] & np.uint32(0xFFFFFF)
         background = None
+        full = w // T
         for ty in range(0, h, T):
-            for tx in range(0, w, T):
+            th = min(T, h - ty)
+            start = 0
+            if full:
+                tiles = colours[ty : ty + th, : full * T].reshape(th, full, T)
+                if not (tiles == tiles[:1, :, :1]).all(axis=(0, 2)).any():
+                    # No solid tile among the row's full ones: all raw, at once.
+                    block = out.reserve(full * (1 + th * T * bypp)).reshape(full, -1)
+                    block[:, 0] = 1
+                    block[:, 1:].reshape(full, th, T, bypp)[:] = (
+                        data[ty : ty + th, : full * T]
+                        .reshape(th, full, T, bypp)
+                        .transpose(1, 0, 2, 3)
+                    )
+                    start, background = full * T, None
+            for tx in range(start, w, T):
                 tile = colours[ty : ty + T, tx : tx + T]
                 first = tile[0, 0]
                 if (tile == first).all():
