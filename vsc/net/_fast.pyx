@@ -108,11 +108,16 @@ cdef class Engine:
         self.release()
 
     cpdef release(self):
-        """Give back the buffers of guest memory (before the adapter unmaps them)."""
+        """Give back the buffers of guest memory and the rings (before the
+        adapter unmaps them)."""
         if self.holding:
             self.holding = False
             PyBuffer_Release(&self.send_view)
             PyBuffer_Release(&self.recv_view)
+        self.writer = None
+        self.reader = None
+        self.channel = None
+        self.notify_peer = None
 
     # --- sending ---------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import os
 import time
@@ -19,7 +20,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from vmbus._ringpacket import Packet
-from vmbus.channel import COMPLETION_REQUESTED, ChannelTimeout
+from vmbus.channel import COMPLETION_REQUESTED, ChannelTimeout, wait_any
 from vmbus.errors import UsageError
 from vmbus.guest import GuestChannel, GuestDevice
 from vmbus.memory import PAGE_SIZE
@@ -46,6 +47,12 @@ PACKET_FILTER = rd.PACKET_TYPE_DIRECTED | rd.PACKET_TYPE_BROADCAST | rd.PACKET_T
 
 class NetAdapter:
     """A synthetic NIC of the parent's netvsp, seen from a child program."""
+
+    # vRSS (open_sub_channels): the sub-channels with their compiled loops, and
+    # the host's send indirection table (which channel each send goes on).
+    subs: tuple[tuple[GuestChannel, Engine | None], ...] = ()
+    send_table: tuple[int, ...] = (0,) * nvsp.VRSS_SEND_TABLE_SIZE
+    _turn = 0
 
     def __init__(
         self,
@@ -106,6 +113,7 @@ class NetAdapter:
             requests = next_requests
         assert client.send_buffer is not None
         self.send_section = client.send_buffer.section_size
+        self.nvsp_version = client.version or 0
         self.free_sections = collections.deque(range(client.send_buffer.section_count))
         init = self._control(self.rndis.initialize())
         self.mtu = self._query_u32(rd.OID_GEN_MAXIMUM_FRAME_SIZE)
@@ -145,7 +153,9 @@ class NetAdapter:
 
     # --- sending ---
 
-    def _send_rndis(self, message: bytes, channel_type: int) -> None:
+    def _send_rndis(
+        self, message: bytes, channel_type: int, channel: GuestChannel | None = None
+    ) -> None:
         while not self.free_sections:
             self._pump(TIMEOUT)  # completions of earlier sends free sections
         section = self.free_sections.popleft()
@@ -154,7 +164,9 @@ class NetAdapter:
         trans_id = next(self.ids)
         self.sending[trans_id] = section
         payload = nvsp.send_rndis_packet(channel_type, section, len(message))
-        self.channel.send(payload, flags=COMPLETION_REQUESTED, trans_id=trans_id, timeout=TIMEOUT)
+        (channel or self.channel).send(
+            payload, flags=COMPLETION_REQUESTED, trans_id=trans_id, timeout=TIMEOUT
+        )
 
     def send(self, frame: Any) -> None:
         """Send one Ethernet frame (14-byte header, no FCS)."""
@@ -166,6 +178,7 @@ class NetAdapter:
         if self.fast is not None:
             self._send_fast(frames if isinstance(frames, list | tuple) else list(frames))
             return
+        _, channel = self._next_channel()
         batch: list[bytes] = []
         size = 0
         for frame in frames:
@@ -176,12 +189,12 @@ class NetAdapter:
             if batch and (
                 len(batch) == self.max_packets or size + len(message) > self.send_section
             ):
-                self._send_rndis(b"".join(batch), nvsp.RndisChannel.DATA)
+                self._send_rndis(b"".join(batch), nvsp.RndisChannel.DATA, channel)
                 batch, size = [], 0
             batch.append(message)
             size += len(message)
         if batch:
-            self._send_rndis(b"".join(batch), nvsp.RndisChannel.DATA)
+            self._send_rndis(b"".join(batch), nvsp.RndisChannel.DATA, channel)
 
     def send_segment(self, frame: Any, *, mss: int = 0) -> None:
         """Send one IPv4/IPv6 TCP or UDP frame whose transport checksum the
@@ -215,19 +228,83 @@ class NetAdapter:
     def _send_fast(self, frames: list[Any] | tuple[Any, ...]) -> None:
         """send_batch's loop, compiled: sections filled in place, one commit
         per pass; waits here for sections (completions) or ring room."""
-        assert self.fast is not None
+        engine, channel = self._next_channel()
+        assert engine is not None
         start = 0
         while start < len(frames):
-            start, stalled = self.fast.pack(
-                frames, start, self.free_sections, self.sending, self.ids
-            )
+            start, stalled = engine.pack(frames, start, self.free_sections, self.sending, self.ids)
             if stalled is not None:
                 payload, trans_id = stalled
-                self.channel.send(
+                channel.send(
                     payload, flags=COMPLETION_REQUESTED, trans_id=trans_id, timeout=TIMEOUT
                 )
             elif start < len(frames):
                 self._pump(TIMEOUT)  # completions of earlier sends free sections
+
+    def _next_channel(self) -> tuple[Engine | None, GuestChannel]:
+        """The channel this batch goes on (the next entry of the send table),
+        with its compiled loops."""
+        if not self.subs:
+            return self.fast, self.channel
+        index = self.send_table[self._turn % len(self.send_table)] % (1 + len(self.subs))
+        self._turn += 1
+        if index == 0:
+            return self.fast, self.channel
+        channel, engine = self.subs[index - 1]
+        return engine, channel
+
+    def open_sub_channels(self, count: int, timeout: float = TIMEOUT) -> int:
+        """vRSS, as Linux's netvsc sets it up: when the host reports several
+        receive queues (NVSP 5 and up), ask for up to `count` sub-channels,
+        wait for their offers and open them; batches then spread over every
+        channel by the host's send indirection table. Returns how many opened."""
+        if self.nvsp_version < nvsp.NVSP_PROTOCOL_VERSION_5 or count < 1 or self.subs:
+            return 0
+        caps = self._control(self.rndis.query(rd.OID_GEN_RECEIVE_SCALE_CAPABILITIES))
+        info = bytes(caps.info)
+        queues = int.from_bytes(info[12:16], "little") if len(info) >= 18 else 1
+        count = min(count, queues - 1, nvsp.MAX_SUB_CHANNELS)
+        if count < 1:
+            return 0
+        trans_id = next(self.ids)
+        request = nvsp.encode(nvsp.SubChannelRequest(num_subchannels=count))
+        self.channel.send(request, flags=COMPLETION_REQUESTED, trans_id=trans_id, timeout=TIMEOUT)
+        deadline = time.monotonic() + timeout
+        while trans_id not in self.channel.completions:
+            self._pump(max(0.0, deadline - time.monotonic()))
+        reply = nvsp.decode_short(
+            self.channel.completions.pop(trans_id).payload, nvsp.SubChannelComplete
+        )
+        if reply.status != nvsp.NvspStatus.SUCCESS or not 0 < reply.num_subchannels <= count:
+            return 0
+        count = reply.num_subchannels
+        guest, primary = self.device.guest, self.device
+        while True:
+            offered = sorted(
+                (d for d in guest.devices.values()
+                 if d.instance_id == primary.instance_id and d.sub_channel_index),
+                key=lambda d: d.sub_channel_index,
+            )  # fmt: skip
+            if len(offered) >= count:
+                break
+            if time.monotonic() > deadline:
+                raise ChannelTimeout(f"{len(offered)} of {count} sub-channel offers arrived")
+            self._pump(0)  # the table may come meanwhile; offers come on the control port
+            time.sleep(0.001)
+        subs = []
+        for device in offered[:count]:
+            channel = device.open(RING_SIZE, RING_SIZE)
+            channel.spin_seconds = self.channel.spin_seconds
+            engine = None
+            if self.fast is not None:
+                send, receive = self.buffers["send"][2], self.buffers["receive"][2]
+                args = (self.send_section, self.max_packets, self.alignment)
+                engine = Engine(channel, send, receive, *args)
+            subs.append((channel, engine))
+        self.subs = tuple(subs)
+        if not any(self.send_table):  # the host's table may come later: Linux's default
+            self.send_table = tuple(i % (1 + count) for i in range(nvsp.VRSS_SEND_TABLE_SIZE))
+        return count
 
     def _aligned(self, message: bytes) -> bytes:
         """Pad to the device's alignment; msg_len covers the padding."""
@@ -283,9 +360,15 @@ class NetAdapter:
         """Handle at least one packet from the host (waiting up to timeout)."""
         fast = self.fast if not self.channel.backlog else None
         reaped = 0 if fast is None else fast.reap(self.sending, self.free_sections, self.frames)
+        if self.subs:
+            reaped += self._pump_subs()
         packet = self.channel.poll()
         if packet is None:
             if timeout == 0 or reaped:
+                return
+            if self.subs:
+                wait_any([self.channel, *(channel for channel, _ in self.subs)], timeout)
+                self._pump(0)
                 return
             packet = self.channel.receive(timeout)
         while packet is not None:
@@ -294,7 +377,18 @@ class NetAdapter:
                 fast.reap(self.sending, self.free_sections, self.frames)
             packet = self.channel.poll()
 
-    def _handle(self, packet: Packet) -> None:
+    def _pump_subs(self) -> int:
+        """What the sub-channels hold: completions of the sends made there."""
+        handled = 0
+        for channel, engine in self.subs:
+            if engine is not None and not channel.backlog:
+                handled += engine.reap(self.sending, self.free_sections, self.frames)
+            while (packet := channel.poll()) is not None:
+                self._handle(packet, channel)
+                handled += 1
+        return handled
+
+    def _handle(self, packet: Packet, channel: GuestChannel | None = None) -> None:
         if packet.type == PacketType.COMP:
             section = self.sending.pop(packet.trans_id, None)
             if section is None:
@@ -311,8 +405,11 @@ class NetAdapter:
             for count, offset in header.ranges:
                 self._rndis_message(bytes(view[offset : offset + count]))
             done = vsc.receive_completion()  # 8 bytes, as Linux completes it
-            self.channel.send(done, type=PacketType.COMP, trans_id=packet.trans_id)
-        # in-band (indirection table, VF association): nothing for this adapter
+            (channel or self.channel).send(done, type=PacketType.COMP, trans_id=packet.trans_id)
+        elif nvsp.message_type(packet.payload) == nvsp.NvspMessageType.SEND_INDIRECTION_TABLE:
+            with contextlib.suppress(nvsp.NvspError):  # Linux logs a bad table, keeps its own
+                self.send_table = nvsp.decode_indirection_table(packet.payload)
+        # other in-band packets (VF association): nothing for this adapter
 
     def _rndis_message(self, message: bytes) -> None:
         if int.from_bytes(message[:4], "little") == rw.RndisMessageType.PACKET:
@@ -328,6 +425,11 @@ class NetAdapter:
             self.rndis_replies[event.req_id] = event
 
     def close(self) -> None:
+        for channel, engine in self.subs:
+            if engine is not None:
+                engine.release()
+            channel.close()
+        self.subs = ()
         if self.fast is not None:
             self.fast.release()  # its hold on the buffers, before they go
             self.fast = None

@@ -57,6 +57,7 @@ from vmbus.protocols.net import rndis_wire as rw
 from vmbus.protocols.net import vsp as nv
 from vmbus.protocols.net import wire as nvsp
 from vsp.net.backends import ETH_HLEN, GSO_MAX_FRAME, VLAN_HLEN, NetBackend, TapBackend
+from vsp.net.vrss import NetvspSubChannel
 
 try:
     from vsp.net._fast import FastPath
@@ -116,7 +117,13 @@ class NetVsp(Vsp):
         recv_section_size: int | None = None,
         send_section_size: int | None = None,
         fast_path: bool | None = None,
+        channels: int = 1,
     ) -> None:
+        if not 1 <= channels <= 1 + nvsp.MAX_SUB_CHANNELS:
+            raise UsageError(f"channels {channels} is not in 1..{1 + nvsp.MAX_SUB_CHANNELS}")
+        self.channels = channels  # vRSS: the primary and up to channels - 1 sub-channels
+        self.offered: set[int] = set()  # sub-channel indices offered, ever
+        self.subs: list[NetvspSubChannel] = []
         self.backend = backend
         self.fast_path = fast_path_default() if fast_path is None else fast_path
         self.mac = mac or backend.mac or random_mac()
@@ -137,15 +144,30 @@ class NetVsp(Vsp):
     def offers(self) -> list[OfferSpec]:
         return [OfferSpec(guid.NETWORK, self.instance_id)]
 
-    def open(self, channel: Channel, context: OpenContext) -> NetvspChannel:
+    def open(self, channel: Channel, context: OpenContext) -> ChannelHandler:
+        if context.offer.sub_channel_index:
+            if self.handler is None or not self.handler.serving:
+                raise UsageError("a sub-channel opened without its primary")
+            sub = NetvspSubChannel(self.handler, channel, context)
+            self.subs.append(sub)
+            return sub
         self.handler = NetvspChannel(self, channel, context)
         return self.handler
+
+    def offer_sub_channels(self, count: int, context: OpenContext) -> None:
+        """Offer sub-channels 1..count never offered (a reopened primary's
+        guest reuses the offers it already has)."""
+        for index in range(1, count + 1):
+            if index not in self.offered:
+                self.offered.add(index)
+                context.add_offer(OfferSpec(guid.NETWORK, self.instance_id, index))
 
     def __getstate__(self) -> dict[str, object]:
         """For `vmbus.handoff`: the adapter crosses before any channel opens;
         its backend carries its own descriptors."""
         state = self.__dict__.copy()
         state["handler"] = None
+        state["subs"] = []
         return state
 
     def stats(self) -> dict[str, Any]:
@@ -161,7 +183,10 @@ class NetVsp(Vsp):
             "bytes_to_guest": counts.bytes_to_guest,
             "refused": counts.refused,
             "undelivered": counts.undelivered,
-            "signals_to_guest": counts.signals + (live.channel.signals_sent if live else 0),
+            "signals_to_guest": counts.signals
+            + (live.channel.signals_sent if live else 0)
+            + sum(sub.channel.signals_sent for sub in self.subs if sub.serving),
+            "sub_channels": sum(1 for sub in self.subs if sub.serving),
             "backend_frames_out": backend.frames_out,
             "backend_frames_in": backend.frames_in,
             "backend_drops": backend.drops,
@@ -231,9 +256,12 @@ class NetvspChannel(ChannelHandler):
         super().__init__(channel, context)
         self.vsp = vsp
         self.backend = vsp.backend
-        self.nvsp = nv.NvspServer(*vsp.sections)
+        self.nvsp = nv.NvspServer(*vsp.sections, max_sub_channels=vsp.channels - 1)
+        self.shared = threading.Lock()  # what sub-channel threads share with this one
         offered = ol.OFFERED if vsp.offload else ol.NO_OFFLOADS
-        self.rndis = nv.RndisDevice(vsp.mac, vsp.mtu, self.backend.link_up, offloads=offered)
+        self.rndis = nv.RndisDevice(
+            vsp.mac, vsp.mtu, self.backend.link_up, offloads=offered, queues=vsp.channels
+        )
         self.buffers: dict[nvsp.BufferKind, _Mapped] = {}
         self.receive_sections: nv.ReceiveSections | None = None
         self.to_guest: collections.deque[bytes] = collections.deque()  # RNDIS messages
@@ -283,6 +311,10 @@ class NetvspChannel(ChannelHandler):
             self._serve(packet)
 
     def _serve(self, packet: Packet) -> None:
+        with self.shared:
+            self._serve_shared(packet)
+
+    def _serve_shared(self, packet: Packet) -> None:
         message = bytes(packet.payload)  # the one copy of the NVSP message
         event = self.nvsp.receive(message, gpadl_sizes=self._sizes)
         completion = bool(packet.flags & COMPLETION_REQUESTED)
@@ -299,8 +331,14 @@ class NetvspChannel(ChannelHandler):
             payload = None
         elif isinstance(event, nv.Reply):
             payload = event.payload
-        elif isinstance(event, nv.AllocateSubChannels):  # not offered: max_sub_channels is 0
-            payload = event.reply
+        elif isinstance(event, nv.AllocateSubChannels):
+            self.vsp.offer_sub_channels(event.count, self.context)
+            if completion:
+                self.reply(packet.trans_id, event.reply)
+            # Where the guest should send: spread over every channel, as Hyper-V does.
+            table = [i % (event.count + 1) for i in range(nvsp.VRSS_SEND_TABLE_SIZE)]
+            self.post(nvsp.encode_indirection_table(table))
+            return
         else:
             payload = None
         if payload is not None and completion:
@@ -335,16 +373,41 @@ class NetvspChannel(ChannelHandler):
         counts.frames_from_guest += len(frames)
         counts.bytes_from_guest += sum(len(frame) for frame, _ in frames)
         if self.vsp.offload:
-            self._transmit_offloaded(packet.trans_id, completion, frames)
+            refused = self._offloaded(frames)
+            status = nvsp.NvspStatus.FAIL if refused else nvsp.NvspStatus.SUCCESS
+            self._status(packet.trans_id, completion, status)
             return
         self._transmit(_Send(packet.trans_id, completion, [frame for frame, _ in frames]))
 
-    def _transmit_offloaded(
-        self, trans_id: int, completion: bool, frames: list[tuple[memoryview, tuple[rw.Ppi, ...]]]
-    ) -> None:
+    def send_frames(self, packet: Packet, event: nv.RndisPacket, context: OpenContext) -> int:
+        """A sub-channel's DATA send (under `shared`): its frames to the
+        backend, without holding any back (a full medium refuses them).
+        Returns the completion's status."""
+        data = self._rndis_bytes(packet, event, context)
+        if data is None:
+            return nvsp.NvspStatus.INVALID_RNDIS_PKT
+        try:
+            frames = self.rndis.frames_from_guest(data)
+        except rw.RndisError as error:
+            context.protocol_error("netvsp: bad RNDIS message: %s", str(error))
+            return nvsp.NvspStatus.INVALID_RNDIS_PKT
+        if not self.rndis.initialized:
+            return nvsp.NvspStatus.FAIL
+        self.counters.frames_from_guest += len(frames)
+        self.counters.bytes_from_guest += sum(len(frame) for frame, _ in frames)
+        if self.vsp.offload:
+            refused = self._offloaded(frames)
+        else:
+            sent = self.backend.transmit([frame for frame, _ in frames])
+            refused = sent.refused + len(frames) - sent.taken
+            self.refused += refused
+            self.counters.refused += refused
+        return nvsp.NvspStatus.FAIL if refused else nvsp.NvspStatus.SUCCESS
+
+    def _offloaded(self, frames: list[tuple[memoryview, tuple[rw.Ppi, ...]]]) -> int:
         """Frames with their checksum and LSO per-packet info, as
         virtio_net_hdrs to a TAP that never holds back; a frame whose info
-        does not fit it is refused."""
+        does not fit it is refused. Returns the refused."""
         backend = self.backend
         assert isinstance(backend, TapBackend)
         ready = []
@@ -362,26 +425,28 @@ class NetvspChannel(ChannelHandler):
         refused += len(ready) - backend.send_offloaded(ready)
         self.refused += refused
         self.counters.refused += refused
-        status = nvsp.NvspStatus.FAIL if refused else nvsp.NvspStatus.SUCCESS
-        self._status(trans_id, completion, status)
+        return refused
 
-    def _rndis_bytes(self, packet: Packet, event: nv.RndisPacket) -> bytes | None:
+    def _rndis_bytes(
+        self, packet: Packet, event: nv.RndisPacket, context: OpenContext | None = None
+    ) -> bytes | None:
         """One private copy of the RNDIS message(s): from a send-buffer
-        section, or through the checked GPA ranges."""
+        section, or through the checked GPA ranges (of `context`'s channel)."""
+        context = context or self.context
         if event.offset is not None:
             mapped = self.buffers.get(nvsp.BufferKind.SEND)
             if mapped is None:
                 return None
             return bytes(mapped.view[event.offset : event.offset + event.section_size])
         try:
-            ranges = self.context.gpa_ranges(packet.header)
+            ranges = context.gpa_ranges(packet.header)
         except BadGpaRanges:
             return None  # counted and logged by the context
         total = sum(r.byte_count for r in ranges)
         if not 0 < total <= nv.MAX_XFER_SIZE:
-            self.context.protocol_error("netvsp: %d bytes by GPA direct", total)
+            context.protocol_error("netvsp: %d bytes by GPA direct", total)
             return None
-        return b"".join(guest_segments(self.context.memory, ranges, total))
+        return b"".join(guest_segments(context.memory, ranges, total))
 
     def _transmit(self, send: _Send) -> None:
         """Offer the frames to the backend; hold what it cannot take yet."""

@@ -33,7 +33,8 @@ RNDIS choices:
   then offload.capabilities() (TCP/UDP checksums and LSOv2 over IPv4 and
   IPv6), else a revision-1, 112-byte ndis_offload of zeros;
   TCP_OFFLOAD_PARAMETERS that would enable anything not offered is
-  INVALID_DATA. One receive queue, so Linux asks for no sub-channels.
+  INVALID_DATA. `queues` receive queues (1 by default, so Linux asks for no
+  sub-channels; more for vRSS).
 - GEN_LINK_SPEED defaults to 10 Gbit/s; VENDOR_ID is 0xFFFFFF (no OUI);
   GEN_XMIT_OK / GEN_RCV_OK are u64 when the query offers 8 bytes, else u32.
 - PERMANENT_ADDRESS stays the MAC the device was made with; NetworkAddress
@@ -482,6 +483,7 @@ class RndisDevice:
         *,
         friendly_name: str = DEFAULT_FRIENDLY_NAME,
         offloads: ol.Offloads = ol.NO_OFFLOADS,
+        queues: int = 1,
     ) -> None:
         if not _valid_mac(bytes(mac)):
             raise UsageError(f"{bytes(mac).hex(':')} is no unicast MAC address")
@@ -497,6 +499,7 @@ class RndisDevice:
         self.state = RndisState.UNINITIALIZED
         self._packet_filter = 0
         self.offered = offloads  # what TCP_OFFLOAD_HARDWARE_CAPABILITIES reports
+        self.queues = queues  # receive queues in GEN_RECEIVE_SCALE_CAPABILITIES (vRSS)
         self.offloads = ol.NO_OFFLOADS  # what the guest enabled
         self.offload_parameters = b""  # the guest's last TCP_OFFLOAD_PARAMETERS
         self.rss_parameters = b""  # and GEN_RECEIVE_SCALE_PARAMETERS
@@ -703,7 +706,9 @@ _QUERIES: dict[int, Callable[[RndisDevice, int], bytes]] = {
     rd.OID_TCP_OFFLOAD_HARDWARE_CAPABILITIES: lambda d, _: (
         ol.capabilities() if d.offered.any else rd.offload_capabilities()
     ),
-    rd.OID_GEN_RECEIVE_SCALE_CAPABILITIES: lambda d, _: rd.RecvScaleCapabilities().pack(),
+    rd.OID_GEN_RECEIVE_SCALE_CAPABILITIES: lambda d, _: rd.RecvScaleCapabilities(
+        num_int_msg=d.queues, num_recv_que=d.queues
+    ).pack(),
     rd.OID_GEN_XMIT_OK: lambda d, room: _counter(d.xmit_ok, room),
     rd.OID_GEN_RCV_OK: lambda d, room: _counter(d.rcv_ok, room),
 }
