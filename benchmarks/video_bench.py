@@ -507,11 +507,11 @@ class Bench:
         `unhook_vnc`: the VNC server hears nothing of the Screen meanwhile."""
         if not unhook_vnc:
             return self._stream(name, Window.starting(self.settings), None)[0]
-        self.screen.remove_listener(self.vnc._on_damage)
+        self.vnc.hooked = False
         try:
             return self._stream(name, Window.starting(self.settings), None)[0]
         finally:
-            self.screen.add_listener(self.vnc._on_damage)
+            self.vnc.hooked = True
 
     def vnc_stream(self, *encodings: int) -> Sample:
         """The child streams full frames while the VNC client watches."""

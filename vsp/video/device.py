@@ -56,9 +56,10 @@ class VideoHandler(ChannelHandler):
         # The parent's requests (FLUSH after a read that made us wait, a
         # viewer's size) come through the Screen's socket pair.
         # Copies are at most `min_copy_interval` apart while the guest
-        # streams (nothing reads faster; the copies would only eat memory
-        # bandwidth); what a burst leaves pending is copied once the worker
-        # is idle again, woken by `later` (an eventfd it watches).
+        # streams, unless a viewer waits for newer pixels (Screen.wanted):
+        # copies nobody reads only eat memory bandwidth. What a burst leaves
+        # pending is copied once the worker is idle again, woken by `later`
+        # (an eventfd it watches).
         self.min_copy_interval = vsp.min_copy_interval
         self.last_copy = 0.0
         self.later = -1
@@ -155,7 +156,8 @@ class VideoHandler(ChannelHandler):
         if self.pending == []:
             return
         clock = time.monotonic()
-        if not now and self.later >= 0 and clock - self.last_copy < self.min_copy_interval:
+        recent = clock - self.last_copy < self.min_copy_interval
+        if not now and self.later >= 0 and recent and not self.screen.wanted:
             self.throttled += 1
             with contextlib.suppress(BlockingIOError):
                 os.eventfd_write(self.later, 1)

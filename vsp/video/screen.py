@@ -168,6 +168,7 @@ class Screen:
         _check_size(width, height, capacity)
         self._shm = SharedFrame.create(capacity)
         self._events = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._doorbell = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         parent, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         parent.setblocking(False)
         worker.setblocking(False)
@@ -185,10 +186,11 @@ class Screen:
         self._stop_watch: socket.socket | None = None
         self._seen = (0, 0, 0)  # (generation, serial, cursor serial) the watcher passed on
         self.deferrable = False  # the VSP watches control_fd, so a copy may wait for FLUSH
+        self._doorbell_claimed = False
         self.torn = 0  # captures that gave up waiting for a consistent frame
         self.deferred = 0  # updates the writer put off while the parent read
         self.dropped_controls = 0
-        fds = [self._shm.fd, self._events]
+        fds = [self._shm.fd, self._events, self._doorbell]
         sockets = {self._control, self._control_worker}  # one socket in a worker's copy
         self._finalizer = weakref.finalize(self, _close_all, fds, tuple(sockets))
 
@@ -205,18 +207,20 @@ class Screen:
             "capacity": self._shm.capacity,
             "memfd": SharedFd(self._shm.fd),
             "events": SharedFd(self._events),
+            "doorbell": SharedFd(self._doorbell),
             "control": SharedFd(self._control_worker.fileno()),
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         memfd, events = state["memfd"].take(), state["events"].take()
+        self._doorbell = state["doorbell"].take()
         control = state["control"].take()
         self._control = self._control_worker = socket.socket(fileno=control)
         self._events = events
         try:
             self._shm = SharedFrame(memfd, int(state["capacity"]), create=False)
         except BaseException:
-            _close_all([memfd, events])
+            _close_all([memfd, events, self._doorbell])
             self._control.close()
             raise
         self._init_common(remote=True)
@@ -266,6 +270,9 @@ class Screen:
         self._update_watcher()
 
     def _notify(self, rects: list[Rect]) -> None:
+        if self._shm.doorbell:  # a consumer reads the ring itself, woken directly
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_write(self._doorbell, 1)
         if self._remote:  # the parent's watcher reads the rectangles from the header
             with contextlib.suppress(BlockingIOError):
                 os.eventfd_write(self._events, 1)
@@ -317,9 +324,19 @@ class Screen:
             for x1, y1, x2, y2 in dirty:
                 frame[y1:y2, x1:x2] = pixels[y1:y2, x1:x2]
             shm.publish(dirty)
+            shm.want(False)
             shm.end_write()
         self._notify(dirty)
         return True
+
+    @property
+    def wanted(self) -> bool:
+        """A viewer waits for newer pixels (the writer should not wait to copy)."""
+        return self._shm.wanted
+
+    def want_update(self) -> None:
+        """The reader's side: a viewer waits for newer pixels than it has."""
+        self._shm.want(True)
 
     def set_cursor(self, pixels: npt.NDArray[np.uint8], hot_x: int, hot_y: int) -> None:
         """The guest's pointer shape, BGRA (h, w, 4), at most CURSOR_MAX square."""
@@ -484,14 +501,40 @@ class Screen:
                         fn(rects)
 
     def _new_damage(self) -> list[Rect] | None:
-        """What changed since the watcher last looked: the ring's new
+        rects, self._seen = self.damage_since(self._seen)
+        return rects
+
+    def damage_cursor(self) -> tuple[int, int, int]:
+        """Where the damage is now, for `damage_since`."""
+        return self._seen_now()
+
+    def damage_since(
+        self, seen: tuple[int, int, int]
+    ) -> tuple[list[Rect] | None, tuple[int, int, int]]:
+        """What changed since `seen` (a `damage_cursor`): the ring's new
         rectangles, or the whole frame after a mode change or a gap; [] for
-        a new pointer shape alone; None for nothing."""
-        generation, serial, cursor = self._seen
+        a new pointer shape alone; None for nothing. And the new cursor."""
+        generation, serial, cursor = seen
         gen, w, h, now, cursor_now, rects, consistent = self._shm.read_damage(serial)
-        self._seen = (gen, now, cursor_now)
+        seen = (gen, now, cursor_now)
         if gen != generation or not consistent or rects is None:
-            return [(0, 0, w, h)]
+            return [(0, 0, w, h)], seen
         if rects:
-            return rects
-        return [] if cursor_now != cursor else None
+            return rects, seen
+        return ([] if cursor_now != cursor else None), seen
+
+    def claim_doorbell(self) -> int | None:
+        """For one consumer that reads the damage itself (`damage_since`):
+        an eventfd the writer rings after each change, which saves the
+        listeners' thread a hand-over. None if another consumer has it."""
+        with self._lock:
+            if self._doorbell_claimed:
+                return None
+            self._doorbell_claimed = True
+            self._shm.set_doorbell(True)
+            return self._doorbell
+
+    def release_doorbell(self) -> None:
+        with self._lock:
+            self._doorbell_claimed = False
+            self._shm.set_doorbell(False)

@@ -143,6 +143,7 @@ class Session:
         owed = self.size_reply is not None
         idle = not rects and gen == self.generation and self.want_full is None
         if idle and not (new_cursor or layout or owed):
+            screen.want_update()  # the guest's next change is copied at once
             return False  # an incremental request waits for a change
         direct = enc.encoding == rfb.ENC_RAW  # stateless: encoded from the shared frame
         raw_count = [0]

@@ -9,8 +9,10 @@ memfd holds, page aligned:
   width, height), a ring of the last RING dirty rectangles with the count
   of rectangles ever published, a `reading` word the parent sets while it
   copies (the writer then defers its copy and sets `deferred`, so a reader
-  is never starved by a guest that draws without pause), and the pointer
-  shape's serial and geometry;
+  is never starved by a guest that draws without pause), a `wanted` word
+  the parent sets when a viewer waits for newer pixels (the writer copies
+  at once instead of at its own pace), and the pointer shape's serial and
+  geometry;
 - the pointer shape (CURSOR_MAX x CURSOR_MAX BGRA);
 - the frame, `capacity` bytes, rows of width * 4 bytes (BGRX).
 
@@ -50,6 +52,8 @@ SEQLOCK_PATIENCE = 0.05  # seconds a reader waits for a writer mid-change
 # Header words.
 _MAGIC, _SEQ, _GENERATION, _WIDTH, _HEIGHT, _SERIAL, _READING, _DEFERRED = range(8)
 _CURSOR_SERIAL, _CURSOR_GEOMETRY, _CURSOR_POSITION = 8, 9, 10
+_WANTED = 11  # the parent waits for newer pixels: the writer copies at its next chance
+_DOORBELL = 12  # a consumer (the VNC server) also wants the doorbell eventfd rung
 _RING_BASE = 16  # two words per rectangle: x1 | y1 << 32, x2 | y2 << 32
 _HEADER_WORDS = _RING_BASE + 2 * RING
 
@@ -128,6 +132,20 @@ class SharedFrame:
 
     def defer(self) -> None:
         self.words[_DEFERRED] = 1
+
+    @property
+    def wanted(self) -> bool:
+        return bool(self.words[_WANTED])
+
+    def want(self, value: bool) -> None:
+        self.words[_WANTED] = int(value)
+
+    @property
+    def doorbell(self) -> bool:
+        return bool(self.words[_DOORBELL])
+
+    def set_doorbell(self, value: bool) -> None:
+        self.words[_DOORBELL] = int(value)
 
     def set_mode(self, generation: int, width: int, height: int) -> None:
         words = self.words

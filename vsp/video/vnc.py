@@ -155,6 +155,9 @@ class VncServer:
         self._clients: dict[socket.socket, Session] = {}
         self._damage: collections.deque[list[Rect]] = collections.deque()
         self._adopted: collections.deque[tuple[socket.socket, str]] = collections.deque()
+        self._doorbell: int | None = None
+        self._seen = (0, 0, 0)
+        self.hooked = True  # False: the server ignores the Screen's damage (benchmarks)
         self.web: WebConsole | None = None
         if web_port is not None:  # the websockets library only when asked for
             from vsp.video.web import WebConsole
@@ -190,7 +193,14 @@ class VncServer:
         self._listener.setblocking(False)
         self._selector.register(self._listener, selectors.EVENT_READ)
         self._selector.register(self._wake_r, selectors.EVENT_READ)
-        self.screen.add_listener(self._on_damage)
+        # The damage: read from the Screen's ring when its doorbell rings (one
+        # thread hand-over less), or from a listener if another server has it.
+        self._doorbell = self.screen.claim_doorbell()
+        if self._doorbell is not None:
+            self._seen = self.screen.damage_cursor()
+            self._selector.register(self._doorbell, selectors.EVENT_READ, "doorbell")
+        else:
+            self.screen.add_listener(self._on_damage)
         self._running = True
         self._thread = threading.Thread(target=self._run, name="vnc-server", daemon=True)
         self._thread.start()
@@ -210,7 +220,10 @@ class VncServer:
         if self.web is not None:
             self.web.stop()
         self._running = False
-        self.screen.remove_listener(self._on_damage)
+        if self._doorbell is not None:
+            self.screen.release_doorbell()
+        else:
+            self.screen.remove_listener(self._on_damage)
         self._wake()
         if self._thread is not None:
             self._thread.join()
@@ -236,11 +249,19 @@ class VncServer:
         with contextlib.suppress(OSError):
             self._wake_w.send(b"!")
 
+    def _doorbell_rang(self) -> None:
+        assert self._doorbell is not None
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._doorbell)
+        rects, self._seen = self.screen.damage_since(self._seen)
+        if rects is not None and self._clients and self.hooked:
+            self._damage.append(rects)
+
     def _on_damage(self, rects: list[Rect]) -> None:
         # The Screen's (the VSP's) thread: hand over, never block. With no
         # client there is nothing to do (a new client gets a full frame), and
         # one wake-up is enough until the server loop has caught up.
-        if not self._clients:
+        if not self._clients or not self.hooked:
             return
         self._damage.append(rects)
         if not self._wake_pending:
@@ -259,6 +280,8 @@ class VncServer:
         for key, events in self._selector.select(timeout=0.25):
             if key.fileobj is self._listener:
                 self._accept()
+            elif key.data == "doorbell":
+                self._doorbell_rang()
             elif key.fileobj is self._wake_r:
                 self._wake_pending = False  # before draining: later damage wakes us again
                 with contextlib.suppress(BlockingIOError):
