@@ -104,7 +104,7 @@ MAX_IN_FLIGHT = 64  # requests of one channel in the I/O pool at once
 POLL_SECONDS = DEFAULT_SPIN_SECONDS  # a channel's GIL-free spin for its next request
 POLL_MISSES = 4  # spins in a row that found nothing before poll mode backs off
 POLL_PROBE = 32  # then spin after one wake-up in this many
-POLL_TURN = 200e-6  # seconds a channel serves itself in poll mode before the loop's turn
+POLL_TURN = 100e-6  # seconds a channel serves itself in poll mode before the loop's turn
 
 log = logging.getLogger(__name__)
 
@@ -394,6 +394,8 @@ class StorvspChannel(ChannelHandler):
         served, self._served_before = self.requests - self._served_before, self.requests
         if not served or self.fast is None or not self.vsp.poll_seconds:
             return
+        if not self.own_thread and sum(not h.own_thread for h in self.vsp.handlers) > 1:
+            return  # channels that share the loop: its own spin watches them all
         self._polls += 1
         if self._poll_misses >= POLL_MISSES and self._polls % POLL_PROBE:
             return
