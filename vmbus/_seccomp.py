@@ -114,12 +114,25 @@ def _libseccomp() -> Any:
     return lib
 
 
-def build_filter(own_pid: int | None, unix_sockets: bool = False) -> bytes:
+# A child that runs a network stack of its own (sandbox.Policy.net_admin),
+# in its own network namespace: sockets of any family, and the calls servers,
+# ping and ip(8) make on them.
+# ping(8) drops its capabilities with capset, PR_SET_KEEPCAPS and setuid
+# to the uid it has (its user namespace maps no other).
+_NETWORK_SYSCALLS = frozenset(
+    "socket connect bind listen accept accept4 ioctl capset setuid setgid".split()  # noqa: SIM905
+)
+_NETWORK_PRCTL = (7, 8, 23)  # PR_GET_KEEPCAPS, PR_SET_KEEPCAPS, PR_CAPBSET_READ
+
+
+def build_filter(own_pid: int | None, unix_sockets: bool = False, network: bool = False) -> bytes:
     """The allow-list as a BPF program (what `bwrap --seccomp` and
     `load_filter` take). With `own_pid` (a child without a PID namespace
     of its own), signals, rlimits and CPU affinity reach only itself; with
     None, anything in its own PID namespace. `unix_sockets` lets it create
-    and connect Unix sockets (to any it can see). OSError without libseccomp."""
+    and connect Unix sockets (to any it can see); `network`, sockets of any
+    family and any ioctl (for a child in a network namespace of its own).
+    OSError without libseccomp."""
     lib = _libseccomp()
     ctx = lib.seccomp_init(_errno(_EPERM))
     if not ctx:
@@ -138,14 +151,19 @@ def build_filter(own_pid: int | None, unix_sockets: bool = False) -> bytes:
             rule(name)
         for command in _FCNTL:
             rule("fcntl", _ALLOW, (1, _EQ, command, 0))
-        for request in _IOCTL:
+        for request in () if network else _IOCTL:
             rule("ioctl", _ALLOW, (1, _EQ, request, 0))
         for option in _PRCTL:
             rule("prctl", _ALLOW, (0, _EQ, option, 0))
         rule("prctl", _ALLOW, (0, _EQ, PR_SET_DUMPABLE, 0), (1, _EQ, 0, 0))  # never back to 1
         rule("clone", _ALLOW, (0, _MASKED_EQ, _NEW_NAMESPACES, 0))
         rule("clone3", _errno(_ENOSYS))  # its flags are out of reach: glibc falls back to clone
-        if unix_sockets:
+        if network:
+            for name in sorted(_NETWORK_SYSCALLS):
+                rule(name)
+            for option in _NETWORK_PRCTL:
+                rule("prctl", _ALLOW, (0, _EQ, option, 0))
+        elif unix_sockets:
             rule("socket", _ALLOW, (0, _EQ, 1, 0))  # AF_UNIX
             rule("connect")
         for target in (0,) if own_pid is None else (0, own_pid):

@@ -99,12 +99,17 @@ class Policy:
     only its private /tmp. `readable` adds read-only paths. `unix_sockets`
     lets a child connect to Unix sockets it can see (trusted programs that
     report to their parent that way, like the benchmarks): never for a
-    guest you do not trust, since the shared directories may hold any."""
+    guest you do not trust, since the shared directories may hold any.
+    `net_admin` lets a child run a Linux network stack in its own network
+    namespace (`vsc.net.stack`): CAP_NET_ADMIN and CAP_NET_RAW inside its
+    user namespace, /dev/net/tun, and sockets of any family and ioctls in
+    its filter. It needs bwrap (a network namespace of the child's own)."""
 
     enabled: bool = True
     writable: tuple[str, ...] = field(default_factory=lambda: (tempfile.gettempdir(),))
     readable: tuple[str, ...] = ()
     unix_sockets: bool = False
+    net_admin: bool = False
     output_rate: int = 256 * 1024  # bytes a second of a child's output, sustained
     output_burst: int = 1024 * 1024
 
@@ -398,6 +403,8 @@ def _spawn(
     ends = (pipes[0][1], pipes[1][1])
     try:
         if chosen.bwrap is None:
+            if policy.net_admin:
+                raise SandboxError("net_admin needs bwrap: a network namespace of the child's own")
             env[UNIX_VARIABLE] = "1" if policy.unix_sockets else "0"
             process = _spawn_self(argv, pass_fds, env, ends)
         else:
@@ -446,9 +453,22 @@ def _spawn_bwrap(
     info, info_write = os.pipe()
     inherited = [info_write]
     try:
-        wrapper = [chosen.bwrap, *chosen.bwrap_flags, *_file_system(policy)]
+        flags = chosen.bwrap_flags
+        if policy.net_admin:
+            # --disable-userns puts the child in a nested user namespace, which
+            # does not own its network namespace: no CAP_NET_ADMIN there. The
+            # filter refuses unshare and namespace clones all the same.
+            flags = tuple(flag for flag in flags if flag != "--disable-userns")
+        wrapper = [chosen.bwrap, *flags, *_file_system(policy)]
+        if policy.net_admin:  # after --cap-drop ALL: these two come back, in its namespaces only
+            wrapper += ["--cap-add", "CAP_NET_ADMIN", "--cap-add", "CAP_NET_RAW"]
+            wrapper += ["--dev-bind", "/dev/net/tun", "/dev/net/tun"]
         if chosen.seccomp is not None:
-            seccomp = _unix_filter() if policy.unix_sockets else chosen.seccomp
+            seccomp = chosen.seccomp
+            if policy.net_admin:
+                seccomp = _network_filter()
+            elif policy.unix_sockets:
+                seccomp = _unix_filter()
             program, program_write = os.pipe()
             inherited.append(program)
             os.write(program_write, seccomp)  # a few KiB: fits in the pipe
@@ -476,6 +496,11 @@ def _spawn_bwrap(
 @functools.cache
 def _unix_filter() -> bytes:
     return sc.build_filter(own_pid=None, unix_sockets=True)
+
+
+@functools.cache
+def _network_filter() -> bytes:
+    return sc.build_filter(own_pid=None, network=True)
 
 
 def _interpreter_pid(info: int, process: ConfinedProcess) -> int:
