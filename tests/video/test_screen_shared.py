@@ -205,3 +205,28 @@ def test_a_guest_that_does_not_follow_keeps_its_mode() -> None:
             fb.poll()
         assert (fb.width, fb.height) == (320, 240) and fb.mode_changes == 0
         fb.close()
+
+
+def test_vnc_servers_hear_the_copys_damage_by_doorbell_or_listener(
+    pair: tuple[Screen, Screen],
+) -> None:
+    """The first server reads the ring when the doorbell rings; a second one
+    on the same Screen falls back to a listener; both send the change."""
+    parent, worker = pair
+    first = VncServer(parent, port=0, authenticate=False)
+    second = VncServer(parent, port=0, authenticate=False)
+    with first, second:
+        assert first._doorbell is not None and second._doorbell is None
+        clients = [connect(server, RAW) for server in (first, second)]
+        for client in clients:
+            client.request(False)
+            client.read_update()
+            client.request(True)  # waits for a change: the viewer wants newer pixels
+        wait_for(lambda: parent.wanted)
+        pixels = pattern(30, 40, seed=11)
+        assert worker.update(pixels, [(4, 5, 30, 25)])
+        for client in clients:
+            assert client.read_update() == [(4, 5, 26, 20, RAW)]
+            assert (client.fb[5:25, 4:30] == rgb_values(pixels[5:25, 4:30])).all()
+            client.close()
+    assert parent.claim_doorbell() is not None  # released by the first server's stop
