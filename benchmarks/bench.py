@@ -24,6 +24,7 @@ RUNNERS = {
     "channels": "benchmarks.channel_bench",
     "storage": "benchmarks.storage_bench",
     "network": "benchmarks.net_bench",
+    "net-stack": "benchmarks.net_stack_bench",
     "video": "benchmarks.video_bench",
     "scale": "benchmarks.scale_bench",
 }
