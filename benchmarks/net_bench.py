@@ -57,13 +57,16 @@ BATCH = 64  # frames per send_batch / clock check in the child
 RAW_BATCH = 256  # frames per clock check in the raw loop
 IDLE = 0.3  # the receiver stops counting after this long without a frame
 NS_IP, TAP_NIC_IP = "10.202.0.1", "10.202.0.2"
+NS2_IP, TAP_NIC2_IP = "10.202.2.1", "10.202.2.2"
 A_IP, B_IP = "10.202.1.1", "10.202.1.2"
 SINK_PORT = 40999  # nothing listens on it in the fresh namespace
 TAP_NIC = bytes.fromhex("020000ca0001")
+TAP_NIC2 = bytes.fromhex("020000ca0002")  # the same TAP, over two channels (vRSS)
 MAC_A, MAC_B = bytes.fromhex("020000ca0a01"), bytes.fromhex("020000ca0b02")
-TAP, SWITCH, RAW, BACKEND = "tap", "switch", "raw", "backend"
+TAP, TAP2, SWITCH, RAW, BACKEND = "tap", "tap2", "switch", "raw", "backend"
 LABELS = {
     TAP: "child → TAP (NetVsp)",
+    TAP2: "child → TAP, 2 channels (vRSS)",
     SWITCH: "child → child (switch)",
     RAW: "raw os.write → TAP",
     BACKEND: "TapBackend.send → TAP",
@@ -79,8 +82,8 @@ class Settings:
     spin: float | None = None  # the children's poll budget before they sleep (None: default)
 
 
-QUICK = Settings(3, 0.5, (64, 1500), (TAP, SWITCH, RAW, BACKEND))
-FULL = Settings(7, 1.0, (64, 1500), (TAP, SWITCH, RAW, BACKEND))
+QUICK = Settings(3, 0.5, (64, 1500), (TAP, TAP2, SWITCH, RAW, BACKEND))
+FULL = Settings(7, 1.0, (64, 1500), (TAP, TAP2, SWITCH, RAW, BACKEND))
 
 
 @dataclass(frozen=True)
@@ -168,9 +171,10 @@ def net_child(guest: Guest, address: str, spin: float | None) -> None:
     answering with their results."""
     devices: list[GuestDevice] = []
     guest.register(guid.NETWORK, devices.append)
-    nics = {nic.mac: nic for nic in map(NetAdapter, devices)}
+    nics = {nic.mac: nic for nic in map(NetAdapter, list(devices))}
     for nic in nics.values():
         nic.channel.spin_seconds = nic.channel.spin_seconds if spin is None else spin
+        nic.open_sub_channels(1)  # where the VSP offers vRSS (TAP_NIC2)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(address)
     control = Connection(sock.detach())
@@ -251,12 +255,12 @@ def per_frame(before: Counters, after: Counters, frames: int) -> list[float]:
     ]
 
 
-def via_tap(a: ChildRunner, tap: TapBackend, frame: bytes, seconds: float) -> Sample:
+def via_tap(a: ChildRunner, mac: bytes, frame: bytes, seconds: float) -> Sample:
     """Child → netvsp → TAP: frames the TAP accepted per second."""
-    vsp = a.counters(TAP_NIC)
-    a.post("send", TAP_NIC, frame, seconds)
+    vsp = a.counters(mac)
+    a.post("send", mac, frame, seconds)
     run = a.result(seconds)
-    after = a.counters(TAP_NIC)
+    after = a.counters(mac)
     out, dropped = after.frames_out - vsp.frames_out, after.drops - vsp.drops
     if out + dropped != run.total:
         raise RuntimeError(f"the TAP saw {out + dropped} frames, the child sent {run.total}")
@@ -348,16 +352,21 @@ def measure(settings: Settings, workdir: str, with_tap: bool) -> Results:
     paths = [p for p in settings.paths if with_tap or p == SWITCH]
     switch = LearningSwitch()
     with contextlib.ExitStack() as stack:
-        tap = None
-        if with_tap and {TAP, RAW, BACKEND} & set(paths):
+        tap = tap2 = None
+        if with_tap and {TAP, TAP2, RAW, BACKEND} & set(paths):
             name, ns = f"nb{os.getpid()}", f"netbench-{os.getpid()}"
             tap = stack.enter_context(
                 TapBackend(name, netns=ns, create_netns=True, address=f"{NS_IP}/24")
             )
+            # A second TAP device for the vRSS NIC (a descriptor is watched once).
+            tap2 = stack.enter_context(TapBackend(f"{name}v", netns=ns, address=f"{NS2_IP}/24"))
         port_a = stack.enter_context(switch.port(MAC_A))
         port_b = stack.enter_context(switch.port(MAC_B))
         host = stack.enter_context(Host())
-        a_nics = [NetVsp(port_a, mac=MAC_A)] + ([] if tap is None else [NetVsp(tap, mac=TAP_NIC)])
+        a_nics = [NetVsp(port_a, mac=MAC_A)]
+        if tap is not None:
+            assert tap2 is not None
+            a_nics += [NetVsp(tap, mac=TAP_NIC), NetVsp(tap2, mac=TAP_NIC2, channels=2)]
         runners = [ChildRunner(host, a_nics, f"{workdir}/a", settings.spin)]
         stack.callback(runners[0].close)
         if SWITCH in paths:
@@ -365,7 +374,7 @@ def measure(settings: Settings, workdir: str, with_tap: bool) -> Results:
                 ChildRunner(host, [NetVsp(port_b, mac=MAC_B)], f"{workdir}/b", settings.spin)
             )
             stack.callback(runners[1].close)
-        jobs = round_jobs(settings, paths, runners, tap)
+        jobs = round_jobs(settings, paths, runners, tap, tap2)
         results: Results = {key: [] for key, _ in jobs}
         for index in range(settings.repeats):
             for key, run in jobs if index % 2 == 0 else reversed(jobs):
@@ -374,12 +383,16 @@ def measure(settings: Settings, workdir: str, with_tap: bool) -> Results:
 
 
 def round_jobs(
-    settings: Settings, paths: list[str], runners: list[ChildRunner], tap: TapBackend | None
+    settings: Settings,
+    paths: list[str],
+    runners: list[ChildRunner],
+    tap: TapBackend | None,
+    tap2: TapBackend | None,
 ) -> list[tuple[Key, Callable[[], Sample]]]:
     """Every measurement of one round, by (frame size, path)."""
-    ns_mac = b"" if tap is None else interface_mac(tap.netns or "", tap.name)
+    macs = [b"" if t is None else interface_mac(t.netns or "", t.name) for t in (tap, tap2)]
     return [
-        ((size, path), job(path, runners, tap, ns_mac, size, settings.seconds))
+        ((size, path), job(path, runners, tap, macs, size, settings.seconds))
         for size in settings.sizes
         for path in paths
     ]
@@ -389,7 +402,7 @@ def job(
     path: str,
     runners: list[ChildRunner],
     tap: TapBackend | None,
-    ns_mac: bytes,
+    ns_macs: list[bytes],
     size: int,
     seconds: float,
 ) -> Callable[[], Sample]:
@@ -397,9 +410,12 @@ def job(
         frame = udp_frame(MAC_B, MAC_A, A_IP, B_IP, size)
         return functools.partial(via_switch, runners[0], runners[1], frame, seconds)
     assert tap is not None
-    frame = udp_frame(ns_mac, TAP_NIC, TAP_NIC_IP, NS_IP, size)
+    if path == TAP2:
+        frame = udp_frame(ns_macs[1], TAP_NIC2, TAP_NIC2_IP, NS2_IP, size)
+        return functools.partial(via_tap, runners[0], TAP_NIC2, frame, seconds)
+    frame = udp_frame(ns_macs[0], TAP_NIC, TAP_NIC_IP, NS_IP, size)
     if path == TAP:
-        return functools.partial(via_tap, runners[0], tap, frame, seconds)
+        return functools.partial(via_tap, runners[0], TAP_NIC, frame, seconds)
     if path == RAW:
         return functools.partial(raw_loop, tap.fileno(), frame, seconds)
     return functools.partial(backend_loop, tap, frame, seconds)
