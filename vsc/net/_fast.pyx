@@ -66,6 +66,8 @@ cdef class Engine:
     cdef RingReader reader
     cdef object notify_peer
     cdef object channel
+    cdef object send_obj          # the buffers, taken for the length of each call
+    cdef object recv_obj
     cdef Py_buffer send_view
     cdef Py_buffer recv_view
     cdef bint holding
@@ -87,16 +89,13 @@ cdef class Engine:
         self.reader = channel.reader
         self.channel = channel
         self.notify_peer = channel.notify_peer
-        PyObject_GetBuffer(send_view, &self.send_view, PyBUF_WRITABLE)
-        try:
-            PyObject_GetBuffer(recv_view, &self.recv_view, PyBUF_SIMPLE)
-        except BaseException:
-            PyBuffer_Release(&self.send_view)
-            raise
-        self.holding = True
         if alignment == 0 or alignment & (alignment - 1) or max_packets == 0:
-            self.release()
             raise UsageError("alignment must be a power of two, max_packets above 0")
+        memoryview(send_view).cast("B")[:0]  # TypeError now if not a writable buffer
+        if memoryview(send_view).readonly:
+            raise TypeError("the send buffer must be writable")
+        self.send_obj, self.recv_obj = send_view, recv_view
+        self.holding = True
         self.section_size, self.max_packets, self.alignment = section_size, max_packets, alignment
         self.max_ranges = MAX_RANGES
         template = _nvsp.send_rndis_packet(_nvsp.RndisChannel.DATA, 0, 0)
@@ -104,16 +103,11 @@ cdef class Engine:
         done = _nvsp.SendRndisPacketComplete(status=SUCCESS).pack()
         memcpy(self.done, <const char *>done, 8)
 
-    def __dealloc__(self):
-        self.release()
-
     cpdef release(self):
-        """Give back the buffers of guest memory and the rings (before the
+        """Let go of the buffers of guest memory and the rings (before the
         adapter unmaps them)."""
-        if self.holding:
-            self.holding = False
-            PyBuffer_Release(&self.send_view)
-            PyBuffer_Release(&self.recv_view)
+        self.holding = False
+        self.send_obj = self.recv_obj = None
         self.writer = None
         self.reader = None
         self.channel = None
@@ -127,14 +121,21 @@ cdef class Engine:
         SEND_RNDIS_PKTs, committing once. Returns (the index of the first
         frame not sent, and None or (payload, trans_id) of a packet the ring
         had no room for: its section is filled and recorded, the caller sends it)."""
+        if not self.holding:
+            raise UsageError("the adapter is closed")
+        PyObject_GetBuffer(self.send_obj, &self.send_view, PyBUF_WRITABLE)
+        try:
+            return self.pack_into(frames, start, free, sending, ids)
+        finally:
+            PyBuffer_Release(&self.send_view)
+
+    cdef object pack_into(self, frames, Py_ssize_t start, free, dict sending, ids):
         cdef Py_ssize_t n = len(frames), i = start, first, k
         cdef uint32_t used, count, message, length, section
         cdef uint8_t *base
         cdef Py_buffer frame
         cdef int result
         cdef uint8_t payload[NVSP_SIZE]
-        if not self.holding:
-            raise UsageError("the adapter is closed")
         stalled = None
         written = 0
         while i < n and free:
@@ -204,12 +205,19 @@ cdef class Engine:
         packets of PACKET messages (the frames appended to `frames`, each
         packet completed). Stops at any other; commits both rings once.
         Returns the packets handled."""
+        if not self.holding or self.reader.corrupt is not None:
+            return 0
+        PyObject_GetBuffer(self.recv_obj, &self.recv_view, PyBUF_SIMPLE)
+        try:
+            return self.reap_from(sending, free, frames)
+        finally:
+            PyBuffer_Release(&self.recv_view)
+
+    cdef object reap_from(self, dict sending, free, frames):
         cdef Descriptor d
         cdef uint32_t handled = 0, wrote = 0
         cdef uint8_t head[16]
         cdef uint32_t size
-        if not self.holding or self.reader.corrupt is not None:
-            return 0
         append = frames.append
         while handled < REAP_LIMIT and self.reader.next(&d) == READY:
             size = (<uint32_t>d.len8 - d.offset8) * 8
