@@ -175,7 +175,7 @@ def test_stats_count_requests_fast_path_and_errors_as_json(tmp_path: Path) -> No
     assert stats["requests"] >= 32 and stats["errors"] == 0
     assert 0 < stats["fast_path_requests"] <= stats["requests"] or not vsp.fast_path
     assert closed["open_channels"] == 0 and closed["requests"] >= stats["requests"]
-    assert closed["fast_path_requests"] == stats["fast_path_requests"]
+    assert closed["fast_path_requests"] >= stats["fast_path_requests"]  # kept once closed
     assert closed["check_conditions"] == {"0": 0} and closed["requests_by_channel"].keys() == {"0"}
 
 

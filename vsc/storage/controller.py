@@ -42,14 +42,17 @@ HEADER_CACHE = 64  # lengths of GPA-direct header kept per slot
 # Poll mode for large requests: a request takes the VSP about its bytes at
 # the backing store's speed, which for 1 MiB from the page cache (~40-70 us
 # here) is longer than the channel's spin, and sleeping through it costs a
-# cross-core wake-up (~70 us). So a wait for a large request spins for the
-# time such requests have been taking (learnt: seconds per byte, a moving
-# average of the waits), with a margin; if that is over LONG_SPIN_MAX (an
-# O_DIRECT disk), it sleeps at once, as sleeping is then the cheaper.
+# cross-core wake-up (~70 us) on each side. So a wait for a large request
+# spins for the time such requests take (learnt, in seconds per byte, from
+# the spins that saw their completion; one that missed raises it), with a
+# margin, up to LONG_SPIN_MAX. Past that (an O_DIRECT disk) sleeping is the
+# cheaper: the wait sleeps at once, and spins once in LONG_SPIN_PROBE waits
+# to notice when the requests get fast again.
 LONG_REQUEST = 64 * 1024  # bytes: smaller ones are left to the channel's own spin
 FIRST_SECONDS_PER_BYTE = 1 / 12e9  # the guess before any wait was seen
 LONG_SPIN_MARGIN = 1.5
 LONG_SPIN_MAX = 150e-6
+LONG_SPIN_PROBE = 16
 LEARNING_RATE = 0.125
 
 # One SRB to run, a plain tuple (the hot path builds one per request):
@@ -138,6 +141,7 @@ class StorageController:
         self._buffers: set[GuestBuffer] = set()
         self._next_channel = 0
         self._seconds_per_byte = FIRST_SECONDS_PER_BYTE  # how long large requests take
+        self._long_waits = 0
 
     @property
     def channel(self) -> GuestChannel:
@@ -371,15 +375,12 @@ class StorageController:
     def _wait(self, deadline: float) -> None:
         channels = [c for c, flight in zip(self.channels, self._in_flight, strict=True) if flight]
         largest = self._largest_in_flight()
-        start = time.perf_counter()
-        if largest < LONG_REQUEST or not self._spin_long(channels, largest):
-            if len(channels) == 1:
-                channels[0].wait(deadline)
-            else:
-                wait_any(channels, max(0.0, deadline - time.monotonic()))
-        if largest >= LONG_REQUEST:  # learn how long the VSP takes for these
-            observed = (time.perf_counter() - start) / largest
-            self._seconds_per_byte += (observed - self._seconds_per_byte) * LEARNING_RATE
+        if largest >= LONG_REQUEST and self._spin_long(channels, largest):
+            return
+        if len(channels) == 1:
+            channels[0].wait(deadline)
+        else:
+            wait_any(channels, max(0.0, deadline - time.monotonic()))
 
     def _largest_in_flight(self) -> int:
         """The bytes of the largest request in flight; 0 for a deep queue
@@ -393,18 +394,25 @@ class StorageController:
         return largest
 
     def _spin_long(self, channels: list[GuestChannel], largest: int) -> bool:
-        """Spin for the time a request of `largest` bytes has been taking (see
+        """Spin for the time a request of `largest` bytes takes (see
         LONG_REQUEST); True if a completion came meanwhile."""
         spin = max(c.spin_seconds for c in channels)
         expected = largest * self._seconds_per_byte
-        if not spin or expected > LONG_SPIN_MAX:  # interrupt-driven, or a slow disk: sleep
-            return False
-        end = time.perf_counter() + min(expected * LONG_SPIN_MARGIN, LONG_SPIN_MAX)
+        self._long_waits += 1
+        if not spin or (expected > LONG_SPIN_MAX and self._long_waits % LONG_SPIN_PROBE):
+            return False  # interrupt-driven, or a slow disk: sleep
+        start = time.perf_counter()
+        end = start + min(max(expected * LONG_SPIN_MARGIN, spin), LONG_SPIN_MAX)
         readers = [c.reader for c in channels]
-        while time.perf_counter() < end:
+        now = start
+        while now < end:
             for reader in readers:
                 if reader.bytes_available:
+                    observed = (now - start) / largest
+                    self._seconds_per_byte += (observed - self._seconds_per_byte) * LEARNING_RATE
                     return True
+            now = time.perf_counter()
+        self._seconds_per_byte *= LONG_SPIN_MARGIN  # it takes longer than that
         return False
 
     def close(self) -> None:
