@@ -134,3 +134,47 @@ def test_tap_copy_works_the_parents_device_and_leaves_its_namespace(tap: TapBack
     copy.close()  # the worker's copy goes first: the device and namespace stay
     assert tap.netns in netns.listnetns()
     assert tap.send([arp]) == 1
+
+
+# --- in a real worker process (the default Host.start) ---
+
+
+def link_watcher(guest: Any, workdir: str) -> None:
+    """Child: send 10 frames, say so, then wait for the parent's link down and up."""
+    from pathlib import Path
+
+    from tests.net.test_net_e2e import adapter
+
+    nic = adapter(guest)
+    frame = eth.ethernet(eth.BROADCAST, nic.mac, 0x88B5, b"x" * 46)
+    nic.send_batch([frame] * 10)
+    while nic.sending:
+        nic._pump(10.0)
+    Path(workdir, "sent").write_text("1")
+    nic.wait_link(False, timeout=20)
+    Path(workdir, "down").write_text("1")
+    nic.wait_link(True, timeout=20)
+    nic.close()
+
+
+def test_worker_process_counts_and_sees_the_parents_link_changes(tmp_path: Path) -> None:
+    import time
+
+    from vmbus.partition import Host
+
+    backend = NullBackend(mac=MAC)
+    vsp = NetVsp(backend, mac=MAC)
+    with Host() as host:
+        child = host.start(link_watcher, devices=[vsp], args=(str(tmp_path),))
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "sent").exists():
+            assert time.monotonic() < deadline and child.wait(timeout=0.05) is None
+        (stats,) = child.device_stats()
+        assert stats["frames_from_guest"] == 10 and stats["backend_frames_out"] == 10
+        assert backend.frames_out == 0  # the parent's copy moved nothing: the worker's did
+        backend.set_link(False)  # the parent's object, after start
+        while not (tmp_path / "down").exists():  # the child saw it before it comes back up
+            assert time.monotonic() < deadline and child.wait(timeout=0.05) is None
+        backend.set_link(True)
+        assert child.wait(timeout=30) == 0
+    backend.close()
