@@ -30,7 +30,7 @@ from typing import Any
 from vmbus import host as h
 from vmbus import messages as m
 from vmbus import sandbox
-from vmbus.channel import Channel
+from vmbus.channel import SPIN_MISSES, SPIN_PROBE, Channel
 from vmbus.device import ChannelHandler, OpenContext, Vsp
 from vmbus.errors import PeerError, PeerLog
 from vmbus.memory import GuestMemory, GuestMemoryError, MappedRegion, map_channel_rings
@@ -101,6 +101,7 @@ class VmWorker:
         self.rescinded = 0  # channels failed alone (a corrupt ring, a VSP's error)
         self.exited = threading.Event()
         self._kill_at: float | None = None
+        self._polls = self._spin_misses = 0  # adaptive poll mode (_poll)
         self._final_stats: list[dict[str, Any]] = []  # the devices' counters at the end
         self._failures: list[tuple[int, str]] = []  # from channel threads, for the main loop
         self._failed = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -177,9 +178,15 @@ class VmWorker:
         short spin. True only if a channel's packets were consumed, so a
         peer that leaves packets we cannot take (no room for replies) sends
         the worker back to its select, not into a busy loop. A channel whose
-        ring is corrupt fails alone, here as in `_service`."""
+        ring is corrupt fails alone, here as in `_service`. The spin adapts
+        as a channel's does: after SPIN_MISSES fruitless spins in a row (a
+        slow guest, or more VMs than cores, where spinning takes the CPU the
+        guest needs) only every SPIN_PROBE-th pass spins."""
         channels = [(r, c.channel) for r, c in self.channels.items() if c.thread is None]
         if not self.spin_seconds or not channels:
+            return False
+        self._polls += 1
+        if self._spin_misses >= SPIN_MISSES and self._polls % SPIN_PROBE:
             return False
         failed: dict[int, str] = {}
 
@@ -209,6 +216,7 @@ class VmWorker:
                 ready = relid
         for relid, reason in failed.items():
             self._fail(relid, reason)
+        self._spin_misses = 0 if ready is not None else self._spin_misses + 1
         if ready is None or ready in failed:
             return False
         return self._service(ready) > 0

@@ -54,17 +54,18 @@ def corrupt_one_ring(guest: Guest) -> None:
 
 
 def corrupt_one_ring_while_polled(guest: Guest) -> None:
-    """Child: corrupt a ring without signalling, so only the parent's poll
-    loop can notice; it must rescind that channel alone, not let the error
-    end its worker (which took every channel of the child down)."""
+    """Child: corrupt a ring without signalling, so only the worker's poll
+    loop can notice (while traffic on the other channel keeps it spinning);
+    it must rescind that channel alone, not let the error end its worker
+    (which took every channel of the child down)."""
     bad, good = bind_echo(guest)
     bad_channel, good_channel = bad.open(), good.open()
     assert bad.echo(b"fine").startswith(b"fine")
     struct.pack_into("<I", bad_channel.views[0], 0, 12)  # misaligned write_index, no doorbell
     deadline = time.monotonic() + 10
-    while not bad.device.rescinded:
+    while not bad.device.rescinded:  # traffic on the other keeps the poll loop spinning
         assert time.monotonic() < deadline, "the poll loop did not rescind the corrupt channel"
-        time.sleep(0.01)
+        assert good.echo(b"meanwhile").startswith(b"meanwhile")
     for i in range(100):
         assert good.echo(b"%d" % i).startswith(b"%d" % i)
     good_channel.close()
