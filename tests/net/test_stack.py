@@ -66,10 +66,17 @@ def stack_child(guest: Guest, workdir: str, iperf: bool) -> None:
         (work / "stack.json").write_text(json.dumps({**stack.stats(), "error": repr(stack.error)}))
 
 
-def test_ping_and_iperf3_between_the_childs_stack_and_the_host(tmp_path: Path) -> None:
+@pytest.mark.parametrize("offloads", [False, True], ids=["plain", "offloads"])
+def test_ping_and_iperf3_between_the_childs_stack_and_the_host(
+    tmp_path: Path, offloads: bool
+) -> None:
+    """With offloads (the host's TAP has IFF_VNET_HDR), the child's TAP
+    takes checksum offload and TSO, and TCP crosses as large sends."""
     iperf = shutil.which("iperf3") is not None  # without it, ping only (and say so below)
     namespace = f"vmbus-stack-{os.getpid()}"
-    backend = TapBackend(netns=namespace, address=f"{HOST_IP}/24", create_netns=True)
+    backend = TapBackend(
+        netns=namespace, address=f"{HOST_IP}/24", create_netns=True, vnet_hdr=offloads
+    )
     server = None
     try:
         if iperf:
@@ -101,6 +108,7 @@ def test_ping_and_iperf3_between_the_childs_stack_and_the_host(tmp_path: Path) -
             for name in ("to_host", "from_host"):
                 assert isinstance(result[name], dict), result[name]
                 assert result[name]["end"]["sum_received"]["bytes"] > 0
+            assert (stats["large_sends"] > 0) == offloads and (stats["offload"] >= 0) == offloads
     finally:
         if server is not None:
             server.kill()

@@ -8,7 +8,11 @@ iperf3, a DHCP client) run "inside" the child over netvsc/netvsp.
         subprocess.run(["ping", "-c", "3", "10.210.0.1"], check=True)
 
 The TAP device takes the NIC's MAC (the host pins it: frames from another
-address would be refused) and its MTU. One thread of the child runs the
+address would be refused) and its MTU. When the host offers checksum
+offload and LSOv2 (a netvsp over a TAP with IFF_VNET_HDR), the device does
+too (IFF_VNET_HDR, TUNSETOFFLOAD): the kernel hands over TCP segments of up
+to LSO_MAX_SIZE bytes with partial checksums, and each crosses the bus as
+one large send (`NetAdapter.send_segment`). One thread of the child runs the
 bridge and is the only one to touch the adapter while the stack runs: it
 sleeps on the TAP descriptor and the channel's doorbell together, reads up
 to BATCH frames from the kernel per pass and hands them to `send_batch`,
@@ -32,14 +36,18 @@ from typing import Any
 from pyroute2 import IPRoute
 
 from vmbus.errors import UsageError
+from vmbus.protocols.net import offload as ol
 from vsc.net.device import NetAdapter
 
 __all__ = ["LinuxStack", "open_tap"]
 
 # linux/if_tun.h (the asm-generic _IOW encoding: x86, arm).
 TUNSETIFF = 0x400454CA
+TUNSETOFFLOAD = 0x400454D0
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6 = 0x01, 0x02, 0x04
 IFNAMSIZ = 16
 BATCH = 64  # frames taken from the kernel per pass
 FRAME_MAX = 65535
@@ -47,15 +55,20 @@ FRAME_MAX = 65535
 _TAP_DROPS = frozenset((errno.EAGAIN, errno.ENOBUFS, errno.ENOMEM, errno.EIO, errno.EINVAL))
 
 
-def open_tap(name: str) -> tuple[int, str]:
+def open_tap(name: str, offloads: int = -1) -> tuple[int, str]:
     """A TAP device (frames only, no packet information) in this process's
-    network namespace: its descriptor (non-blocking) and the kernel's name."""
+    network namespace: its descriptor (non-blocking) and the kernel's name.
+    With `offloads` (TUN_F_* flags, 0 for none) each frame carries a
+    virtio_net_hdr and the kernel may hand over what those flags allow."""
     encoded = name.encode()
     if len(encoded) >= IFNAMSIZ:
         raise UsageError(f"interface name {name!r} is longer than {IFNAMSIZ - 1} bytes")
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    flags = IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if offloads >= 0 else 0)
     try:
-        answer = fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", encoded, IFF_TAP | IFF_NO_PI))
+        answer = fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", encoded, flags))
+        if offloads >= 0:
+            fcntl.ioctl(fd, TUNSETOFFLOAD, offloads)
     except BaseException:
         os.close(fd)
         raise
@@ -79,8 +92,10 @@ class LinuxStack:
         self.frames_to_kernel = 0
         self.frames_from_kernel = 0
         self.drops = 0  # frames the kernel refused
+        self.large_sends = 0  # TCP segments sent as one LSOv2 send
         self.error: BaseException | None = None  # what stopped the bridge, if not stop()
-        self._fd, self.name = open_tap(name)
+        self.offload = _tun_offloads(nic.offloads)
+        self._fd, self.name = open_tap(name, self.offload)
         self._stop_r, self._stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._thread: threading.Thread | None = None
         try:
@@ -95,7 +110,10 @@ class LinuxStack:
             ipr.link("set", index=loopback, state="up")
             (self.index,) = ipr.link_lookup(ifname=self.name)
             mac = self.nic.mac.hex(":")
-            ipr.link("set", index=self.index, address=mac, mtu=self.nic.mtu, state="up")
+            ipr.link("set", index=self.index, address=mac, mtu=self.nic.mtu)
+            if self.offload & (TUN_F_TSO4 | TUN_F_TSO6):  # a large send fits a send section
+                ipr.link("set", index=self.index, gso_max_size=ol.LSO_MAX_SIZE)
+            ipr.link("set", index=self.index, state="up")
             if address is not None:
                 ip, _, prefix = address.partition("/")
                 ipr.addr("add", index=self.index, address=ip, prefixlen=int(prefix or 32))
@@ -152,7 +170,10 @@ class LinuxStack:
                 except BlockingIOError:
                     break
             if batch:
-                nic.send_batch(batch)
+                if self.offload >= 0:
+                    self._send_offloaded(batch)
+                else:
+                    nic.send_batch(batch)
                 self.frames_from_kernel += len(batch)
                 moved += len(batch)
             if moved:
@@ -172,8 +193,12 @@ class LinuxStack:
 
     def _to_kernel(self) -> int:
         """What the host delivered, written to the TAP device."""
-        nic, fd, write = self.nic, self._fd, os.write
+        nic, fd = self.nic, self._fd
         count = 0
+        vnet = self.offload >= 0
+        write: Any = (
+            (lambda fd, frame: os.writev(fd, (ol.ZERO_HEADER, frame))) if vnet else os.write
+        )
         frame = nic.poll()  # takes in what the channel holds (completions free sections too)
         while frame is not None:
             try:
@@ -187,9 +212,65 @@ class LinuxStack:
         self.frames_to_kernel += count
         return count
 
+    def _send_offloaded(self, batch: list[bytes]) -> None:
+        """Frames read with their virtio_net_hdr: a TCP segment goes as one
+        large send, a partial checksum as a checksum offload, the rest as
+        plain frames (in order: the plain ones before each offloaded one)."""
+        nic, plain = self.nic, []
+        for data in batch:
+            flags, gso_type, _, gso_size, start, offset = ol.VNET_HDR.unpack_from(data)
+            frame = memoryview(data)[ol.VNET_HDR_SIZE :]
+            kind = gso_type & 0x7F  # less the ECN bit
+            if kind == ol.GSO_NONE:
+                if flags & ol.VNET_NEEDS_CSUM:  # an ACK, mostly: summed here, sent in the batch
+                    frame = complete_checksum(frame, start, offset)
+                plain.append(frame)
+                continue
+            if plain:
+                nic.send_batch(plain)
+                plain = []
+            try:
+                if kind in (ol.GSO_TCPV4, ol.GSO_TCPV6):
+                    nic.send_segment(frame, mss=gso_size)
+                    self.large_sends += 1
+                else:
+                    self.drops += 1  # UDP fragmentation offload: never enabled
+            except UsageError:
+                self.drops += 1  # not a frame the host can offload: TCP sends it again
+        if plain:
+            nic.send_batch(plain)
+
     def stats(self) -> dict[str, Any]:
         return {
             "frames_to_kernel": self.frames_to_kernel,
             "frames_from_kernel": self.frames_from_kernel,
+            "large_sends": self.large_sends,
             "drops": self.drops,
+            "offload": self.offload,
         }
+
+
+def complete_checksum(frame: memoryview, start: int, offset: int) -> bytearray:
+    """The frame with the checksum the kernel left partial (CHECKSUM_PARTIAL:
+    the field holds the pseudo-header sum) completed over frame[start:]."""
+    out = bytearray(frame)
+    at = start + offset
+    if not start < at + 2 <= len(out):
+        return out  # not a place a checksum can be: the receiver drops it
+    data = out[start:] + (b"\0" if (len(out) - start) % 2 else b"")
+    total = int.from_bytes(data, "big") % 0xFFFF  # 2**16 = 1 (mod 0xFFFF): the 16-bit sum
+    out[at : at + 2] = ((~total) & 0xFFFF if total else 0).to_bytes(2, "big")
+    return out
+
+
+def _tun_offloads(offloads: ol.Offloads) -> int:
+    """The TUN_F_* flags the host's offloads allow, or -1 for a device
+    without a virtio_net_hdr (no checksum offload both for TCP and UDP)."""
+    if not (offloads.tx_tcp4 and offloads.tx_udp4):
+        return -1
+    flags = TUN_F_CSUM
+    if offloads.tx_tcp6 and offloads.tx_udp6:
+        flags |= TUN_F_TSO6 if offloads.lso6 else 0
+    else:
+        return -1  # the kernel would hand over IPv6 partial sums we cannot offload
+    return flags | (TUN_F_TSO4 if offloads.lso4 else 0)
