@@ -216,15 +216,16 @@ class LinuxStack:
         """Frames read with their virtio_net_hdr: a TCP segment goes as one
         large send, a partial checksum as a checksum offload, the rest as
         plain frames (in order: the plain ones before each offloaded one)."""
-        nic, plain = self.nic, []
+        nic, plain = self.nic, list[Any]()
         for data in batch:
             flags, gso_type, _, gso_size, start, offset = ol.VNET_HDR.unpack_from(data)
             frame = memoryview(data)[ol.VNET_HDR_SIZE :]
             kind = gso_type & 0x7F  # less the ECN bit
             if kind == ol.GSO_NONE:
                 if flags & ol.VNET_NEEDS_CSUM:  # an ACK, mostly: summed here, sent in the batch
-                    frame = complete_checksum(frame, start, offset)
-                plain.append(frame)
+                    plain.append(complete_checksum(frame, start, offset))
+                else:
+                    plain.append(frame)
                 continue
             if plain:
                 nic.send_batch(plain)
@@ -259,7 +260,9 @@ def complete_checksum(frame: memoryview, start: int, offset: int) -> bytearray:
         return out  # not a place a checksum can be: the receiver drops it
     data = out[start:] + (b"\0" if (len(out) - start) % 2 else b"")
     total = int.from_bytes(data, "big") % 0xFFFF  # 2**16 = 1 (mod 0xFFFF): the 16-bit sum
-    out[at : at + 2] = ((~total) & 0xFFFF if total else 0).to_bytes(2, "big")
+    if not total:  # the sum is 0xFFFF, or 0 if every word is
+        total = 0xFFFF if any(data) else 0
+    out[at : at + 2] = (~total & 0xFFFF).to_bytes(2, "big")
     return out
 
 
