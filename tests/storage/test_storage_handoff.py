@@ -68,6 +68,18 @@ def test_ram_disk_copy_shares_the_parents_bytes() -> None:
     assert parent.data[4096:4608] == bytes(512)
 
 
+class LabelledRam(RamBackend):
+    def __init__(self, size: int, label: str) -> None:
+        super().__init__(size, block_size=4096)
+        self.label = label
+
+
+def test_a_ram_disk_subclass_crosses_with_its_own_attributes() -> None:
+    copy = crossed(LabelledRam(MIB, "scratch"))
+    assert (copy.label, copy.block_size, copy.block_count) == ("scratch", 4096, MIB // 4096)
+    assert len(copy.data) == MIB
+
+
 def test_ram_disk_memfd_cannot_be_shrunk_under_the_parent() -> None:
     parent = RamBackend(MIB)
     copy = crossed(parent)

@@ -306,15 +306,16 @@ class RamBackend(_Backend):
         try:
             os.ftruncate(fd, size)
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+            self._own(fd)
         except BaseException:
             os.close(fd)
             raise
-        self._own(fd)
 
     def _own(self, fd: int) -> None:
+        """Map `fd` and own it (closed with the last reference to us)."""
         self._fd = fd
-        self._closer = weakref.finalize(self, os.close, fd)
         self.data = self._map(self.size)
+        self._closer = weakref.finalize(self, os.close, fd)
 
     def _map(self, size: int) -> SharedBytes:
         available = os.fstat(self._fd).st_size
@@ -323,16 +324,21 @@ class RamBackend(_Backend):
         return SharedBytes(self._fd, size)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"size": self.size, "block_size": self.block_size, "fd": SharedFd(self._fd)}
+        """The memfd crosses (the mapping and its closer are remade there);
+        the rest, a subclass's too, as it is."""
+        state = {k: v for k, v in self.__dict__.items() if k not in ("data", "_closer", "_fd")}
+        state["_fd"] = SharedFd(self._fd)
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        fd = state["fd"].take()
+        fd = state.pop("_fd").take()
         try:
-            _Backend.__init__(self, state["size"], state["block_size"], read_only=False)
+            self.__dict__.update(state)
+            _Backend.__init__(self, self.block_size * self.block_count, self.block_size, False)
+            self._own(fd)
         except BaseException:
             os.close(fd)
             raise
-        self._own(fd)
 
     def readv(self, offset: int, buffers: Sequence[memoryview]) -> None:
         views = _byte_views(buffers)
