@@ -222,6 +222,21 @@ def test_hostile_port_fails_alone_within_bounds(mode: str, reason: str | None) -
     assert threading.active_count() == threads and open_fds() == fds
 
 
+def test_sender_held_by_a_port_that_never_reads_costs_the_switch_nothing() -> None:
+    """The switch thread sleeps while the only traffic waits for a full
+    port: no pass without a doorbell (it spun at 100 % before)."""
+    with LearningSwitch(queue_frames=8, stall_seconds=None) as switch:
+        a, b = switch.port(MAC_A), switch.port(MAC_B)
+        a.transmit([frame(MAC_B, MAC_A, n) for n in range(64)])
+        assert wait_until(lambda: switch.stats()[0].waiting > 0 and b.held == 0, 10)
+        before = switch.passes
+        assert not select.select([a.space_fileno()], [], [], 0.3)[0]  # nothing moves
+        assert switch.passes - before <= 2  # a wake-up still on its way, at most
+        assert switch.stats()[1].queued == 8 and switch.stats()[1].dropped == 0
+        for port in (a, b):
+            port.close()
+
+
 def test_each_port_costs_the_parent_a_bounded_number_of_descriptors() -> None:
     fds = open_fds()
     with LearningSwitch() as switch:

@@ -178,6 +178,7 @@ class LearningSwitch:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._busy = False  # a port left frames unread: pass again without waiting
+        self.passes = 0  # the thread's wake-ups: a stuck or dead port must not add to them
 
     # --- the public side ---
 
@@ -261,6 +262,7 @@ class LearningSwitch:
             with self._lock:
                 if self._stopping:
                     return
+                self.passes += 1
                 self._doorbells(events)
                 self._pump()
                 if self.stall_seconds is not None:
