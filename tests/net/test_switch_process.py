@@ -18,6 +18,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -298,3 +299,40 @@ def test_two_children_in_worker_processes_exchange_verified_frames(tmp_path: Pat
 
 
 logging.getLogger("vsp.net.switch").setLevel(logging.WARNING)
+
+
+class _RacingReader:
+    """The switch's reader of a port's ring, with the worker writing (and
+    committing) more frames right after each of the switch's reads."""
+
+    def __init__(self, reader: Any, worker: SwitchPort, frames: list[bytes]) -> None:
+        self.reader, self.worker, self.frames = reader, worker, frames
+
+    def read_packed(self, *args: Any) -> int:
+        count = int(self.reader.read_packed(*args))
+        if self.frames:
+            self.worker.send([self.frames.pop(0)])  # its commit sees our old read index
+        return count
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.reader, name)
+
+
+def test_frames_written_while_the_switch_reads_are_not_stranded() -> None:
+    """The worker's commit during the switch's read rings no doorbell (the
+    ring was not empty then): the switch looks again after its own commit
+    (frames sat in a full ring, and the child timed out)."""
+    switch = LearningSwitch(serve=False)
+    a, b = switch.port(MAC_A), switch.port(MAC_B)
+    worker_a = handed(a)  # not in the switch's process: its sends kick no pass
+    end = a._end
+    assert end is not None and end.reader is not None
+    end.reader = _RacingReader(end.reader, worker_a, [frame(MAC_B, MAC_A, 1)])
+    worker_a.send([frame(MAC_B, MAC_A, 0)])
+    switch.pump()  # reads frame 0; frame 1 arrives meanwhile
+    assert switch._timeout() == 0.0  # the thread would pass again at once
+    switch.pump()
+    assert [verified(f) for f in b.receive(8)] == [0, 1]
+    switch.close()
+    for port in (worker_a, a, b):
+        port.close()

@@ -117,6 +117,7 @@ class _PortEnd:
         self.taken = 0  # frames read from ring "up"
         self.received = 0  # the worker's W_RECEIVED, as last checked
         self.dirty = False  # written, not yet committed
+        self.more = False  # its ring had frames after our last read
         self.frames_in = self.frames_out = 0
         self.dropped = self.refused = self.spoofed = self.held = 0
         self.pending: deque[bytes] = deque()  # read from its ring, not yet forwarded
@@ -269,8 +270,8 @@ class LearningSwitch:
                     self._check_stalls(time.monotonic())
 
     def _timeout(self) -> float | None:
-        if self._busy:
-            return 0.0
+        if self._busy or any(end.pending and end.waiting_on is None for end in self._ports):
+            return 0.0  # frames to read, or released by a stall (and no doorbell will ring)
         if self.stall_seconds is not None and any(end.waiters for end in self._ports):
             return self.stall_seconds / 4
         return None
@@ -308,9 +309,10 @@ class LearningSwitch:
                 self._guard(end, self._room)
         for end in list(self._ports):
             if not end.removed and end.waiting_on is None:
+                end.more = False
                 count = self._guard(end, self._serve_sender)
                 moved += count
-                busy |= count >= BATCH  # maybe more in its ring: pass again at once
+                busy |= count >= BATCH or end.more  # more in its ring: pass again at once
         for end in list(self._ports):
             if end.dirty and not end.removed:
                 end.dirty = False
@@ -407,6 +409,9 @@ class LearningSwitch:
             pos += size
         if reader.commit():
             ring_eventfd(end.space)
+        # What the worker wrote while we read: its commit saw our old read
+        # index (not empty), so it rang no doorbell. Look again next pass.
+        end.more = reader.bytes_available > 0
         while end.pending:
             if not self._forward(end, end.pending[0]):
                 break
