@@ -195,7 +195,9 @@ def stack_path(tag: str, workdir: str) -> Iterator[Callable[[float, list[str]], 
             child = host.start(
                 CHILD_TARGET, devices=[NetVsp(backend, mac=MAC)], args=(str(work),), policy=policy
             )
-            if not wait_until(lambda: (work / "up").exists() or child.state != "running", 60):
+            if not wait_until(
+                lambda: (work / "up").exists() or child.state not in ("starting", "running"), 60
+            ):
                 raise RuntimeError("the child's stack did not come up")
 
             def measure(seconds: float, extra: list[str]) -> float:
@@ -203,7 +205,8 @@ def stack_path(tag: str, workdir: str) -> Iterator[Callable[[float, list[str]], 
                 (work / f"request-{number}").write_text(json.dumps([seconds, extra]))
                 answer = work / f"answer-{number}"
                 if not wait_until(
-                    lambda: answer.exists() or child.state != "running", seconds + 90
+                    lambda: answer.exists() or child.state not in ("starting", "running"),
+                    seconds + 90,
                 ):
                     raise RuntimeError("the child did not answer")
                 if not answer.exists():

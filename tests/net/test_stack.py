@@ -94,7 +94,10 @@ def test_ping_and_iperf3_between_the_childs_stack_and_the_host(
                 policy=policy,
             )
             assert wait_until(
-                lambda: (tmp_path / "child.json").exists() or child.state != "running", 60
+                lambda: (
+                    (tmp_path / "child.json").exists() or child.state not in ("starting", "running")
+                ),
+                60,
             )
             back = run(["ip", "netns", "exec", namespace, "ping", "-c", "3", "-W", "5", CHILD_IP])
             (tmp_path / "done").write_text("1")
