@@ -30,7 +30,11 @@ from vsp.input import KeyboardVsp, MouseVsp
 from vsp.video import VideoVsp
 from vsp.video.screen import Screen
 from vsp.video.vnc import VncServer
-from vsp.video.web import find_novnc
+
+pytest.importorskip("websockets", reason="the websockets library is not installed")
+from websockets.sync.client import connect as ws_connect  # noqa: E402
+
+from vsp.video.web import find_novnc  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [
@@ -41,9 +45,6 @@ pytestmark = [
         find_novnc() is None, reason="noVNC is not installed (apt-get install novnc)"
     ),
 ]
-pytest.importorskip("websockets", reason="the websockets library is not installed")
-from websockets.sync.client import connect as ws_connect  # noqa: E402
-
 WINDOW = (800, 600)  # the browser's; the child starts at 640x480 and follows it
 
 
