@@ -152,6 +152,10 @@ def test_a_handed_video_vsp_is_seen_by_a_vnc_client_of_the_parent() -> None:
         assert client.read_update() == [(0, 0, 320, 240, RAW)]
         assert (client.fb == rgb_values(fb.pixels)).all()
         assert served.stats()["frames"] >= 1 and served.stats()["mode"][:2] == [320, 240]
+        # The pointer shape the guest set (Linux's hidden 1x1 one) crossed too.
+        wait_for(lambda: vsp.screen.cursor().serial >= 1)
+        cursor = vsp.screen.cursor()
+        assert cursor.pixels.tolist() == [[[0, 1, 1, 1]]] and served.stats()["cursor_shapes"] >= 1
         fb.close()
         client.close()
     served.screen.close()
