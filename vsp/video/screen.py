@@ -21,8 +21,10 @@ Interface:
 - ``Screen.snapshot_png(path_or_file)``: the frame as an 8-bit RGB PNG.
 - ``Screen.add_listener(fn)`` / ``remove_listener(fn)``: ``fn(rects)`` is called
   (outside the lock, from the updating thread) after each change.
-- ``Screen.capture(rects, generation)``: consistent copies of regions, for
-  encoders; a stale ``generation`` (a resize happened) yields the whole frame.
+- ``Screen.capture(rects, generation, into=None, encode=None)``: consistent
+  copies of regions, for encoders (``into``: an encoder's own frame-sized
+  array; ``encode``: called with views of the shared frame instead, again if
+  the writer changed it); a stale ``generation`` yields the whole frame.
 
 Across processes: the frame lives in a memfd (`vsp.video.shared`). A Screen
 pickled with `vmbus.handoff` (a `VideoVsp` handed to its VM's worker process)
@@ -33,7 +35,11 @@ header), validates all it reads, and sends the worker requests
 (``request_size``; a ``FLUSH`` after a read the writer deferred) through a
 socket pair whose worker end the VSP watches (``control_fd``,
 ``read_control``). ``Screen.set_cursor`` / ``cursor()`` carry the guest's
-pointer shape the same way.
+pointer shape the same way. One consumer may instead read the damage itself
+(``claim_doorbell``: an eventfd the writer rings; ``damage_since``), which
+the VNC server does, saving a thread hand-over per change; a viewer waiting
+for newer pixels says so (``want_update``, read by the writer as ``wanted``)
+so the VSP copies at its next chance rather than at its own pace.
 
 Backends: ``vsp.video.vnc.VncServer(screen, host="127.0.0.1", port=5900,
 password=None, on_key=..., on_pointer=...)`` serves the Screen over RFB 3.8
