@@ -59,13 +59,22 @@ import struct
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import numpy as np
 import numpy.typing as npt
 
 from vmbus.handoff import SharedFd
+from vsp.video.frames import (
+    Capture,
+    Cursor,
+    Frame,
+    Rect,
+    bounding_box,
+    clip,
+    intersect,
+    subtract,
+)
 from vsp.video.png import write_png
 from vsp.video.shared import CURSOR_MAX, MAX_DIMENSION, SharedFrame
 
@@ -84,8 +93,6 @@ __all__ = [
     "subtract",
 ]
 
-Rect = tuple[int, int, int, int]
-Frame = npt.NDArray[np.uint8]
 Listener = Callable[[list[Rect]], None]
 
 # More dirty rectangles than this in one update are merged into their bounding box:
@@ -98,63 +105,11 @@ _CONTROL = struct.Struct("<III")
 _TORN_RETRIES = 3  # copies retried while the writer keeps changing the frame
 
 
-def clip(rect: Rect, width: int, height: int) -> Rect | None:
-    """`rect` clipped to a width x height frame, or None when nothing is left."""
-    x1, y1, x2, y2 = max(rect[0], 0), max(rect[1], 0), min(rect[2], width), min(rect[3], height)
-    return (x1, y1, x2, y2) if x1 < x2 and y1 < y2 else None
-
-
-def intersect(a: Rect, b: Rect) -> Rect | None:
-    x1, y1, x2, y2 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
-    return (x1, y1, x2, y2) if x1 < x2 and y1 < y2 else None
-
-
-def subtract(a: Rect, b: Rect) -> list[Rect]:
-    """`a` minus `b`, as up to four rectangles."""
-    i = intersect(a, b)
-    if i is None:
-        return [a]
-    (x1, y1, x2, y2), (ix1, iy1, ix2, iy2) = a, i
-    parts = [(x1, y1, x2, iy1), (x1, iy2, x2, y2), (x1, iy1, ix1, iy2), (ix2, iy1, x2, iy2)]
-    return [p for p in parts if p[0] < p[2] and p[1] < p[3]]
-
-
-def bounding_box(rects: Sequence[Rect]) -> Rect:
-    return (
-        min(r[0] for r in rects),
-        min(r[1] for r in rects),
-        max(r[2] for r in rects),
-        max(r[3] for r in rects),
-    )
-
-
 def _check_size(width: int, height: int, capacity: int) -> None:
     if not (1 <= width <= MAX_DIMENSION and 1 <= height <= MAX_DIMENSION):
         raise ValueError(f"screen size {width}x{height} outside 1..{MAX_DIMENSION}")
     if width * height * 4 > capacity:
         raise ValueError(f"screen size {width}x{height} over the capacity of {capacity} bytes")
-
-
-@dataclass(frozen=True)
-class Capture:
-    """Copies of `rects` of the frame of `generation` (width x height)."""
-
-    generation: int
-    width: int
-    height: int
-    rects: list[Rect]
-    pixels: list[Frame]
-    frame: Frame | None = None  # with `into`: the frame-sized array the rects were copied into
-
-
-@dataclass(frozen=True)
-class Cursor:
-    """The guest's pointer shape: BGRA (h, w, 4), hot spot; `serial` counts shapes."""
-
-    serial: int
-    hot_x: int
-    hot_y: int
-    pixels: Frame
 
 
 def _close_all(fds: list[int], sockets: Sequence[socket.socket] = ()) -> None:
