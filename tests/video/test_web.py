@@ -147,3 +147,14 @@ def test_a_dropped_browser_frees_its_session(web: VncServer) -> None:
     wait_for(lambda: web.client_count == 1)
     stream.close()
     wait_for(lambda: web.client_count == 0)
+
+
+def test_a_web_port_in_use_fails_the_start_whole(
+    serve: Callable[..., VncServer], screen: Screen, novnc: Path
+) -> None:
+    taken = serve(web_port=0, novnc_dir=novnc)
+    assert taken.web is not None
+    server = VncServer(screen, port=0, web_port=taken.web.address[1], authenticate=False)
+    with pytest.raises(OSError):
+        server.start()
+    assert not server._running and server.client_count == 0  # nothing left serving

@@ -205,7 +205,13 @@ class VncServer:
         self._thread = threading.Thread(target=self._run, name="vnc-server", daemon=True)
         self._thread.start()
         if self.web is not None:
-            self.web.start()
+            try:
+                self.web.start()
+            except BaseException:  # e.g. web_port in use: not half started
+                self.web, web = None, self.web
+                self.stop()
+                self.web = web
+                raise
 
     @property
     def url(self) -> str:
