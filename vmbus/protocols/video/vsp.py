@@ -217,8 +217,7 @@ class SynthvidServer:
         if nothing changed."""
         width = max(MIN_PREFERRED, min(width, self.max_width))
         height = max(MIN_PREFERRED, min(height, self.max_height))
-        while width * height * BYTES_PER_PIXEL > self.vram_size:
-            height -= 1
+        height = max(1, min(height, self.vram_size // (width * BYTES_PER_PIXEL)))
         wanted = (width, height)
         if wanted == self.default:
             return None
