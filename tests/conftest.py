@@ -1,4 +1,6 @@
-"""Shared fixtures, and the CI rule that tests needing root never skip there."""
+"""Shared fixtures, and the CI rule that what CI provides is never skipped
+there: tests needing root, and tests that skip for want of a Debian package
+(their reason says "apt-get install"), which .ci/run installs."""
 
 from __future__ import annotations
 
@@ -40,14 +42,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if report.skipped and "requires_root" in report.keywords:
-        _root_skips.append(report.nodeid)
+    if not report.skipped:
+        return
+    reason = str(report.longrepr[-1]) if isinstance(report.longrepr, tuple) else ""
+    if "requires_root" in report.keywords or "apt-get install" in reason:
+        _root_skips.append(f"{report.nodeid} ({reason})")
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    # In CI (as root) a skipped root test would hide a broken capability.
+    # In CI (as root, with .ci/run's packages) such a skip hides a broken capability.
     if os.environ.get("CI") and _root_skips:
-        print(f"\nCI: {len(_root_skips)} test(s) that need root were skipped:")
+        print(f"\nCI: {len(_root_skips)} test(s) that CI must run were skipped:")
         for nodeid in _root_skips:
             print(f"  {nodeid}")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
