@@ -48,11 +48,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import hmac
 import logging
-import math
 import os
-import re
 import selectors
 import socket
 import struct
@@ -65,6 +62,7 @@ from typing import TYPE_CHECKING
 from vmbus.errors import UsageError
 from vsp.video import rfb
 from vsp.video.access import LoginBackoff, generate_password
+from vsp.video.handshake import Handshake
 from vsp.video.screen import (
     Rect,
     Screen,
@@ -103,14 +101,12 @@ HANDSHAKE_TIMEOUT = 10.0  # seconds from accept to ServerInit
 IDLE_TIMEOUT = 600.0  # seconds a client may send nothing (a viewer asks for updates)
 SEND_STALL_TIMEOUT = 10.0  # seconds a queued update may make no progress
 
-SEC_NONE, SEC_VNC_AUTH = 1, 2
 _SERVER_VERSION = b"RFB 003.008\n"
-_VERSION_RE = re.compile(rb"RFB (\d{3})\.(\d{3})\n")
 _U32 = struct.Struct(">I")
 _SET_DESKTOP_SIZE = 251
 
 
-class VncServer:
+class VncServer(Handshake):
     """Serves `screen` to VNC clients from one background thread."""
 
     def __init__(
@@ -415,100 +411,10 @@ class VncServer:
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if client.out else 0)
         self._selector.modify(client.sock, events, client)
 
-    def _fail(self, client: Session, reason: str) -> None:
-        """SecurityResult failed (with a reason from 3.8 on), then disconnect."""
-        client.send(_U32.pack(1) + (_U32.pack(len(reason)) + reason.encode()) * (client.minor >= 8))
-        client.closing = True
-        log.info("vnc: %s: %s", client.source, reason)
-
-    def _refuse(self, client: Session, reason: str) -> None:
-        """No security types (3.3: security type 0) and the reason, then disconnect."""
-        zero = _U32.pack(0) if client.minor == 3 else b"\0"
-        client.send(zero + _U32.pack(len(reason)) + reason.encode())
-        client.closing = True
-        log.info("vnc: refusing %s: %s", client.source, reason)
-
-    def _refusal(self, client: Session) -> str | None:
-        """Why `client` may not log in now, if it may not."""
-        if self.admitted_count >= self.max_clients:
-            return f"too many clients (at most {self.max_clients})"
-        wait = self.backoff.wait(client.source) if self.password is not None else 0.0
-        if wait > 0:
-            return f"too many authentication failures: retry in {math.ceil(wait)} s"
-        return None
-
     def _parse(self, client: Session, buf: memoryview) -> int:
         """Handles one message at the head of `buf`; returns its length, 0 if incomplete."""
-        state = client.state
-        if state == "version":
-            if len(buf) < 12:
-                return 0
-            m = _VERSION_RE.fullmatch(bytes(buf[:12]))
-            if m is None or int(m[1]) != 3:
-                raise Drop("not an RFB 3.x client")
-            minor = int(m[2])
-            client.minor = 8 if minor >= 8 else 7 if minor == 7 else 3
-            refusal = self._refusal(client)
-            if refusal is not None:
-                self._refuse(client, refusal)
-                return 12
-            sec = SEC_VNC_AUTH if self.password is not None else SEC_NONE
-            if client.minor == 3:  # the server chooses
-                client.send(_U32.pack(sec))
-                self._start_security(client, sec)
-            else:
-                client.send(bytes([1, sec]))
-                client.state = "security"
-            return 12
-        if state == "security":
-            sec = SEC_VNC_AUTH if self.password is not None else SEC_NONE
-            if buf[0] != sec:
-                self._fail(client, "unsupported security type")
-            else:
-                self._start_security(client, sec)
-            return 1
-        if state == "auth":
-            if len(buf) < 16:
-                return 0
-            assert self.password is not None
-            if self.backoff.wait(client.source) > 0:  # a guess made in parallel: not checked
-                self._fail(client, "too many authentication failures")
-            elif not hmac.compare_digest(
-                bytes(buf[:16]), rfb.vnc_auth_response(self.password, client.challenge)
-            ):
-                delay = self.backoff.failed(client.source)
-                self._fail(client, "authentication failed")
-                log.info("vnc: %s waits %.1f s before its next login", client.source, delay)
-            elif self.admitted_count >= self.max_clients:
-                self._fail(client, f"too many clients (at most {self.max_clients})")
-            else:
-                self.backoff.succeeded(client.source)
-                client.send(_U32.pack(0))
-                client.state = "init"
-            return 16
-        if state == "init":  # ClientInit: the shared flag; every session is shared
-            gen, w, h = self.screen.geometry()
-            client.generation, client.width, client.height = gen, w, h
-            client.send(struct.pack(">HH", w, h) + client.encoder.fmt.pack())
-            client.send(_U32.pack(len(self.name)) + self.name)
-            client.state = "normal"
-            return 1
-        return self._message(client, buf)
-
-    def _start_security(self, client: Session, sec: int) -> None:
-        if sec == SEC_VNC_AUTH:
-            client.challenge = os.urandom(16)
-            client.send(client.challenge)
-            client.state = "auth"
-        elif self.admitted_count >= self.max_clients:  # another got in meanwhile
-            if client.minor >= 8:
-                self._fail(client, f"too many clients (at most {self.max_clients})")
-            else:  # 3.3 and 3.7 have no SecurityResult for None: no way to say why
-                client.closing = True
-        else:
-            if client.minor >= 8:  # 3.3 and 3.7 send no SecurityResult for None
-                client.send(_U32.pack(0))
-            client.state = "init"
+        used = self._handshake(client, buf)
+        return self._message(client, buf) if used is None else used
 
     def _message(self, client: Session, buf: memoryview) -> int:
         kind = buf[0]
