@@ -56,7 +56,7 @@ class _OpenChannel:
 @dataclass(frozen=True)
 class _Watch:
     callback: Callable[[], None]
-    relid: int | None  # the channel whose VSP watches it
+    relid: int | None = None  # the channel whose VSP watches it
 
 
 class VmWorker:
@@ -117,6 +117,8 @@ class VmWorker:
         self.signal(signal.SIGTERM)
 
     def signal(self, signo: int) -> None:
+        if self.exited.is_set():  # its pidfd is closed, and the number may be another's
+            return
         if self.process is None:  # embedded: there is only our loop to stop
             os.eventfd_write(self.pidfd, 1)
             return
@@ -129,7 +131,7 @@ class VmWorker:
         """Serve until the child is gone; then release everything."""
         self.selector.register(self.port.fileno(), selectors.EVENT_READ, None)
         self.selector.register(self.pidfd, selectors.EVENT_READ, "exit")
-        self.selector.register(self._failed, selectors.EVENT_READ, self._take_failures)
+        self.selector.register(self._failed, selectors.EVENT_READ, _Watch(self._take_failures))
         try:
             while True:
                 for key, _ in self.selector.select(POLL_SECONDS):

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from vmbus.channel import Channel
+from vmbus._ringpacket import Packet
+from vmbus.channel import COMPLETION_REQUESTED, Channel
 from vmbus.device import OpenContext
 from vmbus.guest import Guest
 from vmbus.host import OfferSpec
 from vmbus.memory import PAGE_SIZE
-from vmbus.partition import ChildPartition, Host, wait_until
+from vmbus.partition import ChildPartition, Host, WorkerKind, wait_until
 from vmbus.protocols.echo import ECHO_CLASS_ID
 from vsc.echo import EchoVsc
 from vsp.echo import EchoHandler, EchoVsp
@@ -228,3 +229,46 @@ def test_each_vm_gets_a_scheduling_group_of_its_own() -> None:
 
 def linger(guest: Guest) -> None:
     time.sleep(30)
+
+
+class ThreadedEchoHandler(EchoHandler):
+    own_thread = True
+
+    def on_packet(self, packet: Packet) -> None:
+        if bytes(packet.payload).startswith(b"crash"):
+            raise RuntimeError("the handler choked")
+        super().on_packet(packet)
+
+
+class ThreadedEcho(EchoVsp):
+    """Echo channels each served by a thread of their own."""
+
+    def open(self, channel: Channel, context: OpenContext) -> EchoHandler:
+        handler = ThreadedEchoHandler(channel, context)
+        self.handlers.append(handler)
+        return handler
+
+
+def crash_one_threaded_channel(guest: Guest) -> None:
+    first, second = bind_all(guest)
+    assert first.echo(b"one").startswith(b"one") and second.echo(b"two").startswith(b"two")
+    assert first.channel is not None
+    first.channel.send(b"crash", flags=COMPLETION_REQUESTED, trans_id=99)
+    deadline = time.monotonic() + 10
+    while not first.device.rescinded:
+        assert time.monotonic() < deadline, "the failed channel thread's channel lives on"
+        time.sleep(0.01)
+    for i in range(100):
+        assert second.echo(b"%d" % i).startswith(b"%d" % i)
+
+
+@pytest.mark.parametrize("worker", ["process", "thread"])
+def test_channel_served_by_its_own_thread_fails_alone(worker: WorkerKind) -> None:
+    with Host() as host:
+        child = host.start(
+            crash_one_threaded_channel, devices=[ThreadedEcho(count=2)], worker=worker
+        )
+        assert child.wait(timeout=30) == 0
+        final = child.status()
+        assert final["rescinded"] == 1 and final["channels"] == 0
+        assert sorted(final["devices"][0]["packets"]) == [1, 101]  # the crash is not counted
