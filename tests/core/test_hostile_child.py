@@ -23,6 +23,7 @@ from vmbus import messages as m
 from vmbus.channel import COMPLETION_REQUESTED, Channel
 from vmbus.device import OpenContext
 from vmbus.guest import Guest, GuestError
+from vmbus.host import DEFAULT_MAX_GPADLS
 from vmbus.partition import Host, WorkerKind, wait_until
 from vmbus.protocols.echo import ECHO_CLASS_ID
 from vmbus.transport import SYNIC_HEADER
@@ -360,3 +361,39 @@ def test_parent_that_dies_takes_its_workers_and_children_with_it() -> None:
     finally:
         parent.kill()
         parent.wait()
+
+
+def hold_every_gpadl_and_keep_asking(guest: Guest) -> None:
+    """Child: hold as many GPADLs as the quota allows, scattered over its
+    memory, then keep its worker busy with requests that look each one up
+    (opens naming them, refused for their one-page rings) for two seconds."""
+    device = next(iter(guest.devices.values()))
+    handles = []
+    for pfn in range(DEFAULT_MAX_GPADLS):
+        handles.append(guest.create_gpadl(device.relid, [pfn % (guest.memory.page_count // 2)]))
+    deadline = time.monotonic() + 2.0
+    asked = 0
+    while time.monotonic() < deadline:
+        handle = handles[asked % len(handles)]
+        guest.post(
+            m.OpenChannel(child_relid=device.relid, openid=asked, ringbuffer_gpadlhandle=handle)
+        )
+        result, _ = guest._wait((m.OpenChannelResult, device.relid), 10)
+        assert isinstance(result, m.OpenChannelResult) and result.status != 0
+        asked += 1
+    assert asked > 100
+
+
+def test_child_holding_every_gpadl_it_may_starves_no_sibling() -> None:
+    """Per-message work does not grow with the GPADLs a child holds, and its
+    worker is not the siblings': they keep their rate."""
+    with Host() as host:
+        siblings = bounds.Siblings(host)
+        alone = siblings.rate_for(1.0)
+        hostile = host.start(hold_every_gpadl_and_keep_asking, devices=[EchoVsp()])
+        during = siblings.rate_while(lambda: hostile.wait(0) is None)
+        assert hostile.wait(timeout=60) == 0, "the hostile child's own checks failed"
+        final = hostile.status()
+        assert final["gpadls"] == 0 and final["protocol_errors"] > 100  # each refused open
+        assert during >= bounds.SIBLING_FLOOR * alone, (during, alone)
+        siblings.check()
