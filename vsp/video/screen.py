@@ -41,12 +41,8 @@ the VNC server does, saving a thread hand-over per change; a viewer waiting
 for newer pixels says so (``want_update``, read by the writer as ``wanted``)
 so the VSP copies at its next chance rather than at its own pace.
 
-Backends: ``vsp.video.vnc.VncServer(screen, host="127.0.0.1", port=5900,
-password=None, on_key=..., on_pointer=...)`` serves the Screen over RFB 3.8
-(behind VNC authentication: a password made for the run if none is given) and
-calls ``on_key(keysym: int, down: bool)`` and ``on_pointer(x: int, y: int,
-buttons: int)`` (from its own thread) for the VSP to forward to the guest's
-keyboard and mouse. ``vsp.video.png.encode_png`` / ``write_png`` encode RGB frames.
+Backends: `vsp.video.vnc.VncServer` (RFB, and noVNC over WebSocket) and
+`vsp.video.png` (``encode_png`` / ``write_png`` of RGB frames).
 """
 
 from __future__ import annotations
@@ -392,6 +388,10 @@ class Screen:
                     self.torn += 1
                     break
             return Capture(gen, w, h, kept, pixels, into)
+
+    def cursor_serial(self) -> int:
+        """How many pointer shapes the guest has set (a cheap check before `cursor`)."""
+        return self._shm.cursor_serial
 
     def cursor(self) -> Cursor:
         """The pointer shape (0x0 until the guest sets one)."""

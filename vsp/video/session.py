@@ -133,7 +133,9 @@ class Session:
             return False
         enc = self.encoder
         gen, w, h = screen.geometry()
-        cursor = screen.cursor() if enc.cursor else None
+        # One word tells whether the shape changed; the shape is read only then.
+        changed = enc.cursor and screen.cursor_serial() != self.cursor_serial
+        cursor = screen.cursor() if changed else None
         new_cursor = cursor is not None and cursor.serial != self.cursor_serial
         rects = [self.want_full] if self.want_full else []
         if self.want_incr is not None:

@@ -162,6 +162,10 @@ class SharedFrame:
             serial += 1
         words[_SERIAL] = serial
 
+    @property
+    def cursor_serial(self) -> int:
+        return int(self.words[_CURSOR_SERIAL])
+
     def set_cursor(self, width: int, height: int, hot_x: int, hot_y: int) -> None:
         words = self.words
         words[_CURSOR_GEOMETRY] = width | height << 16 | hot_x << 32 | hot_y << 48
