@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from vmbus._cring import RingReader as CompiledReader
 from vmbus._cring import RingWriter as CompiledWriter
-from vmbus.channel import COMPLETION_REQUESTED, wait_any
+from vmbus.channel import COMPLETION_REQUESTED, SPIN_MISSES, SPIN_PROBE, wait_any
 from vmbus.errors import UsageError, VmbusError
 from vmbus.guest import GuestChannel, GuestDevice
 from vmbus.memory import PAGE_SIZE
@@ -142,6 +142,8 @@ class StorageController:
         self._next_channel = 0
         self._seconds_per_byte = FIRST_SECONDS_PER_BYTE  # how long large requests take
         self._long_waits = 0
+        self._multi_misses = 0  # spins over several channels in a row that found nothing
+        self._multi_waits = 0
 
     @property
     def channel(self) -> GuestChannel:
@@ -380,7 +382,31 @@ class StorageController:
         if len(channels) == 1:
             channels[0].wait(deadline)
         else:
+            self._wait_any(channels, deadline)
+
+    def _wait_any(self, channels: list[GuestChannel], deadline: float) -> None:
+        """wait_any with the adaptive poll mode a lone channel's wait has:
+        after SPIN_MISSES spins in a row that found nothing, spin on one
+        wait in SPIN_PROBE (a spin that does not pay takes a core from the
+        VSP's channel threads)."""
+        self._multi_waits += 1
+        if self._multi_misses < SPIN_MISSES or self._multi_waits % SPIN_PROBE == 0:
+            readers = [c.reader for c in channels]
+            end = time.perf_counter() + min(c.spin_seconds for c in channels)
+            while time.perf_counter() < end:
+                for reader in readers:
+                    if reader.bytes_available:
+                        self._multi_misses = 0
+                        return
+            self._multi_misses += 1
+        spins = [c.spin_seconds for c in channels]
+        try:
+            for channel in channels:
+                channel.spin_seconds = 0.0  # spun above, or not worth it: sleep at once
             wait_any(channels, max(0.0, deadline - time.monotonic()))
+        finally:
+            for channel, spin in zip(channels, spins, strict=True):
+                channel.spin_seconds = spin
 
     def _largest_in_flight(self) -> int:
         """The bytes of the largest request in flight; 0 for a deep queue
