@@ -91,8 +91,7 @@ __all__ = [
 
 Listener = Callable[[list[Rect]], None]
 
-# More dirty rectangles than this in one update are merged into their bounding box:
-# a guest cannot make the parent do unbounded per-rectangle work.
+# More rectangles in one update are merged: no unbounded per-rectangle work.
 MAX_UPDATE_RECTS = 64
 # Parent -> worker requests, one SOCK_SEQPACKET record each: kind, a, b (u32).
 CONTROL_FLUSH = 1  # a copy was deferred while the parent read: copy it now
