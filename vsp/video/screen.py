@@ -406,8 +406,7 @@ class Screen:
             return Cursor(state.cursor_serial, hot_x, hot_y, pixels)
 
     def frame_copy(self) -> Frame:
-        cap = self.capture([], -1)
-        return cap.pixels[0]
+        return self.capture([], -1).pixels[0]
 
     def snapshot_png(self, target: str | os.PathLike[str] | BinaryIO) -> None:
         """Write the frame to `target` (a path or a binary file) as an RGB PNG."""
