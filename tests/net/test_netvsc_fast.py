@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import itertools
 import struct
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -35,9 +36,26 @@ SECTIONS = 8
 RECEIVE = 64 << 10
 
 
+OPEN: list[Channel] = []  # the channel ends of the current example, closed after it
+
+
+@pytest.fixture(autouse=True)
+def close_channels() -> Iterator[None]:
+    yield
+    release()
+
+
+def release() -> None:
+    """Close the signals (eventfds) of every channel end made so far."""
+    while OPEN:
+        end = OPEN.pop()
+        end.notify_peer.close()
+
+
 def adapter(fast: bool) -> tuple[NetAdapter, Channel]:
     """A NetAdapter past its initialization, on a channel pair: (adapter, host end)."""
     guest, host = channel_pair(256 << 10, spin_seconds=0)
+    OPEN.extend((guest, host))
     nic = NetAdapter.__new__(NetAdapter)
     send, receive = bytearray(SECTIONS * SECTION), bytearray(RECEIVE)
     nic.channel = guest  # type: ignore[assignment]
@@ -90,6 +108,7 @@ frames = st.lists(
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(frames, st.integers(1, 3))
 def test_send_batch_writes_what_the_python_loop_writes(batch: list[bytes], rounds: int) -> None:
+    release()  # the previous example's
     sides = [adapter(True), adapter(False)]
     for nic, host in sides:
         for _ in range(rounds):
@@ -192,6 +211,7 @@ def play(nic: NetAdapter, host: Channel, stream: list[HostPacket]) -> list[Any]:
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(host_streams())
 def test_receiving_handles_what_the_python_loop_handles(stream: list[HostPacket]) -> None:
+    release()  # the previous example's
     fast, fast_host = adapter(True)
     slow, slow_host = adapter(False)
     assert play(fast, fast_host, stream) == play(slow, slow_host, stream)

@@ -89,8 +89,13 @@ class Guest:
 @pytest.fixture
 def guest() -> Iterator[Guest]:
     switch = LearningSwitch()
-    with VspHarness(NetVsp(switch.port(MAC), mac=MAC), ring_size=256 << 10) as harness:
-        yield Guest(harness, switch)
+    port = switch.port(MAC)
+    with VspHarness(NetVsp(port, mac=MAC), ring_size=256 << 10) as harness:
+        guest = Guest(harness, switch)
+        yield guest
+    guest.peer.close()  # the ports' and the switch's descriptors go with the test
+    port.close()
+    switch.close()
 
 
 def frame(payload: bytes = b"x" * 46, dst: bytes = eth.BROADCAST) -> bytes:
@@ -201,7 +206,8 @@ def test_guest_sending_into_a_full_port_is_held_not_dropped() -> None:
     sender's ring is full too, with their completions), in order, until the
     port drains: none is dropped."""
     switch = LearningSwitch(queue_frames=2, stall_seconds=None)
-    with VspHarness(NetVsp(switch.port(MAC), mac=MAC), ring_size=256 << 10) as harness:
+    port = switch.port(MAC)
+    with port, VspHarness(NetVsp(port, mac=MAC), ring_size=256 << 10) as harness:
         guest = Guest(harness, switch)
         guest.initialize()
         frames = [frame(bytes([n]) * 46, dst=PEER_MAC) for n in range(6)]
@@ -223,6 +229,8 @@ def test_guest_sending_into_a_full_port_is_held_not_dropped() -> None:
         assert received == frames and done == {100 + n: 1 for n in range(6)}
         assert switch.stats()[1].dropped == 0
         assert guest.handler.held is None and not guest.handler.paused
+        guest.peer.close()
+    switch.close()
 
 
 def completions(harness: VspHarness) -> dict[int, int]:
