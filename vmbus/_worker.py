@@ -1,7 +1,8 @@
-"""A VM's worker process (VMWP): `python -m vmbus._worker CONTROL_FD PARENT_PID`.
+"""A VM's worker process (VMWP): `python -m vmbus._worker CONTROL_FD PARENT_PID`,
+or forked by the zygote (vmbus._zygote), which calls `run`.
 
 The parent writes the VM (vmbus.handoff pickle: its devices, quotas,
-policy, the child's program) on our stdin and sends the descriptors it
+policy, the child's program) on our stdin (or a pipe the zygote passes) and sends the descriptors it
 carries over the control socket. We make the child's memory, spawn and
 confine the child, tell the parent its pid, and serve its VMBus
 (vmbus.worker) on our main thread until it ends. Then we report how it
@@ -26,7 +27,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any
+from typing import Any, BinaryIO
 
 from vmbus import _seccomp as sc
 from vmbus import handoff, sandbox
@@ -36,6 +37,7 @@ from vmbus.worker import VmWorker, spawn_child
 EXIT_PARENT_GONE = 3
 MAX_FDS = 250  # a VM's descriptors in one handoff (SCM_MAX_FD is 253)
 REQUEST_MAX = 4096  # bytes of one request of the parent
+LOG_FORMAT = "vmbus worker: %(name)s: %(message)s"
 
 
 class _Control:
@@ -101,38 +103,51 @@ def _serve_requests(vm: VmWorker, control: _Control) -> None:
 
 def main() -> int:
     control_fd, parent_pid = int(sys.argv[1]), int(sys.argv[2])
+    logging.basicConfig(format=LOG_FORMAT, level=logging.WARNING)
+    return run(control_fd, sys.stdin.buffer, parent_pid)
+
+
+def run(control_fd: int, boot: BinaryIO, parent_pid: int) -> int:
+    """Serve the VM the parent hands over on `boot` and the control socket;
+    the exit code. The parent is `parent_pid` (the Host, or the zygote that
+    forked us): we die with it."""
     sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent_pid:  # it died before the signal was set
         return EXIT_PARENT_GONE
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when the VM ends
-    logging.basicConfig(format="vmbus worker: %(name)s: %(message)s", level=logging.WARNING)
     control = _Control(socket.socket(fileno=control_fd))
-    path, data = pickle.loads(sys.stdin.buffer.read())
+    path, data = pickle.loads(boot.read())
+    boot.close()
     sys.path[:0] = [entry for entry in path if entry not in sys.path]
     try:
         _, fds, _, _ = socket.recv_fds(control.sock, 16, MAX_FDS)
-        boot = handoff.loads(data, fds)
-        if boot["engine"] is not None:
-            sandbox.use_engine(boot["engine"])
-        memory = GuestMemory.create(boot["memory_size"], name=f"vmbus-{boot['name']}")
+        vm_boot = handoff.loads(data, fds)
+        if vm_boot["engine"] is not None:
+            sandbox.use_engine(vm_boot["engine"])
+        memory = GuestMemory.create(vm_boot["memory_size"], name=f"vmbus-{vm_boot['name']}")
         process, port = spawn_child(
-            boot["name"], boot["target"], boot["args"], memory, boot["policy"], boot["path"]
+            vm_boot["name"],
+            vm_boot["target"],
+            vm_boot["args"],
+            memory,
+            vm_boot["policy"],
+            vm_boot["path"],
         )
     except Exception as error:
         traceback.print_exc()
         control.send(event="failed", error=f"{type(error).__name__}: {error}")
         return 1
     vm = VmWorker(
-        boot["name"],
+        vm_boot["name"],
         process,
         memory,
         port,
-        boot["devices"],
-        spin_seconds=boot["spin_seconds"],
-        quotas=boot["quotas"],
+        vm_boot["devices"],
+        spin_seconds=vm_boot["spin_seconds"],
+        quotas=vm_boot["quotas"],
         on_state=lambda state: control.send(event="state", state=state),
     )
-    del boot  # the worker holds what it serves; nothing else pins the devices
+    del vm_boot  # the worker holds what it serves; nothing else pins the devices
     confinement = getattr(process, "confinement", ())
     control.send(event="started", pid=vm.pid, confinement=list(confinement))
     control.sock.setblocking(False)

@@ -33,9 +33,9 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
-from vmbus import handoff, sandbox
+from vmbus import _zygote, handoff, sandbox
 from vmbus import host as h
 from vmbus.channel import DEFAULT_SPIN_SECONDS
 from vmbus.device import Vsp
@@ -51,6 +51,7 @@ START_SECONDS = 60.0  # for a worker to report its child started, on a loaded ma
 CONTROL_MESSAGE_MAX = 1 << 20  # bytes of one worker's JSON message
 
 Target = Callable[..., Any] | str  # a function, or "module:function"
+Worker = subprocess.Popen[bytes] | _zygote.ForkedWorker  # a VM's worker process
 WorkerKind = Literal["process", "thread"]
 
 
@@ -158,7 +159,7 @@ class ProcessPartition(ChildPartition):
     """A VM served by a worker process of its own (`vmbus._worker`), which
     this handle talks to over a control socket, in JSON."""
 
-    def __init__(self, name: str, process: subprocess.Popen[bytes], control: socket.socket) -> None:
+    def __init__(self, name: str, process: Worker, control: socket.socket) -> None:
         self.name = name
         self.process = process  # the worker: the child is its child
         self.worker_pid = process.pid
@@ -191,7 +192,8 @@ class ProcessPartition(ChildPartition):
         return self._exitcode
 
     def wait(self, timeout: float | None = None) -> int | None:
-        self._exited.wait(timeout)
+        if self._exited.wait(timeout) and threading.current_thread() is not self._supervisor:
+            self._supervisor.join(timeout)  # everything of the VM released, its thread too
         return self._exitcode
 
     def started(self, timeout: float) -> None:
@@ -444,18 +446,7 @@ def _start_worker(name: str, boot: dict[str, Any]) -> ProcessPartition:
         ) from error
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
-        argv = [sys.executable, "-m", "vmbus._worker", str(theirs.fileno()), str(os.getpid())]
-        process = sandbox.on_lasting_thread(  # its parent-death signal follows that thread
-            lambda: subprocess.Popen(
-                argv,
-                stdin=subprocess.PIPE,
-                pass_fds=(theirs.fileno(),),
-                # A session of its own is a scheduling group of its own (the
-                # kernel's autogroup): a VM gets one share of the CPU, however
-                # many threads its worker runs, and no terminal's signals.
-                start_new_session=True,
-            )
-        )
+        process, vm_pipe = _spawn_worker(theirs)
     except BaseException:
         ours.close()
         raise
@@ -463,15 +454,42 @@ def _start_worker(name: str, boot: dict[str, Any]) -> ProcessPartition:
         theirs.close()
     partition = ProcessPartition(name, process, ours)
     try:
-        assert process.stdin is not None
         # sys.path first, so the worker can import what the devices pickle names.
-        process.stdin.write(pickle.dumps((boot["path"], data)))
-        process.stdin.close()
+        with vm_pipe:
+            vm_pipe.write(pickle.dumps((boot["path"], data)))
         socket.send_fds(ours, [b"fds"], fds)
     except OSError as error:  # it died at once: the supervisor reports why
         log.warning("%s: could not hand the VM to its worker: %s", name, error)
     partition.started(START_SECONDS)
     return partition
+
+
+def _spawn_worker(control: socket.socket) -> tuple[Worker, IO[bytes]]:
+    """A worker process on `control`, and the pipe to write its VM on: forked
+    by the zygote (ready-made), or exec'd where there is none. Either way in
+    a session of its own, which is a scheduling group of its own (the
+    kernel's autogroup): a VM gets one share of the CPU however many threads
+    its worker runs, and no terminal's signals."""
+    zygote = _zygote.Zygote.shared()
+    if zygote is not None:
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        try:
+            worker = zygote.fork(control, read_end)
+        except OSError as error:
+            os.close(write_end)
+            log.warning("the zygote failed (%s): this worker starts by exec", error)
+        else:
+            return worker, os.fdopen(write_end, "wb")
+        finally:
+            os.close(read_end)
+    argv = [sys.executable, "-m", "vmbus._worker", str(control.fileno()), str(os.getpid())]
+    process = sandbox.on_lasting_thread(  # its parent-death signal follows that thread
+        lambda: subprocess.Popen(
+            argv, stdin=subprocess.PIPE, pass_fds=(control.fileno(),), start_new_session=True
+        )
+    )
+    assert process.stdin is not None
+    return process, process.stdin
 
 
 def _target_name(target: Target) -> str:
