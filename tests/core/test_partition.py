@@ -272,3 +272,45 @@ def test_channel_served_by_its_own_thread_fails_alone(worker: WorkerKind) -> Non
         final = child.status()
         assert final["rescinded"] == 1 and final["channels"] == 0
         assert sorted(final["devices"][0]["packets"]) == [1, 101]  # the crash is not counted
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+
+
+@pytest.mark.parametrize("zygote", ["1", "0"])
+def test_worker_forked_by_the_zygote_or_execd_serves_alike(
+    zygote: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VMBUS_WORKER_ZYGOTE", zygote)
+    with Host() as host:
+        child = host.start(echo_many, devices=[EchoVsp()], args=(50,), memory_size=4 << 20)
+        forker = parent_of(child.worker_pid)
+        assert (forker == os.getpid()) == (zygote == "0")
+        assert parent_of(child.pid) in (child.worker_pid, *children_of(child.worker_pid))
+        assert child.wait(timeout=30) == 0 and child.device_stats()[0]["packets"] == [50]
+
+
+def children_of(pid: int) -> list[int]:
+    """Direct children of `pid` (bwrap sits between a worker and its child)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if parent_of(int(entry.name)) == pid:
+                    found.append(int(entry.name))
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                continue
+    return found
+
+
+def test_zygote_that_dies_takes_its_vms_and_the_next_start_makes_another() -> None:
+    with Host() as host:
+        child = host.start(linger, devices=[EchoVsp()])
+        zygote = parent_of(child.worker_pid)
+        assert zygote != os.getpid()
+        os.kill(zygote, signal.SIGKILL)
+        assert child.wait(timeout=30) is not None and child.state == "crashed"
+        again = host.start(echo_many, devices=[EchoVsp()], args=(10,), memory_size=4 << 20)
+        assert parent_of(again.worker_pid) not in (zygote, os.getpid())
+        assert again.wait(timeout=30) == 0
