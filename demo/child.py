@@ -43,7 +43,8 @@ def run(guest: Guest, seconds: float, stats_path: str, index: int, net_stack: bo
         guest.register(class_id, functools.partial(_keep, devices, class_id))
     disk = BlockDevice(devices[guid.SCSI], queue_depth=8)
     nic = NetAdapter(devices[guid.NETWORK])
-    screen = Framebuffer(devices[guid.SYNTHVID], WIDTH, HEIGHT)
+    # follow_host: a browser console's window size becomes this screen's mode
+    screen = Framebuffer(devices[guid.SYNTHVID], WIDTH, HEIGHT, follow_host=True)
     keyboard, mouse = Keyboard(devices[guid.KEYBOARD]), Mouse(devices[guid.MOUSE])
     screen.wait_ready()
     network = _Network(nic, index, net_stack)
@@ -59,6 +60,8 @@ def run(guest: Guest, seconds: float, stats_path: str, index: int, net_stack: bo
         seq += 1
         _disk_round(disk, rng, stats["disk"])
         network.round(seq, stats["net"])
+        if screen.poll():  # the viewer asked for another size: a new mode, redrawn
+            seq = 1
         _draw(screen, seq, index)
         stats["video"]["frames"] += 1
         while (key := keyboard.poll()) is not None:
@@ -150,16 +153,16 @@ def colour(index: int) -> int:
 
 def _draw(screen: Framebuffer, seq: int, index: int) -> None:
     """A bar sweeping across a gradient, in the child's own colour."""
+    width, height = screen.width, screen.height
     if seq == 1:
-        x = np.arange(WIDTH, dtype=np.uint8)
-        screen.pixels[..., 0] = x[None, :]
-        screen.pixels[..., 1] = np.arange(HEIGHT, dtype=np.uint8)[:, None]
+        screen.pixels[..., 0] = np.arange(width, dtype=np.uint8)[None, :]
+        screen.pixels[..., 1] = np.arange(height, dtype=np.uint8)[:, None]
         screen.pixels[..., 2] = colour(index)
         screen.update()
         return
-    column = (seq * 8) % WIDTH
+    column = (seq * 8) % width
     screen.pixels[:, column : column + 8, 2] = 255 - screen.pixels[:, column : column + 8, 2]
-    screen.update((column, 0, min(WIDTH, column + 8), HEIGHT))
+    screen.update((column, 0, min(width, column + 8), height))
 
 
 def _report(path: str, stats: dict[str, Any]) -> None:

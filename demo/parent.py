@@ -26,9 +26,11 @@ from vsp.input import KeyboardVsp, MouseVsp
 from vsp.net import LearningSwitch, NetBackend, NetVsp, TapBackend
 from vsp.storage import RawFileBackend, StorVsp
 from vsp.video import Screen, VideoVsp, VncServer
+from vsp.video.web import find_novnc
 
 CHILD_TARGET = "demo.child:run"
 KEYSYMS = [ord(c) for c in "vmbus"]  # what the parent types, in turn
+WEB_PORT = 6080  # the browser console's, as noVNC's own proxy uses
 MEMORY = 96 << 20  # guest memory per child: VRAM, buffers, bounce slots
 
 
@@ -87,6 +89,8 @@ def main(options: Options, out: TextIO = sys.stdout) -> int:
                 f"password {vnc.password}",
                 file=out,
             )
+            if vnc.web is not None:
+                print(f"in a browser: {vnc.url}", file=out)
             _watch(children, options.seconds, out)
             snapshot = workdir / "screen.png"
             screen.snapshot_png(snapshot)
@@ -138,10 +142,17 @@ def _console(screen: Screen, child: Child, port: int, password: str | None) -> V
     def key(keysym: int, down: bool) -> None:
         child.keyboard.key(keysym, down)
 
-    for candidate in (port, 0):  # the usual display port, or any free one
+    # The browser console (noVNC over WebSocket) where Debian's novnc is installed.
+    web = find_novnc() is not None
+    for candidate in (port, 0):  # the usual display ports, or any free ones
         try:
             server = VncServer(
-                screen, port=candidate, password=password, on_key=key, on_pointer=pointer
+                screen,
+                port=candidate,
+                password=password,
+                on_key=key,
+                on_pointer=pointer,
+                web_port=(WEB_PORT if candidate else 0) if web else None,
             )
             server.start()
             return server
