@@ -28,7 +28,16 @@ make the adapter report the largest MTU whose frames fit them.
 
 The backend's descriptors are watched by the child's worker thread, so the
 channel is only ever touched there; link changes from other threads are
-queued and handed over through an eventfd.
+queued and handed over through an eventfd (from the parent's process, through
+the backend's LinkCell).
+
+Compiled (`vsp.net._fast`, `NetVsp(fast_path=False)` or VMBUS_NET_FAST=0 to
+turn it off): steady-state sends from the head of the ring in `admission()`,
+and frames from a backend with a `fast_fd()` to the guest; both decline
+anything else to the Python path here, which stays the definition.
+Offloads (checksums, LSOv2) when the backend is a TAP with IFF_VNET_HDR
+(vmbus.protocols.net.offload); vRSS sub-channels with `channels` > 1
+(vsp.net.vrss). The path to the guest is in vsp.net.delivery.
 """
 
 from __future__ import annotations
