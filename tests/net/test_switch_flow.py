@@ -172,3 +172,13 @@ def test_every_frame_is_delivered_held_or_counted(steps: list[tuple[str, str, in
     switch.close()
     for port in ports.values():
         port.close()
+
+
+def test_port_used_after_its_switch_closed_fails_quietly() -> None:
+    """Its frames are refused (its link is down), nothing raises (a closed
+    switch's selector raised from the port's next send)."""
+    switch = LearningSwitch(serve=False)
+    a = switch.port(MAC_A)
+    switch.close()
+    assert a.transmit([frame(BROADCAST, MAC_A)]) == (1, 1) and a.receive(8) == []
+    a.close()

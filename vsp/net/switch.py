@@ -224,6 +224,8 @@ class LearningSwitch:
         doorbells that rang, then one forwarding pass over every port; frames
         moved. For a switch made with serve=False (tests)."""
         with self._lock:
+            if self._wake < 0:
+                return 0  # closed: its ports were removed
             self._doorbells(self._selector.select(0))
             return self._pump()
 
