@@ -111,9 +111,14 @@ def _start(
 ) -> Child:
     image = workdir / f"disk-{index + 1}.img"
     disk = RawFileBackend(image, size=options.disk_mb << 20)  # sparse: created on first use
-    backend: NetBackend = switch.port()
-    if options.net == "tap":
-        backend = TapBackend(f"vmbusdemo{index}", address=f"10.203.{index}.1/24")
+    # With a TAP device (root), the child hands its NIC to a Linux stack of
+    # its own (vsc.net.stack), with checksum and segmentation offloads.
+    tap = options.net == "tap"
+    backend: NetBackend = (
+        TapBackend(f"vmbusdemo{index}", address=f"10.203.{index}.1/24", vnet_hdr=True)
+        if tap
+        else switch.port()
+    )
     keyboard, mouse = KeyboardVsp(), MouseVsp()
     video = VideoVsp(screen if index == 0 else Screen(640, 480))
     stats_dir = workdir / "stats"  # the one place the confined child may write
@@ -126,8 +131,8 @@ def _start(
         devices=devices,
         memory_size=MEMORY,
         name=f"child-{index + 1}",
-        args=(options.seconds, str(stats_path), index + 1),
-        policy=Policy(writable=(str(stats_dir),)),
+        args=(options.seconds, str(stats_path), index + 1, tap),
+        policy=Policy(writable=(str(stats_dir),), net_admin=tap),
     )
     return Child(partition, stats_path, keyboard, mouse, video)
 
