@@ -118,6 +118,7 @@ def test_handed_port_exchanges_frames_through_the_switch_thread(switch: Learning
 def test_worker_that_hangs_up_is_removed_alone_and_logged_once(
     switch: LearningSwitch, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="vsp.net.switch")  # a hang-up is no fault
     a, b, c = switch.port(MAC_A), switch.port(MAC_B), switch.port()
     worker_c = handed(c)
     worker_c.close()  # as a dying worker's descriptors close

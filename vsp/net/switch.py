@@ -67,6 +67,7 @@ from vsp.net.switch_port import (
 __all__ = ["LearningSwitch", "PortStats", "SwitchPort"]
 
 log = logging.getLogger(__name__)
+HUNG_UP = "its worker hung up"  # the usual end of a port: its VM ended
 
 # Frames waiting at one port.
 SWITCH_QUEUE_FRAMES = 1024
@@ -296,7 +297,7 @@ class LearningSwitch:
             self._retire(end, f"its worker's doorbell failed ({error.strerror})")
             return
         if not data:
-            self._retire(end, "its worker hung up")
+            self._retire(end, HUNG_UP)
             return
         if end.handed and not end.heard:  # the worker has its own socket now
             end.heard = True
@@ -578,7 +579,9 @@ class LearningSwitch:
             if reason:
                 self.removals[reason.split(" (")[0]] += 1
                 mac = end.mac.hex(":") if end.mac else "(no address)"
-                log.warning("switch: port %s removed: %s", mac, reason)
+                # A hang-up is how every VM's port ends; anything else is a fault.
+                level = logging.INFO if reason == HUNG_UP else logging.WARNING
+                log.log(level, "switch: port %s removed: %s", mac, reason)
             if end.handed:  # the parent's copy is a husk: release it with the port
                 end.port._close_here()
             ring_eventfd(self._wake)
