@@ -53,7 +53,8 @@ FIRST_SECONDS_PER_BYTE = 1 / 12e9  # the guess before any wait was seen
 LONG_SPIN_MARGIN = 1.5
 LONG_SPIN_MAX = 150e-6
 LONG_SPIN_PROBE = 16
-LEARNING_RATE = 0.125
+LEARNING_RATE = 0.25
+LONG_SPIN_MISSED = 1.25  # a spin that missed: the estimate grows by this
 
 # One SRB to run, a plain tuple (the hot path builds one per request):
 # (packet, length, gpa, data, reading, index)
@@ -438,7 +439,7 @@ class StorageController:
                     self._seconds_per_byte += (observed - self._seconds_per_byte) * LEARNING_RATE
                     return True
             now = time.perf_counter()
-        self._seconds_per_byte *= LONG_SPIN_MARGIN  # it takes longer than that
+        self._seconds_per_byte *= LONG_SPIN_MISSED  # it takes longer than that
         return False
 
     def close(self) -> None:
