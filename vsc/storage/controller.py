@@ -439,7 +439,10 @@ class StorageController:
                     self._seconds_per_byte += (observed - self._seconds_per_byte) * LEARNING_RATE
                     return True
             now = time.perf_counter()
-        self._seconds_per_byte *= LONG_SPIN_MISSED  # it takes longer than that
+        # It takes longer than that; past twice the cap the size of the
+        # estimate no longer matters (only the probes spin), so it stops there.
+        ceiling = 2 * LONG_SPIN_MAX / largest
+        self._seconds_per_byte = min(self._seconds_per_byte * LONG_SPIN_MISSED, ceiling)
         return False
 
     def close(self) -> None:
