@@ -90,6 +90,7 @@ def test_demo_children_up_to_the_flags_maximum_draw_in_colours_of_their_own() ->
     assert build_parser().parse_args(["demo", "--children", str(most)]).children == most
 
     class Screen:
+        width, height = child.WIDTH, child.HEIGHT
         pixels = np.zeros((child.HEIGHT, child.WIDTH, 4), np.uint8)
 
         def update(self, *rects: tuple[int, int, int, int]) -> None:
