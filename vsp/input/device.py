@@ -2,12 +2,13 @@
 
 Input comes from the parent (a VNC client, a test, an emulator), while the
 device runs in the VM's worker, a process of its own or a thread. So each
-input VSP owns a socket pair: `KeyboardVsp.press` or `MouseVsp.move`
+input VSP owns a pipe (`EventPipe`): `KeyboardVsp.press` or `MouseVsp.move`
 encodes the event on the caller's thread (a bad argument is the caller's
-UsageError) and sends it as one datagram; the worker's copy of the VSP
-watches the other end (`OpenContext.watch`) while a channel is open and
-posts what arrives. The socket is the queue between the two: if the worker
-falls that far behind, an injection fails and is counted in `overflow`. A
+UsageError) and writes it; the worker's copy of the VSP watches the read
+end (`OpenContext.watch`) while a channel is open and posts what arrives.
+The pipe (1 MiB where the system allows: tens of thousands of events) is
+the queue between the two: if the worker falls that far behind, an
+injection fails and is counted in `overflow`. A
 guest that reads slowly is the contract's problem: posts wait in the
 handler's bounded backlog (mouse moves coalesce there) and go out as the
 guest makes room; past the limit they are counted in `dropped`, and the
@@ -17,7 +18,8 @@ channel lives on.
 from __future__ import annotations
 
 import contextlib
-import socket
+import fcntl
+import os
 import uuid
 from typing import Any
 
@@ -47,33 +49,85 @@ from vmbus.protocols.input.wire import (
 
 __all__ = ["InputHandler", "KeyboardHandler", "KeyboardVsp", "MouseHandler", "MouseVsp"]
 
-EVENT_MAX = 64  # bytes of one encoded event, with room to spare
-QUEUE_BYTES = 1 << 20  # asked of the injection socket; the kernel may cap it
+PIPE_BYTES = 1 << 20  # asked of the kernel; fs.pipe-max-size may cap it
+READ_BYTES = 1 << 16  # taken from the pipe per read
+
+
+class EventPipe:
+    """Injected events on their way to the worker: a pipe in which each
+    event is one write of its length (a byte) and its bytes. A write of up
+    to PIPE_BUF bytes is atomic, so an event is queued whole or refused
+    whole. The parent keeps the write end; a worker's copy gets the read end
+    only."""
+
+    def __init__(self) -> None:
+        self.read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.write_fd: int | None = write_fd
+        with contextlib.suppress(OSError):  # the default 64 KiB still holds thousands
+            fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        self._partial = b""  # a read may end inside an event
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"read_fd": SharedFd(self.read_fd)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.read_fd, self.write_fd, self._partial = state["read_fd"].take(), None, b""
+
+    def __del__(self) -> None:  # the device's descriptors live as long as the device
+        for fd in (self.read_fd, self.write_fd):
+            if fd is not None and fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    def put(self, payload: bytes) -> bool:
+        """Queue one event; False if the pipe is full."""
+        if self.write_fd is None:
+            raise UsageError("events are injected through the parent's device, not its copy")
+        try:
+            os.write(self.write_fd, bytes((len(payload),)) + payload)
+        except BlockingIOError:
+            return False
+        return True
+
+    def take(self) -> list[bytes] | None:
+        """The events queued now (at most a read's worth); None once the
+        write end is closed and everything was taken."""
+        try:
+            data = self._partial + os.read(self.read_fd, READ_BYTES)
+        except BlockingIOError:
+            return []
+        if len(data) == len(self._partial):
+            return None  # end of file: the parent's device is gone
+        events, at = [], 0
+        while at < len(data) and at + 1 + data[at] <= len(data):
+            events.append(data[at + 1 : at + 1 + data[at]])
+            at += 1 + data[at]
+        self._partial = data[at:]
+        return events
 
 
 class InputHandler(ChannelHandler):
     """One open input channel: answers the guest inband within the reserve,
-    and posts the events injected into its VSP's socket. Events injected
+    and posts the events injected into its VSP's pipe. Events injected
     before the channel opened are stale: discarded and counted in
     `unopened`. At most `backlog_limit` events are taken per wake-up, so a
     flood of injections cannot hold the worker."""
 
     server: KeyboardServer | MouseServer
 
-    def __init__(self, channel: Channel, context: OpenContext, events: socket.socket) -> None:
+    def __init__(self, channel: Channel, context: OpenContext, events: EventPipe) -> None:
         super().__init__(channel, context)
         self.events = events
-        self.taken = 0  # events taken from the socket and handed to the server
+        self.taken = 0  # events taken from the pipe and handed to the server
         self.unopened = self._discard_stale()
         self.closed = False
         self._errors_seen = 0
-        context.watch(events.fileno(), self._take_events)
+        context.watch(events.read_fd, self._take_events)
 
     def _discard_stale(self) -> int:
         count = 0
-        with contextlib.suppress(BlockingIOError):
-            while self.events.recv(EVENT_MAX):  # b"": the parent's end is closed
-                count += 1
+        while stale := self.events.take():
+            count += len(stale)
         return count
 
     # --- the guest's requests ---
@@ -93,21 +147,18 @@ class InputHandler(ChannelHandler):
         self.closed = True
         try:
             with contextlib.suppress(KeyError, ValueError, OSError):
-                self.context.unwatch(self.events.fileno())
+                self.context.unwatch(self.events.read_fd)
         finally:
             super().close()
 
     # --- injected events ---
 
     def _take_events(self) -> None:
-        for _ in range(self.backlog_limit):
-            try:
-                payload = self.events.recv(EVENT_MAX)
-            except BlockingIOError:
-                return
-            if not payload:  # the parent's device is gone: nothing more will come
-                self.context.unwatch(self.events.fileno())
-                return
+        events = self.events.take()  # a read's worth: a flood cannot hold the worker
+        if events is None:  # the parent's device is gone: nothing more will come
+            self.context.unwatch(self.events.read_fd)
+            return
+        for payload in events:
             self.taken += 1
             admitted = self.server.admit(payload)  # None before the guest negotiated
             if admitted is not None:
@@ -124,7 +175,7 @@ class KeyboardHandler(InputHandler):
     max_reply = KEYBOARD_RESPONSE_PAYLOAD
     backlog_limit = 4096  # keys are small; a pasted page survives a busy guest
 
-    def __init__(self, channel: Channel, context: OpenContext, events: socket.socket) -> None:
+    def __init__(self, channel: Channel, context: OpenContext, events: EventPipe) -> None:
         self.server = KeyboardServer()
         super().__init__(channel, context, events)
 
@@ -139,7 +190,7 @@ class MouseHandler(InputHandler):
     # A PROTOCOL_REQUEST is answered by two packets; the reserve holds both.
     max_reply = packet_space(PROTOCOL_RESPONSE_PAYLOAD) + packet_space(DEVICE_INFO_PAYLOAD)
 
-    def __init__(self, channel: Channel, context: OpenContext, events: socket.socket) -> None:
+    def __init__(self, channel: Channel, context: OpenContext, events: EventPipe) -> None:
         self.server = MouseServer()
         super().__init__(channel, context, events)
         self.coalesced = 0  # moves merged into the backlog's tail
@@ -158,7 +209,7 @@ class MouseHandler(InputHandler):
 
 
 class _InputVsp(Vsp):
-    """One input device of one child: its offer, the socket pair events are
+    """One input device of one child: its offer, the pipe events are
     injected through, and the handler of its open channel (the last one
     opened). The parent's object sends; the worker's copy (or, with a worker
     thread, the same object) receives."""
@@ -169,21 +220,17 @@ class _InputVsp(Vsp):
         self.instance_id = instance_id or uuid.uuid4()
         self.handler: InputHandler | None = None
         self.overflow = 0  # injections refused: the worker was that far behind
-        sender, self._events = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self._sender: socket.socket | None = sender
-        for end in (sender, self._events):
-            end.setblocking(False)
-        sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, QUEUE_BYTES)
+        self._events = EventPipe()
 
     def __getstate__(self) -> dict[str, Any]:
         """The worker's copy: the receiving end only (injection is the
         parent's), no handler yet."""
-        return {"instance_id": self.instance_id, "events": SharedFd(self._events.fileno())}
+        return {"instance_id": self.instance_id, "events": self._events}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.instance_id = state["instance_id"]
-        self.handler, self.overflow, self._sender = None, 0, None
-        self._events = socket.socket(fileno=state["events"].take())
+        self.handler, self.overflow = None, 0
+        self._events = state["events"]
 
     def offers(self) -> list[OfferSpec]:
         return [OfferSpec(self.class_id, self.instance_id)]
@@ -200,14 +247,10 @@ class _InputVsp(Vsp):
         }
 
     def _inject(self, payload: bytes) -> bool:
-        if self._sender is None:
-            raise UsageError("events are injected through the parent's device, not its copy")
-        try:
-            self._sender.send(payload)
-        except BlockingIOError:
-            self.overflow += 1
-            return False
-        return True
+        if self._events.put(payload):
+            return True
+        self.overflow += 1
+        return False
 
 
 class KeyboardVsp(_InputVsp):
