@@ -187,6 +187,9 @@ class ChannelHandler:
         # so computed once.
         self.reserve = packet_space(self.max_reply)
         self.paused = False
+        # Packets a compiled path took in `admission()`, which the drain does
+        # not count: the worker counts them as progress (poll mode goes on).
+        self.fast_served = 0
 
     def admission(self) -> int:
         """What the worker asks before handing over each request: the free

@@ -424,9 +424,10 @@ def serve_channel(open_channel: _OpenChannel) -> int | str:
     """Serve a channel's packets: the count consumed, or why it failed."""
     try:
         handler = open_channel.handler
+        fast = handler.fast_served
         count = open_channel.channel.service(handler.on_packet, handler.admission)
         handler.on_signal()
-        return count
+        return count + handler.fast_served - fast
     except Exception as error:
         return str(error)  # not the exception: its traceback pins views of the ring
 

@@ -306,7 +306,7 @@ class NetvspChannel(GuestDelivery, ChannelHandler):
         the first it declines, which the drain hands to on_packet)."""
         room = super().admission()
         if self.fast is not None and room < PAUSED and not self.channel.backlog:
-            self.fast.drain(self)
+            self.fast_served += self.fast.drain(self)
         return room
 
     def on_packet(self, packet: Packet) -> None:

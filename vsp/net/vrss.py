@@ -78,7 +78,7 @@ class NetvspSubChannel(ChannelHandler):
     def admission(self) -> int:
         room = super().admission()
         if self.fast is not None and room < PAUSED and not self.channel.backlog:
-            self.fast.drain(self)
+            self.fast_served += self.fast.drain(self)
         return room
 
     def on_packet(self, packet: Packet) -> None:

@@ -246,7 +246,6 @@ class StorvspChannel(ChannelHandler):
         super().__init__(channel, context)
         self.vsp = vsp
         self.requests = 0
-        self.fast_served = 0  # of requests: by the compiled path
         self.overlapped = 0  # of requests: run in the I/O pool
         self.bad_ranges = 0
         self.fast = self._fast_path() if vsp.fast_path else None
