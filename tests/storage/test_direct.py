@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vmbus.errors import UsageError
-from vsp.storage.backends import DirectBackend, RamBackend
+from vsp.storage import DirectBackend, RamBackend
 
 DISK = 64 << 10
 

@@ -5,7 +5,6 @@ behind it (`BlockBackend` and its implementations)."""
 
 from vsp.storage.backends import (
     BlockBackend,
-    DirectBackend,
     FaultyBackend,
     NullBackend,
     RamBackend,
@@ -13,6 +12,7 @@ from vsp.storage.backends import (
     ReadOnlyBackend,
 )
 from vsp.storage.device import DEFAULT_MAX_TRANSFER, StorVsp, StorvspChannel
+from vsp.storage.direct import DirectBackend
 from vsp.storage.pages import DiskIdentity, Limits
 from vsp.storage.scsi import ScsiDisk, ScsiResult, ScsiTarget
 

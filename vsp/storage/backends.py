@@ -33,7 +33,6 @@ from vmbus.handoff import SharedFd
 
 __all__ = [
     "BlockBackend",
-    "DirectBackend",
     "FaultyBackend",
     "NullBackend",
     "RamBackend",
@@ -511,13 +510,9 @@ class FaultyBackend(_Wrapper):
         self.inner.write_zeroes(offset, length)
 
 
-# The pass-through disk lives in its own module; it is one of these backends.
-from vsp.storage.direct import DirectBackend  # noqa: E402
-
 if TYPE_CHECKING:  # mypy proves every backend satisfies the interface
     _BACKENDS: tuple[type[BlockBackend], ...] = (
         RawFileBackend,
-        DirectBackend,
         RamBackend,
         NullBackend,
         ReadOnlyBackend,

@@ -12,7 +12,7 @@ import stat
 import struct
 import threading
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from vmbus.errors import UsageError
 from vsp.storage.backends import (
@@ -20,6 +20,7 @@ from vsp.storage.backends import (
     FALLOC_FL_ZERO_RANGE,
     IOV_MAX,
     ZERO_CHUNK,
+    BlockBackend,
     _advance,
     _byte_views,
     _FileBackend,
@@ -231,3 +232,7 @@ def _device_size(fd: int) -> int:
     """A block device's size in bytes (BLKGETSIZE64)."""
     size: int = struct.unpack("Q", fcntl.ioctl(fd, BLKGETSIZE64, bytes(8)))[0]
     return size
+
+
+if TYPE_CHECKING:  # mypy proves it satisfies the backend interface
+    _BACKEND: type[BlockBackend] = DirectBackend
