@@ -5,8 +5,9 @@ confined (vmbus.sandbox), with its own guest memory (a sealed memfd), a
 SOCK_SEQPACKET message port, and nothing else of the parent's. Each VM's
 VSPs are served by a `VmWorker` (Hyper-V's VMWP, vmbus.worker):
 
-- by default in a worker process of its own (`vmbus._worker`), which makes
-  the child's memory, spawns the child and serves it, so VMs share no GIL,
+- by default in a worker process of its own (`vmbus._worker`, forked
+  ready-made by the zygote, `vmbus._zygote`), which makes the child's
+  memory, spawns the child and serves it, so VMs share no GIL,
   no memory budget, no table of mappings and no fault domain. A worker that
   dies, even by a crash in compiled code, takes only its VM: the child dies
   with it (parent-death signal, port hang-up) and the VM is reported
