@@ -14,6 +14,7 @@ import multiprocessing as mp
 import os
 import resource
 import signal
+import sys
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -159,3 +160,17 @@ def render_table(headers: list[str], rows: list[list[str]], markdown: bool, labe
         )
         for row in [headers, *rows]
     )
+
+
+def on_sigterm(pid: int) -> Callable[[int, object], None]:
+    """A SIGTERM handler that runs the cleanups (SystemExit) in process `pid`
+    only. pyroute2 forks helpers and ends them with SIGTERM: a helper that
+    raised SystemExit would unwind this process's stack in the copy, and its
+    cleanups would delete the live namespaces and the work directory."""
+
+    def handler(signo: int, frame: object) -> None:
+        if os.getpid() != pid:
+            os._exit(128 + signo)
+        sys.exit(128 + signo)
+
+    return handler

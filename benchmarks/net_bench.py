@@ -41,7 +41,7 @@ from multiprocessing.connection import Connection
 from time import perf_counter, process_time
 from typing import NamedTuple
 
-from benchmarks.harness import CHILD_POLICY, render_table
+from benchmarks.harness import CHILD_POLICY, on_sigterm, render_table
 from vmbus import guid
 from vmbus.channel import ChannelTimeout
 from vmbus.guest import Guest, GuestDevice
@@ -519,20 +519,6 @@ def report(settings: Settings, command: str) -> tuple[str, str]:
         "\n\n".join([header, render(table(results), md), "\n".join(notes)]) for md in (False, True)
     )
     return text, markdown
-
-
-def on_sigterm(pid: int) -> Callable[[int, object], None]:
-    """A SIGTERM handler that runs the cleanups (SystemExit) in this process
-    only. pyroute2 forks helpers and ends them with SIGTERM: a helper that
-    raised SystemExit would unwind this process's stack in the copy, and its
-    cleanups would delete the live namespace and the work directory."""
-
-    def handler(signo: int, frame: object) -> None:
-        if os.getpid() != pid:
-            os._exit(128 + signo)
-        sys.exit(128 + signo)
-
-    return handler
 
 
 def main(argv: Sequence[str] | None = None) -> None:

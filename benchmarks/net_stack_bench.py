@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import render_table
+from benchmarks.harness import on_sigterm, render_table
 from vmbus import guid, sandbox
 from vmbus.guest import Guest, GuestDevice
 from vmbus.partition import Host, wait_until
@@ -307,19 +307,6 @@ def report(seconds: float, repeats: int, command: str) -> tuple[str, str]:
         for md in (False, True)
     )
     return text, markdown
-
-
-def on_sigterm(pid: int) -> Callable[[int, object], None]:
-    """SIGTERM runs the cleanups in this process only: pyroute2 forks helpers
-    and ends them with SIGTERM, and a helper that unwound our stack would
-    delete the live namespaces."""
-
-    def handler(signo: int, frame: object) -> None:
-        if os.getpid() != pid:
-            os._exit(128 + signo)
-        sys.exit(128 + signo)
-
-    return handler
 
 
 def main(argv: Sequence[str] | None = None) -> None:
