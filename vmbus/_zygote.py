@@ -5,9 +5,11 @@ bus and the device packages; one forked from here has them already.
 
 The zygote is single-threaded (fork copies only the calling thread, so it
 must hold no other) and keeps no VM state. Over its control socket
-(SOCK_SEQPACKET) the parent sends `fork` with two descriptors, the new
-worker's control socket and the read end of the pipe its VM arrives on; the
-zygote forks, answers `pid N`, and when a worker ends reaps it and reports
+(SOCK_SEQPACKET) the parent sends `fork` with four descriptors: the new
+worker's control socket, the read end of the pipe its VM arrives on, and
+the parent's stdout and stderr of the moment (the worker's own, as an
+exec'd worker's would be); the zygote forks, answers `pid N`, and when a
+worker ends reaps it and reports
 `exit N CODE` (only a process's parent can read its exit status). It dies
 with the parent; its workers die with it.
 """
@@ -31,15 +33,17 @@ from vmbus import _seccomp as sc
 from vmbus import _worker, sandbox
 
 REQUEST_MAX = 64
+FORK_FDS = 4  # a worker's control socket, its VM's pipe, stdout, stderr
 ENABLE_VARIABLE = "VMBUS_WORKER_ZYGOTE"  # "0": every worker is exec'd afresh
 FORK_SECONDS = 30.0
 log = logging.getLogger("vmbus.partition")
 
 
 def _fork(control: socket.socket, fds: list[int], ours: list[int]) -> None:
-    """Fork a worker on `fds`; `ours` are the zygote's descriptors, which
-    the worker closes."""
-    worker_control, boot = fds
+    """Fork a worker on `fds` (its control socket, its VM's pipe, and the
+    parent's stdout and stderr as they are now, which it takes as its own,
+    as an exec'd worker would); `ours` are the zygote's, which it closes."""
+    worker_control, boot, stdout, stderr = fds
     zygote = os.getpid()
     pid = os.fork()
     if pid == 0:  # the worker
@@ -49,6 +53,9 @@ def _fork(control: socket.socket, fds: list[int], ours: list[int]) -> None:
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             for fd in ours:
                 os.close(fd)
+            for fd, onto in ((stdout, 1), (stderr, 2)):
+                os.dup2(fd, onto)
+                os.close(fd)
             os.setsid()  # a scheduling group of its own (autogroup), as an exec'd worker
             with os.fdopen(boot, "rb") as boot_file:
                 code = _worker.run(worker_control, boot_file, zygote)
@@ -56,8 +63,8 @@ def _fork(control: socket.socket, fds: list[int], ours: list[int]) -> None:
             logging.getLogger("vmbus.partition").exception("a forked worker failed")
         finally:
             os._exit(code)
-    os.close(worker_control)
-    os.close(boot)
+    for fd in fds:
+        os.close(fd)
     control.send(b"pid %d" % pid)
 
 
@@ -106,10 +113,10 @@ def main() -> int:
                             break
                     _reap(control)
                     continue
-                message, fds, _, _ = socket.recv_fds(control, REQUEST_MAX, 2)
+                message, fds, _, _ = socket.recv_fds(control, REQUEST_MAX, FORK_FDS)
                 if not message:
                     return 0  # the parent is gone: our workers follow by their signal
-                if message == b"fork" and len(fds) == 2:
+                if message == b"fork" and len(fds) == FORK_FDS:
                     _fork(control, fds, [control_fd, wake_r, wake_w, selector.fileno()])
                 else:
                     for fd in fds:
@@ -209,7 +216,9 @@ class Zygote:
         """A worker on `control` (its end of the control socket) that reads
         its VM from the pipe end `boot`."""
         with self._fork_lock:
-            socket.send_fds(self.sock, [b"fork"], [control.fileno(), boot])
+            # stdout and stderr as they are now: a worker's output goes where
+            # ours does (a zygote keeps those it was started with).
+            socket.send_fds(self.sock, [b"fork"], [control.fileno(), boot, 1, 2])
             try:
                 worker = self._forks.get(timeout=FORK_SECONDS)
             except queue.Empty:
