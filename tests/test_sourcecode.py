@@ -140,7 +140,9 @@ def violations(module: str, imports: set[str]) -> Iterator[str]:
     else:
         side = module.split(".")[0]  # vsp or vsc
         other = {"vsp": "vsc", "vsc": "vsp"}[side]
-        banned = ("vmbus.partition",) if side == "vsp" else ("vmbus.partition", "vmbus.host")
+        # A VSP sees its worker only through OpenContext, wherever it runs.
+        workers = ("vmbus.partition", "vmbus.worker", "vmbus._worker", "vmbus._zygote")
+        banned = workers if side == "vsp" else (*workers, "vmbus.host")
         for name in imports:
             if within(name, other, *banned):
                 yield f"{side} imports {name}"
