@@ -11,7 +11,8 @@ the import lines of each .pyx):
 - `vmbus.testing` imports the core, itself, the standard library and
   Hypothesis;
 - `vsp` and `vsc` never import each other; VSPs never import the process
-  layer (`vmbus.partition`), VSCs neither it nor the host's control plane
+  layer (`vmbus.partition`, `vmbus.worker`, `vmbus._worker`,
+  `vmbus._zygote`), VSCs neither it nor the host's control plane
   (`vmbus.host`);
 - a device's VSP or VSC imports only its own device's protocol;
 - the library never imports `demo`, `benchmarks` or `tests` (the command
