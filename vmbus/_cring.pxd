@@ -152,3 +152,21 @@ cdef class RingReader(_RingSide):
         if status < 0:
             self.fail(status, d)
         return status
+
+
+cdef inline int next_request(
+    RingReader reader, RingWriter writer, uint32_t reserve, Descriptor *d
+) noexcept nogil:
+    """What a device fast path asks before it takes a request: READY with
+    the next packet in `d` only if the ring back has room for its reply
+    (`reserve`); EMPTY when nothing is there, or the reply would not fit
+    (Python asks the guest for room), or the packet is corrupt (Python
+    reports it); BAD_READ_INDEX when the peer's read_index is (Python
+    raises it)."""
+    # Reserve first: the completion of a request taken must fit now.
+    if writer.free_from(writer.seen_read) <= reserve:
+        if writer.refresh_read() != READY:
+            return BAD_READ_INDEX
+        if writer.free_from(writer.seen_read) <= reserve:
+            return EMPTY
+    return READY if reader.next(d) == READY else EMPTY

@@ -33,7 +33,15 @@ from libc.string cimport memcmp, memcpy, memset
 from posix.uio cimport iovec, readv, writev
 from posix.unistd cimport read, write
 
-from vmbus._cring cimport DESCRIPTOR_SIZE, READY, Descriptor, RingReader, RingWriter
+from vmbus._cring cimport (
+    BAD_READ_INDEX,
+    DESCRIPTOR_SIZE,
+    READY,
+    Descriptor,
+    RingReader,
+    RingWriter,
+    next_request,
+)
 
 from vmbus.protocols.net import rndis_wire as _rw
 from vmbus.protocols.net import vsp as _nv
@@ -258,16 +266,14 @@ cdef class FastPath:
 
     cdef int serve_batch(self, uint32_t *count) noexcept nogil:
         cdef Descriptor d
+        cdef int taken
         cdef int outcome
         while count[0] < BATCH_LIMIT:
-            # Reserve first: the completion of a request taken must fit now.
-            if self.writer.free_from(self.writer.seen_read) <= self.reserve:
-                if self.writer.refresh_read() != READY:
-                    return DECLINED  # a bad read_index: Python raises it
-                if self.writer.free_from(self.writer.seen_read) <= self.reserve:
-                    return SERVED  # full: Python asks the guest for room
-            if self.reader.next(&d) != READY:
-                return SERVED  # empty (or corrupt: Python reports it)
+            taken = next_request(self.reader, self.writer, self.reserve, &d)
+            if taken == BAD_READ_INDEX:
+                return DECLINED  # Python raises it
+            if taken != READY:
+                return SERVED  # empty, full or corrupt: Python goes on from here
             outcome = self.serve(&d)
             if outcome == DECLINED:
                 return DECLINED  # left in the ring, unconsumed

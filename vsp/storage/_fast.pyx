@@ -35,11 +35,13 @@ from posix.uio cimport iovec, preadv, pwritev
 from posix.unistd cimport fdatasync
 
 from vmbus._cring cimport (
+    BAD_READ_INDEX,
     DESCRIPTOR_SIZE,
     READY,
     Descriptor,
     RingReader,
     RingWriter,
+    next_request,
     vmbus_fence_full,
     vmbus_load_relaxed,
     vmbus_store_release,
@@ -286,15 +288,13 @@ cdef class FastPath:
 
     cdef int serve_batch(self, uint32_t *count) noexcept nogil:
         cdef Descriptor d
+        cdef int taken
         while count[0] < BATCH_LIMIT:
-            # Reserve first: the completion of a request taken must fit now.
-            if self.writer.free_from(self.writer.seen_read) <= self.reserve:
-                if self.writer.refresh_read() != READY:
-                    return DECLINED  # a bad read_index: Python raises it
-                if self.writer.free_from(self.writer.seen_read) <= self.reserve:
-                    return SERVED  # full: Python asks the guest for room
-            if self.reader.next(&d) != READY:
-                return SERVED  # empty (or corrupt: Python reports it)
+            taken = next_request(self.reader, self.writer, self.reserve, &d)
+            if taken == BAD_READ_INDEX:
+                return DECLINED  # Python raises it
+            if taken != READY:
+                return SERVED  # empty, full or corrupt: Python goes on from here
             if self.serve(&d) != SERVED:
                 return DECLINED  # left in the ring, unconsumed
             self.reader.consume(&d)
