@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import select
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -101,17 +100,6 @@ def test_pcap_copy_writes_on_in_the_parents_file(tmp_path: Path) -> None:
     parent.close()
     data = path.read_bytes()
     assert data.count(frame) == 3 and struct.unpack_from("<I", data)[0] == 0xA1B2C3D4
-
-
-@pytest.fixture
-def tap() -> Iterator[TapBackend]:
-    name = f"nbho{os.getpid()}"
-    try:
-        with TapBackend(netns=name, address="10.203.0.1/24", create_netns=True) as backend:
-            yield backend
-    finally:
-        if name in netns.listnetns():
-            netns.remove(name)
 
 
 @pytest.mark.requires_root

@@ -6,12 +6,9 @@ own; the frames all reach the backend, none refused."""
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pyroute2 import netns
 
 from tests.net.test_net_e2e import adapter
 from vmbus import guid
@@ -79,17 +76,6 @@ def test_one_channel_offers_no_sub_channels(tmp_path: Path) -> None:
         assert child.wait(timeout=60) == 0
     report = json.loads((tmp_path / "vrss.json").read_text())
     assert report["opened"] == 0 and len(report["packets"]) == 1
-
-
-@pytest.fixture
-def tap() -> Iterator[TapBackend]:
-    name = f"nbvr{os.getpid()}"
-    try:
-        with TapBackend(netns=name, address="10.205.0.1/24", create_netns=True) as backend:
-            yield backend
-    finally:
-        if name in netns.listnetns():
-            netns.remove(name)
 
 
 @pytest.mark.requires_root
