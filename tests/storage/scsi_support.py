@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import struct
 
+from vmbus.channel import COMPLETION_REQUESTED
+from vmbus.protocols import storage as vstor
+from vmbus.testing import VspHarness
 from vsp.storage.backends import RamBackend
 from vsp.storage.scsi import ScsiDisk, ScsiResult, ScsiTarget
 
@@ -107,3 +110,15 @@ def unmap(
     params = struct.pack(">HH4x", 6 + len(descriptors), size) + descriptors
     cdb = struct.pack(">BBIBHB", 0x42, flags, 0, 0, len(params) if length is None else length, 0)
     return run(disk, cdb, params, OUT)
+
+
+def negotiate(harness: VspHarness, versions: tuple[int, ...] | None = None) -> None:
+    """Run storvsc's VSTOR handshake over a harnessed channel."""
+    protocol = vstor.StorvscProtocol() if versions is None else vstor.StorvscProtocol(versions)
+    packet = protocol.start()
+    while packet is not None:
+        harness.guest.send(packet, flags=COMPLETION_REQUESTED, trans_id=1 << 40)
+        harness.pump()
+        reply = harness.guest.poll()
+        assert reply is not None
+        packet = protocol.receive(reply.payload)

@@ -20,12 +20,12 @@ from dataclasses import dataclass
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from scsi_support import negotiate
 
 from vmbus import ring
 from vmbus.channel import COMPLETION_REQUESTED, Channel
 from vmbus.memory import PAGE_SIZE
 from vmbus.packet import PacketType
-from vmbus.protocols import storage as vstor
 from vmbus.testing import VspHarness
 from vmbus.testing import harness as harness_module
 from vmbus.testing.rings import ring_buffer
@@ -136,14 +136,7 @@ def side(path: str, fast: bool, image: bytes, memory: bytes, version: int) -> It
     harness = VspHarness(vsp, memory_size=MEMORY)
     try:
         harness.memory.view(0, MEMORY)[:] = memory
-        protocol = vstor.StorvscProtocol(versions=(version,))
-        packet = protocol.start()
-        while packet is not None:
-            harness.guest.send(packet, flags=COMPLETION_REQUESTED, trans_id=1 << 40)
-            harness.pump()
-            reply = harness.guest.poll()
-            assert reply is not None
-            packet = protocol.receive(reply.payload)
+        negotiate(harness, (version,))
         yield Side(vsp, backend, harness)
     finally:
         harness.close()

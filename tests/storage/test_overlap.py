@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from scsi_support import negotiate
 
 from vmbus.channel import COMPLETION_REQUESTED
 from vmbus.errors import UsageError
@@ -89,14 +90,7 @@ def ready(backend: object, harness_of: list[VspHarness]) -> VspHarness:
     """A storvsp on `backend`, its protocol negotiated."""
     harness = VspHarness(StorVsp([backend], fast_path=False))  # type: ignore[list-item]
     harness_of.append(harness)
-    protocol = vstor.StorvscProtocol()
-    packet = protocol.start()
-    while packet is not None:
-        harness.guest.send(packet, flags=COMPLETION_REQUESTED, trans_id=1 << 40)
-        harness.pump()
-        reply = harness.guest.poll()
-        assert reply is not None
-        packet = protocol.receive(reply.payload)
+    negotiate(harness)
     return harness
 
 
