@@ -21,6 +21,7 @@ from vmbus.channel import COMPLETION_REQUESTED, Channel
 from vmbus.errors import UsageError
 from vmbus.packet import PacketType, encode_transfer_page_header
 from vmbus.protocols.net import wire as nvsp
+from vmbus.protocols.net.offload import Reassembly
 from vmbus.protocols.net.rndis_wire import encode_packet
 from vmbus.protocols.net.vsc import RndisClient
 from vmbus.testing.rings import channel_pair
@@ -63,6 +64,7 @@ def adapter(fast: bool) -> tuple[NetAdapter, Channel]:
     nic.frames, nic.link_events = collections.deque(), collections.deque()
     nic.rndis, nic.rndis_replies = RndisClient(), {}
     nic.ids, nic.sending, nic.send_failures = itertools.count(1), {}, 0
+    nic.reassembly = Reassembly()
     nic.send_section, nic.free_sections = SECTION, collections.deque(range(SECTIONS))
     nic.mtu, nic.max_packets, nic.alignment, nic.link_up = 1500, 8, 8, True
     nic.fast = (

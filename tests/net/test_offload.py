@@ -57,23 +57,28 @@ def tcp_frame(payload: bytes, *, lso: bool) -> bytes:
 
 def test_offered_capabilities_are_the_ndis_offload_linux_reads() -> None:
     caps = ol.capabilities()
-    assert len(caps) == 112 and caps[:4] == bytes([0xA7, 1, 112, 0])
+    assert len(caps) == 156 and caps[:4] == bytes([0xA7, 3, 156, 0])  # revision 3: rsc
     # csum: ip4 tx encap/flags, rx encap/flags, ip6 tx, rx (8 u32 from byte 4)
     assert caps[4:36] == struct.pack("<8I", 2, 0x54, 2, 0x54, 2, 0x55, 2, 0x55)
     assert caps[36:80] == bytes(44)  # LSOv1 and IPsec v1: none
     assert caps[80:108] == struct.pack("<7I", 2, 62780, 2, 2, 62780, 2, 0x5)
-    assert caps[108:112] == bytes(4)
+    assert caps[108:144] == bytes(36)  # flags, IPsec v2
+    assert caps[144:156] == bytes([1, 1]) + bytes(10)  # rsc ip4, ip6; padding, encap_gre
     assert ol.decode_capabilities(caps) == ol.OFFERED
     assert ol.decode_capabilities(rd.offload_capabilities()) == ol.NO_OFFLOADS
 
 
 def test_parameters_are_what_linux_sets() -> None:
     params = ol.parameters(ol.OFFERED)
-    assert params == bytes([0x80, 3, 28, 0, 1, 4, 4, 4, 4, 0, 0, 2, 2]) + bytes(15)
+    # rsc_ip_v4 and rsc_ip_v6 (22, 23): 2 on, as Linux with LRO
+    assert params == bytes([0x80, 3, 28, 0, 1, 4, 4, 4, 4, 0, 0, 2, 2]) + bytes(
+        9
+    ) + b"\2\2" + bytes(4)
     assert ol.parse_parameters(params, ol.OFFERED, ol.NO_OFFLOADS) == ol.OFFERED
     assert ol.parse_parameters(params, ol.NO_OFFLOADS, ol.NO_OFFLOADS) is None
     off = bytearray(params)
     off[5:13] = bytes([1, 1, 1, 1, 0, 0, 1, 1])
+    off[22:24] = b"\1\1"
     assert ol.parse_parameters(bytes(off), ol.OFFERED, ol.OFFERED) == ol.NO_OFFLOADS
     keep = bytearray(28)
     assert ol.parse_parameters(bytes(keep), ol.OFFERED, ol.OFFERED) == ol.OFFERED  # 0: no change

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import itertools
 import os
 import time
@@ -78,6 +79,8 @@ class NetAdapter:
         self.ids = itertools.count(1)
         self.sending: dict[int, int] = {}  # trans_id -> send section
         self.send_failures = 0  # sends the host completed with a status other than SUCCESS
+        self.reassembly = ol.Reassembly()  # coalesced receives (RSC), once asked for
+        self.receive_coalescing = False
         self._initialize(receive_buffer, send_buffer)
         if fast is None:
             fast = os.environ.get("VMBUS_NET_FAST", "1").lower() not in ("0", "off", "false", "no")
@@ -132,9 +135,24 @@ class NetAdapter:
         oid = rd.OID_TCP_OFFLOAD_HARDWARE_CAPABILITIES
         caps = self._control(self.rndis.query(oid, query.pack().ljust(rd.NDIS_OFFLOAD_SIZE, b"\0")))
         offloads = ol.decode_capabilities(bytes(caps.info))
+        # RSC only on request (coalesce_receives), as Linux only with NETIF_F_LRO.
+        self.rsc_offered = offloads.rsc and self.nvsp_version >= nvsp.NVSP_PROTOCOL_VERSION_61
+        offloads = dataclasses.replace(offloads, rsc=False)
         if offloads.any:
             self._control(self.rndis.set(rd.OID_TCP_OFFLOAD_PARAMETERS, ol.parameters(offloads)))
         return offloads
+
+    def coalesce_receives(self, on: bool = True) -> bool:
+        """Ask the host for coalesced receives (RSC), as Linux does when LRO
+        is turned on: several TCP segments then arrive as one frame longer
+        than the MTU, an `offload.Received` with `coalesced` set. Only when
+        the host offers it (NVSP 6.1); returns whether it is on."""
+        if on and not self.rsc_offered:
+            return False
+        self._control(self.rndis.set(rd.OID_TCP_OFFLOAD_PARAMETERS, ol.rsc_parameters(on)))
+        self.receive_coalescing = on
+        self.offloads = dataclasses.replace(self.offloads, rsc=on)
+        return on
 
     def _query_u32(self, oid: int) -> int:
         return int.from_bytes(self._control(self.rndis.query(oid)).info[:4], "little")
@@ -402,8 +420,9 @@ class NetAdapter:
             vsc.decode_receive(packet.payload)  # a SEND_RNDIS_PKT: 16 bytes suffice
             view = self.buffers["receive"][2]
             header = decode_transfer_page_header(packet.header, buffer_size=len(view))
-            for count, offset in header.ranges:
-                self._rndis_message(bytes(view[offset : offset + count]))
+            last = len(header.ranges) - 1
+            for index, (count, offset) in enumerate(header.ranges):
+                self._rndis_message(bytes(view[offset : offset + count]), index == last)
             done = vsc.receive_completion()  # 8 bytes, as Linux completes it
             (channel or self.channel).send(done, type=PacketType.COMP, trans_id=packet.trans_id)
         elif nvsp.message_type(packet.payload) == nvsp.NvspMessageType.SEND_INDIRECTION_TABLE:
@@ -411,9 +430,14 @@ class NetAdapter:
                 self.send_table = nvsp.decode_indirection_table(packet.payload)
         # other in-band packets (VF association): nothing for this adapter
 
-    def _rndis_message(self, message: bytes) -> None:
+    def _rndis_message(self, message: bytes, last_range: bool = True) -> None:
         if int.from_bytes(message[:4], "little") == rw.RndisMessageType.PACKET:
-            frame, _ = rw.decode_packet(message)
+            frame, ppis = rw.decode_packet(message)
+            if ppis or self.reassembly.parts:  # checksum info, RSC fragments
+                whole = self.reassembly.add(frame, ppis, last_range)
+                if whole is not None:
+                    self.frames.append(whole)
+                return
             self.frames.append(bytes(frame))
             return
         event = self.rndis.receive(message)

@@ -300,7 +300,8 @@ TUNSETOFFLOAD = 0x400454D0
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000  # frames only: no 4-byte packet information before each
 IFF_VNET_HDR = 0x4000  # each frame preceded by a virtio_net_hdr
-GSO_MAX_FRAME = 0xFFFF + ETH_HLEN + VLAN_HLEN  # a large send: what an IPv4 length holds
+GSO_MAX_FRAME = 0xFFFF + ETH_HLEN + VLAN_HLEN  # a GSO frame: what an IPv4 length holds
+TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6 = 0x01, 0x02, 0x04
 IFNAMSIZ = 16
 # A write fails with these when the kernel drops the frame (no memory, the
 # device going down, a frame it rejects); anything else is our own misuse.
@@ -318,6 +319,8 @@ class TapBackend(_Backend):
     up state and `address` (e.g. "10.200.1.1/24") are set there.
     `set_link(False)` sets the interface down and its carrier off.
     """
+
+    rx_offload = 0  # the TUN_F_* flags the kernel may use toward us (set_receive_offload)
 
     def __init__(
         self,
@@ -378,6 +381,31 @@ class TapBackend(_Backend):
                 frames.append(read(fd, size + skip)[skip:])
             except BlockingIOError:
                 break
+        self.frames_in += len(frames)
+        return frames
+
+    def set_receive_offload(self, flags: int) -> None:
+        """What the kernel may hand over (TUNSETOFFLOAD: TUN_F_CSUM partial
+        checksums, TUN_F_TSO4/6 TCP GSO frames of up to GSO_MAX_FRAME
+        bytes); 0 for whole, checksummed frames (vnet_hdr only)."""
+        if not self.vnet_hdr:
+            raise UsageError("receive offloads need a TAP device with vnet_hdr")
+        if flags != self.rx_offload:
+            fcntl.ioctl(self._fd, TUNSETOFFLOAD, flags)
+            self.rx_offload = flags
+
+    def receive_offloaded(self, max_frames: int) -> list[tuple[bytes, bytes]]:
+        """Up to `max_frames` waiting frames with their virtio_net_hdr
+        (vnet_hdr only): (header, frame), a GSO frame whole."""
+        frames: list[tuple[bytes, bytes]] = []
+        read, fd = os.read, self._fd
+        size = VNET_HDR_SIZE + (GSO_MAX_FRAME if self.rx_offload else self._max_frame)
+        for _ in range(max_frames):
+            try:
+                data = read(fd, size)
+            except BlockingIOError:
+                break
+            frames.append((data[:VNET_HDR_SIZE], data[VNET_HDR_SIZE:]))
         self.frames_in += len(frames)
         return frames
 

@@ -16,8 +16,9 @@ from typing import Any
 
 from vmbus.channel import COMPLETION_REQUESTED, Channel, packet_space
 from vmbus.device import OpenContext
-from vmbus.packet import PacketType
+from vmbus.packet import MAX_TRANSFER_RANGES, PacketType
 from vmbus.packet import encode_transfer_page_header as transfer_header
+from vmbus.protocols.net import offload as ol
 from vmbus.protocols.net import rndis_wire as rw
 from vmbus.protocols.net import vsp as nv
 from vmbus.protocols.net import wire as nvsp
@@ -40,7 +41,7 @@ class GuestDelivery:
     fast: Any
     buffers: dict[nvsp.BufferKind, Any]
     receive_sections: nv.ReceiveSections | None
-    to_guest: collections.deque[bytes]
+    to_guest: collections.deque[bytes | tuple[bytes, ...]]  # a tuple: one coalesced frame
     ids: itertools.count[int]
     reserve: int
     undelivered: int
@@ -50,11 +51,15 @@ class GuestDelivery:
         """Frames the guest can take now: free sections not yet spoken for."""
         sections = self.receive_sections
         free = RECEIVE_BATCH if sections is None else sections.free_count
-        return min(free, MAX_PENDING) - len(self.to_guest)
+        queued = sum(len(m) if isinstance(m, tuple) else 1 for m in self.to_guest)
+        return min(free, MAX_PENDING) - queued
 
     def _from_backend(self) -> None:
         """The backend has frames: take as many as the guest has room for."""
         room = self._room()
+        if self.backend_coalesces:
+            self._coalesced_from_backend(room)
+            return
         left = None if self.fast is None or room <= 0 else self.fast.deliver(self, room)
         if left is not None:  # the compiled path read and announced what it could
             self.to_guest.extend(map(rw.encode_packet, left))
@@ -71,6 +76,74 @@ class GuestDelivery:
             self._receiving = False
             self.context.unwatch(self.backend.fileno())
 
+    @property
+    def backend_coalesces(self) -> bool:
+        """The TAP hands over GSO frames and partial checksums (set_receive_offload)."""
+        return bool(getattr(self.backend, "rx_offload", 0))
+
+    def _wanted_room(self) -> int:
+        """Free sections worth watching the backend for: one frame's, or
+        the largest coalesced frame's."""
+        sections = self.receive_sections
+        if not self.backend_coalesces or sections is None:
+            return 1
+        if sections.section_size <= ol.FRAGMENT_OVERHEAD:
+            return 1
+        return ol.fragments(ol.GSO_MAX_FRAME, sections.section_size)
+
+    def _coalesced_from_backend(self, room: int) -> None:
+        """_from_backend while the guest takes coalesced receives (RSC): each
+        frame read with its virtio_net_hdr; a GSO frame becomes the RSC
+        fragments of one transfer-page packet, a partial or valid checksum
+        the receive checksum info. Reads only while the largest frame fits."""
+        sections = self.receive_sections
+        size = sections.section_size if sections is not None else 0
+        worst = self._wanted_room() if size > ol.FRAGMENT_OVERHEAD else 0
+        taken = 0
+        while worst and room >= worst and taken < RECEIVE_BATCH:
+            got = self.backend.receive_offloaded(1)
+            if not got:
+                break
+            taken += 1
+            header, frame = got[0]
+            message = self._offloaded_to_guest(header, frame, size)
+            if message is None:
+                continue
+            self.to_guest.append(message)
+            room -= len(message) if isinstance(message, tuple) else 1
+        self._deliver()
+        if self._room() < self._wanted_room() and self._receiving:  # the rest waits in the backend
+            self._receiving = False
+            self.context.unwatch(self.backend.fileno())
+
+    def _offloaded_to_guest(
+        self, header: bytes, frame: bytes, section_size: int
+    ) -> bytes | tuple[bytes, ...] | None:
+        """The RNDIS message(s) for one frame read with its virtio_net_hdr,
+        or None (filtered, or a frame no rule lets through: counted)."""
+        if len(header) < ol.VNET_HDR_SIZE or len(frame) < 14:
+            self.backend.drops += 1
+            return None
+        if header[1] == ol.GSO_NONE:
+            checksum = ol.receive_checksum_info(frame, header)
+            if not checksum and header[0] & ol.VNET_NEEDS_CSUM:  # not TCP or UDP: sum it here
+                start, offset = int.from_bytes(header[6:8], "little"), header[8] | header[9] << 8
+                frame = bytes(ol.complete_checksum(frame, start, offset))
+            ppis = [(ol.PPI_CHECKSUM, checksum.to_bytes(4, "little"))] if checksum else []
+            message = self.rndis.frame_to_guest(frame, ppis)
+        else:
+            segment = ol.coalesced_segment(frame, header)
+            if segment is None:
+                self.backend.drops += 1
+                return None
+            message = self.rndis.coalesced_to_guest(
+                segment, ol.receive_checksum_info(segment, header), section_size
+            )
+        if message is not None:
+            self.counters.frames_to_guest += 1
+            self.counters.bytes_to_guest += len(frame)
+        return message
+
     def _queue(self, message: bytes) -> None:
         if len(self.to_guest) >= MAX_PENDING:
             self.undelivered += 1
@@ -80,23 +153,38 @@ class GuestDelivery:
 
     def _deliver(self) -> None:
         """Write queued messages into free receive sections, up to
-        DELIVERY_BATCH per transfer-page packet (one range each), keeping
-        room for a reply; stop when sections or ring space run out."""
+        DELIVERY_BATCH per transfer-page packet (one range each), or the
+        fragments of one coalesced frame alone in a packet (Linux drops an
+        RSC frame cut by a packet's end), keeping room for a reply; stop
+        when sections or ring space run out."""
         sections, mapped = self.receive_sections, self.buffers.get(nvsp.BufferKind.RECEIVE)
         writer = self.channel.writer
         while self.to_guest and sections is not None and mapped is not None:
-            while self.to_guest and len(self.to_guest[0]) > sections.section_size:
-                self.to_guest.popleft()  # cannot be delivered: too big for a section
-                self.undelivered += 1
-                self.counters.undelivered += 1
-            count = min(len(self.to_guest), DELIVERY_BATCH, sections.free_count)
+            if not self._drop_undeliverable(sections.section_size, sections.section_count):
+                continue
+            head = self.to_guest[0]
+            if isinstance(head, tuple):
+                messages: list[bytes] = list(head)
+                entries = 1
+            else:
+                messages = []
+                for entry in itertools.islice(self.to_guest, DELIVERY_BATCH):
+                    if isinstance(entry, tuple) or len(entry) > sections.section_size:
+                        break
+                    messages.append(entry)
+                entries = len(messages)
+            if len(messages) > sections.free_count:
+                if isinstance(head, tuple):
+                    break  # its fragments go together: the guest's completions free sections
+                del messages[sections.free_count :]
+                entries = len(messages)
             trans_id = next(self.ids)
-            taken = sections.alloc(trans_id, count) if count else None
+            taken = sections.alloc(trans_id, len(messages)) if messages else None
             if taken is None:
                 break  # the guest's completions free sections and call us again
             ranges = []
-            for index, section in enumerate(taken):
-                message, offset = self.to_guest[index], sections.offset(section)
+            for message, section in zip(messages, taken, strict=True):
+                offset = sections.offset(section)
                 mapped.view[offset : offset + len(message)] = message
                 ranges.append((len(message), offset))
             header = transfer_header(nvsp.RECEIVE_BUFFER_ID, ranges)
@@ -108,11 +196,29 @@ class GuestDelivery:
             self.channel.try_send(
                 payload, PacketType.DATA_USING_XFER_PAGES, COMPLETION_REQUESTED, trans_id, header
             )
-            for _ in taken:
+            for _ in range(entries):
                 self.to_guest.popleft()
-        if not self._receiving and self._room() > 0:
+        if not self._receiving and self._room() >= self._wanted_room():
             self._receiving = True
             self.context.watch(self.backend.fileno(), self._from_backend)
+
+    def _drop_undeliverable(self, section_size: int, section_count: int) -> bool:
+        """Drop the head of the queue (counted) when no section, or not all
+        the sections there are, can hold it; True when it stays."""
+        head = self.to_guest[0]
+        if isinstance(head, tuple):
+            fits = (
+                len(head) <= min(section_count, MAX_TRANSFER_RANGES)
+                and max(map(len, head)) <= section_size
+            )
+        else:
+            fits = len(head) <= section_size
+        if fits:
+            return True
+        self.to_guest.popleft()
+        self.undelivered += 1
+        self.counters.undelivered += 1
+        return False
 
     def _completed(self, trans_id: int) -> None:
         """The guest completed a transfer-page packet (its payload, 8 bytes

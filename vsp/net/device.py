@@ -63,7 +63,16 @@ from vmbus.protocols.net import offload as ol
 from vmbus.protocols.net import rndis_wire as rw
 from vmbus.protocols.net import vsp as nv
 from vmbus.protocols.net import wire as nvsp
-from vsp.net.backends import ETH_HLEN, GSO_MAX_FRAME, VLAN_HLEN, NetBackend, TapBackend
+from vsp.net.backends import (
+    ETH_HLEN,
+    GSO_MAX_FRAME,
+    TUN_F_CSUM,
+    TUN_F_TSO4,
+    TUN_F_TSO6,
+    VLAN_HLEN,
+    NetBackend,
+    TapBackend,
+)
 from vsp.net.delivery import GuestDelivery
 from vsp.net.vrss import NetvspSubChannel
 
@@ -361,6 +370,7 @@ class NetvspChannel(GuestDelivery, ChannelHandler):
         try:
             if event.channel_type == nvsp.RndisChannel.CONTROL:
                 reply = self.rndis.control(data)
+                self._apply_receive_offload()
                 if reply is not None:
                     self._queue(reply)
                 self._status(packet.trans_id, completion, nvsp.NvspStatus.SUCCESS)
@@ -383,6 +393,25 @@ class NetvspChannel(GuestDelivery, ChannelHandler):
             self._status(packet.trans_id, completion, status)
             return
         self._transmit(_Send(packet.trans_id, completion, [frame for frame, _ in frames]))
+
+    def _apply_receive_offload(self) -> None:
+        """Coalesced receives (RSC) for a guest that asked for them with
+        NVSP 6.1 and its NDIS_CONFIG capability: the TAP then hands over
+        TCP GSO frames and partial checksums (a guest that did not ask gets
+        whole, checksummed frames, as before)."""
+        backend = self.backend
+        if not self.vsp.offload or not isinstance(backend, TapBackend):
+            return
+        config = self.nvsp.ndis_config
+        wanted = 0
+        if (
+            self.rndis.offloads.rsc
+            and (self.nvsp.version or 0) >= nvsp.NVSP_PROTOCOL_VERSION_61
+            and config is not None
+            and config.capability & nvsp.CAPABILITY_RSC
+        ):
+            wanted = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
+        backend.set_receive_offload(wanted)
 
     def send_frames(self, packet: Packet, event: nv.RndisPacket, context: OpenContext) -> int:
         """A sub-channel's DATA send (under `shared`): its frames to the
@@ -539,6 +568,9 @@ class NetvspChannel(GuestDelivery, ChannelHandler):
         self.serving = False
         self.fast = None  # it holds the rings, which the worker unmaps next
         self.backend.on_link_change = None
+        if getattr(self.backend, "rx_offload", 0):  # the next guest asks for its own
+            with contextlib.suppress(OSError):
+                self.backend.set_receive_offload(0)
         for kind in list(self.buffers):
             self._unmap(kind)
         super().close()

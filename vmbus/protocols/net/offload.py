@@ -12,8 +12,9 @@ ndis_tcp_lso_info) and include/uapi/linux/virtio_net.h (virtio_net_hdr).
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from vmbus.protocols.net import rndis_data as rd
 
@@ -45,8 +46,9 @@ LSO_MIN_SEGMENTS = 2
 # ndis_offload_params values.
 PARAM_NO_CHANGE = 0
 PARAM_TX_RX_DISABLED = 1  # also LSOV2_DISABLED
-PARAM_LSOV2_ENABLED = 2
+PARAM_LSOV2_ENABLED = 2  # also RSC_ENABLED
 PARAM_TX_RX_ENABLED = 4
+NDIS_OFFLOAD_REVISION_3 = 3  # the first with the rsc capability (offset 144)
 
 # Per-packet info types (rndis_wire.PpiType).
 PPI_CHECKSUM = 0  # TCPIP_CHKSUM_PKTINFO
@@ -73,6 +75,7 @@ class Offloads:
     tx_udp6: bool = False
     lso4: bool = False
     lso6: bool = False
+    rsc: bool = False  # receive segment coalescing, IPv4 and IPv6 (Linux sets both)
 
     @property
     def any(self) -> bool:
@@ -80,14 +83,15 @@ class Offloads:
 
 
 NO_OFFLOADS = Offloads()
-OFFERED = Offloads(True, True, True, True, True, True)
+OFFERED = Offloads(True, True, True, True, True, True, True)
 
 
 def capabilities() -> bytes:
     """OID_TCP_OFFLOAD_HARDWARE_CAPABILITIES of a device that checksums TCP
     and UDP over IPv4 and IPv6 both ways (not the IPv4 header: Linux never
-    asks) and does LSOv2 for both: revision 1, 112 bytes, as Linux reads it
-    (the TCP4/TCP6 sets it requires, NDIS_TXCSUM_ALL_TCP4/6; 802.3 encapsulation)."""
+    asks), does LSOv2 for both and coalesces received TCP segments (RSC,
+    IPv4 and IPv6): revision 3, 156 bytes, as Linux reads it (the TCP4/TCP6
+    sets it requires, NDIS_TXCSUM_ALL_TCP4/6; 802.3 encapsulation)."""
     tcp4 = CSUM_TCP4 | CSUM_TCP4OPT | CSUM_UDP4
     tcp6 = CSUM_TCP6 | CSUM_TCP6OPT | CSUM_IP6EXT | CSUM_UDP6
     csum = struct.pack(
@@ -105,9 +109,13 @@ def capabilities() -> bytes:
         LSO_MIN_SEGMENTS,
         LSOV2_IP6,
     )
-    header = rd.NdisObjectHeader(rd.NDIS_OBJECT_TYPE_OFFLOAD, 1, rd.NDIS_OFFLOAD_SIZE_6_0)
-    body = header.pack() + csum + lsov1 + ipsecv1 + lsov2 + bytes(4)  # flags
-    assert len(body) == rd.NDIS_OFFLOAD_SIZE_6_0
+    header = rd.NdisObjectHeader(
+        rd.NDIS_OBJECT_TYPE_OFFLOAD, NDIS_OFFLOAD_REVISION_3, rd.NDIS_OFFLOAD_SIZE
+    )
+    rsc = bytes((1, 1, 0, 0))  # ip4, ip6, padding
+    body = header.pack() + csum + lsov1 + ipsecv1 + lsov2 + bytes(4) + bytes(32) + rsc
+    body += bytes(8)  # flags; ipsecv2; rsc; encap_gre
+    assert len(body) == rd.NDIS_OFFLOAD_SIZE
     return body
 
 
@@ -122,9 +130,16 @@ def parse_parameters(info: bytes, offered: Offloads, current: Offloads) -> Offlo
     ip4, tcp4, udp4, tcp6, udp6, lso1, ipsec1, lso4, lso6, conn4, conn6 = raw
     if ip4 > PARAM_TX_RX_DISABLED or lso1 > 1 or ipsec1 > 1 or conn4 > 1 or conn6 > 1:
         return None  # the IPv4 header checksum, LSOv1, IPsec, chimney: never offered
-    if any(b > 1 for b in tail):
-        return None  # IPsec v2, RSC
-    chosen = {}
+    ipsec2, ipsec2_4, rsc4, rsc6 = tail
+    if ipsec2 > 1 or ipsec2_4 > 1 or rsc4 > PARAM_LSOV2_ENABLED or rsc6 > PARAM_LSOV2_ENABLED:
+        return None  # IPsec v2: never offered
+    if rsc4 != rsc6 and PARAM_NO_CHANGE not in (rsc4, rsc6):
+        return None  # RSC for one family only: Linux sets both, and so do we
+    chosen: dict[str, bool] = {}
+    rsc = rsc4 or rsc6
+    if rsc == PARAM_LSOV2_ENABLED and not offered.rsc:
+        return None
+    chosen["rsc"] = current.rsc if rsc == PARAM_NO_CHANGE else rsc == PARAM_LSOV2_ENABLED
     for name, value, limit in (
         ("tx_tcp4", tcp4, PARAM_TX_RX_ENABLED),
         ("tx_udp4", udp4, PARAM_TX_RX_ENABLED),
@@ -286,6 +301,7 @@ def decode_capabilities(info: bytes) -> Offloads:
         tx_udp6=tcp6 and bool(csum[5] & CSUM_UDP6),
         lso4=tcp4 and bool(lso[0] & ENCAP_8023),
         lso6=tcp6 and bool(lso[3] & ENCAP_8023) and lso[6] & LSOV2_IP6 == LSOV2_IP6,
+        rsc=len(info) >= 146 and info[1] >= NDIS_OFFLOAD_REVISION_3 and all(info[144:146]),
     )
 
 
@@ -294,7 +310,8 @@ OFFLOAD_PARAMS_SIZE = 28  # ndis_offload_params revision 3, as Linux sends it fr
 
 def parameters(offloads: Offloads) -> bytes:
     """The TCP_OFFLOAD_PARAMETERS Linux sets for these: the IPv4 header
-    checksum off, each offered offload on, the rest 0 (no change)."""
+    checksum off, each offered offload on, RSC on for both families (as
+    Linux with NETIF_F_LRO) or off, the rest 0 (no change)."""
     on, lso_on = PARAM_TX_RX_ENABLED, PARAM_LSOV2_ENABLED
     header = rd.NdisObjectHeader(rd.NDIS_OBJECT_TYPE_DEFAULT, 3, OFFLOAD_PARAMS_SIZE)
     values = bytes(
@@ -310,7 +327,19 @@ def parameters(offloads: Offloads) -> bytes:
             lso_on if offloads.lso6 else 0,
         )
     )
-    return (header.pack() + values).ljust(OFFLOAD_PARAMS_SIZE, b"\0")
+    rsc = PARAM_LSOV2_ENABLED if offloads.rsc else PARAM_TX_RX_DISABLED
+    tail = bytes((0, 0, 0, 0, 0, 0, 0, rsc, rsc))  # flags, ip_sec_v2 (2), rsc_ip_v4, rsc_ip_v6
+    return (header.pack() + values + bytes(2) + tail).ljust(OFFLOAD_PARAMS_SIZE, b"\0")
+
+
+def rsc_parameters(on: bool) -> bytes:
+    """A TCP_OFFLOAD_PARAMETERS that changes RSC only (everything else 0, no
+    change), as Linux sends when NETIF_F_LRO is toggled."""
+    header = rd.NdisObjectHeader(rd.NDIS_OBJECT_TYPE_DEFAULT, 3, OFFLOAD_PARAMS_SIZE)
+    value = PARAM_LSOV2_ENABLED if on else PARAM_TX_RX_DISABLED
+    body = bytearray(header.pack().ljust(OFFLOAD_PARAMS_SIZE, b"\0"))
+    body[22] = body[23] = value
+    return bytes(body)
 
 
 def transport(frame: bytes) -> tuple[bool, int, int] | None:
@@ -325,3 +354,193 @@ def transport(frame: bytes) -> tuple[bool, int, int] | None:
     if ethertype == ETH_P_IPV6 and len(frame) >= at + 40:
         return True, at + 40, frame[at + 6]
     return None
+
+
+# --- receive: checksum info and receive segment coalescing (RSC) toward the guest ---
+
+# ndis_tcp_ip_checksum_info, receive bits.
+RX_TCP_OK, RX_UDP_OK, RX_IP_OK, RX_TCP_VALUE_INVALID = 1 << 3, 1 << 4, 1 << 5, 1 << 7
+# rndis_pktinfo_id: u8 ver, u8 flag, u16 pkt_id (RNDIS_PKTINFO_ID, an internal PPI).
+PKTINFO_VERSION = 1
+FRAG_SUBALLOC, FRAG_FIRST, FRAG_LAST = 0x1, 0x2, 0x4
+PPI_PKTINFO = (1 << 31) | 1  # rndis_wire.RNDIS_PKTINFO_ID
+RSC_MAX_FRAGMENTS = 562  # Linux's NVSP_RSC_MAX: more fragments and it drops the frame
+_PPI_ELEMENT = 16  # a 12-byte header and a u32 value
+FRAGMENT_OVERHEAD = 44 + 2 * _PPI_ELEMENT  # PacketHeader, the pktinfo and checksum PPIs
+GSO_MAX_FRAME = 0xFFFF + 14 + 4  # what an IPv4 length holds, with its Ethernet header
+
+
+class Received(bytes):
+    """A frame the host delivered with receive checksum info: `checksum_ok`
+    when the host verified its TCP or UDP checksum (the field may then hold
+    a partial sum: Hyper-V's 'value invalid'), `coalesced` when it is several
+    TCP segments the host coalesced (RSC), longer than the MTU allows."""
+
+    checksum_ok: bool = False
+    coalesced: bool = False
+
+
+def receive_checksum_info(frame: bytes, vnet: bytes) -> int:
+    """The receive TCPIP_CHKSUM_PKTINFO value for a frame a TAP handed over
+    with this virtio_net_hdr: 0 (no info) unless the kernel left the
+    checksum partial (NEEDS_CSUM) or said it is valid (DATA_VALID)."""
+    flags = vnet[0]
+    if not flags & (VNET_NEEDS_CSUM | VNET_DATA_VALID):
+        return 0
+    place = transport(frame)
+    if place is None or place[2] not in (IPPROTO_TCP, IPPROTO_UDP):
+        return 0
+    ipv6, _, protocol = place
+    value = (RX_TCP_OK if protocol == IPPROTO_TCP else RX_UDP_OK) | (0 if ipv6 else RX_IP_OK)
+    return value | (RX_TCP_VALUE_INVALID if flags & VNET_NEEDS_CSUM else 0)
+
+
+def coalesced_segment(frame: bytes, vnet: bytes) -> bytes | None:
+    """A GSO frame from a TAP (gso_type TCPV4/TCPV6 with NEEDS_CSUM: several
+    TCP segments' worth, the TCP checksum partial) checked and made a
+    coalesced receive: the IPv4 header checksum computed over its full
+    length (Linux checks it; Hyper-V says 'value invalid' instead). None when
+    it is not such a frame (the frame is dropped)."""
+    flags, gso_type, *_ = VNET_HDR.unpack_from(vnet)
+    kind = gso_type & 0x7F
+    if kind not in (GSO_TCPV4, GSO_TCPV6) or not flags & VNET_NEEDS_CSUM:
+        return None
+    if not 14 < len(frame) <= GSO_MAX_FRAME:
+        return None
+    place = transport(frame)
+    if place is None or place[0] != (kind == GSO_TCPV6) or place[2] != IPPROTO_TCP:
+        return None
+    l3 = _l3(frame)
+    assert l3 is not None
+    ip_at = l3[1]
+    if place[1] + 20 > len(frame):
+        return None
+    if kind == GSO_TCPV6:
+        return frame
+    out = bytearray(frame)
+    if (out[ip_at] & 0xF) * 4 < 20 or int.from_bytes(out[ip_at + 2 : ip_at + 4], "big") != len(
+        out
+    ) - ip_at:
+        return None  # its IPv4 length must be the frame's
+    _ip4_checksum(out, ip_at)
+    return bytes(out)
+
+
+def fragment_ppis(first: bool, last: bool, pkt_id: int, checksum: int) -> list[tuple[int, bytes]]:
+    """The per-packet info of one fragment of a coalesced receive: the
+    checksum info on the first (Linux keeps the first fragment's), the
+    RNDIS_PKTINFO_ID on each."""
+    flag = FRAG_SUBALLOC | (FRAG_FIRST if first else 0) | (FRAG_LAST if last else 0)
+    ppis = [(PPI_PKTINFO, struct.pack("<BBH", PKTINFO_VERSION, flag, pkt_id & 0xFFFF))]
+    if first and checksum:
+        ppis.insert(0, (PPI_CHECKSUM, struct.pack("<I", checksum)))
+    return ppis
+
+
+def fragment_room(section_size: int) -> int:
+    """Frame bytes one receive section holds as an RSC fragment."""
+    return section_size - FRAGMENT_OVERHEAD
+
+
+def fragments(length: int, section_size: int) -> int:
+    """Sections (fragments) a coalesced frame of `length` bytes takes."""
+    return -(-length // fragment_room(section_size))
+
+
+def complete_checksum(frame: bytes | bytearray | memoryview, start: int, offset: int) -> bytearray:
+    """The frame with the checksum the kernel left partial (CHECKSUM_PARTIAL:
+    the field holds the pseudo-header sum) completed over frame[start:]."""
+    out = bytearray(frame)
+    at = start + offset
+    if not start < at + 2 <= len(out):
+        return out  # not a place a checksum can be: the receiver drops it
+    data = out[start:] + (b"\0" if (len(out) - start) % 2 else b"")
+    total = int.from_bytes(data, "big") % 0xFFFF  # 2**16 = 1 (mod 0xFFFF): the 16-bit sum
+    if not total:  # the sum is 0xFFFF, or 0 if every word is
+        total = 0xFFFF if any(data) else 0
+    out[at : at + 2] = (~total & 0xFFFF).to_bytes(2, "big")
+    return out
+
+
+def received_vnet_header(frame: bytes, checksum_ok: bool, mtu: int) -> bytes:
+    """The virtio_net_hdr with which a frame the host delivered enters a
+    guest's TAP: a verified TCP/UDP checksum as NEEDS_CSUM (the kernel takes
+    CHECKSUM_PARTIAL as verified, and the field may hold only a partial
+    sum), and a frame longer than the MTU (a coalesced receive) as TCP GSO
+    with the MSS the MTU gives, as GRO would have built it."""
+    if not checksum_ok:
+        return ZERO_HEADER
+    place = transport(frame)
+    if place is None or place[2] not in (IPPROTO_TCP, IPPROTO_UDP):
+        return ZERO_HEADER
+    ipv6, at, protocol = place
+    tcp = protocol == IPPROTO_TCP
+    if at + (20 if tcp else 8) > len(frame):
+        return ZERO_HEADER
+    l3 = _l3(frame)
+    assert l3 is not None
+    if not tcp or len(frame) - l3[1] <= mtu:
+        return VNET_HDR.pack(VNET_NEEDS_CSUM, GSO_NONE, 0, 0, at, 16 if tcp else 6)
+    header_len = at + (frame[at + 12] >> 4) * 4
+    mss = mtu - (header_len - l3[1])
+    if mss <= 0 or header_len > len(frame):
+        return ZERO_HEADER
+    gso = GSO_TCPV6 if ipv6 else GSO_TCPV4
+    return VNET_HDR.pack(VNET_NEEDS_CSUM, gso, header_len, mss, at, 16)
+
+
+class Reassembly:
+    """The guest's side of RSC, as Linux's rndis_filter_receive_data: the
+    fragments of a coalesced frame (RNDIS_PKTINFO_ID with SUBALLOC; the
+    first with 1ST_FRAG, the last with LAST_FRAG) joined, the checksum info
+    taken from the first. A fragment out of order, one too many, or a frame
+    cut by the end of its transfer-page packet is dropped (counted)."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.checksum = 0
+        self.dropped = 0  # frames (or stray fragments) dropped
+
+    def add(self, frame: Any, ppis: Iterable[tuple[int, bytes]], last_range: bool) -> bytes | None:
+        """One PACKET message's frame and PPIs, `last_range` when it is the
+        last range of its packet: the whole frame once complete, else None."""
+        flag, checksum = 0, 0
+        for kind, value in ppis:
+            if kind == PPI_PKTINFO and len(value) >= 4:
+                flag = value[1]
+            elif kind == PPI_CHECKSUM and len(value) >= 4:
+                checksum = int.from_bytes(value[:4], "little")
+        more = False
+        if flag & FRAG_SUBALLOC:
+            if flag & FRAG_FIRST:
+                self._discard()
+            elif not self.parts:
+                self.dropped += 1
+                return None
+            more = not flag & FRAG_LAST
+            if more and last_range:
+                self._discard(counted=True)
+                return None
+        else:
+            self._discard()
+        if len(self.parts) >= RSC_MAX_FRAGMENTS:
+            self._discard(counted=True)
+            return None
+        if not self.parts:
+            self.checksum = checksum
+        self.parts.append(bytes(frame))
+        if more:
+            return None
+        parts, self.parts = self.parts, []
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        if not self.checksum & (RX_TCP_OK | RX_UDP_OK):
+            return data
+        received = Received(data)
+        received.checksum_ok = True
+        received.coalesced = len(parts) > 1
+        return received
+
+    def _discard(self, counted: bool = False) -> None:
+        if self.parts or counted:
+            self.dropped += 1
+        self.parts = []

@@ -505,6 +505,7 @@ class RndisDevice:
         self.rss_parameters = b""  # and GEN_RECEIVE_SCALE_PARAMETERS
         self.xmit_ok = 0  # frames the guest sent
         self.rcv_ok = 0  # frames given to the guest
+        self.coalesced = 0  # of them, coalesced receives (RSC)
         self.errors: Counter[str] = Counter()
 
     @property
@@ -650,6 +651,26 @@ class RndisDevice:
             return None
         self.rcv_ok += 1
         return rw.encode_packet(frame, ppis)
+
+    def coalesced_to_guest(
+        self, segment: bytes, checksum: int, section_size: int
+    ) -> tuple[bytes, ...] | None:
+        """The RSC fragments (PACKET messages, each within a receive section)
+        carrying one coalesced TCP frame, or None when the filter drops it."""
+        if not self.accepts(segment):
+            return None
+        room = ol.fragment_room(section_size)
+        count = -(-len(segment) // room)
+        self.rcv_ok += 1
+        self.coalesced += 1
+        pkt_id = self.coalesced & 0xFFFF
+        return tuple(
+            rw.encode_packet(
+                segment[i * room : (i + 1) * room],
+                ol.fragment_ppis(i == 0, i == count - 1, pkt_id, checksum),
+            )
+            for i in range(count)
+        )
 
     def frames_from_guest(self, batch: Any) -> list[tuple[memoryview, tuple[rw.Ppi, ...]]]:
         """The frames (views into `batch`, a private copy) and PPIs of the
