@@ -18,6 +18,7 @@ reaches the program as state and callbacks:
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -314,7 +315,7 @@ class IntegrationServices:
         self.kvp: Kvp | None = None
         self._on_shutdown = on_shutdown
         for msgtype, class_id in CLASS_IDS.items():
-            guest.register(class_id, lambda device, kind=msgtype: self._bind(kind, device))
+            guest.register(class_id, functools.partial(self._bind, msgtype))
 
     def _bind(self, msgtype: MessageType, device: GuestDevice) -> IcService:
         service: IcService
