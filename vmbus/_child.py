@@ -13,11 +13,14 @@ import os
 import pickle
 import signal
 import socket
+import subprocess
 import sys
 import threading
+from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
+from vmbus import sandbox
 from vmbus.guest import Guest
 from vmbus.memory import GuestMemory
 from vmbus.sandbox import ParentGone, confine_self
@@ -26,6 +29,38 @@ from vmbus.transport import SocketPort
 EXIT_PARENT_GONE = 3
 GRACE_SECONDS = 0.5  # for the main thread to unwind before the process ends anyway
 PARENT_GONE = "vmbus child: the parent closed our port (it died or dropped us); exiting"
+
+
+def spawn_child(
+    name: str,
+    target: str,
+    args: Sequence[Any],
+    memory: GuestMemory,
+    policy: sandbox.Policy,
+    path: Sequence[str],
+) -> tuple[subprocess.Popen[bytes], SocketPort]:
+    """Start a child partition's interpreter (vmbus._child), confined, on
+    `memory`: it runs `target(guest, *args)` with `path` as its sys.path.
+    The process, and the parent's end of its message port."""
+    parent_port, child_port = SocketPort.pair()
+    fds = (child_port.fileno(), memory.fileno())
+    boot = pickle.dumps((list(path), target, tuple(args)))
+    try:
+        process = sandbox.spawn(
+            [sys.executable, "-m", "vmbus._child", *map(str, fds), str(memory.size)],
+            pass_fds=fds,
+            name=name,
+            policy=policy,
+        )
+    except BaseException:
+        parent_port.close()
+        raise
+    finally:
+        child_port.close()
+    assert process.stdin is not None
+    process.stdin.write(boot)
+    process.stdin.close()
+    return process, parent_port
 
 
 def load_module(name: str) -> ModuleType:

@@ -16,6 +16,8 @@ socket kills the child, which ends the serving.
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import logging
 import os
@@ -31,12 +33,14 @@ from typing import Any, BinaryIO
 
 from vmbus import _seccomp as sc
 from vmbus import handoff, sandbox
+from vmbus._child import spawn_child
+from vmbus.errors import UsageError
 from vmbus.memory import GuestMemory
-from vmbus.worker import VmWorker, spawn_child
+from vmbus.worker import VmWorker
 
 EXIT_PARENT_GONE = 3
 MAX_FDS = 250  # a VM's descriptors in one handoff (SCM_MAX_FD is 253)
-REQUEST_MAX = 4096  # bytes of one request of the parent
+REQUEST_MAX = 1 << 20  # bytes of one request of the parent (a hot-added device's pickle)
 LOG_FORMAT = "vmbus worker: %(name)s: %(message)s"
 
 
@@ -74,11 +78,11 @@ def _resources() -> dict[str, Any]:
 def _serve_requests(vm: VmWorker, control: _Control) -> None:
     """One request of the parent (the worker's loop watches the socket)."""
     try:
-        data = control.sock.recv(REQUEST_MAX)
+        data, fds, _, _ = socket.recv_fds(control.sock, REQUEST_MAX, MAX_FDS)
     except BlockingIOError:
         return
     except OSError:
-        data = b""
+        data, fds = b"", []
     if not data:  # the parent is gone or dropped us: end the VM
         vm.unwatch(control.sock.fileno())
         vm.stopping = True
@@ -95,10 +99,52 @@ def _serve_requests(vm: VmWorker, control: _Control) -> None:
             vm.stop(float(request["timeout"]))
         elif op == "kill":
             vm.signal(signal.SIGKILL)
+        elif op in ("control", "add", "remove"):
+            _answer(vm, control, request, fds)
+            fds = []
         else:
             raise ValueError(f"unknown op {op!r}")
     except (ValueError, KeyError, TypeError) as error:
         logging.getLogger("vmbus.partition").warning("bad request of the parent: %s", error)
+    finally:
+        for fd in fds:  # descriptors nothing took
+            os.close(fd)
+
+
+def _answer(vm: VmWorker, control: _Control, request: dict[str, Any], fds: list[int]) -> None:
+    """A management request (vmbus.vmms), answered {"result"} or {"error"}."""
+    request_id = int(request["id"])
+
+    def answer(result: dict[str, Any]) -> None:
+        try:
+            control.send(event="answer", id=request_id, **result)
+        except (TypeError, ValueError) as error:  # a device's result that is not JSON
+            control.send(event="answer", id=request_id, error=f"not JSON: {error}")
+
+    op = request["op"]
+    if op == "control":
+        vm.control(int(request["device"]), dict(request["request"]), answer)
+        return
+    if op == "remove":
+        try:
+            vm.remove_device(int(request["device"]))
+        except UsageError as error:
+            answer({"error": str(error)})
+        else:
+            answer({"result": None})
+        return
+    try:
+        vsp = handoff.loads(base64.b64decode(request["pickle"]), fds)
+    except Exception as error:  # nothing took the descriptors
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        answer({"error": f"the device does not unpickle here: {type(error).__name__}: {error}"})
+        return
+    try:  # from here the device owns its descriptors
+        answer({"result": vm.add_device(vsp)})
+    except Exception as error:
+        answer({"error": f"{type(error).__name__}: {error}"})
 
 
 def main() -> int:

@@ -40,6 +40,11 @@ def packet_space(payload_size: int, header_size: int = 0) -> int:
     return -(-size // ALIGNMENT) * ALIGNMENT + TRAILER_SIZE
 
 
+class DeviceRemoved(VmbusError, ConnectionError):
+    """The host removed the device (rescinded its channel) while in use:
+    what a wait on its channel raises, instead of waiting for ever."""
+
+
 class ChannelTimeout(VmbusError, TimeoutError):
     """No space, packet or completion arrived in time."""
 
@@ -68,6 +73,7 @@ class Channel:
         self.backlog: collections.deque[Packet] = collections.deque()
         self.completions: dict[int, Packet] = {}
         self.packets_sent = 0
+        self.removed = False  # the host rescinded it: every wait raises DeviceRemoved
         self.reader.begin_drain()  # masked except while we sleep
 
     # --- sending -------------------------------------------------------
@@ -191,6 +197,7 @@ class Channel:
     def wait(self, deadline: float | None) -> None:
         """Wait until the peer may have written: spin on the ring for the
         poll budget, then unmask, re-check, and sleep on the signal."""
+        self._check_removed()
         spin_end = time.perf_counter() + self._spin_budget()
         while time.perf_counter() < spin_end:
             if self.reader.bytes_available:
@@ -216,9 +223,22 @@ class Channel:
         return 0.0
 
     def _sleep(self, deadline: float | None, what: str) -> None:
+        self._check_removed()
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-        if not self.wake_me.wait(timeout):
+        woken = self.wake_me.wait(timeout)
+        self._check_removed()
+        if not woken:
             raise ChannelTimeout(f"timed out waiting for {what}")
+
+    def remove(self) -> None:
+        """The host rescinded the channel: wake whoever waits on it (from
+        another thread), and make every wait raise DeviceRemoved."""
+        self.removed = True
+        self.wake_me.set()
+
+    def _check_removed(self) -> None:
+        if self.removed:
+            raise DeviceRemoved("the host removed this device")
 
     # --- requests and completions --------------------------------------
 
@@ -267,6 +287,8 @@ class Channel:
 def wait_any(channels: Sequence[Channel], timeout: float | None) -> None:
     """Channel.wait over several channels (a device with sub-channels): spin,
     then unmask all, re-check, and sleep until any of them is signalled."""
+    for channel in channels:
+        channel._check_removed()
     spin_end = time.perf_counter() + min(c.spin_seconds for c in channels)
     while time.perf_counter() < spin_end:
         if any(c.reader.bytes_available for c in channels):
@@ -275,10 +297,11 @@ def wait_any(channels: Sequence[Channel], timeout: float | None) -> None:
         if any([c.reader.end_drain() for c in channels]):  # list: unmask every one
             return
         ready = select.select([c.wake_me.fileno() for c in channels], [], [], timeout)[0]
-        if not ready:
-            raise ChannelTimeout("timed out waiting for a packet")
         for channel in channels:
             channel.wake_me.clear()
+            channel._check_removed()
+        if not ready:
+            raise ChannelTimeout("timed out waiting for a packet")
     finally:
         for channel in channels:
             channel.reader.begin_drain()

@@ -35,6 +35,7 @@ from vmbus.guid import class_name
 from vmbus.host import OfferSpec
 from vmbus.memory import GuestMemory, MappedRegion, map_contiguous
 from vmbus.packet import GpaRange, PacketError, decode_gpa_direct_header
+from vmbus.timers import Timer
 
 __all__ = [
     "BadGpaRanges",
@@ -75,6 +76,10 @@ def _no_offer(offer: OfferSpec) -> None:
     raise UsageError("this context cannot offer channels")
 
 
+def _no_timer(delay: float, callback: Callable[[], None]) -> Timer:
+    raise UsageError("this context has no worker to run timers")
+
+
 class OpenContext:
     """What a VSP learns, and may use, when the guest opens one of its channels."""
 
@@ -90,6 +95,7 @@ class OpenContext:
         add_offer: Callable[[OfferSpec], None] = _no_offer,
         watch: Callable[[int, Callable[[], None]], None] = _no_watch,
         unwatch: Callable[[int], None] = _no_unwatch,
+        call_later: Callable[[float, Callable[[], None]], Timer] = _no_timer,
         peer_log: PeerLog | None = None,
     ) -> None:
         self.offer = offer
@@ -101,6 +107,9 @@ class OpenContext:
         self.add_offer = add_offer  # offer another channel (a sub-channel)
         self.watch = watch  # call back, in the worker, when fd is readable
         self.unwatch = unwatch  # stop watching fd (before closing it)
+        # Run a callback in the worker's loop after `delay` seconds (a
+        # heartbeat): a Timer to cancel; the channel's close cancels it too.
+        self.call_later = call_later
         self.peer_log = peer_log or PeerLog(log, partition)
         self.bad_ranges = 0
 
@@ -284,3 +293,11 @@ class Vsp(ABC):
         """The device's counters, JSON-able: what `ChildPartition.device_stats`
         reports from the VM's worker, wherever the device runs."""
         return {}
+
+    def control(self, request: dict[str, Any], reply: Callable[[dict[str, Any]], None]) -> None:
+        """A request of the parent (`ChildPartition.control`, the management
+        service's API), JSON in and out, run in the worker's loop: call
+        `reply` once, now or later (when the guest has answered). Raise
+        UsageError for a request the device does not take; it reaches the
+        caller as a ControlError with that reason."""
+        raise UsageError(f"{type(self).__name__} takes no requests")

@@ -12,7 +12,7 @@ import itertools
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
@@ -45,6 +45,7 @@ class GuestDevice:
     offer: m.OfferChannel
     driver: Any = None
     rescinded: bool = False
+    channels: list[GuestChannel] = field(default_factory=list)  # open ones
 
     @property
     def relid(self) -> int:
@@ -97,18 +98,21 @@ class GuestChannel(Channel):
         if self.closed:
             return
         self.closed = True
-        guest = self.device.guest
-        if not self.device.rescinded:
-            guest.post(m.CloseChannel(child_relid=self.device.relid))
-        guest.teardown_gpadl(self.device.relid, self.gpadl, timeout)
-        del self.writer, self.reader  # release the ring buffers before unmapping
-        for view in self.views:
-            view.release()
-        for region in self.rings:
-            region.close()
-        self.notify_peer.close()
-        self.wake_me.close()
-        guest.allocator.free(self.pfns)
+        device, guest = self.device, self.device.guest
+        if not device.rescinded:
+            guest.post(m.CloseChannel(child_relid=device.relid))
+        try:
+            guest.teardown_gpadl(device.relid, self.gpadl, timeout)
+        finally:
+            del self.writer, self.reader  # release the ring buffers before unmapping
+            for view in self.views:
+                view.release()
+            for region in self.rings:
+                region.close()
+            self.notify_peer.close()
+            self.wake_me.close()
+            guest.allocator.free(self.pfns)
+            guest.channel_closed(self)
 
 
 class Guest:
@@ -212,12 +216,36 @@ class Guest:
             device.driver = driver(device)
 
     def _rescinded(self, relid: int) -> None:
+        """The host removed a device. As Linux's vmbus core does, tell its
+        driver (`on_rescind`, if it has one), make a wait on its channels
+        raise DeviceRemoved, and release the relid once no channel of it is
+        open: the driver closes them."""
         device = self.devices.get(relid)
-        if device is None:
-            log.warning("host rescinded unknown relid %d", relid)
+        if device is None or device.rescinded:
+            log.warning("host rescinded relid %d, which it does not offer", relid)
             return
         device.rescinded = True
-        self.post(m.RelidReleased(child_relid=relid))
+        for channel in list(device.channels):
+            channel.remove()
+        on_rescind = getattr(device.driver, "on_rescind", None)
+        if on_rescind is not None:
+            try:
+                on_rescind()
+            except Exception:  # the driver's bug: the bus goes on
+                log.exception("the driver of relid %d failed on its removal", relid)
+        if not device.channels:
+            self._release(device)
+
+    def channel_closed(self, channel: GuestChannel) -> None:
+        device = channel.device
+        if channel in device.channels:
+            device.channels.remove(channel)
+        if device.rescinded and not device.channels:
+            self._release(device)
+
+    def _release(self, device: GuestDevice) -> None:
+        if self.devices.pop(device.relid, None) is device:  # once, whichever thread is first
+            self.post(m.RelidReleased(child_relid=device.relid))
 
     def unload(self, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.post(m.Unload())
@@ -274,7 +302,9 @@ class Guest:
             self.allocator.free(pfns)
             raise
         wake_me, notify_host = Signal(fds[0]), Signal(fds[1])
-        return GuestChannel(device, gpadl, pfns, rings, (notify_host, wake_me), spin_seconds)
+        channel = GuestChannel(device, gpadl, pfns, rings, (notify_host, wake_me), spin_seconds)
+        device.channels.append(channel)
+        return channel
 
     def create_gpadl(self, relid: int, pfns: list[int], timeout: float = DEFAULT_TIMEOUT) -> int:
         """Grant pages to the host; its handle once the host created it."""

@@ -388,6 +388,11 @@ class VmbusServer:
             raise QuotaExceeded("added_offers", reason)
         return self._offer(spec, added=True)
 
+    def hot_add(self, spec: OfferSpec) -> list[Event]:
+        """Offer a device's channel while the child runs (the management
+        service adds a device): a host action, outside the VSPs' quota."""
+        return self._offer(spec, added=False)
+
     def _offer(self, spec: OfferSpec, added: bool) -> list[Event]:
         # A host action over channels that quotas bound, not a child's message.
         relid = max(self.channels, default=0) + 1
@@ -399,6 +404,7 @@ class VmbusServer:
 
     def _forget(self, record: ChannelRecord) -> None:
         del self.channels[record.relid]
+        self.offers.remove(record.offer)
         self.added_offers -= record.added
 
     def rescind(self, relid: int) -> list[Event]:

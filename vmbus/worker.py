@@ -16,32 +16,32 @@ import contextlib
 import functools
 import logging
 import os
-import pickle
 import selectors
 import signal
 import subprocess
-import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from vmbus import host as h
 from vmbus import messages as m
-from vmbus import sandbox
 from vmbus.channel import SPIN_MISSES, SPIN_PROBE, Channel
+from vmbus.channel_thread import POLL_SECONDS, ChannelThread, serve_channel
 from vmbus.device import ChannelHandler, OpenContext, Vsp
-from vmbus.errors import PeerError, PeerLog
+from vmbus.errors import PeerError, PeerLog, UsageError
 from vmbus.memory import GuestMemory, GuestMemoryError, MappedRegion, map_channel_rings
 from vmbus.ring import RingCorrupt
-from vmbus.transport import MalformedMessage, MessagePort, PortClosed, Signal, SocketPort
+from vmbus.timers import Timer, TimerQueue
+from vmbus.transport import MalformedMessage, MessagePort, PortClosed, Signal
 
-__all__ = ["POLL_SECONDS", "VmWorker", "spawn_child"]
+__all__ = ["POLL_SECONDS", "VmWorker"]
 
 log = logging.getLogger("vmbus.partition")
 
-POLL_SECONDS = 0.5  # how often a worker notices a stop request or a stuck thread
+Answer = Callable[[dict[str, Any]], None]  # {"result": ...} or {"error": reason}
 
 
 @dataclass
@@ -50,7 +50,7 @@ class _OpenChannel:
     handler: ChannelHandler
     regions: tuple[MappedRegion, MappedRegion]
     views: tuple[memoryview, memoryview]
-    thread: _ChannelThread | None = None  # for a handler that wants a thread of its own
+    thread: ChannelThread | None = None  # for a handler that wants a thread of its own
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ class VmWorker:
         self.process = process
         self.memory = memory
         self.port = port
-        self.devices = devices
+        self.devices: list[Vsp | None] = list(devices)  # by index; a removed one is None
         self.spin_seconds = spin_seconds  # poll mode; see _poll (it holds the GIL while it spins)
         self.quotas = quotas or h.Quotas()  # what the child may make us hold
         self.on_state = on_state
@@ -105,6 +105,10 @@ class VmWorker:
         self._final_stats: list[dict[str, Any]] = []  # the devices' counters at the end
         self._failures: list[tuple[int, str]] = []  # from channel threads, for the main loop
         self._failed = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.timers = TimerQueue()
+        self._calls: deque[Callable[[], None]] = deque()  # from other threads (call_soon)
+        self._called = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._calls_lock = threading.Lock()
         self.selector = selectors.DefaultSelector()
 
     # --- stopping ---
@@ -132,9 +136,10 @@ class VmWorker:
         self.selector.register(self.port.fileno(), selectors.EVENT_READ, None)
         self.selector.register(self.pidfd, selectors.EVENT_READ, "exit")
         self.selector.register(self._failed, selectors.EVENT_READ, _Watch(self._take_failures))
+        self.selector.register(self._called, selectors.EVENT_READ, _Watch(self._take_calls))
         try:
             while True:
-                for key, _ in self.selector.select(POLL_SECONDS):
+                for key, _ in self.selector.select(self.timers.timeout(POLL_SECONDS)):
                     if key.data is None:
                         self._message()
                     elif key.data == "exit":
@@ -143,6 +148,7 @@ class VmWorker:
                         self._run_watch(key.data)
                     else:
                         self._service(key.data)
+                self._run_timers()
                 while self._poll():
                     pass
                 if self._kill_at is not None and time.monotonic() > self._kill_at:
@@ -172,6 +178,39 @@ class VmWorker:
 
     def unwatch(self, fd: int) -> None:
         self.selector.unregister(fd)
+
+    def call_later(
+        self, delay: float, callback: Callable[[], None], relid: int | None = None
+    ) -> Timer:
+        """Run `callback` in this loop after `delay` seconds; if it raises,
+        the channel `relid` whose VSP set it fails alone. Call it from this
+        loop's thread (a VSP's handler, a watch, a timer)."""
+        return self.timers.add(delay, callback, relid)
+
+    def _run_timers(self) -> None:
+        for timer in self.timers.due():
+            self._run_watch(_Watch(timer.callback, timer.owner))
+
+    def call_soon(self, callback: Callable[[], None]) -> bool:
+        """Run `callback` in this loop: from any thread (the parent's API
+        on a worker thread). False if the loop has ended. A callback that
+        raises is logged."""
+        with self._calls_lock:  # the eventfd is not closed under us
+            if self._called < 0:
+                return False
+            self._calls.append(callback)
+            os.eventfd_write(self._called, 1)
+        return True
+
+    def _take_calls(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._called)
+        while self._calls:
+            callback = self._calls.popleft()
+            try:
+                callback()
+            except Exception:
+                log.exception("%s: a request of the parent failed", self.name)
 
     def _poll(self) -> bool:
         """Poll mode: before sleeping, spin on the open channels for
@@ -273,6 +312,7 @@ class VmWorker:
                 add_offer=functools.partial(self._add_offer, self.vsp_of[event.offer]),
                 watch=functools.partial(self.watch, relid=event.relid),
                 unwatch=self.unwatch,
+                call_later=functools.partial(self.call_later, relid=event.relid),
                 peer_log=self.peer_log,
             )
             handler = self.vsp_of[event.offer].open(channel, context)
@@ -299,7 +339,7 @@ class VmWorker:
         assert isinstance(reply, h.Reply)
         self.port.post(m.encode(reply.message), [to_guest.fileno(), to_host.fileno()])
         if handler.own_thread:  # it serves a packet sent before the open's signal, too
-            opened.thread = _ChannelThread(self, event.relid, opened)
+            opened.thread = ChannelThread(self, event.relid, opened)
         else:
             self._service(event.relid)  # a packet sent before the open's signal is not lost
 
@@ -340,6 +380,7 @@ class VmWorker:
         if open_channel is None:
             return
         channel = open_channel.channel
+        self.timers.cancel_owned(relid)
         if open_channel.thread is not None:
             self._attempt("stop the thread of", relid, open_channel.thread.stop)
         else:
@@ -365,10 +406,13 @@ class VmWorker:
         try:
             for relid in list(self.channels):
                 self._close(relid)
-            self._final_stats = [_device_stats(vsp) for vsp in self.devices]
+            self._final_stats = self._device_stats()
             self._attempt("drop the GPADLs, after", -1, self.server.disconnect)
             for step in (self.selector.close, self.port.close):
                 self._attempt("release, after", -1, step)
+            with self._calls_lock:
+                self._attempt("close the call signal, after", -1, os.close, self._called)
+                self._called = -1
             self.exitcode = self.process.wait() if self.process else 0
             self._attempt("close the pidfd, after", -1, os.close, self.pidfd)
             self._attempt("close the failure signal, after", -1, os.close, self._failed)
@@ -384,7 +428,8 @@ class VmWorker:
                 self.state = "exited" if self.exitcode == 0 else "crashed"
             # The record outlives the child (Host.finished); the devices it
             # served are the caller's, and must not be pinned by it.
-            self.devices, self.vsp_of = (), {}
+            self.devices, self.vsp_of = [], {}
+            self.timers = TimerQueue()
             self.exited.set()
 
     # --- what the parent asks ---
@@ -397,6 +442,7 @@ class VmWorker:
             "state": self.state,
             "exitcode": self.exitcode,
             "channels": len(self.channels),
+            "offered": len(self.server.channels),  # rescinded ones until the child releases them
             "rescinded": self.rescinded,
             "gpadls": len(gpadls),
             "gpadl_pages": gpadls.pages,
@@ -404,8 +450,58 @@ class VmWorker:
             "mapping_refusals": self.memory.mapping_refusals,
             "protocol_errors": self.server.protocol_errors,
             "refusals": dict(self.server.refusals),
-            "devices": self._final_stats or [_device_stats(vsp) for vsp in self.devices],
+            "devices": self._final_stats or self._device_stats(),
         }
+
+    def _device_stats(self) -> list[dict[str, Any]]:
+        return [{"removed": True} if vsp is None else _device_stats(vsp) for vsp in self.devices]
+
+    def control(self, device: int, request: dict[str, Any], answer: Answer) -> None:
+        """A request of the parent for device `device` (its index): `answer`
+        gets {"result": ...} once, when the device replies, or {"error":
+        reason} for a request it does not take. Run in this loop."""
+        answered = False
+
+        def reply(result: dict[str, Any]) -> None:
+            nonlocal answered
+            if not answered:
+                answered = True
+                answer({"result": result})
+
+        try:
+            self._device(device).control(request, reply)
+        except (UsageError, ValueError, KeyError, TypeError) as error:
+            if not answered:
+                answered = True
+                answer({"error": str(error) or type(error).__name__})
+
+    def add_device(self, vsp: Vsp) -> int:
+        """Hot add: offer `vsp`'s channels to the running child; its index."""
+        offers = vsp.offers()
+        if any(offer in self.vsp_of for offer in offers):
+            raise UsageError(f"{type(vsp).__name__}: an offer of it is offered already")
+        self.devices.append(vsp)
+        for offer in offers:
+            self.vsp_of[offer] = vsp
+            self._act(self.server.hot_add(offer))
+        return len(self.devices) - 1
+
+    def remove_device(self, device: int) -> None:
+        """Hot remove: rescind every channel of device `device` (its
+        sub-channels too); the child's driver answers RELID_RELEASED."""
+        vsp = self._device(device)
+        self.devices[device] = None
+        for relid, record in list(self.server.channels.items()):
+            live = record.state is not h.ChannelState.RESCINDED
+            if live and self.vsp_of.get(record.offer) is vsp:
+                self._act(self.server.rescind(relid))
+        self.vsp_of = {offer: v for offer, v in self.vsp_of.items() if v is not vsp}
+
+    def _device(self, device: int) -> Vsp:
+        vsp = self.devices[device] if 0 <= device < len(self.devices) else None
+        if vsp is None:
+            raise UsageError(f"{self.name} has no device {device}")
+        return vsp
 
     def fail(self, relid: int, reason: str) -> None:
         """From a channel's own thread: the main loop rescinds it."""
@@ -418,81 +514,3 @@ def _device_stats(vsp: Vsp) -> dict[str, Any]:
         return {"device": type(vsp).__name__, **vsp.stats()}
     except Exception as error:  # a VSP's bug must not hide the others' counters
         return {"device": type(vsp).__name__, "error": str(error)}
-
-
-def serve_channel(open_channel: _OpenChannel) -> int | str:
-    """Serve a channel's packets: the count consumed, or why it failed."""
-    try:
-        handler = open_channel.handler
-        fast = handler.fast_served
-        count = open_channel.channel.service(handler.on_packet, handler.admission)
-        handler.on_signal()
-        return count + handler.fast_served - fast
-    except Exception as error:
-        return str(error)  # not the exception: its traceback pins views of the ring
-
-
-class _ChannelThread:
-    """A channel served by a thread of its own (`ChannelHandler.own_thread`),
-    so the compiled paths of several channels run at once. It waits on the
-    channel's doorbell, never spins on a stuck peer, and hands a failure to
-    the main loop, which alone talks to the control plane."""
-
-    def __init__(self, worker: VmWorker, relid: int, open_channel: _OpenChannel) -> None:
-        self.worker, self.relid, self.open_channel = worker, relid, open_channel
-        self._stop = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._thread = threading.Thread(
-            target=self._run, name=f"vmwp-{worker.name}-{relid}", daemon=True
-        )
-        self._thread.start()
-
-    def _run(self) -> None:
-        wake = self.open_channel.channel.wake_me.fileno()
-        with selectors.DefaultSelector() as selector:
-            selector.register(wake, selectors.EVENT_READ)
-            selector.register(self._stop, selectors.EVENT_READ)
-            while True:
-                failure = serve_channel(self.open_channel)
-                if isinstance(failure, str):
-                    self.worker.fail(self.relid, failure)
-                    return
-                ready = selector.select(POLL_SECONDS)
-                if any(key.fd == self._stop for key, _ in ready):
-                    return
-
-    def stop(self) -> None:
-        os.eventfd_write(self._stop, 1)
-        self._thread.join()
-        os.close(self._stop)
-
-
-def spawn_child(
-    name: str,
-    target: str,
-    args: Sequence[Any],
-    memory: GuestMemory,
-    policy: sandbox.Policy,
-    path: Sequence[str],
-) -> tuple[subprocess.Popen[bytes], SocketPort]:
-    """Start a child partition's interpreter (vmbus._child), confined, on
-    `memory`: it runs `target(guest, *args)` with `path` as its sys.path.
-    The process, and the parent's end of its message port."""
-    parent_port, child_port = SocketPort.pair()
-    fds = (child_port.fileno(), memory.fileno())
-    boot = pickle.dumps((list(path), target, tuple(args)))
-    try:
-        process = sandbox.spawn(
-            [sys.executable, "-m", "vmbus._child", *map(str, fds), str(memory.size)],
-            pass_fds=fds,
-            name=name,
-            policy=policy,
-        )
-    except BaseException:
-        parent_port.close()
-        raise
-    finally:
-        child_port.close()
-    assert process.stdin is not None
-    process.stdin.write(boot)
-    process.stdin.close()
-    return process, parent_port
