@@ -113,7 +113,10 @@ class IcService:
         self.opened.set()
         while not self._stop.is_set():
             try:
-                packet = channel.receive(POLL_SECONDS)
+                packet = channel.poll()
+                if packet is None:
+                    channel.wait(time.monotonic() + POLL_SECONDS)  # `stop` wakes it
+                    continue
             except ChannelTimeout:
                 continue
             except (DeviceRemoved, OSError, ValueError):
@@ -134,8 +137,15 @@ class IcService:
         """The answer to one request (None: no answer)."""
         raise NotImplementedError
 
-    def close(self) -> None:
+    def stop(self) -> None:
+        """Stop answering (the serving thread ends at once)."""
         self._stop.set()
+        channel = self.channel
+        if channel is not None:
+            channel.wake_me.set()  # out of its wait: it sees the stop
+
+    def close(self) -> None:
+        self.stop()
         if self._thread is not threading.current_thread():
             self._thread.join(2 * POLL_SECONDS + 1)
         if self.channel is not None and not self._thread.is_alive():
@@ -341,5 +351,7 @@ class IntegrationServices:
             service.opened.wait(max(0.0, deadline - time.monotonic()))
 
     def close(self) -> None:
+        for service in self.services:
+            service.stop()
         for service in self.services:
             service.close()
