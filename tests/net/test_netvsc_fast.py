@@ -20,6 +20,7 @@ from vmbus import ring
 from vmbus.channel import COMPLETION_REQUESTED, Channel
 from vmbus.errors import UsageError
 from vmbus.packet import PacketType, encode_transfer_page_header
+from vmbus.protocols.net import offload as ol
 from vmbus.protocols.net import wire as nvsp
 from vmbus.protocols.net.offload import Reassembly
 from vmbus.protocols.net.rndis_wire import encode_packet
@@ -72,6 +73,8 @@ def adapter(fast: bool) -> tuple[NetAdapter, Channel]:
         if fast
         else None
     )
+    if nic.fast is not None:
+        nic.fast.reassembly = nic.reassembly
     return nic, host
 
 
@@ -92,7 +95,12 @@ def host_packets(host: Channel) -> list[tuple[int, int, int, bytes, bytes]]:
 
 def state(nic: NetAdapter) -> tuple[Any, ...]:
     return (
-        list(nic.frames),
+        [
+            (type(f).__name__, getattr(f, "checksum_ok", None), getattr(f, "coalesced", None), f)
+            for f in nic.frames
+        ],  # fmt: skip
+        nic.reassembly.dropped,
+        nic.reassembly.parts,
         nic.send_failures,
         dict(nic.sending),
         list(nic.free_sections),
@@ -145,6 +153,27 @@ def rndis_packet(frame: bytes, ppis: list[tuple[int, bytes]]) -> bytes:
 
 
 @st.composite
+def rsc_runs(draw: st.DrawFn) -> list[bytes]:
+    """The RSC fragments of one coalesced frame, as netvsp sends them (a
+    fragment missing, flags or checksum info changed now and then)."""
+    count = draw(st.integers(1, 5))
+    checksum = draw(st.sampled_from([0, 0x28, 0x30, 0xA8, 0x1, 0xFFFFFFFF]))
+    pieces = [bytes([k]) * draw(st.integers(1, 1514)) for k in range(count)]
+    out = [
+        rndis_packet(piece, ol.fragment_ppis(k == 0, k == count - 1, 7, checksum))
+        for k, piece in enumerate(pieces)
+    ]
+    mutation = draw(st.integers(0, 9))
+    if mutation == 0 and count > 1:
+        del out[draw(st.integers(0, count - 1))]
+    elif mutation == 1:
+        at = draw(st.integers(0, count - 1))
+        flag = draw(st.sampled_from([0, 1, 2, 3, 4, 5, 6, 7]))
+        out[at] = rndis_packet(pieces[at], [(ol.PPI_PKTINFO, bytes([1, flag, 7, 0]))])
+    return out
+
+
+@st.composite
 def host_streams(draw: st.DrawFn) -> list[HostPacket]:
     out: list[HostPacket] = []
     for _ in range(draw(st.integers(1, 16))):
@@ -156,7 +185,9 @@ def host_streams(draw: st.DrawFn) -> list[HostPacket]:
             out.append(("completion", (draw(st.integers(0, 20)), payload)))
             continue
         messages = []
-        for _ in range(draw(st.integers(1, 6))):
+        if draw(st.integers(0, 2)) == 0:
+            messages += draw(rsc_runs())
+        for _ in range(draw(st.integers(0 if messages else 1, 6))):
             n = draw(st.integers(1, 1514))
             ppis = draw(st.lists(st.tuples(st.integers(0, 9), st.binary(max_size=4)), max_size=1))
             message = bytearray(rndis_packet(bytes((n + i) & 0xFF for i in range(n)), ppis))

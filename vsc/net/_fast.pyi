@@ -7,6 +7,7 @@ from typing import Any
 class Engine:
     sent: int
     received: int
+    reassembly: Any  # the adapter's offload.Reassembly (coalesced receives)
     def __init__(
         self,
         channel: Any,

@@ -23,8 +23,11 @@ from vmbus._cring cimport BAD_READ_INDEX, DESCRIPTOR_SIZE, READY, Descriptor, Ri
 
 from vmbus.errors import UsageError
 from vmbus.packet import MAX_TRANSFER_RANGES as _MAX_RANGES
+from vmbus.protocols.net import offload as _ol
 from vmbus.protocols.net import rndis_wire as _rw
 from vmbus.protocols.net import wire as _nvsp
+
+_Received = _ol.Received
 
 __all__ = ["Engine"]
 
@@ -43,9 +46,21 @@ DEF COMPLETION_REQUESTED = 0x1
 DEF XFER_FIXED = 8           # transfer-page header: pageset id, owns, reserved, range count
 DEF REAP_LIMIT = 4096        # packets per call
 DEF MAX_RANGES = 562         # vmbus.packet.MAX_TRANSFER_RANGES
+DEF MAX_PPIS = 32            # rndis_wire.MAX_PPIS
+DEF PPI_HEADER = 12
+DEF PPI_CHECKSUM = 0         # offload.PPI_CHECKSUM
+DEF PPI_PKTINFO_LOW = 1      # offload.PPI_PKTINFO, less the internal bit (31)
+DEF FRAG_SUBALLOC = 0x1
+DEF FRAG_FIRST = 0x2
+DEF FRAG_LAST = 0x4
+DEF RX_CHECKSUM_OK = 0x18    # offload.RX_TCP_OK | RX_UDP_OK
+DEF RSC_MAX = 562            # offload.RSC_MAX_FRAGMENTS
 
 if (_rw.PacketHeader.SIZE != PACKET_HEADER or _nvsp.NvspStatus.SUCCESS != SUCCESS
-        or _MAX_RANGES != MAX_RANGES):
+        or _MAX_RANGES != MAX_RANGES or _rw.MAX_PPIS != MAX_PPIS
+        or _ol.PPI_PKTINFO != (1 << 31 | PPI_PKTINFO_LOW) or _ol.RSC_MAX_FRAGMENTS != RSC_MAX
+        or _ol.RX_TCP_OK | _ol.RX_UDP_OK != RX_CHECKSUM_OK
+        or (_ol.FRAG_SUBALLOC, _ol.FRAG_FIRST, _ol.FRAG_LAST) != (FRAG_SUBALLOC, FRAG_FIRST, FRAG_LAST)):
     raise ImportError("vsc.net._fast was built for other RNDIS/NVSP constants")
 
 
@@ -57,6 +72,30 @@ cdef inline uint32_t le32(const uint8_t *p) noexcept nogil:
 
 cdef inline void put32(uint8_t *p, uint32_t v) noexcept nogil:
     memcpy(p, &v, 4)
+
+
+cdef inline bint read_ppis(const uint8_t *info, uint32_t size, uint32_t *flag,
+                           uint32_t *checksum) noexcept nogil:
+    """rndis_wire._decode_ppis's checks, and the values Reassembly.add takes
+    (the RSC flag and the checksum info, the last of each type, a value of
+    4 bytes or more); False when the Python decoder would raise."""
+    cdef uint32_t pos = 0, count = 0, ppi_size, ppi_type, ppi_offset
+    while pos < size:
+        if count == MAX_PPIS or size - pos < PPI_HEADER:
+            return False
+        ppi_size, ppi_type, ppi_offset = le32(info + pos), le32(info + pos + 4), le32(info + pos + 8)
+        if ppi_size < PPI_HEADER or ppi_size > size - pos:
+            return False
+        if ppi_offset < PPI_HEADER or ppi_offset > ppi_size:
+            return False
+        if ppi_size - ppi_offset >= 4:
+            if ppi_type >> 31 and ppi_type & 0x7FFFFFFF == PPI_PKTINFO_LOW:  # PPI_PKTINFO
+                flag[0] = info[pos + ppi_offset + 1]
+            elif ppi_type == PPI_CHECKSUM:
+                checksum[0] = le32(info + pos + ppi_offset)
+        pos += ppi_size
+        count += 1
+    return True
 
 
 cdef class Engine:
@@ -79,6 +118,10 @@ cdef class Engine:
     cdef uint8_t done[8]
     cdef uint32_t frame_at[MAX_RANGES]       # one transfer-page packet's checked frames
     cdef uint32_t frame_len[MAX_RANGES]
+    cdef uint32_t frame_flag[MAX_RANGES]     # its RSC flag (0: a frame of its own)
+    cdef uint32_t frame_csum[MAX_RANGES]     # its checksum info
+    cdef bint frame_ppi[MAX_RANGES]          # it carried per-packet info
+    cdef public object reassembly            # the adapter's offload.Reassembly
     cdef public unsigned long long sent       # frames framed here
     cdef public unsigned long long received   # frames taken from the ring here
 
@@ -260,6 +303,7 @@ cdef class Engine:
         cdef uint8_t head[16]
         cdef uint8_t wire[8]
         cdef uint32_t count, i, byte_count, byte_offset, msg_len, data_offset, data_len
+        cdef uint32_t ppi_offset, ppi_len
         cdef uint32_t at
         cdef const uint8_t *m
         cdef uint64_t buffer_size = self.recv_view.len
@@ -294,12 +338,79 @@ cdef class Engine:
                 return False
             if <uint64_t>RNDIS_HEADER + data_offset + data_len > msg_len:
                 return False
-            if le32(m + 20) or le32(m + 32):
-                return False  # OOB data or per-packet info: _handle decodes them
+            if le32(m + 20):
+                return False  # OOB data: _handle decodes it
+            self.frame_flag[i] = self.frame_csum[i] = 0
+            self.frame_ppi[i] = le32(m + 32) != 0
+            if self.frame_ppi[i]:
+                ppi_offset, ppi_len = le32(m + 28), le32(m + 32)
+                if ppi_offset < PACKET_BODY or <uint64_t>RNDIS_HEADER + ppi_offset + ppi_len > msg_len:
+                    return False
+                if not read_ppis(m + RNDIS_HEADER + ppi_offset, ppi_len, &self.frame_flag[i],
+                                 &self.frame_csum[i]):
+                    return False
             self.frame_at[i] = byte_offset + RNDIS_HEADER + data_offset
             self.frame_len[i] = data_len
-        for i in range(count):  # the places checked above, read once
-            append(PyBytes_FromStringAndSize(<const char *>recv + self.frame_at[i],
-                                             self.frame_len[i]))
-            self.received += 1
+        if not self.sequences_whole(count):
+            return False
+        i = 0
+        while i < count:  # the places checked above, read once
+            if not self.frame_ppi[i]:
+                append(PyBytes_FromStringAndSize(<const char *>recv + self.frame_at[i],
+                                                 self.frame_len[i]))
+                self.received += 1
+                i += 1
+                continue
+            i = self.join(recv, i, append)
         return True
+
+    cdef bint sequences_whole(self, uint32_t count) except -1:
+        """Whether Reassembly.add would take this packet's per-packet info
+        without dropping anything (every RSC fragment run from its first to
+        its last inside the packet, within RSC_MAX): the case joined here."""
+        cdef uint32_t i, flag, parts = 0
+        cdef bint open_run = False, any_ppi = False
+        for i in range(count):
+            any_ppi = any_ppi or self.frame_ppi[i]
+            flag = self.frame_flag[i] if self.frame_ppi[i] else 0
+            if flag & FRAG_SUBALLOC:
+                if flag & FRAG_FIRST:
+                    if open_run:
+                        return False
+                    parts = 0
+                elif not open_run:
+                    return False
+                open_run = not flag & FRAG_LAST
+            elif open_run:
+                return False
+            parts += 1
+            if parts > RSC_MAX:
+                return False
+        if open_run:
+            return False
+        if any_ppi and (self.reassembly is None or self.reassembly.parts):
+            return False  # fragments held over (never, from a well-behaved host): _handle
+        return True
+
+    cdef uint32_t join(self, const uint8_t *recv, uint32_t first, append) except 0:
+        """Reassembly.add over the run starting at `first` (a frame with
+        per-packet info, or an RSC run): one frame appended; the next index."""
+        cdef uint32_t last = first, total = 0, i, at = 0
+        while self.frame_flag[last] & FRAG_SUBALLOC and not self.frame_flag[last] & FRAG_LAST:
+            last += 1
+        for i in range(first, last + 1):
+            total += self.frame_len[i]
+        data = PyBytes_FromStringAndSize(NULL, total)
+        cdef uint8_t *out = <uint8_t *>(<char *>data)
+        for i in range(first, last + 1):
+            memcpy(out + at, recv + self.frame_at[i], self.frame_len[i])
+            at += self.frame_len[i]
+        if self.frame_csum[first] & RX_CHECKSUM_OK:
+            received = _Received(data)
+            received.checksum_ok = True
+            received.coalesced = last > first
+            append(received)
+        else:
+            append(data)
+        self.received += 1
+        return last + 1

@@ -96,6 +96,8 @@ class NetAdapter:
                 )
             except TypeError:  # the Python ring: no C-level access
                 self.fast = None
+            if self.fast is not None:
+                self.fast.reassembly = self.reassembly
 
     # --- initialization ---
 
@@ -318,6 +320,7 @@ class NetAdapter:
                 send, receive = self.buffers["send"][2], self.buffers["receive"][2]
                 args = (self.send_section, self.max_packets, self.alignment)
                 engine = Engine(channel, send, receive, *args)
+                engine.reassembly = self.reassembly
             subs.append((channel, engine))
         self.subs = tuple(subs)
         if not any(self.send_table):  # the host's table may come later: Linux's default

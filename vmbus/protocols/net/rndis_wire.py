@@ -437,21 +437,23 @@ _PACKET_BODY = PacketHeader.SIZE - RNDIS_HEADER_SIZE  # 36: where Linux puts its
 
 def encode_packet(frame: Any, ppis: Iterable[tuple[int, bytes]] = ()) -> bytes:
     """A PACKET message as Linux builds one: PPIs right after the header, then the frame."""
-    if not len(frame):
+    size = len(frame)
+    if not size:
         raise UsageError("an RNDIS packet carries a frame")
-    info = b"".join(PpiHeader(PpiHeader.SIZE + len(v), t).pack() + bytes(v) for t, v in ppis)
-    header = PacketHeader(
-        msg_len=PacketHeader.SIZE + len(info) + len(frame),
-        data_offset=_PACKET_BODY + len(info),
-        data_len=len(frame),
-        per_pkt_info_offset=_PACKET_BODY,
-        per_pkt_info_len=len(info),
-    )
-    return header.pack() + info + bytes(frame)
+    pack = _PPI_HEADER.pack
+    info = b"".join([pack(_PPI_SIZE + len(v), t, _PPI_SIZE) + bytes(v) for t, v in ppis])
+    header = _PACKET_WHOLE.pack(
+        _T.PACKET, _PACKET_SIZE + len(info) + size, _PACKET_BODY + len(info), size,
+        0, 0, 0, _PACKET_BODY, len(info), 0, 0,
+    )  # fmt: skip
+    return b"".join((header, info, frame))
 
 
-# The data path's hot header: unpacked in one struct call, not as a dataclass.
+# The data path's hot headers: packed and unpacked in one struct call, not as dataclasses.
 _PACKET_HEADER = struct.Struct("<9I")  # msg_type .. per_pkt_info_len of PacketHeader
+_PACKET_WHOLE = struct.Struct("<11I")  # PacketHeader, every field
+_PPI_HEADER = struct.Struct("<III")  # PpiHeader: size, type, ppi_offset
+_PACKET_SIZE, _PPI_SIZE = 44, 12
 
 
 def decode_packet(data: Any) -> tuple[memoryview, tuple[Ppi, ...]]:
@@ -506,11 +508,14 @@ def _decode_ppis(info: memoryview) -> tuple[Ppi, ...]:
             raise RndisError(f"more than {MAX_PPIS} per-packet-info elements")
         if len(info) - pos < PpiHeader.SIZE:
             raise RndisError(f"{len(info) - pos} bytes left for a per-packet-info header")
-        ppi = PpiHeader.unpack_from(info, pos)
-        if not PpiHeader.SIZE <= ppi.size <= len(info) - pos:
-            raise RndisError(f"per-packet-info of {ppi.size} bytes, {len(info) - pos} left")
-        if not PpiHeader.SIZE <= ppi.ppi_offset <= ppi.size:
-            raise RndisError(f"per-packet-info value at {ppi.ppi_offset} of {ppi.size}")
-        ppis.append(Ppi(ppi.type, bytes(info[pos + ppi.ppi_offset : pos + ppi.size])))
-        pos += ppi.size
+        size, kind, offset = _PPI_HEADER.unpack_from(info, pos)
+        if not _PPI_SIZE <= size <= len(info) - pos:
+            raise RndisError(f"per-packet-info of {size} bytes, {len(info) - pos} left")
+        if not _PPI_SIZE <= offset <= size:
+            raise RndisError(f"per-packet-info value at {offset} of {size}")
+        ppis.append(Ppi(kind, bytes(info[pos + offset : pos + size])))
+        pos += size
     return tuple(ppis)
+
+
+assert _PACKET_WHOLE.size == PacketHeader.SIZE == _PACKET_SIZE and PpiHeader.SIZE == _PPI_SIZE
