@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from ic_support import IcHarness, control
 
 from vmbus import handoff
@@ -14,6 +16,7 @@ from vmbus.channel import VM_PKT_COMP
 from vmbus.errors import UsageError
 from vmbus.protocols.ic import IcClient, MessageType, Status
 from vmbus.protocols.ic import wire as w
+from vsc.ic import KvpStore
 from vsp.ic import HeartbeatVsp, KvpVsp, ShutdownVsp, TimeSyncVsp, integration_services
 
 
@@ -323,3 +326,47 @@ def test_the_worker_copy_starts_without_a_channel_and_counts_there() -> None:
     assert [c.offers() for c in copies] == [s.offers() for s in services]
     with pytest.raises(UsageError, match="no integration service"):
         integration_services(vss={})
+
+
+keys = st.text("abç", min_size=1, max_size=3)
+values = st.text(st.characters(blacklist_characters="\0", blacklist_categories=["Cs"]), max_size=12)
+kvp_ops = st.lists(
+    st.tuples(
+        st.sampled_from(["get", "set", "delete", "enumerate"]), st.integers(0, 4), keys, values
+    ),
+    max_size=16,
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(kvp_ops)
+def test_host_kvp_ops_on_the_guests_store_act_as_a_dict(
+    ops: list[tuple[str, int, str, str]],
+) -> None:
+    """The parent's KVP requests against vsc.ic's store, the guest's side of
+    Linux's daemon, agree with five plain dicts."""
+    vsp, store = KvpVsp(), KvpStore()
+    model: list[dict[str, str]] = [{} for _ in range(5)]
+    client = IcClient(MessageType.KVP_EXCHANGE, w.KVP_VERSIONS, receive_limit=w.KVP_RECEIVE_LIMIT)
+    with IcHarness(vsp) as harness:
+        harness.negotiate(client)
+        for op, pool, key, value in ops:
+            replies = control(vsp, {"op": op, "pool": pool, "key": key, "value": value})
+            while not replies:
+                for trans_id, payload in harness.sent():
+                    _, request = client.receive(payload)
+                    assert request is not None
+                    harness.answer(trans_id, store.answer(request))
+            (reply,) = replies
+            pairs = model[pool]
+            if op == "get":
+                assert reply["value"] == pairs.get(key)
+            elif op == "set":
+                assert reply["ok"]
+                pairs[key] = value
+            elif op == "delete":
+                assert reply["ok"] == (pairs.pop(key, None) is not None)
+            else:
+                assert reply == {"items": [list(item) for item in pairs.items()]}
+        assert [dict(store.items(pool)) for pool in range(5)] == model
+        assert not harness.closed and vsp.bad_answers == 0

@@ -71,6 +71,7 @@ __all__ = [
     "IcService",
     "IntegrationServices",
     "Kvp",
+    "KvpStore",
     "Shutdown",
     "ShutdownRequest",
     "TimeSync",
@@ -253,15 +254,14 @@ class TimeSync(IcService):
         return time.time() + (self.offset or 0.0)
 
 
-class Kvp(IcService):
-    msgtype = MessageType.KVP_EXCHANGE
-    versions = KVP_VERSIONS
-    receive_limit = KVP_RECEIVE_LIMIT
+class KvpStore:
+    """The guest's five KVP pools, sans-I/O: `answer` takes one host request
+    (as Linux's daemon answers it); the program reads and writes them too,
+    from any thread. A host adds at most MAX_PAIRS pairs to a pool."""
 
-    def __init__(self, device: GuestDevice) -> None:
+    def __init__(self) -> None:
         self.pools: list[dict[str, str]] = [{} for _ in range(KVP_POOLS)]
         self.lock = threading.Lock()
-        super().__init__(device)
 
     def get(self, pool: int, key: str) -> str | None:
         with self.lock:
@@ -276,7 +276,7 @@ class Kvp(IcService):
         with self.lock:
             return list(self.pools[pool].items())
 
-    def handle(self, request: IcRequest) -> bytes:
+    def answer(self, request: IcRequest) -> bytes:
         body = request.body
         header = KvpHeader.unpack_from(body)
         if header.pool >= KVP_POOLS:
@@ -310,6 +310,30 @@ class Kvp(IcService):
                 answer = make_kvp_value(*pairs[index]).pack()
                 return request.answer(body=body[: KVP_BODY + 4] + answer)
         return request.answer(Status.NOT_SUPPORTED)
+
+
+class Kvp(IcService):
+    """The KVP exchange: its `store` answers the host."""
+
+    msgtype = MessageType.KVP_EXCHANGE
+    versions = KVP_VERSIONS
+    receive_limit = KVP_RECEIVE_LIMIT
+
+    def __init__(self, device: GuestDevice, store: KvpStore | None = None) -> None:
+        self.store = store or KvpStore()
+        super().__init__(device)
+
+    def get(self, pool: int, key: str) -> str | None:
+        return self.store.get(pool, key)
+
+    def set(self, pool: int, key: str, value: str) -> None:
+        self.store.set(pool, key, value)
+
+    def items(self, pool: int) -> list[tuple[str, str]]:
+        return self.store.items(pool)
+
+    def handle(self, request: IcRequest) -> bytes:
+        return self.store.answer(request)
 
 
 class IntegrationServices:
