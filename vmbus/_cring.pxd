@@ -170,3 +170,95 @@ cdef inline int next_request(
         if writer.free_from(writer.seen_read) <= reserve:
             return EMPTY
     return READY if reader.next(d) == READY else EMPTY
+
+
+# --- without the GIL: the commits and the doorbell of a compiled serve loop ---
+# (a loop that waits, serves and publishes on a thread of its own; the
+# Python-level commit()/begin_drain()/end_drain() are the definitions.)
+
+cdef enum:
+    PENDING_SEND_SZ_FEATURE = 1   # feature_bits: the writer may ask for space
+    SIGNAL = 1                    # a commit's answer: ring the peer's doorbell
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+    enum: POLLIN
+
+cdef extern from "<unistd.h>" nogil:
+    ssize_t read(int fd, void *buf, size_t count)
+    ssize_t write(int fd, const void *buf, size_t count)
+
+
+cdef inline int writer_commit(RingWriter w) noexcept nogil:
+    """RingWriter.commit: SIGNAL if the reader must be signalled, 0 if not,
+    BAD_READ_INDEX (the caller raises it with the GIL)."""
+    if w.cursor == w.published:
+        return 0
+    cdef uint32_t old = w.published
+    vmbus_store_release(w.write_index, w.cursor)  # the packets before the index
+    w.published = w.cursor
+    vmbus_fence_full()  # the index store before the loads below (see commit)
+    if vmbus_load_relaxed(w.interrupt_mask):
+        return 0
+    if w.refresh_read() != READY:
+        return BAD_READ_INDEX
+    return SIGNAL if w.seen_read == old else 0
+
+
+cdef inline int reader_commit(RingReader r) noexcept nogil:
+    """RingReader.commit: SIGNAL if the writer asked for the space this
+    frees, 0 if not, BAD_WRITE_INDEX (the caller reports it)."""
+    if r.cursor == r.committed:
+        return 0
+    cdef uint32_t old = r.committed
+    vmbus_store_release(r.read_index, r.cursor)  # our copies out before the space
+    r.committed = r.cursor
+    if not vmbus_load_relaxed(r.feature_bits) & PENDING_SEND_SZ_FEATURE:
+        return 0
+    vmbus_fence_full()  # pairs with RingWriter.request_space
+    cdef uint32_t pending = vmbus_load_relaxed(r.pending_send_sz)
+    if not pending:
+        return 0
+    if r.refresh_write() != READY:
+        return BAD_WRITE_INDEX
+    cdef uint32_t free = r.dsize - r.available()
+    cdef uint32_t freed = (r.cursor - old + r.dsize) % r.dsize
+    return SIGNAL if free - freed <= pending < free else 0
+
+
+cdef inline void mask_signals(RingReader r) noexcept nogil:
+    """RingReader.begin_drain."""
+    vmbus_store_relaxed(r.interrupt_mask, 1)
+    vmbus_fence_full()
+
+
+cdef inline int unmask_signals(RingReader r) noexcept nogil:
+    """RingReader.end_drain: READY if packets came meanwhile (drain again),
+    EMPTY if not, BAD_WRITE_INDEX."""
+    vmbus_store_relaxed(r.interrupt_mask, 0)
+    vmbus_fence_full()  # the unmask before the re-load of write_index
+    if r.refresh_write() != READY:
+        return BAD_WRITE_INDEX
+    return READY if r.available() else EMPTY
+
+
+cdef inline void ring_doorbell(int fd) noexcept nogil:
+    """Signal.set on an eventfd (a full counter still reads as rung)."""
+    cdef uint64_t one = 1
+    write(fd, &one, 8)
+
+
+cdef inline bint wait_doorbell(int fd, int timeout_ms) noexcept nogil:
+    """Signal.wait on a non-blocking eventfd: True once rung (and cleared),
+    False after `timeout_ms` (or an interruption: the caller waits again)."""
+    cdef pollfd p
+    cdef uint64_t count
+    p.fd, p.events, p.revents = fd, POLLIN, 0
+    if poll(&p, 1, timeout_ms) <= 0:
+        return False
+    read(fd, &count, 8)
+    return True

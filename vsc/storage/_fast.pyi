@@ -83,3 +83,20 @@ def submit(
     spare: int,
     ids: Iterator[int],
 ) -> tuple[Any, bool, int]: ...
+
+ONE_DONE: int
+ONE_FAILED: int
+ONE_FULL: int
+ONE_TIMEOUT: int
+
+def run_one(
+    writer: RingWriter,
+    reader: RingReader,
+    command: Any,
+    slot: Any,
+    trans_id: int,
+    notify_fd: int,
+    wake_fd: int,
+    spin: float,
+    timeout: float,
+) -> tuple[int, Any, int, float]: ...

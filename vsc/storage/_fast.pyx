@@ -23,7 +23,24 @@ from cpython.memoryview cimport PyMemoryView_FromObject
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 
-from vmbus._cring cimport BAD_READ_INDEX, EMPTY, READY, Descriptor, RingReader, RingWriter
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+
+from vmbus._cring cimport (
+    BAD_READ_INDEX,
+    BAD_WRITE_INDEX,
+    EMPTY,
+    READY,
+    SIGNAL,
+    Descriptor,
+    RingReader,
+    RingWriter,
+    mask_signals,
+    reader_commit,
+    ring_doorbell,
+    unmask_signals,
+    wait_doorbell,
+    writer_commit,
+)
 
 from vmbus.errors import UsageError
 from vmbus.memory import PAGE_SIZE
@@ -521,3 +538,136 @@ def submit(RingWriter writer, pending, stalled, dict flight, list free, Py_ssize
         flight[trans_id] = (command, slot)
         written += 1
     return stalled, more, written
+
+
+# --- one request, sent and waited for in one call --------------------------------
+
+cdef extern from *:
+    """
+    static inline void storvsc_cpu_relax(void) {
+    #if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+    #elif defined(__aarch64__)
+        __asm__ __volatile__("yield");
+    #endif
+    }
+    """
+    void storvsc_cpu_relax() nogil
+
+cdef inline double monotonic() noexcept nogil:
+    cdef timespec now
+    clock_gettime(CLOCK_MONOTONIC, &now)
+    return now.tv_sec + now.tv_nsec * 1e-9
+
+
+# run_one's outcomes
+ONE_DONE, ONE_FAILED, ONE_FULL, ONE_TIMEOUT = 0, 1, 2, 3
+
+
+cdef int wait_reply(RingReader reader, int wake_fd, double spin, double deadline,
+                    double *caught) noexcept nogil:
+    """Channel.wait until a packet is in `reader` (masked except while we
+    sleep): spin up to `spin` seconds, then unmask, re-check and sleep on
+    the doorbell. READY, EMPTY at the deadline, or a bad write_index.
+    `caught`: the seconds the spin took to see it, or -1 if we slept."""
+    cdef double start = monotonic(), now
+    cdef double spin_ends = start + spin
+    cdef int state
+    caught[0] = -1
+    while True:
+        state = reader.refresh_write()
+        if state != READY:
+            return state
+        if reader.available():
+            caught[0] = monotonic() - start
+            return READY
+        if spin <= 0 or monotonic() >= spin_ends:
+            break
+        storvsc_cpu_relax()
+    while True:
+        state = unmask_signals(reader)
+        if state != EMPTY:
+            mask_signals(reader)
+            return state  # READY: it came as we unmasked (no doorbell)
+        now = monotonic()
+        if now >= deadline:
+            mask_signals(reader)
+            return EMPTY
+        wait_doorbell(wake_fd, <int>((deadline - now) * 1000) + 1)
+        mask_signals(reader)
+        state = reader.refresh_write()
+        if state != READY or reader.available():
+            return state
+
+
+def run_one(RingWriter writer, RingReader reader, command, slot, uint64_t trans_id,
+            int notify_fd, int wake_fd, double spin, double timeout):
+    """StorageController.run for one command on an idle channel (controller
+    .py's form; `slot` its bounce slot), sent and waited for in one call,
+    without the GIL while it waits. Returns (outcome, value, signals,
+    caught): ONE_DONE with the bytes moved (a bounce read copied out);
+    ONE_FAILED with a private copy of the reply's first 64 bytes, for
+    `finish`; ONE_FULL when the ring had no room (nothing sent); ONE_TIMEOUT.
+    `signals`: doorbells rung; `caught`: as wait_reply. Packets that are not
+    its completion are consumed and skipped, as the controller's reap does."""
+    cdef Descriptor d
+    cdef uint8_t p[PACKET]
+    cdef uint32_t size, taken
+    cdef int state, result, rung = 0
+    cdef double caught = -1, deadline
+    packet, length, gpa, data, reading, _ = command
+    if not length:
+        header, kind = b"", VM_PKT_DATA_INBAND
+    elif gpa >= 0:
+        header, kind = gpa_header(gpa, length), VM_PKT_DATA_USING_GPA_DIRECT
+    else:
+        header, kind = slot.header(length), VM_PKT_DATA_USING_GPA_DIRECT
+    writer.check_fits(len(<bytes>packet), len(<bytes>header))
+    if length and gpa < 0 and not reading:
+        copy_buffers(slot.view, data, length)
+    result = writer.put(<const uint8_t *>PyBytes_AS_STRING(packet), len(<bytes>packet), kind,
+                        COMPLETION_REQUESTED, trans_id,
+                        <const uint8_t *>PyBytes_AS_STRING(header), len(<bytes>header))
+    if result == BAD_READ_INDEX:
+        writer.raise_bad_read_index()
+    if result != READY:
+        return ONE_FULL, 0, 0, -1.0
+    state = writer_commit(writer)
+    if state == BAD_READ_INDEX:
+        writer.raise_bad_read_index()
+    if state == SIGNAL:
+        ring_doorbell(notify_fd)
+        rung += 1
+    deadline = monotonic() + timeout
+    while True:
+        with nogil:
+            state = wait_reply(reader, wake_fd, spin, deadline, &caught)
+        if state == EMPTY:
+            return ONE_TIMEOUT, 0, rung, caught
+        status = reader.check(&d)  # raises RingCorrupt on a corrupt ring
+        if status == EMPTY:
+            continue
+        if d.type != VM_PKT_COMP or d.trans_id != trans_id:
+            reader.consume(&d)  # unsolicited, or no request of ours
+            if reader_commit(reader) == SIGNAL:
+                ring_doorbell(notify_fd)
+                rung += 1
+            continue
+        size = (<uint32_t>d.len8 - d.offset8) * 8
+        taken = size if size < PACKET else PACKET
+        memset(p, 0, PACKET)
+        reader.copy_out(reader.advance(reader.cursor, <uint32_t>d.offset8 * 8), p, taken)
+        reader.consume(&d)
+        state = reader_commit(reader)
+        if state == BAD_WRITE_INDEX:
+            reader.fail(BAD_WRITE_INDEX, NULL)
+        if state == SIGNAL:
+            ring_doorbell(notify_fd)
+            rung += 1
+        if (size >= PRE_WIN8_PACKET and get32(p + AT_OPERATION) == OP_COMPLETE_IO
+                and p[AT_SRB_STATUS] & SRB_STATUS_CODE == SRB_SUCCESS):
+            if gpa < 0 and reading:
+                copy_buffers(data, slot.view, min(<Py_ssize_t>get32(p + AT_TRANSFER),
+                                                  <Py_ssize_t>length))
+            return ONE_DONE, get32(p + AT_TRANSFER), rung, caught
+        return ONE_FAILED, PyBytes_FromStringAndSize(<char *>p, taken), rung, caught

@@ -3,6 +3,10 @@
 from collections.abc import Iterable
 from typing import Any
 
+RUN_IDLE: int
+RUN_PYTHON: int
+RUN_STUCK: int
+
 class FastPath:
     served: int
     declined: int
@@ -11,3 +15,4 @@ class FastPath:
     ) -> None: ...
     def drain(self, vsp: Any) -> int: ...
     def poll(self, seconds: float) -> bool: ...
+    def run(self, vsp: Any, spin: float, turn: float, idle: float) -> tuple[int, int]: ...

@@ -37,11 +37,19 @@ from posix.unistd cimport fdatasync
 from vmbus._cring cimport (
     BAD_READ_INDEX,
     DESCRIPTOR_SIZE,
+    EMPTY,
     READY,
     Descriptor,
     RingReader,
     RingWriter,
+    SIGNAL,
+    mask_signals,
     next_request,
+    reader_commit,
+    ring_doorbell,
+    unmask_signals,
+    wait_doorbell,
+    writer_commit,
     vmbus_fence_full,
     vmbus_load_relaxed,
     vmbus_store_release,
@@ -53,13 +61,15 @@ from vmbus.protocols.storage.wire import VSTOR_VERSION_WIN8
 from vsp.storage.backends import RawFileBackend
 from vsp.storage.scsi import ScsiDisk
 
-__all__ = ["FastPath"]
+__all__ = ["FastPath", "RUN_IDLE", "RUN_PYTHON", "RUN_STUCK"]
 
 DEF PAGE = 4096              # vmbus.memory.PAGE_SIZE, checked at import
 DEF PACKET_MAX = 16384       # private copy: GPA header + VSTOR packet; larger declines
 DEF IOV_LIMIT = 1024         # iovecs of one request (Linux IOV_MAX); more declines
 DEF BATCH_LIMIT = 4096       # packets per call: bounds one call's latency
 DEF PUBLISH_EVERY = 8        # completions published this often inside a batch
+DEF POLL_MISSES = 4          # run: spins in a row that found nothing before it backs off
+DEF POLL_PROBE = 32          # then spin after one batch in this many
 DEF LUNS = 256               # a vmscsi_request's u8 lun
 DEF MAX_RANGES = 256         # vmbus.packet.MAX_GPA_RANGES
 DEF MAX_PFNS = 8192          # vmbus.packet.MAX_GPA_PFNS
@@ -83,6 +93,11 @@ DEF CONTROL_BAD = 0x05       # NACA | LINK in the CONTROL byte
 # Outcomes of serving one packet.
 DEF SERVED = 1
 DEF DECLINED = 0
+# Why FastPath.run returned (the Python names are RUN_*).
+DEF OUT_IDLE = 0      # nothing came for `idle` seconds: the ring is unmasked, asleep
+DEF OUT_PYTHON = 1    # a packet declined, a ring to report or a turn over: Python's go
+DEF OUT_STUCK = 2     # requests wait for room for their replies: Python asks for it
+RUN_IDLE, RUN_PYTHON, RUN_STUCK = OUT_IDLE, OUT_PYTHON, OUT_STUCK
 
 cdef extern from *:
     """
@@ -177,7 +192,12 @@ cdef class FastPath:
     cdef uint8_t reply[VSTOR_PACKET]
     cdef iovec iov[IOV_LIMIT]
     cdef bint signal_due                     # a publish in the batch asks for a signal
-    cdef public unsigned long long served    # requests completed here, ever
+    cdef int notify_fd                       # the guest's doorbell (its eventfd)
+    cdef int wake_fd                         # ours
+    cdef unsigned long long rung             # doorbells rung without the GIL, not yet counted
+    cdef unsigned long long waits            # run's adaptive spin
+    cdef unsigned int spin_misses
+    cdef public unsigned long long served    # requests completed here, ever (counted live)
     cdef public unsigned long long declined  # calls that stopped at a packet for Python
 
     def __init__(self, channel, memory, ring_pfns, int reserve):
@@ -186,6 +206,8 @@ cdef class FastPath:
         self.writer = channel.writer
         self.channel = channel
         self.notify_peer = channel.notify_peer
+        self.notify_fd = channel.notify_peer.fileno()
+        self.wake_fd = channel.wake_me.fileno()
         self.memory = memory
         self.page_count = memory.page_count
         self.reserve = reserve
@@ -232,7 +254,6 @@ cdef class FastPath:
             self.signal_due = False
             self.notify_peer.set()
         if count:
-            self.served += count
             self.channel.packets_sent += count  # the completions, as Channel counts them
             # One commit per batch each way; signal as the rings answer.
             if self.writer.commit():
@@ -257,6 +278,119 @@ cdef class FastPath:
                     break
                 storvsp_cpu_relax()
         return found
+
+    def run(self, vsp, double spin, double turn, double idle):
+        """Serve the channel from a thread of its own, without the GIL, for up
+        to `turn` seconds: drain, publish, spin up to `spin` seconds for the
+        next request (the ring masked: the guest rings no doorbell), then
+        unmask and sleep on the doorbell, for at most `idle` seconds. Returns
+        (served, why): RUN_PYTHON when a packet is declined (left in the
+        ring), a ring must be reported or the turn is over, the ring masked
+        again so the caller's service takes it (the caller rings its own
+        doorbell); RUN_STUCK when requests wait for room for their replies
+        (the ring unmasked; Python's service asks the guest for room);
+        RUN_IDLE when none came within `idle` (the ring unmasked: the
+        guest's next request rings the doorbell)."""
+        cdef Py_buffer view
+        cdef uint32_t count = 0
+        cdef int why = OUT_PYTHON
+        if self.reader.corrupt is not None or not self.configure(vsp):
+            return 0, OUT_PYTHON
+        try:
+            mapping = self.memory.view(0, self.memory.size)
+            PyObject_GetBuffer(mapping, &view, PyBUF_WRITABLE)
+        except Exception:  # closed memory: the Python path reports it
+            return 0, OUT_PYTHON
+        try:
+            if <uint64_t>view.len >= self.page_count * PAGE:
+                self.base = <uint8_t *>view.buf
+                with nogil:
+                    why = self.serve_loop(vsp, &count, spin, turn, <int>(idle * 1000) + 1)
+        finally:
+            self.base = NULL
+            PyBuffer_Release(&view)
+        if self.signal_due:  # a publish found the guest asleep, and its signal failed
+            self.signal_due = False
+            self.notify_peer.set()
+        self.notify_peer.sent += self.rung
+        self.rung = 0
+        self.channel.packets_sent += count
+        return count, why
+
+    cdef int serve_loop(self, object vsp, uint32_t *count, double spin, double turn,
+                        int idle_ms) noexcept nogil:
+        cdef double now = monotonic(), turn_ends = now + turn, spin_ends
+        cdef uint32_t before
+        cdef int outcome, state
+        cdef bint spinning, ready
+        mask_signals(self.reader)
+        while True:
+            before = count[0]
+            outcome = self.serve_batch(count)
+            if count[0] != before and not self.commit_both():
+                return OUT_PYTHON  # a bad index: Python raises it
+            if outcome == DECLINED:
+                return OUT_PYTHON
+            if self.reader.available():  # left: no room for its reply, or corrupt
+                if self.writer.free_from(self.writer.seen_read) > self.reserve:
+                    return OUT_PYTHON  # corrupt: the drain reports it
+                if count[0] == 0:  # the caller's service asked the guest for room
+                    unmask_signals(self.reader)
+                    return OUT_STUCK
+                return OUT_PYTHON  # its service asks for room
+            now = monotonic()
+            if now >= turn_ends:
+                return OUT_PYTHON
+            # Poll mode: the next request, with the ring masked; after
+            # POLL_MISSES fruitless spins in a row, one wait in POLL_PROBE spins.
+            spin_ends = now + spin
+            state = EMPTY
+            self.waits += 1
+            spinning = spin > 0 and (self.spin_misses < POLL_MISSES
+                                     or self.waits % POLL_PROBE == 0)
+            while spinning:
+                state = self.reader.refresh_write()
+                if state != READY or self.reader.available():
+                    break
+                if monotonic() >= spin_ends:
+                    break
+                storvsp_cpu_relax()
+            if state != READY and state != EMPTY:
+                return OUT_PYTHON  # a bad write_index: the drain reports it
+            if self.reader.available():
+                self.spin_misses = 0
+                continue
+            if spinning:
+                self.spin_misses += 1
+            # Sleep: unmask, re-check, wait on the doorbell.
+            state = unmask_signals(self.reader)
+            if state == READY:
+                mask_signals(self.reader)
+                continue
+            if state != EMPTY:
+                return OUT_PYTHON
+            if not wait_doorbell(self.wake_fd, idle_ms):
+                return OUT_IDLE
+            mask_signals(self.reader)
+            with gil:  # what changed while we slept (a unit attention, the protocol)
+                try:
+                    ready = self.configure(vsp)
+                except BaseException:
+                    ready = False
+            if not ready:
+                return OUT_PYTHON
+
+    cdef bint commit_both(self) noexcept nogil:
+        """Both rings' commits, signalling the guest as they answer; False
+        on a bad index."""
+        cdef int written = writer_commit(self.writer)
+        cdef int read = reader_commit(self.reader)
+        if written < 0 or read < 0:
+            return False
+        if written == SIGNAL or read == SIGNAL:
+            ring_doorbell(self.notify_fd)
+            self.rung += 1
+        return True
 
     cdef bint configure(self, vsp) except -1:
         """The protocol's negotiated state and the disks this path may serve,
@@ -299,6 +433,7 @@ cdef class FastPath:
                 return DECLINED  # left in the ring, unconsumed
             self.reader.consume(&d)
             count[0] += 1
+            self.served += 1  # live: another thread may read the counters
             if count[0] % PUBLISH_EVERY == 0 and not self.publish():
                 return DECLINED  # a bad read_index: Python raises it
         return SERVED

@@ -52,6 +52,7 @@ back off.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -78,11 +79,18 @@ from vsp.storage.pool import IoPool
 from vsp.storage.scsi import LIMITS, MAX_TRANSFER_BYTES, ScsiDisk, ScsiTarget
 
 try:
-    from vsp.storage._fast import FastPath
+    from vsp.storage._fast import RUN_PYTHON, RUN_STUCK, FastPath
 except ImportError:  # not built: every packet takes the Python path
     FastPath = None  # type: ignore[assignment,misc]
+    RUN_PYTHON, RUN_STUCK = 1, 2
 
-__all__ = ["DEFAULT_MAX_TRANSFER", "StorVsp", "StorvspChannel", "StorvspSubChannel"]
+__all__ = [
+    "DEFAULT_MAX_TRANSFER",
+    "StorVsp",
+    "StorvspChannel",
+    "StorvspSubChannel",
+    "StorvspThreadedPrimary",
+]
 
 DEFAULT_MAX_TRANSFER = MAX_TRANSFER_BYTES
 # (path_id, target_id) of the one SCSI target a controller presents.
@@ -105,6 +113,11 @@ POLL_SECONDS = DEFAULT_SPIN_SECONDS  # a channel's GIL-free spin for its next re
 POLL_MISSES = 4  # spins in a row that found nothing before poll mode backs off
 POLL_PROBE = 32  # then spin after one wake-up in this many
 POLL_TURN = 100e-6  # seconds a channel serves itself in poll mode before the loop's turn
+# A channel on a thread of its own runs the compiled loop (FastPath.run) for
+# up to RUN_TURN, then lets its thread's loop look at its stop request; it
+# sleeps on its doorbell in that loop for at most RUN_IDLE before it does.
+RUN_TURN = 1e-3
+RUN_IDLE = 2e-3
 
 log = logging.getLogger(__name__)
 
@@ -208,8 +221,15 @@ class StorVsp(Vsp):
             with self.lock:
                 self._retired_errors += sum(self.protocol.errors.values())
                 self.protocol = self._new_protocol()
-        threaded = context.offer.sub_channel_index and self.channel_threads
-        kind = StorvspSubChannel if threaded else StorvspChannel
+        kind: type[StorvspChannel] = StorvspChannel
+        if self.channel_threads and context.offer.sub_channel_index:
+            kind = StorvspSubChannel
+        elif self.channel_threads and self.fast_path and FastPath is not None:
+            offers = _OfferLater(self, context)  # the loop's, if it has one to watch with
+            if offers.fd >= 0:
+                handler = StorvspThreadedPrimary(self, channel, context, offers)
+                self.handlers.append(handler)
+                return handler
         handler = kind(self, channel, context)
         self.handlers.append(handler)
         return handler
@@ -245,10 +265,11 @@ class StorvspChannel(ChannelHandler):
     def __init__(self, vsp: StorVsp, channel: Channel, context: OpenContext) -> None:
         super().__init__(channel, context)
         self.vsp = vsp
-        self.requests = 0
+        self.handled = 0  # requests the Python path answered
         self.overlapped = 0  # of requests: run in the I/O pool
         self.bad_ranges = 0
         self.fast = self._fast_path() if vsp.fast_path else None
+        self._fast_closed = 0  # what the compiled path served, once it is dropped
         self.pool: IoPool | None = None  # started by the first overlapped request
         self.pool_watched = False  # its completions come through the worker's loop
         self.overlap = True  # False once the context turned out to have no worker
@@ -267,10 +288,21 @@ class StorvspChannel(ChannelHandler):
         except TypeError:  # the Python ring: no C-level access
             return None
 
+    @property
+    def requests(self) -> int:
+        """Requests answered on this channel, by either path; live (another
+        thread may read it while the compiled loop serves)."""
+        return self.handled + self.compiled_requests
+
+    @property
+    def compiled_requests(self) -> int:
+        fast = self.fast
+        return self._fast_closed if fast is None else fast.served
+
     def counters(self) -> dict[str, int]:
         """What this channel adds to StorVsp.stats()."""
         return {
-            "fast_path_requests": self.fast_served,
+            "fast_path_requests": self.compiled_requests,
             "overlapped_requests": self.overlapped,
             "packets_sent": self.channel.packets_sent,
             "signals_sent": self.channel.signals_sent,
@@ -288,13 +320,11 @@ class StorvspChannel(ChannelHandler):
                 return PAUSED  # a completion wakes the channel
             return room * (self.pool.in_flight + 1)
         if self.fast is not None and room < PAUSED and not self.channel.backlog:
-            served = self.fast.drain(self.vsp)
-            self.requests += served
-            self.fast_served += served
+            self.fast_served += self.fast.drain(self.vsp)
         return room
 
     def on_packet(self, packet: Packet) -> None:
-        self.requests += 1
+        self.handled += 1
         ranges: Sequence[GpaRange] = ()
         if packet.type == PacketType.DATA_USING_GPA_DIRECT:
             try:
@@ -309,13 +339,16 @@ class StorvspChannel(ChannelHandler):
                 return  # answered by _complete
             reply = self._execute(event)
         elif isinstance(event, vstor.CreateSubChannels):
-            self.vsp.offer_sub_channels(event.count, self.context)
+            self._offer_sub_channels(event.count)
             reply = event.reply
         else:
             if event.error:
                 self.context.protocol_error("storage request refused: %s", event.error)
             reply = event.payload
         self.reply(packet.trans_id, reply)
+
+    def _offer_sub_channels(self, count: int) -> None:
+        self.vsp.offer_sub_channels(count, self.context)
 
     def _execute(self, srb: vstor.ExecuteSrb) -> bytes:
         protocol = self.vsp.protocol
@@ -383,7 +416,27 @@ class StorvspChannel(ChannelHandler):
         super().on_signal()
         if self.pool is not None and not self.pool_watched:
             self._complete()
-        self._poll_mode()
+        if self.own_thread and self._on_own_thread():  # not a harness's one thread
+            self._run_compiled()
+        else:
+            self._poll_mode()
+
+    def _run_compiled(self) -> None:
+        """On a thread of our own: serve from the compiled loop (it drains,
+        spins for the next request, and sleeps on the doorbell, all without
+        the GIL) until it hands a packet to Python, its turn ends, or the
+        guest goes quiet; then ring our own doorbell if the ring needs our
+        service again, so the thread's loop (which sees its stop request
+        there) serves it at once."""
+        fast = self.fast
+        if fast is None or self.paused or self.channel.backlog or self.backlog:
+            return
+        if self.pool is not None and self.pool.in_flight:
+            return  # completions come through the doorbell: on_signal writes them
+        served, why = fast.run(self.vsp, self.vsp.poll_seconds, RUN_TURN, RUN_IDLE)
+        self.fast_served += served
+        if why == RUN_PYTHON or (why == RUN_STUCK and served):
+            self.channel.wake_me.set()
 
     def _poll_mode(self) -> None:
         """After a wake-up that served requests: spin, without the GIL and
@@ -449,6 +502,7 @@ class StorvspChannel(ChannelHandler):
         )
 
     def close(self) -> None:
+        self._fast_closed = self.compiled_requests
         self.fast = None  # it holds the rings, which the worker unmaps next
         if self.pool is not None:  # running I/O finishes, nothing is answered after
             if self.pool_watched:
@@ -463,3 +517,58 @@ class StorvspSubChannel(StorvspChannel):
     """A sub-channel, served by a thread of its own (see the module doc)."""
 
     own_thread = True
+
+
+class StorvspThreadedPrimary(StorvspSubChannel):
+    """The primary channel on a thread of its own: the sub-channels it is
+    asked for are offered by the worker's loop (which alone talks to the
+    control plane), woken through a descriptor it watches."""
+
+    def __init__(
+        self, vsp: StorVsp, channel: Channel, context: OpenContext, offers: _OfferLater
+    ) -> None:
+        super().__init__(vsp, channel, context)
+        self.offers = offers
+
+    def _offer_sub_channels(self, count: int) -> None:
+        self.offers.request(count)
+
+    def close(self) -> None:
+        self.offers.close()
+        super().close()
+
+
+class _OfferLater:
+    """Sub-channel offers the worker's loop makes for a primary served on
+    another thread: `request(count)` from that thread, the offers from the
+    loop's watch of an eventfd. `fd` is -1 where the context has no loop."""
+
+    def __init__(self, vsp: StorVsp, context: OpenContext) -> None:
+        self.vsp, self.context = vsp, context
+        self.lock = threading.Lock()
+        self.count = 0
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        try:
+            context.watch(self.fd, self._offer)
+        except UsageError:
+            os.close(self.fd)
+            self.fd = -1
+
+    def request(self, count: int) -> None:
+        with self.lock:
+            self.count = max(self.count, count)
+        os.eventfd_write(self.fd, 1)
+
+    def _offer(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self.fd)
+        with self.lock:
+            count, self.count = self.count, 0
+        if count:
+            self.vsp.offer_sub_channels(count, self.context)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self.context.unwatch(self.fd)
+            os.close(self.fd)
+            self.fd = -1
