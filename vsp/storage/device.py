@@ -221,18 +221,21 @@ class StorVsp(Vsp):
             with self.lock:
                 self._retired_errors += sum(self.protocol.errors.values())
                 self.protocol = self._new_protocol()
-        kind: type[StorvspChannel] = StorvspChannel
-        if self.channel_threads and context.offer.sub_channel_index:
-            kind = StorvspSubChannel
-        elif self.channel_threads and self.fast_path and FastPath is not None:
-            offers = _OfferLater(self, context)  # the loop's, if it has one to watch with
-            if offers.fd >= 0:
-                handler = StorvspThreadedPrimary(self, channel, context, offers)
-                self.handlers.append(handler)
-                return handler
-        handler = kind(self, channel, context)
+        handler = self._handler(channel, context)
         self.handlers.append(handler)
         return handler
+
+    def _handler(self, channel: Channel, context: OpenContext) -> StorvspChannel:
+        """Sub-channels on threads of their own; the primary too, when the
+        compiled loop is there to serve it and the worker's loop can make
+        its sub-channel offers (it watches a descriptor for them)."""
+        if self.channel_threads and context.offer.sub_channel_index:
+            return StorvspSubChannel(self, channel, context)
+        if self.channel_threads and self.fast_path and FastPath is not None:
+            offers = _OfferLater(self, context)
+            if offers.fd >= 0:
+                return StorvspThreadedPrimary(self, channel, context, offers)
+        return StorvspChannel(self, channel, context)
 
     def offer_sub_channels(self, count: int, context: OpenContext) -> None:
         """Offer sub-channels 1..count that were never offered: a sub-channel
