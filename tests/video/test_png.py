@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from vnc_client import BLACK, opaque
 
 from vsp.video.png import PNG_SIGNATURE, encode_png
 from vsp.video.screen import MAX_UPDATE_RECTS, Screen
@@ -88,7 +89,7 @@ def test_update_copies_only_dirty_rects_from_a_strided_view() -> None:
     expected = np.zeros_like(frame)
     expected[6:20, 5:15] = view[6:20, 5:15]
     expected[0:3, 30:40] = view[0:3, 30:40]
-    assert (frame == expected).all()
+    assert (frame == opaque(expected)).all()
 
 
 def test_frame_is_a_copy_the_guest_cannot_tear() -> None:
@@ -108,7 +109,7 @@ def test_hostile_rects_are_clipped_and_merged() -> None:
     vram = pattern(8, 30, 4)  # narrower than the screen in height, wider in width
     screen.update(vram, [(-5, -5, 100, 100), (7, 7, 3, 3), (0, 50, 5, 60)])
     assert seen == [[(0, 0, 20, 8)]]
-    assert (screen.frame_copy()[:8] == vram[:, :20]).all()
+    assert (screen.frame_copy()[:8] == opaque(vram[:, :20])).all()
     seen.clear()
     screen.update(vram, [(i % 20, 0, i % 20 + 1, 1) for i in range(MAX_UPDATE_RECTS + 1)])
     assert seen == [[(0, 0, 20, 1)]]
@@ -122,7 +123,7 @@ def test_resize_gives_a_black_frame_and_notifies() -> None:
     generation = screen.geometry()[0]
     screen.resize(12, 5)
     assert screen.geometry() == (generation + 1, 12, 5)
-    assert screen.frame_copy().shape == (5, 12, 4) and not screen.frame_copy().any()
+    assert screen.frame_copy().shape == (5, 12, 4) and (screen.frame_copy() == BLACK).all()
     assert seen == [[(0, 0, 12, 5)]]
     capture = screen.capture([(0, 0, 2, 2)], generation)  # stale: the whole frame
     assert capture.rects == [(0, 0, 12, 5)] and capture.generation == generation + 1

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
+from vnc_client import opaque
 
 from vmbus import guid
 from vmbus.guest import Guest, GuestDevice
@@ -18,6 +19,8 @@ from vmbus.protocols import video as sv
 from vmbus.testing import VspHarness, loopback
 from vsc.video import Framebuffer
 from vsp.video import Screen, VideoHandler, VideoVsp
+
+GREY, DARK = (0x7F, 0x7F, 0x7F, 0xFF), (0x40, 0x40, 0x40, 0xFF)  # as the Screen keeps them
 
 VRAM_MB = 2  # 640x480 at most; keeps the guest's memory small
 MODES = [(640, 480)]
@@ -142,12 +145,12 @@ def test_guest_that_revokes_its_vram_grant_is_no_longer_read(harness: VspHarness
     guest.send(guest.client.dirt((0, 0, 8, 8)))
     harness.pump()
     screen = handler_of(harness).screen
-    assert (screen.frame_copy()[:8, :8] == 0x7F).all()
+    assert (screen.frame_copy()[:8, :8] == GREY).all()
     del harness.gpadls[grant.gpadl]  # the guest tore the GPADL down
     vram[:] = 0x11
     guest.send(guest.client.dirt((0, 0, 8, 8)))
     harness.pump()
-    assert (screen.frame_copy()[:8, :8] == 0x7F).all() and handler_of(harness).vram is None
+    assert (screen.frame_copy()[:8, :8] == GREY).all() and handler_of(harness).vram is None
     del vram
 
 
@@ -187,10 +190,10 @@ def test_framebuffer_draws_onto_the_screen(framebuffer: tuple[Framebuffer, Video
     rng = np.random.default_rng(1)
     fb.pixels[:] = rng.integers(0, 256, fb.pixels.shape, dtype=np.uint8)
     fb.update()
-    wait_for(lambda: np.array_equal(vsp.screen.frame_copy(), fb.pixels))
+    wait_for(lambda: np.array_equal(vsp.screen.frame_copy(), opaque(fb.pixels)))
     fb.pixels[10:20, 30:40] = 0xAB
     fb.update((30, 10, 40, 20))
-    wait_for(lambda: np.array_equal(vsp.screen.frame_copy(), fb.pixels))
+    wait_for(lambda: np.array_equal(vsp.screen.frame_copy(), opaque(fb.pixels)))
     assert vsp.frames >= 2 and vsp.errors.total() == 0
 
 
@@ -199,6 +202,6 @@ def test_framebuffer_changes_mode(framebuffer: tuple[Framebuffer, VideoVsp]) -> 
     fb.set_mode(160, 120)
     fb.pixels[:] = 0x40
     fb.update()
-    wait_for(lambda: vsp.screen.width == 160 and (vsp.screen.frame_copy() == 0x40).all())
+    wait_for(lambda: vsp.screen.width == 160 and (vsp.screen.frame_copy() == DARK).all())
     with pytest.raises(ValueError):
         fb.set_mode(1024, 1024)  # 4 MiB: more than its 2 MiB of VRAM

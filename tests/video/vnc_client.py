@@ -36,6 +36,16 @@ def pattern(height: int, width: int, seed: int = 0) -> np.ndarray:
     return pix
 
 
+def opaque(pix: np.ndarray) -> np.ndarray:
+    """`pix` (h, w, 4) as a Screen keeps it: the unused byte 0xFF."""
+    out = pix.copy()
+    out[..., 3] = 0xFF
+    return out
+
+
+BLACK = (0, 0, 0, 0xFF)  # a new Screen's pixels
+
+
 def padding(pf: tuple[int, ...]) -> int:
     """The unused bits of a 32 bpp pixel, which must arrive set (opaque to noVNC)."""
     used = sum(m << s for m, s in zip(pf[4:7], pf[7:10], strict=True))

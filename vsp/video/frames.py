@@ -11,10 +11,34 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Capture", "Cursor", "Frame", "Rect", "bounding_box", "clip", "intersect", "subtract"]
+__all__ = [
+    "OPAQUE",
+    "Capture",
+    "Cursor",
+    "Frame",
+    "Rect",
+    "bounding_box",
+    "clip",
+    "copy_opaque",
+    "intersect",
+    "subtract",
+]
 
 Rect = tuple[int, int, int, int]
 Frame = npt.NDArray[np.uint8]
+
+OPAQUE = np.uint32(0xFF000000)  # the unused byte of a little-endian XRGB pixel, set
+
+
+def copy_opaque(target: npt.NDArray[np.uint8], pixels: npt.NDArray[np.uint8]) -> None:
+    """`target` = `pixels` with the unused byte 0xFF, in one pass when the
+    source's pixels are contiguous (VRAM rows are)."""
+    try:
+        source = pixels.view(np.uint32)
+    except ValueError:  # a view whose channel bytes are apart
+        np.copyto(target, pixels)
+        source = target.view(np.uint32)
+    np.bitwise_or(source, OPAQUE, out=target.view(np.uint32))
 
 
 def clip(rect: Rect, width: int, height: int) -> Rect | None:
@@ -57,6 +81,7 @@ class Capture:
     rects: list[Rect]
     pixels: list[Frame]
     frame: Frame | None = None  # with `into`: the frame-sized array the rects were copied into
+    consistent: bool = True  # False: the writer changed the frame meanwhile (a torn read)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,9 @@ Interface:
 
 - ``Screen(width, height)``: the current frame, a numpy uint8 array of shape
   (height, width, 4) in the guest's framebuffer format, XRGB8888 little-endian
-  (byte 0 blue, 1 green, 2 red, 3 unused). New and resized frames are black.
+  (byte 0 blue, 1 green, 2 red, 3 unused: the Screen keeps it 0xFF, what VNC
+  clients that read it as alpha want, so Raw in the frame's own format is
+  the frame's bytes as they are). New and resized frames are black.
 - ``Screen.resize(width, height)``: a mode change. Listeners are told the whole
   new frame is dirty; VNC clients get a DesktopSize update if they support it,
   otherwise what of the new frame fits the framebuffer they have.
@@ -15,16 +17,15 @@ Interface:
   (h, w, 4) uint8 view (strided views, e.g. a pitch wider than the mode, are
   fine); ``rects`` are the dirty rectangles ``(x1, y1, x2, y2)``, ends
   exclusive, ``None`` for all of it. The Screen *copies* those regions into its
-  own frame under its lock, so a guest rewriting VRAM meanwhile cannot tear a
-  frame being encoded, then notifies its listeners. Rectangles are clipped to
-  the frame and to the view; a flood of them is merged into their bounding box.
+  own frame under its lock (the unused byte set), so a guest rewriting VRAM
+  meanwhile cannot tear a frame being encoded, then notifies its listeners.
+  Rectangles are clipped; a flood of them is merged into their bounding box.
 - ``Screen.snapshot_png(path_or_file)``: the frame as an 8-bit RGB PNG.
 - ``Screen.add_listener(fn)`` / ``remove_listener(fn)``: ``fn(rects)`` is called
   (outside the lock, from the updating thread) after each change.
 - ``Screen.capture(rects, generation, into=None, encode=None)``: consistent
-  copies of regions, for encoders (``into``: an encoder's own frame-sized
-  array; ``encode``: called with views of the shared frame instead, again if
-  the writer changed it); a stale ``generation`` yields the whole frame.
+  copies of regions, or views of them for `encode` (see there); a stale
+  ``generation`` yields the whole frame.
 
 Across processes: the frame lives in a memfd (`vsp.video.shared`). A Screen
 pickled with `vmbus.handoff` (a `VideoVsp` handed to its VM's worker process)
@@ -62,17 +63,19 @@ import numpy.typing as npt
 
 from vmbus.handoff import SharedFd
 from vsp.video.frames import (
+    OPAQUE,
     Capture,
     Cursor,
     Frame,
     Rect,
     bounding_box,
     clip,
+    copy_opaque,
     intersect,
     subtract,
 )
 from vsp.video.png import write_png
-from vsp.video.shared import CURSOR_MAX, MAX_DIMENSION, SharedFrame
+from vsp.video.shared import CURSOR_MAX, MAX_DIMENSION, SharedFrame, check_size, close_all
 
 __all__ = [
     "CONTROL_FLUSH",
@@ -100,28 +103,13 @@ _CONTROL = struct.Struct("<III")
 _TORN_RETRIES = 3  # copies retried while the writer keeps changing the frame
 
 
-def _check_size(width: int, height: int, capacity: int) -> None:
-    if not (1 <= width <= MAX_DIMENSION and 1 <= height <= MAX_DIMENSION):
-        raise ValueError(f"screen size {width}x{height} outside 1..{MAX_DIMENSION}")
-    if width * height * 4 > capacity:
-        raise ValueError(f"screen size {width}x{height} over the capacity of {capacity} bytes")
-
-
-def _close_all(fds: list[int], sockets: Sequence[socket.socket] = ()) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    for sock in sockets:
-        sock.close()
-
-
 class Screen:
     """The frame a console shows; thread-safe (the VSP writes, backends read),
     and shared with the worker's copy of it once pickled."""
 
     def __init__(self, width: int, height: int, *, capacity: int | None = None) -> None:
         capacity = capacity or MAX_DIMENSION * MAX_DIMENSION * 4  # sparse until drawn on
-        _check_size(width, height, capacity)
+        check_size(width, height, capacity)
         self._shm = SharedFrame.create(capacity)
         self._events = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._doorbell = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -131,6 +119,7 @@ class Screen:
         self._control, self._control_worker = parent, worker
         self._init_common(remote=False)
         self._shm.set_mode(0, width, height)
+        self._shm.bytes[: width * height * 4].view(np.uint32)[:] = OPAQUE  # black
         self._mode = (0, width, height)
 
     def _init_common(self, *, remote: bool) -> None:
@@ -148,7 +137,7 @@ class Screen:
         self.dropped_controls = 0
         fds = [self._shm.fd, self._events, self._doorbell]
         sockets = {self._control, self._control_worker}  # one socket in a worker's copy
-        self._finalizer = weakref.finalize(self, _close_all, fds, tuple(sockets))
+        self._finalizer = weakref.finalize(self, close_all, fds, tuple(sockets))
 
     # Pickling: the worker's copy maps the same memfd (vmbus.handoff).
 
@@ -176,7 +165,7 @@ class Screen:
         try:
             self._shm = SharedFrame(memfd, int(state["capacity"]), create=False)
         except BaseException:
-            _close_all([memfd, events, self._doorbell])
+            close_all([memfd, events, self._doorbell])
             self._control.close()
             raise
         self._init_common(remote=True)
@@ -242,13 +231,13 @@ class Screen:
 
     def resize(self, width: int, height: int) -> None:
         """A mode change: a new black frame of the new size."""
-        _check_size(width, height, self._shm.capacity)
+        check_size(width, height, self._shm.capacity)
         with self._lock:
             shm = self._shm
             generation = self._mode[0] + 1
             shm.begin_write()
             shm.set_mode(generation, width, height)
-            shm.bytes[: width * height * 4] = 0
+            shm.bytes[: width * height * 4].view(np.uint32)[:] = OPAQUE  # black
             shm.publish([(0, 0, width, height)])
             shm.end_write()
             self._mode = (generation, width, height)
@@ -270,20 +259,27 @@ class Screen:
             if len(dirty) > MAX_UPDATE_RECTS:
                 dirty = [bounding_box(dirty)]
             shm = self._shm
-            shm.begin_write()
+            # Deferred before the seqlock moves: a reader sending straight
+            # from the frame (retry=False) sees it still, not torn.
             if self.deferrable and shm.reading:
+                return self._defer()
+            shm.begin_write()
+            if self.deferrable and shm.reading:  # the reader came in between
                 shm.end_write()
-                shm.defer()
-                self.deferred += 1
-                return False
+                return self._defer()
             frame = shm.frame(fw, fh)
             for x1, y1, x2, y2 in dirty:
-                frame[y1:y2, x1:x2] = pixels[y1:y2, x1:x2]
+                copy_opaque(frame[y1:y2, x1:x2], pixels[y1:y2, x1:x2])
             shm.publish(dirty)
             shm.want(False)
             shm.end_write()
         self._notify(dirty)
         return True
+
+    def _defer(self) -> bool:
+        self._shm.defer()
+        self.deferred += 1
+        return False
 
     @property
     def wanted(self) -> bool:
@@ -346,47 +342,50 @@ class Screen:
         generation: int,
         into: Frame | None = None,
         encode: Callable[[Capture], None] | None = None,
+        *,
+        retry: bool = True,
     ) -> Capture:
         """Copies of `rects` (clipped); the whole frame if `generation` is stale.
-        With `into` (an (h, w, 4) array an encoder keeps), the rects are copied
-        into it at their places (a new array if the frame's size changed),
-        which saves a frame-sized allocation per update. With `encode`, no
-        copy: it is called with views of the shared frame while the read is
-        protected, and called again if the writer changed the frame meanwhile
-        (so it must start over each time); the views are gone on return."""
+        `into` (an (h, w, 4) array an encoder keeps): the rects are copied into
+        it at their places (a new array if the size changed). `encode`: no
+        copy; it is called with views of the shared frame while the read is
+        protected, again from the start if the writer changed the frame, or
+        once without `retry` (it sent the views on), the Capture's
+        `consistent` then saying whether the frame held still."""
         with self._lock:
             shm = self._shm
             for attempt in range(_TORN_RETRIES + 1):
                 shm.start_read()
-                seq = shm.stable_seq()
-                gen, w, h = (
-                    self._mode if not (self._remote or self._exported) else (shm.read_mode()[:3])
-                )
-                wanted = [(0, 0, w, h)] if generation != gen else rects
-                kept = [c for r in wanted if (c := clip(r, w, h)) is not None]
-                frame = shm.frame(w, h)
-                if encode is not None:
-                    views = [frame[y1:y2, x1:x2] for x1, y1, x2, y2 in kept]
-                    encode(Capture(gen, w, h, kept, views))
-                    pixels = []
-                elif into is None:
-                    pixels = [frame[y1:y2, x1:x2].copy() for x1, y1, x2, y2 in kept]
-                else:
-                    if into.shape != (h, w, 4):
-                        into = np.empty((h, w, 4), np.uint8)
-                    pixels = []
-                    for x1, y1, x2, y2 in kept:
-                        np.copyto(into[y1:y2, x1:x2], frame[y1:y2, x1:x2])
-                        pixels.append(into[y1:y2, x1:x2])
-                consistent = seq is not None and shm.seq() == seq
-                if shm.end_read():
-                    self._send_control(CONTROL_FLUSH)
+                try:
+                    seq = shm.stable_seq()
+                    local = not (self._remote or self._exported)
+                    gen, w, h = self._mode if local else shm.read_mode()[:3]
+                    wanted = [(0, 0, w, h)] if generation != gen else rects
+                    kept = [c for r in wanted if (c := clip(r, w, h)) is not None]
+                    frame = shm.frame(w, h)
+                    if encode is not None:
+                        views = [frame[y1:y2, x1:x2] for x1, y1, x2, y2 in kept]
+                        encode(Capture(gen, w, h, kept, views))
+                        pixels = []
+                    elif into is None:
+                        pixels = [frame[y1:y2, x1:x2].copy() for x1, y1, x2, y2 in kept]
+                    else:
+                        if into.shape != (h, w, 4):
+                            into = np.empty((h, w, 4), np.uint8)
+                        pixels = []
+                        for x1, y1, x2, y2 in kept:
+                            np.copyto(into[y1:y2, x1:x2], frame[y1:y2, x1:x2])
+                            pixels.append(into[y1:y2, x1:x2])
+                    consistent = seq is not None and shm.seq() == seq
+                finally:  # an encoder that raised must not leave the writer deferring
+                    if shm.end_read():
+                        self._send_control(CONTROL_FLUSH)
                 if consistent:
                     break
-                if seq is None or attempt == _TORN_RETRIES:  # stuck, or never still
+                if seq is None or attempt == _TORN_RETRIES or not retry:  # stuck, never still
                     self.torn += 1
                     break
-            return Capture(gen, w, h, kept, pixels, into)
+            return Capture(gen, w, h, kept, pixels, into, consistent)
 
     def cursor_serial(self) -> int:
         """How many pointer shapes the guest has set (a cheap check before `cursor`)."""

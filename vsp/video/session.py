@@ -15,6 +15,8 @@ changed the frame meanwhile). Touched only by the server's thread.
 from __future__ import annotations
 
 import collections
+import contextlib
+import os
 import socket
 import struct
 import time
@@ -33,6 +35,7 @@ from vsp.video.encodings import (
 from vsp.video.screen import (
     MAX_DIMENSION,
     Capture,
+    Cursor,
     Rect,
     Screen,
     bounding_box,
@@ -61,6 +64,8 @@ MAX_QUEUED_MESSAGES = 64
 REASON_SERVER, REASON_CLIENT = 0, 1
 STATUS_OK, STATUS_PROHIBITED, STATUS_INVALID = 0, 1, 3
 _RECT_HEADER = struct.Struct(">HHHHi")
+IN_PLACE_ORDER = (0, 1, 2, 3)  # a client of the frame's own format: Raw is the frame's bytes
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16  # buffers per sendmsg
 
 
 class Drop(Exception):
@@ -91,6 +96,7 @@ class Session:
         self.dirty: list[Rect] = []
         self.want_full: Rect | None = None  # union of pending non-incremental requests
         self.want_incr: Rect | None = None
+        self.in_place = True  # Raw straight from the shared frame when the format allows
 
     @property
     def admitted(self) -> bool:
@@ -147,6 +153,10 @@ class Session:
         if idle and not (new_cursor or layout or owed):
             screen.want_update()  # the guest's next change is copied at once
             return False  # an incremental request waits for a change
+        if enc.encoding == rfb.ENC_RAW and enc.order == IN_PLACE_ORDER and self.in_place:
+            self._update_in_place(screen, rects, cursor if new_cursor else None, owed, layout)
+            screen.want_update()  # the next change is copied while this one is read
+            return True
         direct = enc.encoding == rfb.ENC_RAW  # stateless: encoded from the shared frame
         raw_count = [0]
         if direct:
@@ -158,6 +168,24 @@ class Session:
                 enc.synced = False
             if cap.frame is not None:
                 enc.scratch = cap.frame
+        resized, announce = self._account(cap)
+        count = self._pseudo(owed, announce or layout, cursor if new_cursor else None)
+        if not direct and not resized and scroll:
+            cap, moved = self._scrolled(cap, scroll)
+            count += moved
+        count += raw_count[0] if direct else self._rects(cap, self.width, self.height)
+        if not direct and (0, 0, cap.width, cap.height) in cap.rects:
+            enc.synced = (cap.width, cap.height) == (self.width, self.height)
+        enc.out.array[:4] = np.frombuffer(struct.pack(">BxH", 0, min(count, 0xFFFF)), np.uint8)
+        self.send(enc.out.view())
+        if direct:
+            self.send(enc.work.view())  # the rectangles, behind the header
+        screen.want_update()  # the next change is copied while this one is sent
+        return True
+
+    def _account(self, cap: Capture) -> tuple[bool, bool]:
+        """The client's state once `cap` is sent: (resized, announced)."""
+        enc = self.encoder
         resized = cap.generation != self.generation
         self.generation = cap.generation
         announce = resized and (enc.desktop_size or enc.extended_desktop_size)
@@ -171,6 +199,12 @@ class Session:
             if len(self.dirty) > MAX_DIRTY_RECTS:
                 self.dirty = [bounding_box(self.dirty)]
         self.want_full = self.want_incr = None
+        return resized, announce
+
+    def _pseudo(self, owed: bool, layout: bool, cursor: Cursor | None) -> int:
+        """The update's header (counted later) and pseudo-rectangles into
+        `out`: the answer to a SetDesktopSize, the layout, the pointer shape."""
+        enc = self.encoder
         out = enc.out
         out.reset()
         out.reserve(4)  # the header, once the rectangles are counted
@@ -179,28 +213,75 @@ class Session:
             assert self.size_reply is not None
             self._layout(REASON_CLIENT, self.size_reply)
             self.size_reply, self.layout_told, count = None, True, count + 1
-        if announce or layout:  # first, so the client resizes before drawing
+        if layout:  # first, so the client resizes before drawing
             if enc.extended_desktop_size:
                 self._layout(REASON_SERVER, STATUS_OK)
                 self.layout_told = True
             else:
-                out.write(_RECT_HEADER.pack(0, 0, cap.width, cap.height, rfb.ENC_DESKTOP_SIZE))
+                out.write(_RECT_HEADER.pack(0, 0, self.width, self.height, rfb.ENC_DESKTOP_SIZE))
             count += 1
-        if new_cursor and cursor is not None:
+        if cursor is not None:
             enc.cursor_rect(cursor.hot_x, cursor.hot_y, cursor.pixels)
             self.cursor_serial = cursor.serial
             count += 1
-        if not direct and not resized and scroll:
-            cap, moved = self._scrolled(cap, scroll)
-            count += moved
-        count += raw_count[0] if direct else self._rects(cap, self.width, self.height)
-        if not direct and (0, 0, cap.width, cap.height) in cap.rects:
-            enc.synced = (cap.width, cap.height) == (self.width, self.height)
-        out.array[:4] = np.frombuffer(struct.pack(">BxH", 0, min(count, 0xFFFF)), np.uint8)
-        self.send(out.view())
-        if direct:
-            self.send(enc.work.view())  # the rectangles, behind the header
-        return True
+        return count
+
+    def _update_in_place(
+        self, screen: Screen, rects: list[Rect], cursor: Cursor | None, owed: bool, layout: bool
+    ) -> None:
+        """Raw in the frame's own format: the rows go to the socket straight
+        from the shared frame (its unused byte is already 0xFF), what the
+        socket does not take at once is copied behind, all while the read
+        holds the writer off. A writer that changed the frame anyway (one
+        that cannot defer) leaves the rectangles dirty: sent again next."""
+
+        def send(cap: Capture) -> None:
+            _, announce = self._account(cap)
+            count = self._pseudo(owed, announce or layout, cursor)
+            buffers: list[Any] = [None]  # the header and pseudo-rectangles, once counted
+            for rect, pix in zip(cap.rects, cap.pixels, strict=True):
+                fits = clip(rect, self.width, self.height)  # what fits the client's framebuffer
+                if fits is None:
+                    continue
+                x1, y1, x2, y2 = fits
+                pix = pix[y1 - rect[1] : y2 - rect[1], x1 - rect[0] : x2 - rect[0]]
+                buffers.append(_RECT_HEADER.pack(x1, y1, x2 - x1, y2 - y1, rfb.ENC_RAW))
+                if pix.flags.c_contiguous:  # whole rows of the frame: one run
+                    buffers.append(pix.reshape(-1))
+                else:
+                    buffers.extend(pix.reshape(pix.shape[0], -1))
+                count += 1
+            out = self.encoder.out
+            out.array[:4] = np.frombuffer(struct.pack(">BxH", 0, min(count, 0xFFFF)), np.uint8)
+            buffers[0] = out.view()
+            self._send_now(buffers)
+
+        cap = screen.capture(rects, self.generation, encode=send, retry=False)
+        if not cap.consistent:
+            for rect in cap.rects:
+                self.add_dirty(rect)
+
+    def _send_now(self, buffers: list[Any]) -> None:
+        """Send `buffers` (the queue is empty); the rest, copied, is queued."""
+        views = [memoryview(b).cast("B") for b in buffers]
+        done = 0
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            while done < len(views):
+                batch = views[done : done + IOV_MAX]
+                sent = self.sock.sendmsg(batch)
+                self.since = time.monotonic()
+                while done < len(views) and sent >= len(views[done]):
+                    sent -= len(views[done])
+                    done += 1
+                if sent:  # the socket's buffer is full
+                    views[done] = views[done][sent:]
+                    break
+        if done < len(views):
+            work = self.encoder.work
+            work.reset()
+            for view in views[done:]:
+                work.write(view)
+            self.send(work.view())
 
     def _scroll_candidates(self, rects: list[Rect], generation: int) -> dict[Rect, Any]:
         """Row hashes of what the client has under the big rectangles about

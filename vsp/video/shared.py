@@ -23,9 +23,12 @@ that holds the seqlock odd too long gets a torn copy, never a hang.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
+import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +43,8 @@ __all__ = [
     "RING",
     "HeaderState",
     "SharedFrame",
+    "check_size",
+    "close_all",
 ]
 
 # 8192x8192x4 is a 256 MiB frame: bigger than any synthvid mode (7680x4320).
@@ -305,3 +310,20 @@ class SharedFrame:
             (cw, ch, hx, hy),
             consistent,
         )
+
+
+def check_size(width: int, height: int, capacity: int) -> None:
+    """A mode the frame can hold, or ValueError."""
+    if not (1 <= width <= MAX_DIMENSION and 1 <= height <= MAX_DIMENSION):
+        raise ValueError(f"screen size {width}x{height} outside 1..{MAX_DIMENSION}")
+    if width * height * 4 > capacity:
+        raise ValueError(f"screen size {width}x{height} over the capacity of {capacity} bytes")
+
+
+def close_all(fds: list[int], sockets: Sequence[socket.socket] = ()) -> None:
+    """Close a Screen's descriptors (its finalizer; errors ignored)."""
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    for sock in sockets:
+        sock.close()
