@@ -43,6 +43,7 @@ from vmbus._cring cimport (
     next_request,
 )
 
+from vmbus.protocols.net import offload as _ol
 from vmbus.protocols.net import rndis_wire as _rw
 from vmbus.protocols.net import vsp as _nv
 from vmbus.protocols.net import wire as _nvsp
@@ -76,6 +77,27 @@ DEF PROMISCUOUS = 0x20
 DEF BROADCAST = 0x08
 DEF MULTICASTS = 0x06        # MULTICAST | ALL_MULTICAST
 DEF DIRECTED = 0x01
+# Coalesced receives (RSC), offload.py's values:
+DEF GSO_FRAME = 65553        # offload.GSO_MAX_FRAME
+DEF FRAGMENT_OVERHEAD = 76   # offload.FRAGMENT_OVERHEAD
+DEF RSC_MAX = 562            # offload.RSC_MAX_FRAGMENTS
+DEF RECEIVE_BATCH = 64       # delivery.RECEIVE_BATCH
+DEF NEEDS_CSUM = 1
+DEF DATA_VALID = 2
+DEF GSO_TCPV4 = 1
+DEF GSO_TCPV6 = 4
+DEF RX_TCP_OK = 0x08
+DEF RX_UDP_OK = 0x10
+DEF RX_IP_OK = 0x20
+DEF RX_VALUE_INVALID = 0x80
+DEF PPI_SIZE = 16            # a PPI of a u32 value
+DEF PKTINFO_LOW = 1          # offload.PPI_PKTINFO less its internal bit (31)
+# What one frame read with its virtio_net_hdr is (classify):
+DEF K_DROP = 0               # counted in the backend's drops
+DEF K_FILTERED = 1           # the packet filter drops it, uncounted
+DEF K_SINGLE = 2             # one PACKET message
+DEF K_GROUP = 3              # RSC fragments, one transfer-page packet of their own
+DEF K_PYTHON = 4             # the Python path's (a checksum to complete, a size it drops)
 
 DEF SERVED = 1
 DEF DECLINED = 0
@@ -89,6 +111,12 @@ for _name, _ours, _theirs in (
     ("NVSP_MESSAGE_SIZE", NVSP_SIZE, _nvsp.NVSP_MESSAGE_SIZE),
     ("SEND_RNDIS_PKT", SEND_RNDIS_PKT, _nvsp.NvspMessageType.SEND_RNDIS_PKT),
     ("RECEIVE_BUFFER_ID", XFER_PAGESET, _nvsp.RECEIVE_BUFFER_ID),
+    ("GSO_MAX_FRAME", GSO_FRAME, _ol.GSO_MAX_FRAME),
+    ("FRAGMENT_OVERHEAD", FRAGMENT_OVERHEAD, _ol.FRAGMENT_OVERHEAD),
+    ("RSC_MAX_FRAGMENTS", RSC_MAX, _ol.RSC_MAX_FRAGMENTS),
+    ("PPI_PKTINFO", 1 << 31 | PKTINFO_LOW, _ol.PPI_PKTINFO),
+    ("RX bits", RX_TCP_OK | RX_UDP_OK << 8 | RX_IP_OK << 16 | RX_VALUE_INVALID << 24,
+     _ol.RX_TCP_OK | _ol.RX_UDP_OK << 8 | _ol.RX_IP_OK << 16 | _ol.RX_TCP_VALUE_INVALID << 24),
 ):
     if _ours != _theirs:
         raise ImportError(f"vsp.net._fast: {_name} is {_theirs}, built for {_ours}")
@@ -165,10 +193,16 @@ cdef class FastPath:
     cdef uint8_t mac[6]
     cdef uint32_t packet_filter
     cdef uint8_t xfer_payload[NVSP_SIZE]
-    cdef uint8_t xfer_header[8 + 8 * DELIVERY]
+    cdef uint8_t xfer_header[8 + 8 * RSC_MAX]
+    # Coalesced receives: one frame as read, and up to DELIVERY singles staged for a packet.
+    cdef uint8_t big_hdr[VNET_HDR]
+    cdef uint8_t big[GSO_FRAME]
+    cdef uint8_t stage_hdr[STAGE_FRAMES * VNET_HDR]
+    cdef uint32_t stage_csum[STAGE_FRAMES]
     cdef public unsigned long long served    # SEND_RNDIS_PKTs completed here, ever
     cdef public unsigned long long declined  # calls that stopped at a packet for Python
     cdef public unsigned long long delivered  # frames given to the guest here, ever
+    cdef uint64_t wrote                      # transfer-page packets of this call
 
     def __cinit__(self):
         memset(self.vnet_zero, 0, VNET_HDR)
@@ -520,3 +554,355 @@ cdef class FastPath:
         put32(at + 12, length)
         put32(at + 28, PACKET_HEADER - RNDIS_HEADER)
         memcpy(at + PACKET_HEADER, frame, length)
+
+
+    # --- backend -> guest, coalesced receives (RSC) -----------------------------
+
+    def deliver_coalesced(self, handler, int room, int worst):
+        """GuestDelivery._coalesced_from_backend's read loop and the _deliver
+        after it: frames read with their virtio_net_hdr while `room`
+        sections hold the largest (`worst`), up to RECEIVE_BATCH; a TCP GSO
+        frame framed as RSC fragments in a transfer-page packet of its own,
+        other frames up to DELIVERY a packet, each as the Python path frames
+        it. From the first frame it would not place as the Python path does
+        (a checksum to complete, no ring room) on, frames are returned as
+        read, (header, frame), in order, for the Python path, uncounted but
+        in frames_in. None when it declined before reading."""
+        sections = handler.receive_sections
+        mapped = handler.buffers.get(_nvsp.BufferKind.RECEIVE)
+        backend = handler.backend
+        cdef int fd = backend.fast_fd()
+        if fd < 0 or sections is None or mapped is None or handler.to_guest or worst <= 0:
+            return None
+        cdef uint32_t section_size = sections.section_size
+        if section_size <= FRAGMENT_OVERHEAD or section_size < PACKET_HEADER + PPI_SIZE + STAGE_SLOT:
+            return None
+        rndis = handler.rndis
+        self.packet_filter = rndis.packet_filter if rndis.initialized else 0
+        memcpy(self.mac, <const char *>rndis.mac, 6)
+        cdef uint32_t max_frame = _max_frame(backend.mtu)
+        cdef uint64_t coalesced = rndis.coalesced
+        cdef uint32_t staged = 0, taken = 0, cost, kind, checksum, length
+        cdef uint64_t placed = 0, nbytes = 0, groups = 0, drops = 0
+        cdef ssize_t done
+        cdef int error = 0
+        cdef bint python = False
+        cdef iovec iov[2]
+        cdef Py_buffer view
+        iov[0].iov_base = self.big_hdr
+        iov[0].iov_len = VNET_HDR
+        iov[1].iov_base = self.big
+        iov[1].iov_len = GSO_FRAME
+        left = []
+        self.wrote = 0
+        PyObject_GetBuffer(mapped.view, &view, PyBUF_WRITABLE)
+        try:
+            while room >= worst and taken < RECEIVE_BATCH:
+                with nogil:
+                    while True:
+                        done = readv(fd, iov, 2)
+                        if done >= 0 or errno != EINTR:
+                            break
+                if done < 0:
+                    if errno != EAGAIN:
+                        error = errno
+                    break
+                taken += 1
+                length = <uint32_t>(done - VNET_HDR) if done >= VNET_HDR else 0
+                kind = self.classify(done, length, max_frame, section_size, &cost, &checksum)
+                if python or kind == K_PYTHON:
+                    if not python and staged:  # the singles before it share its packet there
+                        self.unstage(left, staged)
+                        staged = 0
+                    python = True
+                    room -= cost
+                    left.append((PyBytes_FromStringAndSize(<const char *>self.big_hdr,
+                                                           done if done < VNET_HDR else VNET_HDR),
+                                 PyBytes_FromStringAndSize(<const char *>self.big, length)))
+                    continue
+                if kind == K_DROP:
+                    drops += 1
+                    continue
+                if kind == K_FILTERED:
+                    continue
+                room -= cost
+                if kind == K_SINGLE:
+                    memcpy(self.stage + staged * STAGE_SLOT, self.big, length)
+                    memcpy(self.stage_hdr + staged * VNET_HDR, self.big_hdr, VNET_HDR)
+                    self.stage_len[staged] = length
+                    self.stage_csum[staged] = checksum
+                    staged += 1
+                    if staged == DELIVERY:
+                        if not self.flush_singles(handler, sections, &view, staged):
+                            python = True
+                            self.unstage(left, staged)
+                        else:
+                            placed += staged
+                            nbytes += self.staged_bytes(staged)
+                        staged = 0
+                    continue
+                # K_GROUP: the singles before it go first, in their own packet.
+                if staged:
+                    if not self.flush_singles(handler, sections, &view, staged):
+                        python = True
+                        self.unstage(left, staged)
+                    else:
+                        placed += staged
+                        nbytes += self.staged_bytes(staged)
+                    staged = 0
+                if not python:
+                    self.fix_ip4_checksum(length)
+                    if self.place_group(handler, sections, &view, length, cost, checksum,
+                                        (coalesced + 1) & 0xFFFF):
+                        coalesced += 1
+                        groups += 1
+                        placed += 1
+                        nbytes += length
+                        continue
+                    python = True
+                left.append((PyBytes_FromStringAndSize(<const char *>self.big_hdr, VNET_HDR),
+                             PyBytes_FromStringAndSize(<const char *>self.big, length)))
+            if staged:
+                if self.flush_singles(handler, sections, &view, staged):
+                    placed += staged
+                    nbytes += self.staged_bytes(staged)
+                else:
+                    self.unstage(left, staged)
+        finally:
+            PyBuffer_Release(&view)
+        backend.frames_in += taken
+        backend.drops += drops
+        rndis.rcv_ok += placed
+        rndis.coalesced = coalesced
+        handler.counters.frames_to_guest += placed
+        handler.counters.bytes_to_guest += nbytes
+        self.delivered += placed
+        if self.wrote:
+            self.channel.packets_sent += self.wrote
+            if self.writer.commit():
+                self.notify_peer.set()
+        if error:
+            raise OSError(error, "netvsp: a frame read failed")
+        return left
+
+    cdef uint64_t staged_bytes(self, uint32_t staged) noexcept:
+        cdef uint64_t total = 0
+        cdef uint32_t i
+        for i in range(staged):
+            total += self.stage_len[i]
+        return total
+
+    cdef int unstage(self, list left, uint32_t staged) except -1:
+        """Staged singles back to the Python path, as read."""
+        cdef uint32_t i
+        for i in range(staged):
+            left.append((PyBytes_FromStringAndSize(<const char *>self.stage_hdr + i * VNET_HDR,
+                                                   VNET_HDR),
+                         PyBytes_FromStringAndSize(<const char *>self.stage + i * STAGE_SLOT,
+                                                   self.stage_len[i])))
+        return 0
+
+    cdef uint32_t classify(self, ssize_t done, uint32_t length, uint32_t max_frame,
+                           uint32_t section_size, uint32_t *cost, uint32_t *checksum) noexcept:
+        """_offloaded_to_guest's decision for the frame in `big`, and the
+        sections it takes (`cost`, what _coalesced_from_backend takes off room)."""
+        cdef const uint8_t *h = self.big_hdr
+        cdef uint32_t kind, count, l4, ip_at, ihl
+        cdef int ipv6, proto
+        cost[0] = 0
+        checksum[0] = 0
+        if done < VNET_HDR or length < 14:
+            return K_DROP
+        if h[1] == 0:  # GSO_NONE
+            checksum[0] = self.checksum_info(length)
+            if not checksum[0] and h[0] & NEEDS_CSUM:
+                cost[0] = 1 if self.accepts(self.big, length) else 0
+                return K_PYTHON  # the checksum completed in Python
+            if not self.accepts(self.big, length):
+                return K_FILTERED
+            cost[0] = 1
+            if length > STAGE_SLOT or PACKET_HEADER + (PPI_SIZE if checksum[0] else 0) + length \
+                    > section_size:
+                return K_PYTHON  # it drops what no section holds
+            return K_SINGLE
+        # offload.coalesced_segment's checks
+        kind = h[1] & 0x7F
+        if (kind != GSO_TCPV4 and kind != GSO_TCPV6) or not h[0] & NEEDS_CSUM:
+            return K_DROP
+        if length <= 14 or length > GSO_FRAME:
+            return K_DROP
+        if not self.transport(length, &ipv6, &l4, &proto, &ip_at):
+            return K_DROP
+        if ipv6 != (kind == GSO_TCPV6) or proto != 6 or l4 + 20 > length:
+            return K_DROP
+        if kind == GSO_TCPV4:
+            ihl = (self.big[ip_at] & 0xF) * 4
+            if ihl < 20 or ((<uint32_t>self.big[ip_at + 2] << 8) | self.big[ip_at + 3]) \
+                    != length - ip_at:
+                return K_DROP
+        checksum[0] = self.checksum_info(length)
+        if not self.accepts(self.big, length):
+            return K_FILTERED
+        count = (length + section_size - FRAGMENT_OVERHEAD - 1) // (section_size - FRAGMENT_OVERHEAD)
+        cost[0] = count
+        if count > RSC_MAX:
+            return K_PYTHON
+        return K_GROUP
+
+    cdef bint transport(self, uint32_t length, int *ipv6, uint32_t *l4, int *proto,
+                        uint32_t *ip_at) noexcept:
+        """offload.transport of the frame in `big`."""
+        cdef const uint8_t *f = self.big
+        cdef uint32_t ethertype = (<uint32_t>f[12] << 8) | f[13], at = 14
+        if ethertype == 0x8100:
+            if length < 18:
+                return False
+            ethertype = (<uint32_t>f[16] << 8) | f[17]
+            at = 18
+        ip_at[0] = at
+        if ethertype == 0x0800 and length >= at + 20:
+            ipv6[0] = 0
+            l4[0] = at + (f[at] & 0xF) * 4
+            proto[0] = f[at + 9]
+            return True
+        if ethertype == 0x86DD and length >= at + 40:
+            ipv6[0] = 1
+            l4[0] = at + 40
+            proto[0] = f[at + 6]
+            return True
+        return False
+
+    cdef uint32_t checksum_info(self, uint32_t length) noexcept:
+        """offload.receive_checksum_info of the frame in `big`."""
+        cdef uint8_t flags = self.big_hdr[0]
+        cdef int ipv6, proto
+        cdef uint32_t l4, ip_at, value
+        if not flags & (NEEDS_CSUM | DATA_VALID):
+            return 0
+        if not self.transport(length, &ipv6, &l4, &proto, &ip_at) or (proto != 6 and proto != 17):
+            return 0
+        value = RX_TCP_OK if proto == 6 else RX_UDP_OK
+        if not ipv6:
+            value |= RX_IP_OK
+        if flags & NEEDS_CSUM:
+            value |= RX_VALUE_INVALID
+        return value
+
+    cdef void fix_ip4_checksum(self, uint32_t length) noexcept:
+        """offload._ip4_checksum for a TCPV4 GSO frame in `big` (checked by classify)."""
+        cdef int ipv6, proto
+        cdef uint32_t l4, ip_at, ihl, i, total = 0
+        if self.big_hdr[1] & 0x7F != GSO_TCPV4:
+            return
+        self.transport(length, &ipv6, &l4, &proto, &ip_at)
+        ihl = (self.big[ip_at] & 0xF) * 4
+        self.big[ip_at + 10] = self.big[ip_at + 11] = 0
+        for i in range(0, ihl, 2):
+            total += (<uint32_t>self.big[ip_at + i] << 8) | self.big[ip_at + i + 1]
+        while total >> 16:
+            total = (total & 0xFFFF) + (total >> 16)
+        total = ~total & 0xFFFF
+        self.big[ip_at + 10] = total >> 8
+        self.big[ip_at + 11] = total & 0xFF
+
+    cdef bint ring_room(self, uint32_t ranges) except -1:
+        cdef uint32_t need = ((16 + 8 + 8 * ranges + NVSP_SIZE + 7) & ~7u) + 8 + self.reserve
+        if self.writer.free_from(self.writer.seen_read) <= need:
+            if self.writer.refresh_read() != READY:
+                return False
+            if self.writer.free_from(self.writer.seen_read) <= need:
+                return False
+        return True
+
+    cdef bint flush_singles(self, handler, sections, Py_buffer *view, uint32_t staged) except -1:
+        """The staged singles as one transfer-page packet (False: no ring room, nothing done)."""
+        cdef uint32_t k, at, length, msg
+        cdef uint8_t *base = <uint8_t *>view.buf
+        cdef uint32_t section_size = sections.section_size
+        if not self.ring_room(staged):
+            return False
+        trans_id = next(handler.ids)
+        taken = sections.alloc(trans_id, staged)
+        if taken is None:
+            raise RuntimeError("netvsp: receive sections counted free were not")
+        put32(self.xfer_header, XFER_PAGESET)
+        put32(self.xfer_header + 4, staged)
+        for k in range(staged):
+            at = <uint32_t>taken[k] * section_size
+            if <uint64_t>at + section_size > <uint64_t>view.len:
+                raise RuntimeError("netvsp: a receive section outside the buffer")
+            length = self.stage_len[k]
+            msg = self.write_message(base + at, self.stage + k * STAGE_SLOT, length,
+                                     self.stage_csum[k], 0, 0)
+            put32(self.xfer_header + 8 + 8 * k, msg)
+            put32(self.xfer_header + 12 + 8 * k, at)
+        if self.writer.put(self.xfer_payload, NVSP_SIZE, XFER_PAGES, COMPLETION_REQUESTED,
+                           trans_id, self.xfer_header, 8 + 8 * staged) != READY:
+            raise RuntimeError("netvsp: the ring refused a packet it had room for")
+        self.wrote += 1
+        return True
+
+    cdef bint place_group(self, handler, sections, Py_buffer *view, uint32_t length,
+                          uint32_t count, uint32_t checksum, uint32_t pkt_id) except -1:
+        """The frame in `big` as `count` RSC fragments in one transfer-page
+        packet (False: no ring room, nothing done)."""
+        cdef uint32_t k, at, piece, msg, flag, room
+        cdef uint8_t *base = <uint8_t *>view.buf
+        cdef uint32_t section_size = sections.section_size
+        room = section_size - FRAGMENT_OVERHEAD
+        if not self.ring_room(count):
+            return False
+        trans_id = next(handler.ids)
+        taken = sections.alloc(trans_id, count)
+        if taken is None:
+            raise RuntimeError("netvsp: receive sections counted free were not")
+        put32(self.xfer_header, XFER_PAGESET)
+        put32(self.xfer_header + 4, count)
+        for k in range(count):
+            at = <uint32_t>taken[k] * section_size
+            if <uint64_t>at + section_size > <uint64_t>view.len:
+                raise RuntimeError("netvsp: a receive section outside the buffer")
+            piece = length - k * room if length - k * room < room else room
+            flag = 0x1 | (0x2 if k == 0 else 0) | (0x4 if k == count - 1 else 0)
+            msg = self.write_message(base + at, self.big + k * room, piece,
+                                     checksum if k == 0 else 0, flag, pkt_id)
+            put32(self.xfer_header + 8 + 8 * k, msg)
+            put32(self.xfer_header + 12 + 8 * k, at)
+        if self.writer.put(self.xfer_payload, NVSP_SIZE, XFER_PAGES, COMPLETION_REQUESTED,
+                           trans_id, self.xfer_header, 8 + 8 * count) != READY:
+            raise RuntimeError("netvsp: the ring refused a packet it had room for")
+        self.wrote += 1
+        return True
+
+    cdef uint32_t write_message(self, uint8_t *at, const uint8_t *frame, uint32_t length,
+                                uint32_t checksum, uint32_t flag, uint32_t pkt_id) noexcept:
+        """rndis_wire.encode_packet(frame, ppis): the checksum info PPI when
+        `checksum`, the RNDIS_PKTINFO_ID when `flag` (offload.fragment_ppis's
+        order). Returns msg_len."""
+        cdef uint32_t info = 0
+        cdef uint8_t *p = at + PACKET_HEADER
+        if checksum:
+            put32(p, PPI_SIZE)
+            put32(p + 4, 0)
+            put32(p + 8, PPI_HEADER)
+            put32(p + 12, checksum)
+            p += PPI_SIZE
+            info += PPI_SIZE
+        if flag:
+            put32(p, PPI_SIZE)
+            put32(p + 4, 1u << 31 | PKTINFO_LOW)
+            put32(p + 8, PPI_HEADER)
+            p[12] = 1
+            p[13] = flag
+            p[14] = pkt_id & 0xFF
+            p[15] = (pkt_id >> 8) & 0xFF
+            info += PPI_SIZE
+        memset(at, 0, PACKET_HEADER)
+        put32(at, RNDIS_PACKET)
+        put32(at + 4, PACKET_HEADER + info + length)
+        put32(at + 8, PACKET_HEADER - RNDIS_HEADER + info)
+        put32(at + 12, length)
+        put32(at + 28, PACKET_HEADER - RNDIS_HEADER)
+        put32(at + 32, info)
+        memcpy(at + PACKET_HEADER + info, frame, length)
+        return PACKET_HEADER + info + length

@@ -99,8 +99,16 @@ class GuestDelivery:
         sections = self.receive_sections
         size = sections.section_size if sections is not None else 0
         worst = self._wanted_room() if size > ol.FRAGMENT_OVERHEAD else 0
+        left = None
+        if self.fast is not None and worst and room >= worst:
+            left = self.fast.deliver_coalesced(self, room, worst)
+        if left is not None:  # what the compiled path read but left to this one, in order
+            for header, frame in left:
+                message = self._offloaded_to_guest(header, frame, size)
+                if message is not None:
+                    self.to_guest.append(message)
         taken = 0
-        while worst and room >= worst and taken < RECEIVE_BATCH:
+        while left is None and worst and room >= worst and taken < RECEIVE_BATCH:
             got = self.backend.receive_offloaded(1)
             if not got:
                 break
