@@ -138,7 +138,7 @@ class GuestDelivery:
                 start, offset = int.from_bytes(header[6:8], "little"), header[8] | header[9] << 8
                 frame = bytes(ol.complete_checksum(frame, start, offset))
             ppis = [(ol.PPI_CHECKSUM, checksum.to_bytes(4, "little"))] if checksum else []
-            message = self.rndis.frame_to_guest(frame, ppis)
+            message: bytes | tuple[bytes, ...] | None = self.rndis.frame_to_guest(frame, ppis)
         else:
             segment = ol.coalesced_segment(frame, header)
             if segment is None:

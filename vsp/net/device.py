@@ -278,7 +278,8 @@ class NetvspChannel(GuestDelivery, ChannelHandler):
         )
         self.buffers: dict[nvsp.BufferKind, _Mapped] = {}
         self.receive_sections: nv.ReceiveSections | None = None
-        self.to_guest: collections.deque[bytes] = collections.deque()  # RNDIS messages
+        # RNDIS messages; a tuple: the RSC fragments of one coalesced frame
+        self.to_guest: collections.deque[bytes | tuple[bytes, ...]] = collections.deque()
         self.ids = itertools.count(1)
         self.refused = 0  # guest frames the backend refused (completed NVSP_STAT_FAIL)
         self.undelivered = 0  # messages for the guest lost: too many waiting, too big
