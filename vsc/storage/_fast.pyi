@@ -100,3 +100,12 @@ def run_one(
     spin: float,
     timeout: float,
 ) -> tuple[int, Any, int, float]: ...
+def run_lone(
+    controller: Any,
+    channel: Any,
+    writer: RingWriter,
+    reader: RingReader,
+    command: Any,
+    results: list[Any] | None,
+    policy: tuple[int, float, int, float, float, float, float],
+) -> bool: ...

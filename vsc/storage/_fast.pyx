@@ -42,6 +42,7 @@ from vmbus._cring cimport (
     writer_commit,
 )
 
+from vmbus.channel import ChannelTimeout
 from vmbus.errors import UsageError
 from vmbus.memory import PAGE_SIZE
 from vmbus.packet import PacketError
@@ -671,3 +672,67 @@ def run_one(RingWriter writer, RingReader reader, command, slot, uint64_t trans_
                                                   <Py_ssize_t>length))
             return ONE_DONE, get32(p + AT_TRANSFER), rung, caught
         return ONE_FAILED, PyBytes_FromStringAndSize(<char *>p, taken), rung, caught
+
+
+def run_lone(controller, channel, RingWriter writer, RingReader reader, command, results,
+             tuple policy):
+    """StorageController._run_one compiled (its docstring says what it does),
+    on `channel` (the controller's one, compiled, idle): the spin it waits
+    with (the channel's adaptive one, or for a large request the learnt long
+    spin of `policy`: LONG_REQUEST, LONG_SPIN_MAX, LONG_SPIN_PROBE,
+    LONG_SPIN_MARGIN, LEARNING_RATE, LONG_SPIN_MISSED, and the TIMEOUT it
+    waits for at most), run_one, and the bookkeeping after. False when the ring had no room (nothing sent)."""
+    cdef Py_ssize_t length = command[1], long_request = policy[0]
+    cdef double long_max = policy[1], spin, expected, caught
+    cdef double channel_spin = channel.spin_seconds
+    cdef bint long_spin = length >= long_request and channel_spin > 0
+    if long_spin:
+        expected = length * <double>controller._seconds_per_byte
+        long_waits = controller._long_waits + 1
+        controller._long_waits = long_waits
+        if expected > long_max and long_waits % policy[2]:
+            spin = 0.0  # a slow disk: sleep at once
+        else:
+            spin = min(max(expected * <double>policy[3], channel_spin), long_max)
+    else:
+        spin = channel._spin_budget()
+    free = controller._free
+    slot = free.pop()
+    trans_id = next(channel.ids)
+    try:
+        outcome, value, rung, caught = run_one(
+            writer, reader, command, slot, trans_id, channel.notify_peer.fileno(),
+            channel.wake_me.fileno(), spin, policy[6])
+    except BaseException:
+        free.append(slot)
+        raise
+    channel.notify_peer.sent += rung
+    if outcome == ONE_TIMEOUT:  # still in flight: a late completion is reaped
+        controller._in_flight[0][trans_id] = (command, slot)
+    else:
+        free.append(slot)
+    if outcome == ONE_FULL:
+        return False
+    channel.packets_sent += 1
+    if long_spin and spin:  # learn how long large requests take
+        if caught >= 0:
+            per_byte = controller._seconds_per_byte
+            controller._seconds_per_byte = per_byte + (caught / length - per_byte) * policy[4]
+        else:
+            controller._seconds_per_byte = min(controller._seconds_per_byte * policy[5],
+                                               2 * long_max / length)
+    elif spin:
+        if caught >= 0:
+            channel.spin_misses = 0
+        else:
+            channel.spin_misses += 1
+    if outcome == ONE_TIMEOUT:
+        raise ChannelTimeout("timed out waiting for a packet")
+    if outcome == ONE_FAILED:
+        failure = controller.finish(command, slot, value)
+        if failure is not None:
+            if results is None:
+                raise failure
+            index = command[5]
+            results[index] = results[index] or failure
+    return True

@@ -23,7 +23,6 @@ from vmbus.channel import (
     SPIN_MISSES,
     SPIN_PROBE,
     Channel,
-    ChannelTimeout,
     wait_any,
 )
 from vmbus.errors import UsageError, VmbusError
@@ -62,6 +61,15 @@ LONG_SPIN_MAX = 150e-6
 LONG_SPIN_PROBE = 16
 LEARNING_RATE = 0.25
 LONG_SPIN_MISSED = 1.25  # a spin that missed: the estimate grows by this
+_LONG_SPIN = (
+    LONG_REQUEST,
+    LONG_SPIN_MAX,
+    LONG_SPIN_PROBE,
+    LONG_SPIN_MARGIN,
+    LEARNING_RATE,
+    LONG_SPIN_MISSED,
+    TIMEOUT,
+)  # for the compiled lone request (vsc.storage._fast.run_lone)
 
 # One SRB to run, a plain tuple (the hot path builds one per request):
 # (packet, length, gpa, data, reading, index)
@@ -266,68 +274,22 @@ class StorageController:
 
     def _run_one(self, command: Command, results: list[VmbusError | None] | None) -> bool:
         """One command on an idle controller of one compiled channel: sent,
-        waited for and reaped in one compiled call (vsc.storage._fast.run_one),
-        with the waits `_wait` would do. False (nothing sent) where that does
+        waited for (with the waits `_wait` would do: the channel's adaptive
+        spin, or the learnt long spin) and reaped in one compiled call
+        (vsc.storage._fast.run_lone). False (nothing sent) where that does
         not apply: the general loop runs it."""
         if len(self.channels) != 1 or self._in_flight[0] or not self._free:
             return False
         channel = self.channels[0]
+        if channel.backlog or type(channel).wait is not Channel.wait:
+            return False  # a channel whose waiting does something else (a test's pump)
         writer, reader = channel.writer, channel.reader
         if not isinstance(writer, CompiledWriter) or not isinstance(reader, CompiledReader):
             return False
-        if channel.backlog or type(channel).wait is not Channel.wait:
-            return False  # a channel whose waiting does something else (a test's pump)
-        length = command[1]
-        long_spin = length >= LONG_REQUEST and channel.spin_seconds > 0
-        if long_spin:
-            expected = length * self._seconds_per_byte
-            self._long_waits += 1
-            if expected > LONG_SPIN_MAX and self._long_waits % LONG_SPIN_PROBE:
-                spin = 0.0  # a slow disk: sleep at once
-            else:
-                spin = min(max(expected * LONG_SPIN_MARGIN, channel.spin_seconds), LONG_SPIN_MAX)
-        else:
-            spin = channel._spin_budget()
-        slot, trans_id = self._free.pop(), next(channel.ids)
         try:
-            outcome, value, rung, caught = _fast.run_one(
-                writer, reader, command, slot, trans_id, channel.notify_peer.fileno(),
-                channel.wake_me.fileno(), spin, TIMEOUT,
-            )  # fmt: skip
-        except BaseException:
-            self._free.append(slot)
-            raise
+            return _fast.run_lone(self, channel, writer, reader, command, results, _LONG_SPIN)
         finally:
             del writer, reader  # a raised error's traceback must not pin the rings
-        channel.notify_peer.sent += rung
-        if outcome == _fast.ONE_TIMEOUT:  # still in flight: a late completion is reaped
-            self._in_flight[0][trans_id] = (command, slot)
-        else:
-            self._free.append(slot)
-        if outcome == _fast.ONE_FULL:
-            return False
-        channel.packets_sent += 1
-        if long_spin and spin:  # learn how long large requests take (see LONG_REQUEST)
-            if caught >= 0:
-                self._seconds_per_byte += (caught / length - self._seconds_per_byte) * LEARNING_RATE
-            else:
-                ceiling = 2 * LONG_SPIN_MAX / length
-                self._seconds_per_byte = min(self._seconds_per_byte * LONG_SPIN_MISSED, ceiling)
-        elif not long_spin and spin:
-            if caught >= 0:
-                channel.spin_misses = 0
-            else:
-                channel.spin_misses += 1
-        if outcome == _fast.ONE_TIMEOUT:
-            raise ChannelTimeout("timed out waiting for a packet")
-        failure = None
-        if outcome == _fast.ONE_FAILED:
-            failure = self.finish(command, slot, value)
-        if failure is not None:
-            if results is None:
-                raise failure
-            results[command[5]] = results[command[5]] or failure
-        return True
 
     def _submit(
         self, pending: Iterator[Command], stalled: Command | None, spare: int = 0

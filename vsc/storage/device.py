@@ -220,7 +220,18 @@ class BlockDevice:
 
     def read_into(self, offset: int, buffer: Any) -> None:
         """Fill `buffer` from byte `offset`."""
-        self.controller.run(self._rw(False, offset, buffer, False))
+        self._one(False, offset, buffer, False)
+
+    def _one(self, write: bool, offset: int, buffer: Any, fua: bool) -> None:
+        """One request: in one compiled call when it is one SRB on an idle
+        controller (StorageController._run_one), else as `run` does."""
+        c = self.controller
+        command = _fast.rw_command(
+            buffer, write, fua, offset, self.lun, self.block_size, self.capacity,
+            c.max_io_bytes, c.version, c.memory_base, c.memory.size, 0,
+        )  # fmt: skip
+        if command is None or not c._run_one(command, None):
+            c.run(self._rw(write, offset, buffer, fua))
 
     def read(self, offset: int, length: int) -> bytes:
         out = bytearray(length)
@@ -230,7 +241,7 @@ class BlockDevice:
     def write(self, offset: int, data: Any, *, fua: bool = False) -> None:
         """Write `data` at byte `offset`. With `fua`, the disk acknowledges
         only once the data is on stable storage."""
-        self.controller.run(self._rw(True, offset, data, fua))
+        self._one(True, offset, data, fua)
 
     def submit_many(
         self, requests: Iterable[Request], *, depth: int | None = None
