@@ -1,4 +1,5 @@
-"""The `vmbus` command line: `demo` and `info`."""
+"""The `vmbus` command line: `demo`, `bench`, `serve` (the management
+service), `ctl` (its client) and `info`."""
 
 from __future__ import annotations
 
@@ -64,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--markdown", type=Path, help="write the tables here (else stdout)")
     bench.add_argument("--plot", type=Path, help="save a PNG chart of the ratios")
     commands.add_parser("info", help="version and build")
+    from vmbus.vmms import ctl
+
+    ctl.add_commands(commands)
     return parser
 
 
@@ -91,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
 
         options = demo.Options(args.seconds, args.children, args.disk_mb, args.net, args.vnc_port)
         return demo.main(options)
+    elif args.command in ("serve", "ctl"):
+        from vmbus.vmms import ctl
+
+        return ctl.run(args)
     else:
         print(info())
     return 0
