@@ -8,11 +8,14 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from vmbus.channel import VM_PKT_DATA_INBAND
 from vmbus.guest import Guest
 from vmbus.partition import Host, wait_until
-from vmbus.protocols.ic import KvpPool
+from vmbus.protocols.ic import IcServer, KvpPool, MessageType
+from vmbus.protocols.ic import wire as w
 from vmbus.testing import loopback
-from vsc.ic import IntegrationServices
+from vmbus.testing.rings import channel_pair
+from vsc.ic import Heartbeat, IntegrationServices
 from vsp.ic import integration_services
 
 HEARTBEAT, SHUTDOWN, TIMESYNC, KVP = range(4)  # integration_services' order
@@ -85,3 +88,36 @@ def test_child_process_heartbeat_kvp_and_shutdown_through_control() -> None:
             assert child.wait(60) == 0
         finally:
             child.kill()
+
+
+class FakeDevice:
+    """Enough of a GuestDevice for a service: `open` hands it the guest's
+    end of an in-process channel pair; the test holds the host's."""
+
+    def __init__(self) -> None:
+        self.guest, self.host = channel_pair(w.RING_SIZE, spin_seconds=0.0)
+
+    def open(self, *args: object, **kwargs: object) -> Any:
+        self.guest.close = lambda *a: None  # type: ignore[method-assign]
+        return self.guest
+
+
+def test_host_that_sends_garbage_is_dropped_and_counted_and_the_next_beat_answered() -> None:
+    device = FakeDevice()
+    heartbeat = Heartbeat(device)  # type: ignore[arg-type]
+    try:
+        server = IcServer(MessageType.HEARTBEAT, w.HEARTBEAT_VERSIONS)
+        device.host.send(b"\xee" * 40, type=VM_PKT_DATA_INBAND, trans_id=99)  # garbage
+        trans_id, payload = server.negotiate()
+        device.host.send(payload, type=VM_PKT_DATA_INBAND, trans_id=trans_id)
+        answer = device.host.receive(timeout=30)
+        assert answer.trans_id == trans_id and heartbeat.errors == 1
+        server.receive(answer.payload, answer.trans_id)
+        trans_id, payload = server.request(w.HeartbeatData(7).pack())
+        device.host.send(payload, type=VM_PKT_DATA_INBAND, trans_id=trans_id)
+        answer = device.host.receive(timeout=30)
+        ic_answer = server.receive(answer.payload, answer.trans_id)
+        assert ic_answer is not None
+        assert w.HeartbeatData.unpack_from(ic_answer.body).seq_num == 8
+    finally:
+        heartbeat.close()

@@ -127,9 +127,13 @@ class IcService:
                 if request is not None:
                     self.requests += 1
                     answer = self.handle(request)
-            except (PeerError, WireError) as error:
+            except (PeerError, WireError) as error:  # dropped, as Linux does
                 self.errors += 1
                 log.warning("%s: %s", self.msgtype.name, error)
+                continue
+            except Exception:  # a bug, or a callback's: the service keeps answering
+                self.errors += 1
+                log.exception("%s: a request failed", self.msgtype.name)
                 continue
             if answer is not None:
                 channel.send(answer, type=VM_PKT_DATA_INBAND, trans_id=packet.trans_id)
