@@ -14,10 +14,13 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
 from vmbus import guid, handoff
+from vmbus.errors import UsageError
 from vmbus.guest import Guest, GuestDevice
 from vmbus.partition import Host
 from vmbus.protocols.storage import (
@@ -31,7 +34,12 @@ from vmbus.protocols.storage.vsp import Reply
 from vmbus.protocols.storage.wire import STATUS_INVALID_DEVICE_STATE
 from vsc.storage import StorageController
 from vsp.storage import DirectBackend, RamBackend, RawFileBackend, ScsiDisk, StorVsp
-from vsp.storage.device import StorvspChannel, StorvspSubChannel
+from vsp.storage.device import (
+    StorvspChannel,
+    StorvspSubChannel,
+    StorvspThreadedPrimary,
+    SubChannelOffers,
+)
 from vsp.storage.pool import IoPool
 
 MIB = 1 << 20
@@ -126,8 +134,45 @@ def test_a_pool_rings_the_doorbell_it_is_given_and_leaves_it_to_the_channel() ->
         os.close(doorbell)
 
 
-def test_only_sub_channels_have_threads_of_their_own() -> None:
-    assert StorvspSubChannel.own_thread and not StorvspChannel.own_thread
+def test_channels_have_threads_of_their_own_where_the_compiled_loop_serves_them() -> None:
+    assert StorvspSubChannel.own_thread and StorvspThreadedPrimary.own_thread
+    assert not StorvspChannel.own_thread  # channel_threads=False, or no loop to offer for it
+
+
+def test_a_threaded_primarys_sub_channel_offers_are_made_by_the_loop_it_wakes() -> None:
+    """CREATE_SUB_CHANNELS on a primary served by its own thread: that
+    thread only asks; the offers are made when the worker's loop runs the
+    callback of the descriptor it watches (the loop alone talks to the
+    control plane), each sub-channel once."""
+    watched: dict[int, Any] = {}
+    offered: list[int] = []
+    context = SimpleNamespace(
+        watch=watched.__setitem__,
+        unwatch=watched.pop,
+        add_offer=lambda offer: offered.append(offer.sub_channel_index),
+    )
+    vsp = StorVsp([RamBackend(MIB)], channels=4)
+    offers = SubChannelOffers(vsp, context)  # type: ignore[arg-type]
+    asker = threading.Thread(target=offers.request, args=(2,))
+    asker.start()
+    asker.join()
+    assert offered == [] and list(watched) == [offers.fd]
+    assert select.select([offers.fd], [], [], 5)[0]  # the loop is woken
+    watched[offers.fd]()
+    offers.request(3)
+    watched[offers.fd]()
+    watched[offers.fd]()  # woken with nothing asked: nothing more
+    assert offered == [1, 2, 3]
+    offers.close()
+    assert watched == {} and offers.fd == -1
+
+
+def test_a_primary_where_nothing_can_be_watched_stays_on_the_callers_thread() -> None:
+    def no_watch(fd: int, callback: Any) -> None:
+        raise UsageError("this context has no worker to watch descriptors")
+
+    context = SimpleNamespace(watch=no_watch)
+    assert SubChannelOffers(StorVsp([RamBackend(MIB)]), context).fd == -1  # type: ignore[arg-type]
 
 
 def spread_io(guest: Guest, seed: int, luns: int) -> None:

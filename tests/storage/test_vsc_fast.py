@@ -6,6 +6,7 @@ and hostile completion bytes, short and malformed ones included."""
 
 from __future__ import annotations
 
+import os
 import struct
 from typing import Any
 
@@ -246,3 +247,69 @@ def test_reap_finishes_each_completion_as_the_python_path_does(payload: bytes) -
         assert outcome(_fast.parse_completion, finished[0]) == outcome(
             vstor.parse_completion, padded
         )
+
+
+# --- one request, sent and waited for in one call ----------------------------------
+
+
+def lone_rings() -> tuple[Any, Any, Any, Any]:
+    """The guest's two rings: its writer (to the VSP), the VSP's reader of
+    it, the VSP's writer back, and the guest's reader."""
+    out, back = ring_buffer(16 * 1024), ring_buffer(16 * 1024)
+    return RingWriter(out), RingReader(out), RingWriter(back), RingReader(back)
+
+
+@given(payload=COMPLETIONS)
+def test_run_one_sends_the_srb_and_finishes_its_completion_as_reap_does(payload: bytes) -> None:
+    """run_one writes the SRB with the slot's GPA-direct header and reaps its
+    completion past an unsolicited packet and one of nobody's (all three
+    consumed); the completion is finished as reap finishes it."""
+    to_vsp, vsp_reads, from_vsp, reader = lone_rings()
+    from_vsp.write(b"enumerate", PacketType.DATA_INBAND, 0, 0)
+    from_vsp.write(payload, PacketType.COMP, 0, 8)  # no request of ours
+    from_vsp.write(payload, PacketType.COMP, 0, 7)
+    from_vsp.commit()
+    padded = payload.ljust(-(-len(payload) // 8) * 8, b"\0")
+    into, slot = bytearray(1000), Slot()
+    slot.header = lambda length: _fast.gpa_header(5 * PAGE_SIZE, length)  # type: ignore[attr-defined]
+    packet = _fast.build_rw16(0, False, False, 0, 2, len(into))
+    command = (packet, len(into), -1, memoryview(into), True, 3)
+    notify, wake = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        outcome_, value, _, _ = _fast.run_one(
+            to_vsp, reader, command, slot, 7, notify, wake, 0.0, 5.0
+        )
+    finally:
+        os.close(notify)
+        os.close(wake)
+    sent = vsp_reads.read()
+    assert sent is not None and (sent.type, sent.trans_id) == (PacketType.DATA_USING_GPA_DIRECT, 7)
+    assert bytes(sent.data[sent.offset8 * 8 :][: len(packet)]) == packet
+    assert bytes(sent.data[16 : sent.offset8 * 8]) == _fast.gpa_header(5 * PAGE_SIZE, len(into))
+    assert reader.bytes_available == 0
+    moved = _fast.completed(padded)
+    if moved >= 0:
+        assert (outcome_, value) == (_fast.ONE_DONE, moved)
+        count = min(moved, len(into))
+        assert into[:count] == slot.view[:count] and not any(into[count:])
+    else:
+        assert (outcome_, value) == (_fast.ONE_FAILED, padded[:64])
+
+
+def test_run_one_sends_nothing_into_a_full_ring_and_times_out_unanswered() -> None:
+    to_vsp, vsp_reads, _, reader = lone_rings()
+    packet = _fast.build_rw16(0, False, False, 0, 1, 512)
+    command = (packet, 512, 5 * PAGE_SIZE, memoryview(bytearray(512)), True, 0)
+    notify, wake = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        answers = [_fast.run_one(to_vsp, reader, command, None, 1, notify, wake, 0.0, 0.01)]
+        assert answers[0][0] == _fast.ONE_TIMEOUT and os.eventfd_read(notify) == 1  # rung
+        while to_vsp.write(packet, PacketType.DATA_INBAND, 0, 0):
+            pass  # fill the ring
+        answers.append(_fast.run_one(to_vsp, reader, command, None, 2, notify, wake, 0.0, 1.0))
+    finally:
+        os.close(notify)
+        os.close(wake)
+    assert answers[1][0] == _fast.ONE_FULL
+    first = vsp_reads.read()
+    assert first is not None and first.trans_id == 1  # the timed-out one went out

@@ -10,9 +10,9 @@ and its GPA range list; the descriptor was copied and checked by the ring)
 and validated from that copy; the data moves with preadv/pwritev between the
 image file and the guest's pages; the completion is written into the ring in
 place; both rings are committed once per batch, and the completions also
-every PUBLISH_EVERY packets inside a long one, so a guest with a deep queue
-reaps and refills while the rest of the batch is served (pipelining, not
-turns).
+every PUBLISH_EVERY packets (or PUBLISH_BYTES moved) inside a long one, so
+a guest with a deep queue reaps and refills while the rest of the batch is
+served (pipelining, not turns).
 
 Everything else is declined: the drain stops at the first packet it does not
 serve and leaves it, and all after it, in the ring for the Python path
@@ -67,9 +67,14 @@ DEF PAGE = 4096              # vmbus.memory.PAGE_SIZE, checked at import
 DEF PACKET_MAX = 16384       # private copy: GPA header + VSTOR packet; larger declines
 DEF IOV_LIMIT = 1024         # iovecs of one request (Linux IOV_MAX); more declines
 DEF BATCH_LIMIT = 4096       # packets per call: bounds one call's latency
-DEF PUBLISH_EVERY = 8        # completions published this often inside a batch
+DEF PUBLISH_EVERY = 8        # completions published this often inside a batch,
+DEF PUBLISH_BYTES = 65536    # or once they moved this much (a large request: at once)
 DEF POLL_MISSES = 4          # run: spins in a row that found nothing before it backs off
 DEF POLL_PROBE = 32          # then spin after one batch in this many
+DEF GAP_MARGIN = 3.0         # run spins this many times the usual wait for the next request,
+DEF SPIN_FLOOR = 3e-6        # but at least this long,
+DEF GAP_LEARNING = 0.25      # learning the usual wait from each spin that saw a request
+DEF GAP_MISSED = 1.25        # and growing it by this after one that did not
 DEF LUNS = 256               # a vmscsi_request's u8 lun
 DEF MAX_RANGES = 256         # vmbus.packet.MAX_GPA_RANGES
 DEF MAX_PFNS = 8192          # vmbus.packet.MAX_GPA_PFNS
@@ -192,11 +197,13 @@ cdef class FastPath:
     cdef uint8_t reply[VSTOR_PACKET]
     cdef iovec iov[IOV_LIMIT]
     cdef bint signal_due                     # a publish in the batch asks for a signal
+    cdef uint64_t unpublished                # bytes moved by completions not yet published
     cdef int notify_fd                       # the guest's doorbell (its eventfd)
     cdef int wake_fd                         # ours
     cdef unsigned long long rung             # doorbells rung without the GIL, not yet counted
     cdef unsigned long long waits            # run's adaptive spin
     cdef unsigned int spin_misses
+    cdef double gap                          # seconds the guest's next request usually takes
     cdef public unsigned long long served    # requests completed here, ever (counted live)
     cdef public unsigned long long declined  # calls that stopped at a packet for Python
 
@@ -341,9 +348,13 @@ cdef class FastPath:
             now = monotonic()
             if now >= turn_ends:
                 return OUT_PYTHON
-            # Poll mode: the next request, with the ring masked; after
-            # POLL_MISSES fruitless spins in a row, one wait in POLL_PROBE spins.
-            spin_ends = now + spin
+            # Poll mode: the next request, with the ring masked, for as long
+            # as the guest's next request usually takes to come (learnt from
+            # the spins that saw it; at most `spin`); after POLL_MISSES
+            # fruitless spins in a row, one wait in POLL_PROBE spins.
+            if self.gap <= 0 or self.gap > spin:
+                self.gap = spin / GAP_MARGIN
+            spin_ends = now + max(SPIN_FLOOR, min(spin, self.gap * GAP_MARGIN))
             state = EMPTY
             self.waits += 1
             spinning = spin > 0 and (self.spin_misses < POLL_MISSES
@@ -358,10 +369,13 @@ cdef class FastPath:
             if state != READY and state != EMPTY:
                 return OUT_PYTHON  # a bad write_index: the drain reports it
             if self.reader.available():
+                if spinning:
+                    self.gap += (monotonic() - now - self.gap) * GAP_LEARNING
                 self.spin_misses = 0
                 continue
             if spinning:
                 self.spin_misses += 1
+                self.gap *= GAP_MISSED
             # Sleep: unmask, re-check, wait on the doorbell.
             state = unmask_signals(self.reader)
             if state == READY:
@@ -434,8 +448,9 @@ cdef class FastPath:
             self.reader.consume(&d)
             count[0] += 1
             self.served += 1  # live: another thread may read the counters
-            if count[0] % PUBLISH_EVERY == 0 and not self.publish():
-                return DECLINED  # a bad read_index: Python raises it
+            if count[0] % PUBLISH_EVERY == 0 or self.unpublished >= PUBLISH_BYTES:
+                if not self.publish():
+                    return DECLINED  # a bad read_index: Python raises it
         return SERVED
 
     cdef bint publish(self) noexcept nogil:
@@ -443,6 +458,7 @@ cdef class FastPath:
         far visible; if the guest sleeps on an empty ring (unmasked, it had
         read everything), ring its doorbell now. False on a bad read_index."""
         cdef uint32_t old = self.writer.published
+        self.unpublished = 0
         if self.writer.cursor == old:
             return True
         # Release: the completions' bytes are visible before the index.
@@ -494,6 +510,7 @@ cdef class FastPath:
         cdef uint64_t moved = 0
         if not self.execute(&r, lun, &moved):
             return DECLINED
+        self.unpublished += moved
         return self.complete(payload, moved, d.trans_id)
 
     cdef bint check_ranges(self, Request *r) noexcept nogil:

@@ -232,7 +232,7 @@ class StorVsp(Vsp):
         if self.channel_threads and context.offer.sub_channel_index:
             return StorvspSubChannel(self, channel, context)
         if self.channel_threads and self.fast_path and FastPath is not None:
-            offers = _OfferLater(self, context)
+            offers = SubChannelOffers(self, context)
             if offers.fd >= 0:
                 return StorvspThreadedPrimary(self, channel, context, offers)
         return StorvspChannel(self, channel, context)
@@ -528,7 +528,7 @@ class StorvspThreadedPrimary(StorvspSubChannel):
     control plane), woken through a descriptor it watches."""
 
     def __init__(
-        self, vsp: StorVsp, channel: Channel, context: OpenContext, offers: _OfferLater
+        self, vsp: StorVsp, channel: Channel, context: OpenContext, offers: SubChannelOffers
     ) -> None:
         super().__init__(vsp, channel, context)
         self.offers = offers
@@ -541,7 +541,7 @@ class StorvspThreadedPrimary(StorvspSubChannel):
         super().close()
 
 
-class _OfferLater:
+class SubChannelOffers:
     """Sub-channel offers the worker's loop makes for a primary served on
     another thread: `request(count)` from that thread, the offers from the
     loop's watch of an eventfd. `fd` is -1 where the context has no loop."""
