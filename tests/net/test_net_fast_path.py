@@ -276,10 +276,57 @@ def test_fast_path_agrees_with_the_python_path(stream: list[Request], vnet: bool
 
 def test_a_vnet_backend_gets_a_header_before_each_frame_on_both_paths() -> None:
     batch = b"".join(rndis_packet(frame_of(n, n), [], -(44 + n) % 8) for n in (60, 1514))
-    with_ppi = rndis_packet(frame_of(80, 9), [(0, bytes(4))], 4)  # the Python path's
+    with_ppi = rndis_packet(frame_of(80, 9), [(0, bytes(4))], 4)  # a checksum info of 0
     requests: list[Request] = [(0, batch, None, 0, COMPLETION_REQUESTED, False)] * 3
     requests.append((1, with_ppi, None, 0, COMPLETION_REQUESTED, False))
-    assert differential(requests, vnet=True) == 3
+    assert differential(requests, vnet=True) == 4
+
+
+@st.composite
+def offloaded_requests(draw: st.DrawFn) -> list[Request]:
+    """Large sends and checksum offloads as Linux's netvsc sends them (the
+    IP lengths zeroed for a large send), their PPI values changed now and then."""
+    out: list[Request] = []
+    for _ in range(draw(st.integers(1, 6))):
+        messages = []
+        for _ in range(draw(st.integers(1, 3))):
+            ipv6 = draw(st.booleans())
+            at = 54 if ipv6 else 34
+            if draw(st.booleans()):  # LSOv2
+                frame = bytearray(tcp_frame(MAC, draw(st.sampled_from([100, 3000, 20000])), ipv6))
+                frame[16 if not ipv6 else 18 : 18 if not ipv6 else 20] = b"\0\0"
+                ppis = [ol.lso_ppi(ipv6, at, draw(st.sampled_from([0, 1448, 536])))]
+            else:
+                tcp = draw(st.booleans())
+                frame = bytearray(tcp_frame(MAC, 500, ipv6, proto=6 if tcp else 17))
+                kind, value = ol.csum_ppi(ipv6, tcp, at)
+                if draw(st.booleans()):  # and the IPv4 header checksum
+                    value = (int.from_bytes(value, "little") | 16).to_bytes(4, "little")
+                ppis = [(kind, value)]
+            if draw(st.integers(0, 3)) == 0:
+                kind, value = ppis[0]
+                ppis = [(kind, struct.pack("<I", draw(st.integers(0, (1 << 32) - 1))))]
+            if draw(st.integers(0, 5)) == 0:
+                ppis.append((ol.PPI_CHECKSUM, struct.pack("<I", draw(st.integers(0, 31)))))
+            messages.append(rndis_packet(bytes(frame), ppis, -len(encode_packet(frame, ppis)) % 8))
+        data = b"".join(messages)
+        out.append((draw(st.integers(0, SECTIONS - 1)), data, None, 0, COMPLETION_REQUESTED, False))
+    return out
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(offloaded_requests())
+def test_offloaded_sends_agree_with_the_python_path(stream: list[Request]) -> None:
+    differential(stream, vnet=True)
+
+
+def test_large_sends_are_served_by_the_fast_path() -> None:
+    requests: list[Request] = []
+    for ipv6 in (False, True):
+        frame = tcp_frame(MAC, 30000, ipv6)
+        ppis = [ol.lso_ppi(ipv6, 54 if ipv6 else 34, 1448)]
+        requests.append((0, encode_packet(frame, ppis), None, 0, COMPLETION_REQUESTED, False))
+    assert differential(requests, vnet=True) == 2
 
 
 # --- backend -> guest ---

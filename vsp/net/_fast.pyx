@@ -51,7 +51,7 @@ from vsp.net.backends import max_frame as _max_frame
 
 __all__ = ["FastPath"]
 
-DEF SECTION_MAX = 65536      # private copy of one send section; larger declines
+DEF SECTION_MAX = 66048      # private copy of one send section (device.LSO_SECTION fits); larger declines
 DEF MAX_MESSAGES = 64        # rndis_wire.MAX_MESSAGES_PER_BATCH
 DEF MAX_PPIS = 32            # rndis_wire.MAX_PPIS
 DEF PACKET_HEADER = 44       # rndis_wire.PacketHeader.SIZE
@@ -112,6 +112,7 @@ for _name, _ours, _theirs in (
     ("SEND_RNDIS_PKT", SEND_RNDIS_PKT, _nvsp.NvspMessageType.SEND_RNDIS_PKT),
     ("RECEIVE_BUFFER_ID", XFER_PAGESET, _nvsp.RECEIVE_BUFFER_ID),
     ("GSO_MAX_FRAME", GSO_FRAME, _ol.GSO_MAX_FRAME),
+    ("PPI_CHECKSUM, PPI_LSO", 0 | 2 << 8, _ol.PPI_CHECKSUM | _ol.PPI_LSO << 8),
     ("FRAGMENT_OVERHEAD", FRAGMENT_OVERHEAD, _ol.FRAGMENT_OVERHEAD),
     ("RSC_MAX_FRAGMENTS", RSC_MAX, _ol.RSC_MAX_FRAGMENTS),
     ("PPI_PKTINFO", 1 << 31 | PKTINFO_LOW, _ol.PPI_PKTINFO),
@@ -130,6 +131,22 @@ cdef inline uint32_t le32(const uint8_t *p) noexcept nogil:
 
 cdef inline void put32(uint8_t *p, uint32_t v) noexcept nogil:
     memcpy(p, &v, 4)
+
+
+cdef inline uint32_t fold(uint32_t total) noexcept nogil:
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+cdef inline void ip4_checksum(uint8_t *ip, uint32_t ihl) noexcept nogil:
+    """offload._ip4_checksum: the IPv4 header checksum of `ihl` bytes, in place."""
+    cdef uint32_t total = 0, k
+    ip[10] = ip[11] = 0
+    for k in range(0, ihl, 2):
+        total += (<uint32_t>ip[k] << 8) | ip[k + 1]
+    total = ~fold(total) & 0xFFFF
+    ip[10], ip[11] = total >> 8, total & 0xFF
 
 
 cdef inline bint area_ok(uint32_t offset, uint32_t length, uint32_t msg_len) noexcept nogil:
@@ -181,6 +198,8 @@ cdef class FastPath:
     cdef uint8_t private[SECTION_MAX]
     cdef uint32_t frame_at[MAX_MESSAGES]
     cdef uint32_t frame_len[MAX_MESSAGES]
+    cdef uint8_t frame_hdr[MAX_MESSAGES * VNET_HDR]   # vnet: each frame's virtio_net_hdr
+    cdef bint frame_refused[MAX_MESSAGES]             # vnet: its per-packet info does not fit it
     cdef uint8_t reply_ok[NVSP_SIZE]
     cdef uint8_t reply_fail[NVSP_SIZE]
     # What one call did, handed to the Python counters after it:
@@ -368,13 +387,109 @@ cdef class FastPath:
                 return 0
             if le32(m + 32) and not ppis_ok(m + RNDIS_HEADER + le32(m + 28), le32(m + 32)):
                 return 0
-            if le32(m + 32) and self.vnet:
-                return 0  # checksum or LSO info to translate: the Python path
             self.frame_at[count] = pos + RNDIS_HEADER + data_off
             self.frame_len[count] = data_len
+            if self.vnet and not self.offload_header(count, m, data_off, data_len):
+                return 0  # per-packet info this path does not translate: the Python path
             count += 1
             pos += msg_len
         return count
+
+    cdef bint offload_header(self, uint32_t i, const uint8_t *m, uint32_t data_off,
+                             uint32_t data_len) noexcept nogil:
+        """offload.vnet_header for frame `i` (in the private copy, fixed up
+        there) from its message's checksum and LSO info: its header, or
+        refused; False (decline) where Python would go past the frame's end."""
+        cdef uint32_t info_off = le32(m + 28), info_len = le32(m + 32)
+        cdef const uint8_t *info = m + RNDIS_HEADER + info_off
+        cdef uint32_t pos = 0, size, kind, value_at, csum = 0, lso = 0, ethertype, ip_at
+        cdef uint32_t th, offset, ihl, tcp_len, header_len, mss, total, k
+        cdef bint has_csum = False, has_lso = False, ipv4, ipv6, tcp, udp
+        cdef uint8_t *f = self.private + self.frame_at[i]
+        cdef uint8_t *h = self.frame_hdr + i * VNET_HDR
+        cdef uint32_t length = data_len
+        memset(h, 0, VNET_HDR)
+        self.frame_refused[i] = False
+        while pos < info_len:  # checked by ppis_ok: the last value of each type wins
+            size, kind, value_at = le32(info + pos), le32(info + pos + 4), le32(info + pos + 8)
+            if size - value_at >= 4 and (kind == 0 or kind == 2):
+                if kind == 0:
+                    has_csum, csum = True, le32(info + pos + value_at)
+                else:
+                    has_lso, lso = True, le32(info + pos + value_at)
+            pos += size
+        if not has_lso and not csum:
+            return True
+        if length < 14:
+            self.frame_refused[i] = True
+            return True
+        ethertype, ip_at = (<uint32_t>f[12] << 8) | f[13], 14
+        if ethertype == 0x8100:
+            if length < 18:
+                self.frame_refused[i] = True
+                return True
+            ethertype, ip_at = (<uint32_t>f[16] << 8) | f[17], 18
+        if has_lso and lso >> 30 & 1:
+            ipv6, mss, th = (lso >> 31) != 0, lso & 0xFFFFF, lso >> 20 & 0x3FF
+            if mss == 0 or ethertype != (0x86DD if ipv6 else 0x0800) or th + 20 > length \
+                    or length - ip_at > 0xFFFF:
+                self.frame_refused[i] = True
+                return True
+            tcp_len = length - th
+            header_len = th + (f[th + 12] >> 4) * 4
+            if header_len > length or header_len < th + 20:
+                self.frame_refused[i] = True
+                return True
+            total = 0
+            if ipv6:
+                if th < ip_at + 40 or f[ip_at + 6] != 6:
+                    self.frame_refused[i] = True
+                    return True
+                f[ip_at + 4], f[ip_at + 5] = (length - ip_at - 40) >> 8 & 0xFF, (length - ip_at - 40) & 0xFF
+                for k in range(ip_at + 8, ip_at + 40, 2):
+                    total += (<uint32_t>f[k] << 8) | f[k + 1]
+                h[1] = GSO_TCPV6
+            else:
+                ihl = (f[ip_at] & 0xF) * 4
+                if f[ip_at] >> 4 != 4 or ihl < 20 or th != ip_at + ihl or f[ip_at + 9] != 6:
+                    self.frame_refused[i] = True
+                    return True
+                f[ip_at + 2], f[ip_at + 3] = (length - ip_at) >> 8 & 0xFF, (length - ip_at) & 0xFF
+                ip4_checksum(f + ip_at, ihl)
+                for k in range(ip_at + 12, ip_at + 20, 2):
+                    total += (<uint32_t>f[k] << 8) | f[k + 1]
+                h[1] = GSO_TCPV4
+            total = fold(total + 6 + (tcp_len & 0xFFFF) + (tcp_len >> 16))
+            f[th + 16], f[th + 17] = total >> 8, total & 0xFF
+            h[0] = NEEDS_CSUM
+            h[2], h[3] = header_len & 0xFF, header_len >> 8
+            h[4], h[5] = mss & 0xFF, mss >> 8 & 0xFF
+            h[6], h[7] = th & 0xFF, th >> 8
+            h[8], h[9] = 16, 0
+            return True
+        if has_lso:
+            self.frame_refused[i] = True  # LSOv1: never offered
+            return True
+        ipv4, ipv6, tcp, udp = (csum & 1) != 0, (csum & 2) != 0, (csum & 4) != 0, (csum & 8) != 0
+        th = csum >> 16 & 0x3FF
+        if ipv4 == ipv6 or (ipv4 and ethertype != 0x0800) or (ipv6 and ethertype != 0x86DD):
+            self.frame_refused[i] = True
+            return True
+        if csum & 16 and ipv4:
+            ihl = (f[ip_at] & 0xF) * 4
+            if ip_at + (ihl if ihl > 12 else 12) > length:
+                return False  # Python sums what there is and writes past the frame
+            ip4_checksum(f + ip_at, ihl)
+        if not (tcp or udp):
+            return True
+        offset = 16 if tcp else 6
+        if tcp == udp or th < ip_at + (20 if ipv4 else 40) or th + offset + 2 > length:
+            self.frame_refused[i] = True
+            return True
+        h[0] = NEEDS_CSUM
+        h[6], h[7] = th & 0xFF, th >> 8
+        h[8] = offset
+        return True
 
     cdef int transmit(self, uint32_t messages, Descriptor *d) noexcept nogil:
         """TapBackend.send of the frames, then the completion."""
@@ -383,13 +498,21 @@ cdef class FastPath:
         cdef int outcome = SERVED
         cdef const uint8_t *reply
         cdef iovec iov[2]
-        iov[0].iov_base = self.vnet_zero
+        cdef uint32_t largest
         iov[0].iov_len = VNET_HDR
         for i in range(messages):
             length = self.frame_len[i]
             self.frames += 1
             self.nbytes += length
-            if length < 14 or length > self.max_frame:
+            largest = self.max_frame
+            if self.vnet:
+                if self.frame_refused[i]:
+                    refused += 1
+                    continue
+                iov[0].iov_base = self.frame_hdr + i * VNET_HDR
+                if self.frame_hdr[i * VNET_HDR + 1]:  # a large send: TapBackend.send_offloaded
+                    largest = GSO_FRAME
+            if length < 14 or length > largest:
                 refused += 1
                 continue
             while True:
