@@ -158,6 +158,7 @@ class ThreadPartition(ChildPartition):
                 lambda answer: self.vm.control(fields["device"], fields["request"], answer),
                 timeout,
             )
+
         def remove() -> dict[str, Any]:
             self.vm.remove_device(fields["device"])
             return {"result": None}

@@ -297,7 +297,8 @@ class Vsp(ABC):
     def control(self, request: dict[str, Any], reply: Callable[[dict[str, Any]], None]) -> None:
         """A request of the parent (`ChildPartition.control`, the management
         service's API), JSON in and out, run in the worker's loop: call
-        `reply` once, now or later (when the guest has answered). Raise
-        UsageError for a request the device does not take; it reaches the
-        caller as a ControlError with that reason."""
+        `reply` once, now or later (when the guest has answered), with
+        {"error": reason} for a failure found later (the guest never
+        answered). Raise UsageError for a request the device does not take.
+        Either reaches the caller as a ControlError with the reason."""
         raise UsageError(f"{type(self).__name__} takes no requests")

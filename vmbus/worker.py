@@ -466,7 +466,8 @@ class VmWorker:
             nonlocal answered
             if not answered:
                 answered = True
-                answer({"result": result})
+                failed = isinstance(result, dict) and set(result) == {"error"}
+                answer({"error": str(result["error"])} if failed else {"result": result})
 
         try:
             self._device(device).control(request, reply)

@@ -14,11 +14,14 @@ import pytest
 from vmbus.channel import Channel, DeviceRemoved
 from vmbus.device import OpenContext
 from vmbus.errors import UsageError
-from vmbus.guest import Guest
+from vmbus.guest import Guest, GuestDevice
+from vmbus.guid import SCSI
 from vmbus.partition import ControlError, Host, ThreadPartition, WorkerKind, wait_until
 from vmbus.protocols.echo import ECHO_CLASS_ID
 from vsc.echo import EchoVsc
+from vsc.storage import BlockDevice
 from vsp.echo import EchoHandler, EchoVsp
+from vsp.storage import RamBackend, StorVsp
 
 WORKERS: list[WorkerKind] = ["process", "thread"]
 CYCLES = 4
@@ -201,3 +204,30 @@ def test_control_reaches_the_device_in_its_worker(worker: WorkerKind) -> None:
         if isinstance(child, ThreadPartition):
             with pytest.raises(Exception, match="has ended"):
                 child.control(0, {"op": "count"})
+
+
+def read_until_removed(guest: Guest) -> None:
+    """Child: reads on the compiled storage path (one request at a time,
+    waited for in C) until the host removes the disk: DeviceRemoved, at once."""
+    disks: list[GuestDevice] = []
+    guest.register(SCSI, disks.append)
+    deadline = time.monotonic() + 60
+    while not disks:
+        assert time.monotonic() < deadline, "no disk was added"
+        time.sleep(0.005)
+    disk = BlockDevice(disks[0], queue_depth=1)
+    try:
+        while True:
+            disk.read(0, 4096)
+    except DeviceRemoved:
+        pass
+    disk.close()
+
+
+def test_a_disk_read_in_compiled_code_sees_its_removal() -> None:
+    with Host() as host:
+        child = host.start(read_until_removed)
+        index = child.add_device(StorVsp([RamBackend(1 << 20)]))
+        assert wait_until(lambda: child.device_stats()[index].get("requests", 0) > 50, 30)
+        child.remove_device(index)
+        assert child.wait(30) == 0  # not a ChannelTimeout a minute later

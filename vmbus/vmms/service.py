@@ -51,10 +51,14 @@ class Vm:
     password: str | None = None
     starts: int = 0
     started_at: float = 0.0
+    killed: bool = False  # by the API: its end is a stop, not a crash
 
     @property
     def state(self) -> str:
-        return "defined" if self.partition is None else self.partition.state
+        if self.partition is None:
+            return "defined"
+        state = self.partition.state
+        return "stopped" if self.killed and state == "crashed" else state
 
     @property
     def running(self) -> bool:
@@ -139,6 +143,7 @@ class Vmms:
             vm.indexes = {spec.name: index for index, spec in enumerate(definition.devices)}
             vm.starts += 1
             vm.started_at = time.monotonic()
+            vm.killed = False
             if definition.console.vnc:
                 self._open_console(vm, vsps)
             partition = vm.partition
@@ -160,6 +165,7 @@ class Vmms:
         with vm.lock:
             if vm.partition is None or not vm.running:
                 raise Conflict(f"{name} is {vm.state}")
+            vm.killed = True
             vm.partition.kill()
             vm.partition.wait(10.0)
             self._release(vm)

@@ -88,6 +88,7 @@ ONE_DONE: int
 ONE_FAILED: int
 ONE_FULL: int
 ONE_TIMEOUT: int
+ONE_REMOVED: int
 
 def run_one(
     writer: RingWriter,
@@ -99,6 +100,7 @@ def run_one(
     wake_fd: int,
     spin: float,
     timeout: float,
+    channel: Any = None,
 ) -> tuple[int, Any, int, float]: ...
 def run_lone(
     controller: Any,

@@ -42,7 +42,7 @@ from vmbus._cring cimport (
     writer_commit,
 )
 
-from vmbus.channel import ChannelTimeout
+from vmbus.channel import ChannelTimeout, DeviceRemoved
 from vmbus.errors import UsageError
 from vmbus.memory import PAGE_SIZE
 from vmbus.packet import PacketError
@@ -562,7 +562,7 @@ cdef inline double monotonic() noexcept nogil:
 
 
 # run_one's outcomes
-ONE_DONE, ONE_FAILED, ONE_FULL, ONE_TIMEOUT = 0, 1, 2, 3
+ONE_DONE, ONE_FAILED, ONE_FULL, ONE_TIMEOUT, ONE_REMOVED = 0, 1, 2, 3, 4
 
 
 cdef int wait_reply(RingReader reader, int wake_fd, double spin, double deadline,
@@ -596,19 +596,20 @@ cdef int wait_reply(RingReader reader, int wake_fd, double spin, double deadline
             return EMPTY
         wait_doorbell(wake_fd, <int>((deadline - now) * 1000) + 1)
         mask_signals(reader)
-        state = reader.refresh_write()
-        if state != READY or reader.available():
-            return state
+        # Back to the caller after any wake-up, a packet or not: a doorbell
+        # with nothing behind it may be the device's removal (Channel.remove).
+        return reader.refresh_write()
 
 
 def run_one(RingWriter writer, RingReader reader, command, slot, uint64_t trans_id,
-            int notify_fd, int wake_fd, double spin, double timeout):
+            int notify_fd, int wake_fd, double spin, double timeout, channel=None):
     """StorageController.run for one command on an idle channel (controller
     .py's form; `slot` its bounce slot), sent and waited for in one call,
     without the GIL while it waits. Returns (outcome, value, signals,
     caught): ONE_DONE with the bytes moved (a bounce read copied out);
     ONE_FAILED with a private copy of the reply's first 64 bytes, for
-    `finish`; ONE_FULL when the ring had no room (nothing sent); ONE_TIMEOUT.
+    `finish`; ONE_FULL when the ring had no room (nothing sent); ONE_TIMEOUT;
+    ONE_REMOVED when `channel` (if given) was removed meanwhile (its slot in flight).
     `signals`: doorbells rung; `caught`: as wait_reply. Packets that are not
     its completion are consumed and skipped, as the controller's reap does."""
     cdef Descriptor d
@@ -647,6 +648,8 @@ def run_one(RingWriter writer, RingReader reader, command, slot, uint64_t trans_
             return ONE_TIMEOUT, 0, rung, caught
         status = reader.check(&d)  # raises RingCorrupt on a corrupt ring
         if status == EMPTY:
+            if channel is not None and channel.removed:  # the host rescinded the device
+                return ONE_REMOVED, 0, rung, caught
             continue
         if d.type != VM_PKT_COMP or d.trans_id != trans_id:
             reader.consume(&d)  # unsolicited, or no request of ours
@@ -702,11 +705,13 @@ def run_lone(controller, channel, RingWriter writer, RingReader reader, command,
     try:
         outcome, value, rung, caught = run_one(
             writer, reader, command, slot, trans_id, channel.notify_peer.fileno(),
-            channel.wake_me.fileno(), spin, policy[6])
+            channel.wake_me.fileno(), spin, policy[6], channel)
     except BaseException:
         free.append(slot)
         raise
     channel.notify_peer.sent += rung
+    if outcome == ONE_REMOVED:
+        raise DeviceRemoved("the host removed this device")
     if outcome == ONE_TIMEOUT:  # still in flight: a late completion is reaped
         controller._in_flight[0][trans_id] = (command, slot)
     else:
