@@ -112,6 +112,8 @@ def test_ping_and_iperf3_between_the_childs_stack_and_the_host(
                 assert isinstance(result[name], dict), result[name]
                 assert result[name]["end"]["sum_received"]["bytes"] > 0
             assert (stats["large_sends"] > 0) == offloads and (stats["offload"] >= 0) == offloads
+            # iperf3 -R: the host's TCP segments coalesced (RSC) into frames above the MTU
+            assert (stats["coalesced"] > 0) == offloads
     finally:
         if server is not None:
             server.kill()

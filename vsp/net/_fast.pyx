@@ -399,7 +399,7 @@ cdef class FastPath:
                              uint32_t data_len) noexcept nogil:
         """offload.vnet_header for frame `i` (in the private copy, fixed up
         there) from its message's checksum and LSO info: its header, or
-        refused; False (decline) where Python would go past the frame's end."""
+        refused. True: nothing here declines."""
         cdef uint32_t info_off = le32(m + 28), info_len = le32(m + 32)
         cdef const uint8_t *info = m + RNDIS_HEADER + info_off
         cdef uint32_t pos = 0, size, kind, value_at, csum = 0, lso = 0, ethertype, ip_at
@@ -477,8 +477,9 @@ cdef class FastPath:
             return True
         if csum & 16 and ipv4:
             ihl = (f[ip_at] & 0xF) * 4
-            if ip_at + (ihl if ihl > 12 else 12) > length:
-                return False  # Python sums what there is and writes past the frame
+            if length <= ip_at or ip_at + (ihl if ihl > 20 else 20) > length:
+                self.frame_refused[i] = True  # no whole IPv4 header to sum
+                return True
             ip4_checksum(f + ip_at, ihl)
         if not (tcp or udp):
             return True

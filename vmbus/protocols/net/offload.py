@@ -229,6 +229,8 @@ def vnet_header(frame: bytes, ppis: dict[int, int]) -> VnetFrame | None:
         return None
     out = bytearray(frame)
     if iphdr and ipv4:
+        if len(out) < ip_at + max(20, (out[ip_at] & 0xF) * 4 if len(out) > ip_at else 0):
+            return None  # no whole IPv4 header to sum
         _ip4_checksum(out, ip_at)
     if not (tcp or udp):
         return VnetFrame(ZERO_HEADER, bytes(out))
