@@ -25,7 +25,7 @@ of a system call, declines (the Python path then produces the error reply).
 A completion is byte for byte what StorvspProtocol.complete_srb builds.
 """
 
-from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from libc.errno cimport EINTR, errno
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
@@ -58,6 +58,7 @@ from vmbus._cring cimport (
 from vmbus.memory import PAGE_SIZE as _PAGE_SIZE
 from vmbus.protocols.storage.vsp import VspState
 from vmbus.protocols.storage.wire import VSTOR_VERSION_WIN8
+from vsp.storage import changes as _changes
 from vsp.storage.backends import RawFileBackend
 from vsp.storage.scsi import ScsiDisk
 
@@ -121,6 +122,13 @@ cdef inline double monotonic() noexcept nogil:
     cdef timespec now
     clock_gettime(CLOCK_MONOTONIC, &now)
     return now.tv_sec + now.tv_nsec * 1e-9
+
+
+# The count of changes to what configure reads (vsp.storage.changes), held
+# for the life of the process: the array cannot be resized under us.
+cdef Py_buffer _changes_view
+PyObject_GetBuffer(_changes.COUNT, &_changes_view, PyBUF_SIMPLE)
+cdef const volatile uint64_t *CHANGES = <const volatile uint64_t *>_changes_view.buf
 
 
 if _PAGE_SIZE != PAGE:
@@ -198,6 +206,8 @@ cdef class FastPath:
     cdef iovec iov[IOV_LIMIT]
     cdef bint signal_due                     # a publish in the batch asks for a signal
     cdef uint64_t unpublished                # bytes moved by completions not yet published
+    cdef uint64_t seen_changes               # CHANGES when configure last ran
+    cdef bint configured, ready              # it ran; what it said
     cdef int notify_fd                       # the guest's doorbell (its eventfd)
     cdef int wake_fd                         # ours
     cdef unsigned long long rung             # doorbells rung without the GIL, not yet counted
@@ -232,7 +242,7 @@ cdef class FastPath:
         cdef Descriptor d
         if self.reader.corrupt is not None or self.reader.next(&d) != READY:
             return 0  # empty, or corrupt: the Python drain reports corruption
-        if not self.configure(vsp):
+        if not self.refresh(vsp):
             self.declined += 1
             return 0
         cdef object mapping
@@ -301,7 +311,7 @@ cdef class FastPath:
         cdef Py_buffer view
         cdef uint32_t count = 0
         cdef int why = OUT_PYTHON
-        if self.reader.corrupt is not None or not self.configure(vsp):
+        if self.reader.corrupt is not None or not self.refresh(vsp):
             return 0, OUT_PYTHON
         try:
             mapping = self.memory.view(0, self.memory.size)
@@ -329,9 +339,11 @@ cdef class FastPath:
         cdef double now = monotonic(), turn_ends = now + turn, spin_ends
         cdef uint32_t before
         cdef int outcome, state
-        cdef bint spinning, ready
+        cdef bint spinning
         mask_signals(self.reader)
         while True:
+            if CHANGES[0] != self.seen_changes and not self.refresh_nogil(vsp):
+                return OUT_PYTHON
             before = count[0]
             outcome = self.serve_batch(count)
             if count[0] != before and not self.commit_both():
@@ -386,13 +398,6 @@ cdef class FastPath:
             if not wait_doorbell(self.wake_fd, idle_ms):
                 return OUT_IDLE
             mask_signals(self.reader)
-            with gil:  # what changed while we slept (a unit attention, the protocol)
-                try:
-                    ready = self.configure(vsp)
-                except BaseException:
-                    ready = False
-            if not ready:
-                return OUT_PYTHON
 
     cdef bint commit_both(self) noexcept nogil:
         """Both rings' commits, signalling the guest as they answer; False
@@ -405,6 +410,23 @@ cdef class FastPath:
             ring_doorbell(self.notify_fd)
             self.rung += 1
         return True
+
+    cdef bint refresh(self, vsp) except -1:
+        """configure, when what it reads may have changed since it last ran
+        (vsp.storage.changes); else what it said then."""
+        if self.configured and CHANGES[0] == self.seen_changes:
+            return self.ready
+        self.seen_changes = CHANGES[0]  # first: a change while we read reads again
+        self.configured, self.ready = True, False
+        self.ready = self.configure(vsp)
+        return self.ready
+
+    cdef bint refresh_nogil(self, object vsp) noexcept nogil:
+        with gil:
+            try:
+                return self.refresh(vsp)
+            except BaseException:  # the Python path meets it, and reports it
+                return False
 
     cdef bint configure(self, vsp) except -1:
         """The protocol's negotiated state and the disks this path may serve,

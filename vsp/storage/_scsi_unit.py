@@ -18,6 +18,7 @@ from vmbus.protocols.storage import scsi_data as d
 from vmbus.protocols.storage import scsi_wire as w
 from vmbus.protocols.storage.scsi_wire import DataDirection, Opcode, Sense
 from vmbus.wire import WireStruct
+from vsp.storage.changes import changed
 
 __all__ = [
     "GOOD_RESULT",
@@ -143,6 +144,7 @@ class LogicalUnit:
         """The next command that is not exempt reports `sense` (once)."""
         with self._lock:
             self.unit_attention = sense
+        changed()  # the compiled path stops serving this disk
 
     def take_unit_attention(self) -> Sense | None:
         """The pending unit attention, cleared; None if there is none."""
@@ -150,6 +152,7 @@ class LogicalUnit:
             return None
         with self._lock:
             sense, self.unit_attention = self.unit_attention, None
+        changed()  # the compiled path may serve this disk again
         return sense
 
     def execute(

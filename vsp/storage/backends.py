@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 from vmbus.errors import UsageError
 from vmbus.handoff import SharedFd
+from vsp.storage.changes import changed
 
 __all__ = [
     "BlockBackend",
@@ -173,8 +174,9 @@ class _FileBackend(_Backend):
 
     def close(self) -> None:
         if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+            changed()  # the compiled path stops using the descriptor
+            fd, self.fd = self.fd, -1
+            os.close(fd)
 
     def __getstate__(self) -> dict[str, Any]:
         """The open file crosses as itself: the worker's copy gets its own
@@ -272,6 +274,7 @@ class RawFileBackend(_FileBackend):
 
     def resize(self, size: int) -> None:
         """Grow or shrink the disk (and the file); tell the target after."""
+        changed()  # the compiled path reads the new size
         _Backend.__init__(self, size, self.block_size, self.read_only)
         os.ftruncate(self.fd, size)
 

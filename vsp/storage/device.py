@@ -75,6 +75,7 @@ from vmbus.packet import GpaRange, PacketType
 from vmbus.protocols import storage as vstor
 from vmbus.protocols.storage.scsi_wire import GOOD, Opcode
 from vsp.storage.backends import BlockBackend
+from vsp.storage.changes import changed
 from vsp.storage.pool import IoPool
 from vsp.storage.scsi import LIMITS, MAX_TRANSFER_BYTES, ScsiDisk, ScsiTarget
 
@@ -217,6 +218,7 @@ class StorVsp(Vsp):
         return [OfferSpec(guid.SCSI, self.instance_id)]
 
     def open(self, channel: Channel, context: OpenContext) -> StorvspChannel:
+        changed()  # a new protocol, or a new channel: compiled paths read afresh
         if context.offer.sub_channel_index == 0:  # a (re)opened primary starts over
             with self.lock:
                 self._retired_errors += sum(self.protocol.errors.values())
@@ -337,6 +339,8 @@ class StorvspChannel(ChannelHandler):
         with self.vsp.lock:
             protocol = self.vsp.protocol
             event = protocol.receive(packet.payload, ranges, primary=self.primary)
+        if not isinstance(event, vstor.ExecuteSrb):
+            changed()  # the protocol's state may move: compiled paths read it again
         if isinstance(event, vstor.ExecuteSrb):
             if self._overlap(packet.trans_id, event):
                 return  # answered by _complete

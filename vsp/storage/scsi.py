@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from vmbus.errors import UsageError
 from vmbus.protocols.storage import scsi_data as d
@@ -62,6 +63,7 @@ from vsp.storage._scsi_unit import (
     invalid_if,
 )
 from vsp.storage.backends import BlockBackend
+from vsp.storage.changes import changed
 from vsp.storage.pages import DiskIdentity, Limits, block_descriptor, mode_pages
 
 __all__ = [
@@ -383,6 +385,43 @@ class _TargetUnit(LogicalUnit):
 _REPORT_LUNS = bytes((Opcode.REPORT_LUNS,))
 
 
+class _Disks(dict[int, "ScsiDisk"]):
+    """A target's disks by LUN: a dict that says when it changes (the
+    compiled path reads it afresh then; vsp.storage.changes)."""
+
+    def __setitem__(self, lun: int, disk: ScsiDisk) -> None:
+        changed()
+        super().__setitem__(lun, disk)
+
+    def __delitem__(self, lun: int) -> None:
+        changed()
+        super().__delitem__(lun)
+
+    def pop(self, *args: Any) -> Any:
+        changed()
+        return super().pop(*args)
+
+    def popitem(self) -> tuple[int, ScsiDisk]:
+        changed()
+        return super().popitem()
+
+    def clear(self) -> None:
+        changed()
+        super().clear()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        changed()
+        super().update(*args, **kwargs)
+
+    def setdefault(self, lun: int, disk: Any = None) -> Any:
+        changed()
+        return super().setdefault(lun, disk)
+
+    def __ior__(self, other: Any) -> Any:  # type: ignore[misc]
+        changed()
+        return super().__ior__(other)
+
+
 class ScsiTarget:
     """Disks by LUN (0..16383; single-level, flat addressing past 255).
 
@@ -390,11 +429,20 @@ class ScsiTarget:
     """
 
     def __init__(self, disks: Mapping[int, ScsiDisk] | None = None) -> None:
-        self.disks: dict[int, ScsiDisk] = dict(disks or {})
+        self.disks = dict(disks or {})
         for lun in self.disks:
             if not 0 <= lun <= d.MAX_FLAT_LUN:
                 raise UsageError(f"LUN {lun} is outside 0..{d.MAX_FLAT_LUN}")
         self._unit = _TargetUnit(self)
+
+    @property
+    def disks(self) -> dict[int, ScsiDisk]:
+        return self._disks
+
+    @disks.setter
+    def disks(self, disks: Mapping[int, ScsiDisk]) -> None:
+        changed()
+        self._disks: dict[int, ScsiDisk] = _Disks(disks)
 
     def execute(
         self,
