@@ -398,16 +398,18 @@ def test_a_disk_that_changes_between_requests_is_read_afresh_by_the_compiled_pat
     read = srb_packet(cdb(0x28, 0, 1), 1, 512)
     header = gpa_header([(512, 0, [DATA_PFN])])
     kind = int(PacketType.DATA_USING_GPA_DIRECT)
-    with tempfile.TemporaryDirectory() as directory:
-        with side(f"{directory}/d", True, bytes(DISK), bytes(MEMORY), 0x0602) as s:
+    with (
+        tempfile.TemporaryDirectory() as directory,
+        side(f"{directory}/d", True, bytes(DISK), bytes(MEMORY), 0x0602) as s,
+    ):
 
-            def status() -> int:
-                (reply,) = run_stream(s, [(kind, read, header)])
-                return reply[3][14] & 0x3F  # srb_status, without AUTOSENSE_VALID
+        def status() -> int:
+            (reply,) = run_stream(s, [(kind, read, header)])
+            return reply[3][14] & 0x3F  # srb_status, without AUTOSENSE_VALID
 
-            assert (status(), s.served) == (0x01, 1)
-            s.vsp.target.disks[0].notify_capacity_changed()
-            assert (status(), s.served) == (0x04, 1)  # SRB_STATUS_ERROR: the unit attention
-            assert (status(), s.served) == (0x01, 2)
-            del s.vsp.target.disks[0]
-            assert (status(), s.served) == (0x20, 2)  # SRB_STATUS_INVALID_LUN
+        assert (status(), s.served) == (0x01, 1)
+        s.vsp.target.disks[0].notify_capacity_changed()
+        assert (status(), s.served) == (0x04, 1)  # SRB_STATUS_ERROR: the unit attention
+        assert (status(), s.served) == (0x01, 2)
+        del s.vsp.target.disks[0]
+        assert (status(), s.served) == (0x20, 2)  # SRB_STATUS_INVALID_LUN
