@@ -9,8 +9,10 @@ the bytes `send_batch`'s Python loop writes (rndis_wire.encode_packet, padded
 to the device's alignment, batched as the loop batches them), and `reap`
 handles only what `_handle` would handle the same way without an error: a
 SUCCESS completion of one of our sends, and a transfer-page packet whose
-every range is a well-formed PACKET message without per-packet info. It
-stops at anything else and leaves it in the ring for `_handle`.
+every range is a well-formed PACKET message, its per-packet info (checksum
+info, RSC fragments) what `offload.Reassembly` would take without a drop:
+whole fragment runs are joined here into one frame. It stops at anything
+else and leaves it in the ring for `_handle`.
 tests/net/test_vsc_fast.py holds the two together.
 """
 

@@ -12,7 +12,10 @@ address would be refused) and its MTU. When the host offers checksum
 offload and LSOv2 (a netvsp over a TAP with IFF_VNET_HDR), the device does
 too (IFF_VNET_HDR, TUNSETOFFLOAD): the kernel hands over TCP segments of up
 to LSO_MAX_SIZE bytes with partial checksums, and each crosses the bus as
-one large send (`NetAdapter.send_segment`). One thread of the child runs the
+one large send (`NetAdapter.send_segment`); the other way it asks for
+coalesced receives (RSC, `NetAdapter.coalesce_receives`), and the host's
+TCP segments arrive as frames of up to 64 KiB, written to the device as GSO
+with a virtio_net_hdr (`offload.received_vnet_header`). One thread of the child runs the
 bridge and is the only one to touch the adapter while the stack runs: it
 sleeps on the TAP descriptor and the channel's doorbell together, reads up
 to BATCH frames from the kernel per pass and hands them to `send_batch`,

@@ -8,15 +8,22 @@ the ring once and the section once, into private buffers; the RNDIS PACKET
 messages in it are checked as `rndis_wire.decode_packets` checks them (PPIs
 included) and each frame is written to the backend's `fast_fd()` (a TAP
 device: one write per frame, the kernel processes it before returning) with
-TapBackend.send's length checks and drop rules. The completion is written
-into the ring in place; both rings are committed once per batch.
+TapBackend.send's length checks and drop rules. Over a TAP with
+IFF_VNET_HDR, checksum and LSOv2 info becomes each frame's virtio_net_hdr
+as `offload.vnet_header` makes it (the IP lengths and sums fixed up in the
+private copy): one write per large send. The completion is written into
+the ring in place; both rings are committed once per batch.
 
 Backend -> guest (`FastPath.deliver`, from the backend's readable
 callback): frames read from the descriptor into a private staging buffer,
 filtered as `RndisDevice.accepts` filters them, framed as
 `rndis_wire.encode_packet` frames them into receive sections lent by
 `ReceiveSections`, and announced in transfer-page packets of up to
-DELIVERY_BATCH ranges, one commit per call.
+DELIVERY_BATCH ranges, one commit per call. For a guest that takes
+coalesced receives (`FastPath.deliver_coalesced`, docs/protocol.md §6.10),
+each frame is read with its virtio_net_hdr: a TCP GSO frame of up to 64 KiB
+becomes the RSC fragments of a transfer-page packet of its own, written
+straight into its sections; others carry checksum info.
 
 Everything else declines: a packet is left in the ring for
 `NetvspChannel.on_packet` (the Python path, the definition of behaviour),

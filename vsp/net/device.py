@@ -35,7 +35,8 @@ Compiled (`vsp.net._fast`, `NetVsp(fast_path=False)` or VMBUS_NET_FAST=0 to
 turn it off): steady-state sends from the head of the ring in `admission()`,
 and frames from a backend with a `fast_fd()` to the guest; both decline
 anything else to the Python path here, which stays the definition.
-Offloads (checksums, LSOv2) when the backend is a TAP with IFF_VNET_HDR
+Offloads (checksums, LSOv2, and coalesced receives for a guest that asks:
+RSC, docs/protocol.md §6.10) when the backend is a TAP with IFF_VNET_HDR
 (vmbus.protocols.net.offload); vRSS sub-channels with `channels` > 1
 (vsp.net.vrss). The path to the guest is in vsp.net.delivery.
 """
