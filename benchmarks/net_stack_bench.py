@@ -182,7 +182,9 @@ def stack_child(guest: Guest, workdir: str) -> None:
 
 
 @contextlib.contextmanager
-def stack_path(tag: str, workdir: str) -> Iterator[Callable[[float, list[str]], float]]:
+def stack_path(
+    tag: str, workdir: str, notes: list[str] | None = None
+) -> Iterator[Callable[[float, list[str]], float]]:
     host_ns = f"nsb-sh-{tag}"
     # With IFF_VNET_HDR the host offers checksum offload and LSOv2; the child's stack takes them.
     backend = TapBackend(netns=host_ns, address="10.213.3.1/24", create_netns=True, vnet_hdr=True)
@@ -219,6 +221,14 @@ def stack_path(tag: str, workdir: str) -> Iterator[Callable[[float, list[str]], 
             yield measure
             (work / "stop").write_text("1")
             child.wait(timeout=30)
+            stats = work / "stats.json"
+            if notes is not None and stats.exists():
+                got = json.loads(stats.read_text())
+                notes.append(
+                    "the child's stack: {large_sends:,} large sends (LSOv2), {coalesced:,} "
+                    "coalesced receives (RSC) among {frames_to_kernel:,} frames to its kernel, "
+                    "{drops} drops".format(**got)
+                )
     finally:
         backend.close()
 
@@ -250,7 +260,7 @@ def measure(seconds: float, repeats: int, workdir: str) -> tuple[Figures, list[s
             FORWARDER: stack.enter_context(forwarder_path(tag)),
         }
         try:
-            paths[STACK] = stack.enter_context(stack_path(tag, workdir))
+            paths[STACK] = stack.enter_context(stack_path(tag, workdir, notes))
         except (RuntimeError, OSError) as error:
             notes.append(f"the child's stack could not start: {error}; its rows skipped")
         for round_number in range(repeats):
