@@ -306,13 +306,16 @@ cdef class FastPath:
         again so the caller's service takes it (the caller rings its own
         doorbell); RUN_STUCK when requests wait for room for their replies
         (the ring unmasked; Python's service asks the guest for room);
-        RUN_IDLE when none came within `idle` (the ring unmasked: the
-        guest's next request rings the doorbell)."""
+        RUN_IDLE when none came within `idle`, or the protocol or the disks
+        are not ready for this path (the ring unmasked: the guest's next
+        request rings the doorbell)."""
         cdef Py_buffer view
         cdef uint32_t count = 0
         cdef int why = OUT_PYTHON
-        if self.reader.corrupt is not None or not self.refresh(vsp):
+        if self.reader.corrupt is not None:
             return 0, OUT_PYTHON
+        if not self.refresh(vsp):  # not ready (the handshake): Python serves what comes
+            return 0, OUT_IDLE
         try:
             mapping = self.memory.view(0, self.memory.size)
             PyObject_GetBuffer(mapping, &view, PyBUF_WRITABLE)
@@ -343,7 +346,7 @@ cdef class FastPath:
         mask_signals(self.reader)
         while True:
             if CHANGES[0] != self.seen_changes and not self.refresh_nogil(vsp):
-                return OUT_PYTHON
+                return OUT_PYTHON  # what the Python path changed: it serves the next
             before = count[0]
             outcome = self.serve_batch(count)
             if count[0] != before and not self.commit_both():

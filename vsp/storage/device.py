@@ -115,10 +115,13 @@ POLL_MISSES = 4  # spins in a row that found nothing before poll mode backs off
 POLL_PROBE = 32  # then spin after one wake-up in this many
 POLL_TURN = 100e-6  # seconds a channel serves itself in poll mode before the loop's turn
 # A channel on a thread of its own runs the compiled loop (FastPath.run) for
-# up to RUN_TURN, then lets its thread's loop look at its stop request; it
-# sleeps on its doorbell in that loop for at most RUN_IDLE before it does.
-RUN_TURN = 1e-3
-RUN_IDLE = 2e-3
+# up to RUN_TURN, then lets its thread's loop look at its stop request (a
+# close waits for that); it sleeps on its doorbell in that loop for at most
+# RUN_IDLE before it does. Each return costs a pass of the Python service,
+# which may take a request the compiled loop would have (it comes as the
+# drain looks), so the turn is long.
+RUN_TURN = 20e-3
+RUN_IDLE = 5e-3
 
 log = logging.getLogger(__name__)
 
