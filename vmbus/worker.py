@@ -41,6 +41,8 @@ __all__ = ["POLL_SECONDS", "VmWorker"]
 
 log = logging.getLogger("vmbus.partition")
 
+TERM_REPEAT_SECONDS = 0.05  # SIGTERM again while a stopped child lives
+
 Answer = Callable[[dict[str, Any]], None]  # {"result": ...} or {"error": reason}
 
 
@@ -119,6 +121,15 @@ class VmWorker:
         self.stopping = True
         self._kill_at = time.monotonic() + timeout
         self.signal(signal.SIGTERM)
+        self.call_soon(self._repeat_term)
+
+    def _repeat_term(self) -> None:
+        """Ring SIGTERM again until the child is gone: as pid 1 of its PID
+        namespace it drops one that comes before its handler is set (a stop
+        right after the start), which would cost the whole timeout."""
+        if self._kill_at is not None and not self.exited.is_set():
+            self.signal(signal.SIGTERM)
+            self.timers.add(TERM_REPEAT_SECONDS, self._repeat_term)
 
     def signal(self, signo: int) -> None:
         if self.exited.is_set():  # its pidfd is closed, and the number may be another's

@@ -321,3 +321,15 @@ def test_zygote_that_dies_takes_its_vms_and_the_next_start_makes_another() -> No
         again = host.start(echo_many, devices=[EchoVsp()], args=(10,), memory_size=4 << 20)
         assert parent_of(again.worker_pid) not in (zygote, os.getpid())
         assert again.wait(timeout=30) == 0
+
+
+@pytest.mark.parametrize("worker", ["process", "thread"])
+def test_a_child_stopped_right_after_its_start_ends_by_sigterm_not_by_the_timeouts_sigkill(
+    worker: WorkerKind,
+) -> None:
+    """pid 1 of its PID namespace drops a SIGTERM that comes before its
+    handler is set; the worker rings again until the child is gone."""
+    with Host() as host:
+        child = host.start(linger, devices=[EchoVsp()], worker=worker)
+        assert child.stop(timeout=60) in (-signal.SIGTERM, 128 + signal.SIGTERM)
+        assert child.state == "stopped"
