@@ -28,7 +28,7 @@ from vmbus.protocols.storage import scsi_wire as w
 from vmbus.ring import RingReader, RingWriter
 from vmbus.testing.rings import ring_buffer
 from vmbus.wire import WireError
-from vsc.storage import _fast
+from vsc.storage import _fast, _lone
 
 VERSIONS = st.one_of(
     st.sampled_from(
@@ -276,7 +276,7 @@ def test_run_one_sends_the_srb_and_finishes_its_completion_as_reap_does(payload:
     command = (packet, len(into), -1, memoryview(into), True, 3)
     notify, wake = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
     try:
-        outcome_, value, _, _ = _fast.run_one(
+        outcome_, value, _, _ = _lone.run_one(
             to_vsp, reader, command, slot, 7, notify, wake, 0.0, 5.0
         )
     finally:
@@ -289,11 +289,11 @@ def test_run_one_sends_the_srb_and_finishes_its_completion_as_reap_does(payload:
     assert reader.bytes_available == 0
     moved = _fast.completed(padded)
     if moved >= 0:
-        assert (outcome_, value) == (_fast.ONE_DONE, moved)
+        assert (outcome_, value) == (_lone.ONE_DONE, moved)
         count = min(moved, len(into))
         assert into[:count] == slot.view[:count] and not any(into[count:])
     else:
-        assert (outcome_, value) == (_fast.ONE_FAILED, padded[:64])
+        assert (outcome_, value) == (_lone.ONE_FAILED, padded[:64])
 
 
 def test_run_one_sends_nothing_into_a_full_ring_and_times_out_unanswered() -> None:
@@ -302,14 +302,14 @@ def test_run_one_sends_nothing_into_a_full_ring_and_times_out_unanswered() -> No
     command = (packet, 512, 5 * PAGE_SIZE, memoryview(bytearray(512)), True, 0)
     notify, wake = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
     try:
-        answers = [_fast.run_one(to_vsp, reader, command, None, 1, notify, wake, 0.0, 0.01)]
-        assert answers[0][0] == _fast.ONE_TIMEOUT and os.eventfd_read(notify) == 1  # rung
+        answers = [_lone.run_one(to_vsp, reader, command, None, 1, notify, wake, 0.0, 0.01)]
+        assert answers[0][0] == _lone.ONE_TIMEOUT and os.eventfd_read(notify) == 1  # rung
         while to_vsp.write(packet, PacketType.DATA_INBAND, 0, 0):
             pass  # fill the ring
-        answers.append(_fast.run_one(to_vsp, reader, command, None, 2, notify, wake, 0.0, 1.0))
+        answers.append(_lone.run_one(to_vsp, reader, command, None, 2, notify, wake, 0.0, 1.0))
     finally:
         os.close(notify)
         os.close(wake)
-    assert answers[1][0] == _fast.ONE_FULL
+    assert answers[1][0] == _lone.ONE_FULL
     first = vsp_reads.read()
     assert first is not None and first.trans_id == 1  # the timed-out one went out

@@ -31,7 +31,7 @@ from vmbus.memory import PAGE_SIZE
 from vmbus.packet import PacketType
 from vmbus.protocols import storage as vstor
 from vmbus.protocols.storage import scsi_wire as w
-from vsc.storage import _fast
+from vsc.storage import _fast, _lone
 from vsc.storage._fast import GuestBuffer
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ _LONG_SPIN = (
     LEARNING_RATE,
     LONG_SPIN_MISSED,
     TIMEOUT,
-)  # for the compiled lone request (vsc.storage._fast.run_lone)
+)  # for the compiled lone request (vsc.storage._lone.run_lone)
 
 # One SRB to run, a plain tuple (the hot path builds one per request):
 # (packet, length, gpa, data, reading, index)
@@ -276,7 +276,7 @@ class StorageController:
         """One command on an idle controller of one compiled channel: sent,
         waited for (with the waits `_wait` would do: the channel's adaptive
         spin, or the learnt long spin) and reaped in one compiled call
-        (vsc.storage._fast.run_lone). False (nothing sent) where that does
+        (vsc.storage._lone.run_lone). False (nothing sent) where that does
         not apply: the general loop runs it."""
         if len(self.channels) != 1 or self._in_flight[0] or not self._free:
             return False
@@ -287,7 +287,7 @@ class StorageController:
         if not isinstance(writer, CompiledWriter) or not isinstance(reader, CompiledReader):
             return False
         try:
-            return _fast.run_lone(self, channel, writer, reader, command, results, _LONG_SPIN)
+            return _lone.run_lone(self, channel, writer, reader, command, results, _LONG_SPIN)
         finally:
             del writer, reader  # a raised error's traceback must not pin the rings
 

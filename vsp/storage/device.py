@@ -32,22 +32,29 @@ they finish (VSTOR completions carry the request's transaction id; Linux's
 storvsc matches them by it). The reply reserve covers every request in
 flight, so each completion still fits when it comes.
 
-Sub-channels are served by threads of their own (`ChannelHandler.own_thread`;
+Channels are served by threads of their own (`ChannelHandler.own_thread`;
 `StorVsp(channel_threads=False)` keeps them on the worker's loop), so the
-compiled paths of several channels move data at once; the primary stays on
-the worker's loop, which alone offers channels (CREATE_SUB_CHANNELS comes
-there). What the channels share is guarded: the protocol's state and
-counters by the controller's lock, a disk's unit attention and counters by
-its own (vsp.storage._scsi_unit); backends move data with positioned,
-thread-safe system calls. A channel on its own thread has its pool's
-completions wake its own doorbell, and takes them on its thread.
+compiled paths of several channels move data at once. The primary has one
+too where the worker's loop watches a descriptor for it: CREATE_SUB_CHANNELS
+is answered on the primary's thread, and the loop, which alone talks to the
+control plane, makes the offers when that descriptor wakes it
+(`SubChannelOffers`). What the channels share is guarded: the protocol's
+state and counters by the controller's lock, a disk's unit attention and
+counters by its own (vsp.storage._scsi_unit); backends move data with
+positioned, thread-safe system calls. A channel on its own thread has its
+pool's completions wake its own doorbell, and takes them on its thread.
 
-Poll mode: after a wake-up that served requests, a channel spins on its
-ring without the GIL (FastPath.poll, the ring masked so the guest rings no
-doorbell) for the next request and serves it at once, instead of sleeping
-into a cross-core wake-up; after POLL_TURN it rings its own doorbell and
-returns, so the worker's loop has its turn; spins that keep finding nothing
-back off.
+On its thread a channel is served by a compiled loop (`FastPath.run`)
+that drains, publishes, spins without the GIL for the next request (the
+ring masked, so the guest rings no doorbell; for about three times the
+guest's usual wait, learnt, at most `poll_seconds`), then unmasks and
+sleeps on the doorbell, in C, and returns to Python only for a packet it
+declines, a ring to report, a full ring, every RUN_TURN (the thread's loop
+then sees a stop request) and after RUN_IDLE without a request. What it
+read of the disks and the protocol it reads again when vsp.storage.changes
+says they changed. On the worker's loop, poll mode is the Python
+`_poll_mode`: after a wake-up that served requests the channel spins
+(FastPath.poll) and serves the next at once, for up to POLL_TURN.
 """
 
 from __future__ import annotations
