@@ -7,6 +7,7 @@ I/O over sub-channels on threads matches a model, through the real worker."""
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import random
 import select
@@ -38,8 +39,8 @@ from vsp.storage.device import (
     StorvspChannel,
     StorvspSubChannel,
     StorvspThreadedPrimary,
-    SubChannelOffers,
 )
+from vsp.storage.offers import SubChannelOffers
 from vsp.storage.pool import IoPool
 
 MIB = 1 << 20
@@ -152,7 +153,8 @@ def test_a_threaded_primarys_sub_channel_offers_are_made_by_the_loop_it_wakes() 
         add_offer=lambda offer: offered.append(offer.sub_channel_index),
     )
     vsp = StorVsp([RamBackend(MIB)], channels=4)
-    offers = SubChannelOffers(vsp, context)  # type: ignore[arg-type]
+    offer = functools.partial(vsp.offer_sub_channels, context=context)
+    offers = SubChannelOffers(offer, context)  # type: ignore[arg-type]
     asker = threading.Thread(target=offers.request, args=(2,))
     asker.start()
     asker.join()
@@ -172,7 +174,7 @@ def test_a_primary_where_nothing_can_be_watched_stays_on_the_callers_thread() ->
         raise UsageError("this context has no worker to watch descriptors")
 
     context = SimpleNamespace(watch=no_watch)
-    assert SubChannelOffers(StorVsp([RamBackend(MIB)]), context).fd == -1  # type: ignore[arg-type]
+    assert SubChannelOffers(print, context).fd == -1  # type: ignore[arg-type]
 
 
 def spread_io(guest: Guest, seed: int, luns: int) -> None:

@@ -59,7 +59,6 @@ says they changed. On the worker's loop, poll mode is the Python
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
@@ -83,6 +82,7 @@ from vmbus.protocols import storage as vstor
 from vmbus.protocols.storage.scsi_wire import GOOD, Opcode
 from vsp.storage.backends import BlockBackend
 from vsp.storage.changes import changed
+from vsp.storage.offers import SubChannelOffers
 from vsp.storage.pool import IoPool
 from vsp.storage.scsi import LIMITS, MAX_TRANSFER_BYTES, ScsiDisk, ScsiTarget
 
@@ -244,7 +244,9 @@ class StorVsp(Vsp):
         if self.channel_threads and context.offer.sub_channel_index:
             return StorvspSubChannel(self, channel, context)
         if self.channel_threads and self.fast_path and FastPath is not None:
-            offers = SubChannelOffers(self, context)
+            offers = SubChannelOffers(
+                functools.partial(self.offer_sub_channels, context=context), context
+            )
             if offers.fd >= 0:
                 return StorvspThreadedPrimary(self, channel, context, offers)
         return StorvspChannel(self, channel, context)
@@ -553,39 +555,3 @@ class StorvspThreadedPrimary(StorvspSubChannel):
     def close(self) -> None:
         self.offers.close()
         super().close()
-
-
-class SubChannelOffers:
-    """Sub-channel offers the worker's loop makes for a primary served on
-    another thread: `request(count)` from that thread, the offers from the
-    loop's watch of an eventfd. `fd` is -1 where the context has no loop."""
-
-    def __init__(self, vsp: StorVsp, context: OpenContext) -> None:
-        self.vsp, self.context = vsp, context
-        self.lock = threading.Lock()
-        self.count = 0
-        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        try:
-            context.watch(self.fd, self._offer)
-        except UsageError:
-            os.close(self.fd)
-            self.fd = -1
-
-    def request(self, count: int) -> None:
-        with self.lock:
-            self.count = max(self.count, count)
-        os.eventfd_write(self.fd, 1)
-
-    def _offer(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            os.eventfd_read(self.fd)
-        with self.lock:
-            count, self.count = self.count, 0
-        if count:
-            self.vsp.offer_sub_channels(count, self.context)
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            self.context.unwatch(self.fd)
-            os.close(self.fd)
-            self.fd = -1
