@@ -181,12 +181,16 @@ def backend() -> Iterator[RecordingTap]:
 
 
 def negotiate(
-    tap: RecordingTap, version: int, capability: int, parameters: list[bytes]
+    tap: RecordingTap,
+    version: int,
+    capability: int,
+    parameters: list[bytes],
+    recv_pages: int = 64,
 ) -> list[int]:
     """The receive offloads set while the channel was open (closing turns them off)."""
     vsp = NetVsp(tap, mac=MAC)
     with VspHarness(vsp, memory_size=4 << 20) as harness:
-        recv, send = harness.grant(64), harness.grant(-(-16 * vsp.sections[1] // 4096))
+        recv, send = harness.grant(recv_pages), harness.grant(-(-16 * vsp.sections[1] // 4096))
         config = nvsp.SendNdisConfig(mtu=1514, capability=capability)
         for message in (
             nvsp.encode(nvsp.NvspInit(min_protocol_ver=version, max_protocol_ver=version)),
@@ -237,3 +241,11 @@ def test_a_guest_without_nvsp_61_or_the_capability_gets_no_rsc(
 def test_a_guest_that_turns_rsc_off_again_gets_whole_frames(backend: RecordingTap) -> None:
     on_off = [ol.rsc_parameters(True), ol.rsc_parameters(False)]
     assert negotiate(backend, 0x60001, RSC_CAPABILITY, on_off) == [7, 0]
+
+
+def test_a_guest_whose_receive_buffer_holds_no_coalesced_frame_gets_no_rsc(
+    backend: RecordingTap,
+) -> None:
+    # 8 pages: 18 sections of 1,728 bytes, fewer than a 64 KiB frame's 40 fragments
+    # (the frames would wait for room that never comes).
+    assert negotiate(backend, 0x60001, RSC_CAPABILITY, [ol.parameters(ol.OFFERED)], 8) == []

@@ -404,13 +404,17 @@ class NetvspChannel(GuestDelivery, ChannelHandler):
         backend = self.backend
         if not self.vsp.offload or not isinstance(backend, TapBackend):
             return
-        config = self.nvsp.ndis_config
+        config, sections = self.nvsp.ndis_config, self.receive_sections
         wanted = 0
         if (
             self.rndis.offloads.rsc
             and (self.nvsp.version or 0) >= nvsp.NVSP_PROTOCOL_VERSION_61
             and config is not None
             and config.capability & nvsp.CAPABILITY_RSC
+            and sections is not None  # and it holds the largest coalesced frame
+            and sections.section_size > ol.FRAGMENT_OVERHEAD
+            and ol.fragments(ol.GSO_MAX_FRAME, sections.section_size)
+            <= min(sections.section_count, ol.RSC_MAX_FRAGMENTS)
         ):
             wanted = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
         backend.set_receive_offload(wanted)
@@ -526,6 +530,7 @@ class NetvspChannel(GuestDelivery, ChannelHandler):
         self.buffers[kind] = _Mapped(buffer, region, whole, view)
         if kind == nvsp.BufferKind.RECEIVE:
             self.receive_sections = nv.ReceiveSections.of(buffer)
+            self._apply_receive_offload()
 
     def _unmap(self, kind: nvsp.BufferKind) -> None:
         mapped = self.buffers.pop(kind, None)
@@ -535,6 +540,8 @@ class NetvspChannel(GuestDelivery, ChannelHandler):
             mapped.region.close()
         if kind == nvsp.BufferKind.RECEIVE:
             self.receive_sections = None
+            if self.serving:
+                self._apply_receive_offload()
 
     # --- link state ---
 
