@@ -27,6 +27,7 @@ RUNNERS = {
     "net-stack": "benchmarks.net_stack_bench",
     "video": "benchmarks.video_bench",
     "scale": "benchmarks.scale_bench",
+    "vmms": "benchmarks.vmms_bench",
 }
 CHECKOUT = Path(__file__).resolve().parent.parent
 

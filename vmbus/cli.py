@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--only",
         action="append",
         default=[],
-        choices=("ring", "channels", "storage", "network", "video"),
+        choices=("ring", "channels", "storage", "network", "net-stack", "video", "scale", "vmms"),
         help="run only this one (repeatable)",
     )
     bench.add_argument("--markdown", type=Path, help="write the tables here (else stdout)")

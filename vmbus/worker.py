@@ -41,8 +41,6 @@ __all__ = ["POLL_SECONDS", "VmWorker"]
 
 log = logging.getLogger("vmbus.partition")
 
-TERM_REPEAT_SECONDS = 0.05  # SIGTERM again while a stopped child lives
-
 Answer = Callable[[dict[str, Any]], None]  # {"result": ...} or {"error": reason}
 
 
@@ -120,16 +118,10 @@ class VmWorker:
         `timeout`; the loop notices its exit and cleans up. Thread-safe."""
         self.stopping = True
         self._kill_at = time.monotonic() + timeout
-        self.signal(signal.SIGTERM)
-        self.call_soon(self._repeat_term)
-
-    def _repeat_term(self) -> None:
-        """Ring SIGTERM again until the child is gone: as pid 1 of its PID
-        namespace it drops one that comes before its handler is set (a stop
-        right after the start), which would cost the whole timeout."""
-        if self._kill_at is not None and not self.exited.is_set():
-            self.signal(signal.SIGTERM)
-            self.timers.add(TERM_REPEAT_SECONDS, self._repeat_term)
+        # A child that has not connected yet runs none of its program, and as
+        # pid 1 of its PID namespace it drops a SIGTERM that comes before its
+        # handler is set (which would cost the whole timeout): it is killed.
+        self.signal(signal.SIGKILL if self.state == "starting" else signal.SIGTERM)
 
     def signal(self, signo: int) -> None:
         if self.exited.is_set():  # its pidfd is closed, and the number may be another's

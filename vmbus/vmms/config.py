@@ -170,7 +170,7 @@ def _fresh(kind: str, existing: list[DeviceSpec]) -> bool:
 
 def _device(table: dict[str, Any], where: str, existing: list[DeviceSpec]) -> DeviceSpec:
     kind = table.get("kind")
-    if kind not in DEVICE_OPTIONS:
+    if not isinstance(kind, str) or kind not in DEVICE_OPTIONS:
         kinds = ", ".join([*DEVICE_OPTIONS, "integration"])
         raise ConfigError(f"{where}: kind must be one of {kinds}, not {kind!r}")
     schema = DEVICE_OPTIONS[kind]
