@@ -41,24 +41,13 @@ from vmbus.child_partition import ControlError, WorkerFailed
 from vmbus.errors import UsageError
 from vmbus.vmms.service import Conflict, NotFound, Vmms
 
-__all__ = ["default_socket", "make_app", "serve"]
+__all__ = ["make_app", "serve"]
 
 log = logging.getLogger(__name__)
 
 API_THREADS = 8  # blocking calls at once (starts, stops, status); others queue
 BODY_MAX = 1 << 20
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def default_socket() -> Path:
-    """$VMBUS_SOCKET, or /run/vmbus/vmms.sock as root, else under
-    $XDG_RUNTIME_DIR (or /tmp/vmbus-UID)."""
-    if "VMBUS_SOCKET" in os.environ:
-        return Path(os.environ["VMBUS_SOCKET"])
-    if os.geteuid() == 0:
-        return Path("/run/vmbus/vmms.sock")
-    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/vmbus-{os.geteuid()}"
-    return Path(runtime) / "vmbus" / "vmms.sock"
 
 
 def _status_of(error: BaseException) -> int:

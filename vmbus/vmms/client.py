@@ -5,14 +5,26 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-__all__ = ["ApiError", "Client"]
+__all__ = ["ApiError", "Client", "default_socket"]
 
 TIMEOUT = 120.0  # a start that waits for devices, a stop that waits for the guest
+
+
+def default_socket() -> Path:
+    """$VMBUS_SOCKET, or /run/vmbus/vmms.sock as root, else under
+    $XDG_RUNTIME_DIR (or /tmp/vmbus-UID)."""
+    if "VMBUS_SOCKET" in os.environ:
+        return Path(os.environ["VMBUS_SOCKET"])
+    if os.geteuid() == 0:
+        return Path("/run/vmbus/vmms.sock")
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/vmbus-{os.geteuid()}"
+    return Path(runtime) / "vmbus" / "vmms.sock"
 
 
 class ApiError(RuntimeError):

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vmbus.vmms.client import ApiError, Client
+from vmbus.vmms.client import ApiError, Client, default_socket
 from vmbus.vmms.config import ConfigError, load, parse_device
 
 __all__ = ["add_commands", "run"]
@@ -67,10 +67,10 @@ def add_commands(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vmbus.vmms.api import default_socket, serve
-
     path = args.socket or default_socket()
     if args.command == "serve":
+        from vmbus.vmms.api import serve  # the service's imports: the devices, aiohttp
+
         serve(path, args.state_dir, ready=lambda: print(f"vmbus serve: API on {path}", flush=True))
         return 0
     try:
