@@ -31,6 +31,7 @@ from vmbus.testing import harness as harness_module
 from vmbus.testing.rings import ring_buffer
 from vmbus.transport import Signal
 from vsp.storage import RawFileBackend, StorVsp
+from vsp.storage._fast import RUN_IDLE
 from vsp.storage.device import StorvspChannel
 
 pytestmark = pytest.mark.skipif(
@@ -144,17 +145,33 @@ def side(path: str, fast: bool, image: bytes, memory: bytes, version: int) -> It
 
 
 def run_stream(
-    s: Side, stream: list[tuple[int, bytes, bytes]]
+    s: Side, stream: list[tuple[int, bytes, bytes]], compiled_loop: bool = False
 ) -> list[tuple[int, int, int, bytes]]:
-    """Send every packet (in ring-sized batches), serve, collect the replies."""
+    """Send every packet (in ring-sized batches), serve, collect the replies.
+    With `compiled_loop`, the compiled loop a channel thread runs
+    (FastPath.run) serves first, and the harness's Python service takes
+    what it hands back, as the channel's thread does."""
+    serve = (lambda: serve_compiled(s)) if compiled_loop else s.harness.pump
     replies = []
     for trans_id, (kind, payload, header) in enumerate(stream, 1):
         if not s.guest.try_send(payload, kind, COMPLETION_REQUESTED, trans_id, header):
-            s.harness.pump()
+            serve()
             replies += drain_replies(s.guest)
             assert s.guest.try_send(payload, kind, COMPLETION_REQUESTED, trans_id, header)
-    s.harness.pump()
+    serve()
     return replies + drain_replies(s.guest)
+
+
+def serve_compiled(s: Side) -> None:
+    """FastPath.run until the ring is empty (it then waits out its idle
+    millisecond), the Python service after each return that leaves work."""
+    fast = s.handler.fast
+    assert fast is not None
+    while True:
+        _, why = fast.run(s.vsp, 0.0, 1.0, 0.0)
+        s.harness.pump()
+        if why == RUN_IDLE and not s.handler.channel.reader.bytes_available:
+            return
 
 
 def drain_replies(guest: Channel) -> list[tuple[int, int, int, bytes]]:
@@ -164,9 +181,12 @@ def drain_replies(guest: Channel) -> list[tuple[int, int, int, bytes]]:
     return out
 
 
-def differential(stream: list[tuple[int, bytes, bytes]], version: int = 0x0602) -> int:
-    """Run `stream` through both paths; assert they agree; return how many
-    requests the fast path served."""
+def differential(
+    stream: list[tuple[int, bytes, bytes]], version: int = 0x0602, compiled_loop: bool = False
+) -> int:
+    """Run `stream` through both paths (the fast one by the harness's drain,
+    or by the compiled loop); assert they agree; return how many requests
+    the fast path served."""
     rng = random.Random(len(stream))
     image = rng.randbytes(DISK)
     memory = bytes(2 * PAGE_SIZE) + rng.randbytes(MEMORY - 2 * PAGE_SIZE)
@@ -174,7 +194,8 @@ def differential(stream: list[tuple[int, bytes, bytes]], version: int = 0x0602) 
         fast = stack.enter_context(side(f"{directory}/f", True, image, memory, version))
         slow = stack.enter_context(side(f"{directory}/s", False, image, memory, version))
         assert fast.handler.fast is not None and slow.handler.fast is None
-        fast_replies, slow_replies = run_stream(fast, stream), run_stream(slow, stream)
+        fast_replies = run_stream(fast, stream, compiled_loop)
+        slow_replies = run_stream(slow, stream)
         assert len(slow_replies) == len(stream)
         assert fast_replies == slow_replies
         assert os.pread(fast.backend.fd, DISK, 0) == os.pread(slow.backend.fd, DISK, 0)
@@ -265,6 +286,14 @@ def test_random_and_hostile_streams_agree_with_the_python_path(
     differential(stream)
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(packets(), min_size=1, max_size=24))
+def test_the_compiled_loop_of_a_channel_thread_agrees_with_the_python_path(
+    stream: list[tuple[int, bytes, bytes]],
+) -> None:
+    differential(stream, compiled_loop=True)
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(packets(), min_size=1, max_size=12))
 def test_pre_win8_guest_48_byte_packets_agree(stream: list[tuple[int, bytes, bytes]]) -> None:
@@ -295,6 +324,7 @@ def steady_stream(count: int, seed: int) -> list[tuple[int, bytes, bytes]]:
 
 def test_steady_state_is_served_by_the_fast_path_byte_for_byte() -> None:
     assert differential(steady_stream(200, seed=7)) == 200
+    assert differential(steady_stream(200, seed=8), compiled_loop=True) == 200
 
 
 def test_declined_packet_is_answered_once_in_order_between_served_ones() -> None:
