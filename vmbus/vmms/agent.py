@@ -10,6 +10,7 @@ while it runs are taken up as they come."""
 from __future__ import annotations
 
 import contextlib
+import importlib
 import queue
 import random
 import threading
@@ -21,10 +22,7 @@ from vmbus import guid
 from vmbus.channel import DeviceRemoved
 from vmbus.guest import Guest, GuestDevice, GuestError
 from vsc.ic import IntegrationServices
-from vsc.input import Keyboard, Mouse
-from vsc.net import NetAdapter
 from vsc.storage import BlockDevice
-from vsc.video import Framebuffer
 
 __all__ = ["run"]
 
@@ -57,8 +55,9 @@ def run(guest: Guest, *modes: Any) -> None:
                         target=_traffic, args=(device, shutdown, failures), daemon=True
                     ).start()
                 else:
+                    driver = _driver(device.class_id)
                     with contextlib.suppress(DeviceRemoved, GuestError):  # gone meanwhile
-                        opened.append(DRIVERS[device.class_id](device))
+                        opened.append(driver(device))
         shutdown.wait(IDLE_SECONDS)
     services.close()
 
@@ -95,10 +94,18 @@ def _traffic(device: GuestDevice, stop: threading.Event, failures: list[BaseExce
         disk.close()
 
 
-DRIVERS: dict[UUID, Callable[[GuestDevice], object]] = {
-    guid.SCSI: BlockDevice,
-    guid.NETWORK: NetAdapter,
-    guid.KEYBOARD: Keyboard,
-    guid.MOUSE: Mouse,
-    guid.SYNTHVID: Framebuffer,
+# Each class's driver, imported when such a device is offered: a guest
+# with a disk only does not pay for numpy (video) or the NIC's engine.
+DRIVERS = {
+    guid.SCSI: "vsc.storage:BlockDevice",
+    guid.NETWORK: "vsc.net:NetAdapter",
+    guid.KEYBOARD: "vsc.input:Keyboard",
+    guid.MOUSE: "vsc.input:Mouse",
+    guid.SYNTHVID: "vsc.video:Framebuffer",
 }
+
+
+def _driver(class_id: UUID) -> Callable[[GuestDevice], object]:
+    module, name = DRIVERS[class_id].split(":")
+    driver: Callable[[GuestDevice], object] = getattr(importlib.import_module(module), name)
+    return driver
