@@ -54,7 +54,7 @@ DEVICE_OPTIONS: dict[str, dict[str, tuple[type, Any]]] = {
     "net": {"backend": (str, "switch"), "tap": (str, None), "address": (str, None)},
     "keyboard": {},
     "mouse": {},
-    "video": {"width": (int, 1024), "height": (int, 768)},
+    "video": {"width": (int, 1024), "height": (int, 768)},  # until the guest sets its mode
     "heartbeat": {"interval": (float, 1.0)},
     "shutdown": {},
     "timesync": {"interval": (float, 5.0)},
