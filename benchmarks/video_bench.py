@@ -64,6 +64,7 @@ FULL, RECT, RECTS = "full frames", "64×64 rects, 1 per update()", "64×64 rects
 RAW, ZRLE = "VNC client, Raw", "VNC client, ZRLE"
 TIGHT_JPEG, TIGHT_ZLIB = "VNC client, Tight-JPEG", "VNC client, Tight-zlib"
 SENDALL = "loopback TCP sendall of a Raw update's bytes"
+SENDALL_BUSY = SENDALL + ", child animating"
 RAW_UPDATE_BYTES = 4 + 12 + FRAME_BYTES  # a FramebufferUpdate of one Raw full frame
 QUALITY_6 = -26  # noVNC's default JPEG quality level
 STATIC = "VNC client, Raw, idle child, full requests"
@@ -221,7 +222,7 @@ class RfbClient:
     def __init__(self, sock: socket.socket, encodings: Sequence[int]) -> None:
         self.sock = sock
         self.inflate = zlib.decompressobj()  # one zlib stream per connection
-        self.tight = zlib.decompressobj()  # Tight's stream 0
+        self.tight = [zlib.decompressobj() for _ in range(4)]  # Tight's four streams
         if self.exact(12)[:4] != b"RFB ":
             raise ConnectionError("not an RFB server")
         sock.sendall(b"RFB 003.008\n")
@@ -284,7 +285,11 @@ class RfbClient:
 
     def tight_rect(self, w: int, h: int) -> int:
         """One Tight rectangle's data (zlib inflated, JPEG read but not decoded); its bytes."""
-        kind = self.exact(1)[0] >> 4
+        control = self.exact(1)[0]
+        for stream in range(4):  # the server never resets them, but a client obeys
+            if control & (1 << stream):
+                self.tight[stream] = zlib.decompressobj()
+        kind = control >> 4
         if kind == 8:  # fill: one TPIXEL
             self.exact(3)
             return 4
@@ -294,7 +299,7 @@ class RfbClient:
         length, took = self.compact()
         self.exact(length, self.buffer)
         if kind != 9:
-            self.tight.decompress(self.buffer[:length])
+            self.tight[kind & 3].decompress(self.buffer[:length])
         return 1 + took + length
 
 
@@ -426,6 +431,17 @@ class Counters:
         return {"vnc_faults": faults / (later.time - self.time), "vnc_sys": share}
 
 
+def encode_helpers_cpu() -> float:
+    """CPU seconds of the VNC server's encoding helpers (Tight's bands), which
+    count with its thread: they live as long as the server."""
+    total = 0.0
+    for thread in threading.enumerate():
+        if thread.name.startswith("vnc-encode") and thread.ident is not None:
+            with contextlib.suppress(OSError):
+                total += time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+    return total
+
+
 def task_stat(native_id: int) -> tuple[int, int, int]:
     """A thread's minor page faults, user and system CPU ticks, from /proc."""
     with open(f"/proc/self/task/{native_id}/stat") as stat:
@@ -489,6 +505,7 @@ class Bench:
         time.sleep(max(0.0, at - time.monotonic()))
         stats = self.child.device_stats()[0]  # from the worker: a JSON round trip
         cpu = {role: time.clock_gettime(clock) for role, clock in self.clocks.items()}
+        cpu["vnc"] += encode_helpers_cpu()
         return Counters(
             time.monotonic(),
             int(stats["frames"]),
@@ -568,11 +585,19 @@ class Bench:
         cpu = a.rates(b) | {"client": seen.cpu}
         return Sample(seen.items, seen.items * FRAME_BYTES, seen.bytes, cpu=cpu, **a.vnc_rates(b))
 
-    def sendall(self) -> Sample:
-        """The Raw baseline: the same bytes per request through a plain loopback
-        TCP socket (sendall from a thread of this process, as the VNC server's)."""
+    def sendall(self, animate: bool = False) -> Sample:
+        """The Raw baseline: the same bytes per request (a Raw update of one
+        of the child's frames) through a plain loopback TCP socket, sendall
+        from a thread of this process, as the VNC server's. `animate`: while
+        the child streams full frames, as it does for the VNC rows."""
         window = Window.starting(self.settings)
-        payload = bytes(RAW_UPDATE_BYTES)
+        frame = frames(WIDTH, HEIGHT)[0].view(np.uint32) | np.uint32(0xFF000000)
+        header = struct.pack(">BxHHHHHi", 0, 1, 0, 0, WIDTH, HEIGHT, rfb.ENC_RAW)
+        payload = header + frame.tobytes()
+        assert len(payload) == RAW_UPDATE_BYTES
+        base = self.shown()
+        if animate:  # the child streams until the client is done
+            self.control.send((FULL, astuple(window), True))
         with socket.create_server(("127.0.0.1", 0)) as listener:
             listener.settimeout(TIMEOUT)
             self.client_control.send(("sendall", listener.getsockname()[1], astuple(window)))
@@ -593,6 +618,12 @@ class Bench:
         seen = receive(self.client_control, "the sendall client")[1]
         sender.join(TIMEOUT)
         cpu = {"client": seen.cpu}
+        if animate:
+            self.control.send("stop")
+            sent, child = receive(self.control, "the child partition")
+            cpu["child"] = child.cpu
+            if not wait_until(lambda: self.shown() >= base + sent, TIMEOUT):
+                raise TimeoutError("the parent did not show every update")
         if len(marks) == 2:
             (t0, c0), (t1, c1) = marks
             cpu["vnc"] = (c1 - c0) / (t1 - t0)
@@ -645,6 +676,7 @@ ALL = [
     RECT + UNHOOKED,
     RECTS,
     SENDALL,
+    SENDALL_BUSY,
     RAW,
     ZRLE,
     TIGHT_ZLIB,
@@ -665,6 +697,7 @@ def measure(settings: Settings, workdir: str, names: Sequence[str]) -> Results:
                 RECT + UNHOOKED: lambda: bench.stream(RECT, unhook_vnc=True),
                 RECTS: lambda: bench.stream(RECTS),
                 SENDALL: bench.sendall,
+                SENDALL_BUSY: lambda: bench.sendall(animate=True),
                 RAW: lambda: bench.vnc_stream(rfb.ENC_RAW),
                 ZRLE: lambda: bench.vnc_stream(rfb.ENC_ZRLE),
                 TIGHT_ZLIB: lambda: bench.vnc_stream(ENC_TIGHT),
@@ -716,7 +749,8 @@ LEGEND = (
     "each frame in two corners); torn: shown frames whose two stamps differ. Queue: the "
     "DIRTs waiting in the ring at the window's end, in milliseconds of showing. CPU %: "
     "cores busy in the window (the child partition; the parent's worker and VNC server "
-    "threads; the VNC client's process, which also runs the numpy copy); µs/item: CPU per "
+    "threads, the server's encoding helpers with its thread; the VNC client's process, "
+    "which also runs the numpy copy); µs/item: CPU per "
     "row item of the child and of the thread that serves the row (the worker, the VNC "
     "server, or the numpy copy's process). Unhooked: "
     "the VNC server's Screen listener removed for the measurement. VNC thread: its minor "
@@ -724,7 +758,8 @@ LEGEND = (
     "The child's video device is served by the VM's worker process (its CPU is the worker "
     "column); the VNC client inflates zlib data but does not decode JPEG. The sendall row: "
     "the same request and the same bytes as a Raw update, through a plain TCP socket from "
-    "a thread of the parent (its CPU is in the VNC column)."
+    "a thread of the parent (its CPU is in the VNC column); with the child animating: while "
+    "the child streams full frames to the worker, as in the VNC client rows."
 )
 UNITS = {REFERENCE: "frames", FULL: "frames", RECT: "rects", RECTS: "rects"}
 ROLES = ("child", "worker", "vnc", "client")
@@ -747,7 +782,7 @@ def row(name: str, samples: list[Sample], reference: list[Sample] | None) -> lis
         ratio = median(s.pixels / r.pixels for s, r in zip(samples, reference, strict=True))
     new, torn, lag = (median(getattr(s, k) for s in samples) for k in ("new", "torn", "lag"))
     cpu = [median(s.cpu.get(role) for s in samples) for role in ROLES]
-    served_by_vnc = name.startswith("VNC") or name == SENDALL
+    served_by_vnc = name.startswith("VNC") or name.startswith(SENDALL)
     parent = "client" if name == REFERENCE else "vnc" if served_by_vnc else "worker"
     kind = name.removesuffix(UNHOOKED)
     child = per_item(samples, "child") if kind in PER_DIRT else None
@@ -780,12 +815,14 @@ def report(settings: Settings, command: str, names: Sequence[str]) -> tuple[str,
     reference = results.get(REFERENCE)
     rows = [row(name, samples, reference) for name, samples in results.items()]
     notes = []
-    if RAW in results and SENDALL in results:  # within each round, then the median
-        ratio = median(
-            r.rate / b.rate if b.rate else None
-            for r, b in zip(results[RAW], results[SENDALL], strict=True)
-        )
-        notes.append(f"Raw updates ÷ plain loopback TCP sendall of the same bytes: {fmt(ratio, 2)}")
+    for baseline, label in ((SENDALL, ""), (SENDALL_BUSY, ", the child animating in both")):
+        if RAW in results and baseline in results:  # within each round, then the median
+            ratio = median(
+                r.rate / b.rate if b.rate else None
+                for r, b in zip(results[RAW], results[baseline], strict=True)
+            )
+            what = f"plain loopback TCP sendall of the same bytes{label}"
+            notes.append(f"Raw updates ÷ {what}: {fmt(ratio, 2)}")
     header = (
         f"`{command}`: {os.cpu_count()} CPUs, Linux {platform.release()}, Python "
         f"{platform.python_version()}, load average {load:.1f} → {os.getloadavg()[0]:.1f}; "

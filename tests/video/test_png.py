@@ -111,8 +111,15 @@ def test_hostile_rects_are_clipped_and_merged() -> None:
     assert seen == [[(0, 0, 20, 8)]]
     assert (screen.frame_copy()[:8] == opaque(vram[:, :20])).all()
     seen.clear()
-    screen.update(vram, [(i % 20, 0, i % 20 + 1, 1) for i in range(MAX_UPDATE_RECTS + 1)])
-    assert seen == [[(0, 0, 20, 1)]]
+    flood = [(i % 20, i // 20, i % 20 + 1, i // 20 + 1) for i in range(MAX_UPDATE_RECTS + 1)]
+    screen.update(vram, flood)
+    assert seen == [[(0, 0, 20, 4)]]
+    seen.clear()
+    screen.update(vram, [(1, 1, 2, 2), (0, 0, 20, 8), (1, 1, 2, 2)])  # the screen covers all
+    assert seen == [[(0, 0, 20, 8)]]
+    seen.clear()
+    screen.update(vram, [(1, 1, 2, 2), (3, 3, 4, 4), (1, 1, 2, 2)])  # a DIRT repeated
+    assert seen == [[(1, 1, 2, 2), (3, 3, 4, 4)]]
 
 
 def test_resize_gives_a_black_frame_and_notifies() -> None:

@@ -33,7 +33,7 @@ from vnc_client import (
     wait_for,
 )
 
-from vsp.video import encodings
+from vsp.video import encodings, tight
 from vsp.video.rfb import PixelFormat
 from vsp.video.screen import CONTROL_SIZE, Screen
 from vsp.video.vnc import VncServer
@@ -104,6 +104,39 @@ def test_tight_splits_wide_and_large_rectangles(serve: Callable[..., VncServer])
     rects = client.read_update()
     assert len(rects) > 2 and all(w <= 2048 and w * h <= 1 << 20 for _, _, w, h, _ in rects)
     assert (client.fb == rgb_values(screen.frame_copy())).all()
+
+
+def test_tight_encodes_a_large_rectangle_in_bands_on_two_streams(
+    serve: Callable[..., VncServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tight, "PARALLEL", 2)  # the server gets a helper
+    screen = Screen(512, 300)  # over tight.PARALLEL_MIN_PIXELS
+    screen.update(pattern(300, 512, seed=3))
+    client = connect(serve(screen=screen), TIGHT)
+    client.request(False)
+    assert client.read_update() == [(0, 0, 512, 150, TIGHT), (0, 150, 512, 150, TIGHT)]
+    assert (client.fb == rgb_values(screen.frame_copy())).all()
+    screen.update(pattern(300, 512, seed=4))  # each stream goes on where it was
+    client.request(False)
+    client.read_update()
+    assert (client.fb == rgb_values(screen.frame_copy())).all()
+
+
+@pytest.mark.skipif(not encodings.JPEG_AVAILABLE, reason="simplejpeg is not installed")
+def test_tight_jpeg_bands_are_close_to_the_frame(
+    serve: Callable[..., VncServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tight, "PARALLEL", 2)
+    screen = Screen(512, 300)
+    y, x = np.mgrid[0:300, 0:512]
+    ramp = np.zeros((300, 512, 4), np.uint8)  # smooth, with no wrap-around edge at 256
+    ramp[..., 0], ramp[..., 1], ramp[..., 2] = x // 2, y * 255 // 299, (x + y) * 255 // 810
+    screen.update(ramp)
+    client = connect(serve(screen=screen), TIGHT, QUALITY_6)
+    client.request(False)
+    assert len(client.read_update()) == 2 and client.jpeg_rects == 2
+    error = np.abs(channels(client.fb) - channels(rgb_values(screen.frame_copy())))
+    assert error.mean() < 3 and error.max() < 48
 
 
 def test_the_client_gets_the_first_encoding_it_announces(server: VncServer) -> None:

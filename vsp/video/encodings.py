@@ -14,11 +14,8 @@ channels on byte boundaries (the frame's own BGRX, noVNC's RGBX, ...): a pixel
 is then a byte shuffle of the frame's. Other formats go through
 `rfb.pixel_values` (per rectangle temporaries; correct, slower).
 
-Tight (7): a solid rectangle is a fill; with a JPEG quality level announced
-(-32..-23), a rectangle in a 24-bit colour format is JPEG (libjpeg-turbo
-through simplejpeg); otherwise basic compression, copy filter, zlib stream 0,
-pixels as 3-byte TPIXELs. Rectangles are split into bands of at most
-TIGHT_MAX_WIDTH x (TIGHT_MAX_PIXELS / width) so every compact length fits.
+Tight (7): `vsp.video.tight` (fills, JPEG, zlib; large rectangles in
+bands encoded at once on the server's helper threads).
 Hextile (5): 16x16 tiles, each solid (background) or raw.
 """
 
@@ -28,6 +25,7 @@ import os
 import struct
 import types
 import zlib
+from concurrent.futures import Executor
 from typing import Any
 
 import numpy as np
@@ -74,13 +72,15 @@ JPEG_AVAILABLE = simplejpeg is not None
 PIXEL_ENCODINGS = (ENC_TIGHT, rfb.ENC_ZRLE, ENC_HEXTILE, rfb.ENC_ZLIB, rfb.ENC_RAW)
 # TurboVNC's quality levels as JPEG qualities.
 JPEG_QUALITY = (15, 29, 41, 42, 62, 77, 79, 86, 92, 100)
-TIGHT_MAX_WIDTH = 2048
-TIGHT_MAX_PIXELS = 1 << 20  # 3 MiB of TPIXELs at most: compressed, under 4 MiB
 ZRLE_TILE, HEXTILE_TILE = 64, 16
 DEFAULT_ZLIB_LEVEL = 1  # a console favours frames per second over bytes
 
 Pixels = npt.NDArray[np.uint8]
 _RECT_HEADER = struct.Struct(">HHHHi")
+
+
+def rect_header(x: int, y: int, w: int, h: int, encoding: int) -> bytes:
+    return _RECT_HEADER.pack(x, y, w, h, encoding)
 
 
 class OutBuffer:
@@ -195,6 +195,8 @@ class Encoder:
         self.scratch: Pixels = np.empty((0, 0, 4), np.uint8)  # what the client was sent
         self.synced = False  # scratch holds all the client has (CopyRect may copy from it)
         self._streams: dict[int, Any] = {}
+        self.pool: Executor | None = None  # helper threads (the server's): Tight's bands at once
+        self._tight_works: list[OutBuffer] = []
 
     def set_format(self, fmt: PixelFormat) -> None:
         self.fmt = fmt
@@ -223,6 +225,16 @@ class Encoder:
         if key not in self._streams:
             self._streams[key] = deflate.compressobj(self.level)
         return self._streams[key]
+
+    def tight_stream(self, stream: int) -> Any:
+        """Tight's zlib stream 0-3 (stream 0 was the only one before bands)."""
+        return self.stream(ENC_TIGHT + 100 * stream)
+
+    def tight_work(self, stream: int) -> OutBuffer:
+        """The TPIXELs buffer of the band on `stream` (the first is `work`)."""
+        while len(self._tight_works) <= stream:
+            self._tight_works.append(self.work if not self._tight_works else OutBuffer())
+        return self._tight_works[stream]
 
     # Pixels in the client's format.
 
@@ -254,7 +266,7 @@ class Encoder:
         h, w = pix.shape[:2]
         out, enc = self.out, self.encoding
         if enc == ENC_TIGHT:
-            return self._tight(x, y, pix)
+            return tight.encode(self, x, y, pix)
         out.write(_RECT_HEADER.pack(x, y, w, h, enc))
         if enc == rfb.ENC_RAW:
             self.pixel_bytes(pix, out)
@@ -362,50 +374,6 @@ class Encoder:
                     out.write(np.ascontiguousarray(data[ty : ty + T, tx : tx + T]))
                     background = None  # be explicit after a raw tile
 
-    def _tight(self, x: int, y: int, pix: Pixels) -> int:
-        h, w = pix.shape[:2]
-        band_w = min(w, TIGHT_MAX_WIDTH)
-        band_h = max(1, min(h, TIGHT_MAX_PIXELS // band_w))
-        count = 0
-        for by in range(0, h, band_h):
-            for bx in range(0, w, band_w):
-                self._tight_rect(x + bx, y + by, pix[by : by + band_h, bx : bx + band_w])
-                count += 1
-        return count
-
-    def _tight_rect(self, x: int, y: int, pix: Pixels) -> None:
-        h, w = pix.shape[:2]
-        out = self.out
-        out.write(_RECT_HEADER.pack(x, y, w, h, ENC_TIGHT))
-        tpixel24 = is_tpixel24(self.fmt)
-        if _solid(pix):
-            out.write(b"\x80")  # fill
-            self._tpixels(pix[:1, :1], out, tpixel24)
-            return
-        if self.quality is not None and tpixel24 and simplejpeg is not None:
-            jpeg = simplejpeg.encode_jpeg(
-                pix, self.quality, colorspace="BGRX", colorsubsampling="420", fastdct=True
-            )
-            out.write(b"\x90")
-            out.write(compact_length(len(jpeg)))
-            out.write(jpeg)
-            return
-        out.write(b"\x00")  # basic, stream 0, copy filter
-        work = self.work
-        work.reset()
-        self._tpixels(pix, work, tpixel24)
-        if work.size < 12:  # sent as is
-            out.write(work.view())
-        else:
-            self._deflate(ENC_TIGHT, work.view(), length=3)
-
-    def _tpixels(self, pix: Pixels, out: OutBuffer, tpixel24: bool) -> None:
-        if not tpixel24:
-            self.pixel_bytes(pix, out)
-            return
-        h, w = pix.shape[:2]
-        pack(pix, out.reserve(h * w * 3), (2, 1, 0))
-
     # Pseudo-rectangles.
 
     def cursor_rect(self, hot_x: int, hot_y: int, shape: Pixels) -> None:
@@ -422,7 +390,7 @@ class Encoder:
         self.out.write(struct.pack(">HH", src_x, src_y))
 
 
-def _solid(pix: Pixels) -> bool:
+def solid(pix: Pixels) -> bool:
     """One colour (the unused byte aside); cheap for most rectangles that are not."""
     colours = pix.view(np.uint32)[:, :, 0]
     first = colours[0, 0] & np.uint32(0xFFFFFF)
@@ -489,3 +457,6 @@ def find_scroll(
         if b - a >= MIN_SCROLL_ROWS and (best is None or b - a > best[1] - best[0]):
             best = run
     return best
+
+
+from vsp.video import tight  # noqa: E402 - it builds on this module's pieces

@@ -24,8 +24,7 @@ Interface:
 - ``Screen.add_listener(fn)`` / ``remove_listener(fn)``: ``fn(rects)`` is called
   (outside the lock, from the updating thread) after each change.
 - ``Screen.capture(rects, generation, into=None, encode=None)``: consistent
-  copies of regions, or views of them for `encode` (see there); a stale
-  ``generation`` yields the whole frame.
+  copies of regions, or views for `encode`; a stale generation: the frame.
 
 Across processes: the frame lives in a memfd (`vsp.video.shared`). A Screen
 pickled with `vmbus.handoff` (a `VideoVsp` handed to its VM's worker process)
@@ -42,8 +41,7 @@ the VNC server does, saving a thread hand-over per change; a viewer waiting
 for newer pixels says so (``want_update``, read by the writer as ``wanted``)
 so the VSP copies at its next chance rather than at its own pace.
 
-Backends: `vsp.video.vnc.VncServer` (RFB, and noVNC over WebSocket) and
-`vsp.video.png` (``encode_png`` / ``write_png`` of RGB frames).
+Backends: `vsp.video.vnc.VncServer` (RFB, noVNC over WebSocket), `vsp.video.png`.
 """
 
 from __future__ import annotations
@@ -75,7 +73,14 @@ from vsp.video.frames import (
     subtract,
 )
 from vsp.video.png import write_png
-from vsp.video.shared import CURSOR_MAX, MAX_DIMENSION, SharedFrame, check_size, close_all
+from vsp.video.shared import (
+    CURSOR_MAX,
+    MAX_DIMENSION,
+    SharedFrame,
+    check_size,
+    close_all,
+    read_records,
+)
 
 __all__ = [
     "CONTROL_FLUSH",
@@ -201,8 +206,6 @@ class Screen:
         generation, width, height, _ = self._shm.read_mode(wait=False)
         return generation, width, height
 
-    # Listeners.
-
     def add_listener(self, fn: Listener) -> None:
         with self._lock:
             self._listeners.append(fn)
@@ -256,6 +259,8 @@ class Screen:
             dirty = [c for r in wanted if (c := clip(r, w, h)) is not None]
             if not dirty:
                 return True
+            if len(dirty) > 1:  # a drain's DIRTs often repeat one rect, or the screen
+                dirty = [(0, 0, w, h)] if (0, 0, w, h) in dirty else list(dict.fromkeys(dirty))
             if len(dirty) > MAX_UPDATE_RECTS:
                 dirty = [bounding_box(dirty)]
             shm = self._shm
@@ -312,19 +317,9 @@ class Screen:
 
     def read_control(self) -> list[tuple[int, int, int]]:
         """The requests waiting on `control_fd` (kind, a, b); malformed ones dropped."""
-        requests = []
-        for _ in range(64):  # bounded: the rest wakes the watcher again
-            try:
-                record = self._control_worker.recv(64)
-            except (BlockingIOError, InterruptedError):
-                break
-            if not record:
-                break
-            if len(record) != _CONTROL.size:
-                self.dropped_controls += 1
-                continue
-            requests.append(_CONTROL.unpack(record))
-        return requests
+        records, dropped = read_records(self._control_worker, _CONTROL.size)
+        self.dropped_controls += dropped
+        return [_CONTROL.unpack(record) for record in records]
 
     # The reader: the parent (console, snapshots).
 
@@ -387,6 +382,10 @@ class Screen:
                     break
             return Capture(gen, w, h, kept, pixels, into, consistent)
 
+    def writing(self) -> bool:
+        """The writer is mid-change (a reader would wait for it)."""
+        return bool(self._shm.seq() & 1)
+
     def cursor_serial(self) -> int:
         """How many pointer shapes the guest has set (a cheap check before `cursor`)."""
         return self._shm.cursor_serial
@@ -409,8 +408,7 @@ class Screen:
 
     def snapshot_png(self, target: str | os.PathLike[str] | BinaryIO) -> None:
         """Write the frame to `target` (a path or a binary file) as an RGB PNG."""
-        frame = self.frame_copy()
-        write_png(target, frame[:, :, 2::-1])  # BGRX -> RGB
+        write_png(target, self.frame_copy()[:, :, 2::-1])  # BGRX -> RGB
 
     # The parent's watcher: once the Screen is handed to a worker, a thread
     # (only while there are listeners) turns the worker's wake-ups into calls.
@@ -467,11 +465,14 @@ class Screen:
         return self._seen_now()
 
     def damage_since(
-        self, seen: tuple[int, int, int]
+        self, seen: tuple[int, int, int], wait: bool = True
     ) -> tuple[list[Rect] | None, tuple[int, int, int]]:
-        """What changed since `seen` (a `damage_cursor`): the ring's new
-        rectangles, or the whole frame after a mode change or a gap; [] for
-        a new pointer shape alone; None for nothing. And the new cursor."""
+        """What changed since `seen` (a `damage_cursor`): the ring's new rects,
+        or the whole frame after a mode change or a gap; [] for a new pointer
+        shape alone; None for nothing (or, without `wait`, while the writer is
+        mid-change: its doorbell rings when done). And the new cursor."""
+        if not wait and self.writing():
+            return None, seen
         generation, serial, cursor = seen
         gen, w, h, now, cursor_now, rects, consistent = self._shm.read_damage(serial)
         seen = (gen, now, cursor_now)

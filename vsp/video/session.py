@@ -43,6 +43,7 @@ from vsp.video.screen import (
     intersect,
     subtract,
 )
+from vsp.video.shared import SEQLOCK_PATIENCE
 
 __all__ = [
     "MAX_DIRTY_RECTS",
@@ -97,6 +98,7 @@ class Session:
         self.want_full: Rect | None = None  # union of pending non-incremental requests
         self.want_incr: Rect | None = None
         self.in_place = True  # Raw straight from the shared frame when the format allows
+        self.busy_since: float | None = None  # when an update first waited for the writer
 
     @property
     def admitted(self) -> bool:
@@ -153,6 +155,8 @@ class Session:
         if idle and not (new_cursor or layout or owed):
             screen.want_update()  # the guest's next change is copied at once
             return False  # an incremental request waits for a change
+        if self._writer_busy(screen):
+            return False  # its copy ends with a doorbell: the update follows then
         if enc.encoding == rfb.ENC_RAW and enc.order == IN_PLACE_ORDER and self.in_place:
             self._update_in_place(screen, rects, cursor if new_cursor else None, owed, layout)
             screen.want_update()  # the next change is copied while this one is read
@@ -182,6 +186,20 @@ class Session:
             self.send(enc.work.view())  # the rectangles, behind the header
         screen.want_update()  # the next change is copied while this one is sent
         return True
+
+    def _writer_busy(self, screen: Screen) -> bool:
+        """The writer is mid-copy: rather than spin for it (taking the CPU
+        it needs), wait for its doorbell, for at most SEQLOCK_PATIENCE."""
+        if not screen.writing():
+            self.busy_since = None
+            return False
+        now = time.monotonic()
+        if self.busy_since is None:
+            self.busy_since = now
+        if now - self.busy_since < SEQLOCK_PATIENCE:
+            return True
+        self.busy_since = None  # a writer stuck mid-change: capture gives a torn read
+        return False
 
     def _account(self, cap: Capture) -> tuple[bool, bool]:
         """The client's state once `cap` is sent: (resized, announced)."""

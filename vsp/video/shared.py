@@ -45,6 +45,7 @@ __all__ = [
     "SharedFrame",
     "check_size",
     "close_all",
+    "read_records",
 ]
 
 # 8192x8192x4 is a 256 MiB frame: bigger than any synthvid mode (7680x4320).
@@ -327,3 +328,22 @@ def close_all(fds: list[int], sockets: Sequence[socket.socket] = ()) -> None:
             os.close(fd)
     for sock in sockets:
         sock.close()
+
+
+def read_records(sock: socket.socket, size: int, limit: int = 64) -> tuple[list[bytes], int]:
+    """Up to `limit` records of `size` bytes waiting on `sock` (a non-blocking
+    SOCK_SEQPACKET; the rest wakes its watcher again), and how many records
+    of another size were dropped."""
+    records, dropped = [], 0
+    for _ in range(limit):
+        try:
+            record = sock.recv(64)
+        except (BlockingIOError, InterruptedError):
+            break
+        if not record:
+            break
+        if len(record) == size:
+            records.append(record)
+        else:
+            dropped += 1
+    return records, dropped

@@ -56,11 +56,12 @@ import struct
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vmbus.errors import UsageError
-from vsp.video import rfb
+from vsp.video import rfb, tight
 from vsp.video.access import LoginBackoff, generate_password
 from vsp.video.handshake import Handshake
 from vsp.video.screen import (
@@ -163,6 +164,7 @@ class VncServer(Handshake):
         self._wake_pending = False
         self._wake_w.setblocking(False)
         self._selector = selectors.DefaultSelector()
+        self._pool: ThreadPoolExecutor | None = None  # encoders' helpers (Tight's bands)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -198,6 +200,8 @@ class VncServer(Handshake):
         else:
             self.screen.add_listener(self._on_damage)
         self._running = True
+        if tight.PARALLEL > 1:
+            self._pool = ThreadPoolExecutor(tight.PARALLEL - 1, thread_name_prefix="vnc-encode")
         self._thread = threading.Thread(target=self._run, name="vnc-server", daemon=True)
         self._thread.start()
         if self.web is not None:
@@ -231,6 +235,9 @@ class VncServer(Handshake):
             self._thread.join()
         for client in list(self._clients.values()):
             self._drop(client)
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
         while self._adopted:
             self._adopted.popleft()[0].close()
         assert self._listener is not None
@@ -255,7 +262,8 @@ class VncServer(Handshake):
         assert self._doorbell is not None
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self._doorbell)
-        rects, self._seen = self.screen.damage_since(self._seen)
+        # Not waiting out a copy in progress: it rings again when done.
+        rects, self._seen = self.screen.damage_since(self._seen, wait=False)
         if rects is not None and self._clients and self.hooked:
             self._damage.append(rects)
 
@@ -335,6 +343,7 @@ class VncServer(Handshake):
             return
         sock.setblocking(False)
         client = Session(sock, source, self.screen.geometry()[0])
+        client.encoder.pool = self._pool
         self._clients[sock] = client
         self._selector.register(sock, selectors.EVENT_READ, client)
         client.send(_SERVER_VERSION)
