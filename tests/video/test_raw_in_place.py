@@ -214,3 +214,41 @@ def test_the_screen_keeps_the_unused_byte_set_from_any_view() -> None:
     frame = screen.frame_copy()
     assert (frame[: H // 2] == opaque(vram[: H // 2])).all()
     assert (frame[H // 2 :] == opaque(vram[::-1][H // 2 :])).all()
+
+
+def test_an_update_waits_for_the_writers_doorbell_instead_of_spinning(
+    pairs: list[socket.socket],
+) -> None:
+    screen = Screen(W, H)
+    ours, peer = pair(pairs)
+    client = session(ours, screen, in_place=True)
+    client.want_full = (0, 0, W, H)
+    screen._shm.begin_write()  # a writer mid-copy
+    assert screen.writing()
+    assert not client.update(screen) and not client.out  # no spin: its doorbell brings us back
+    assert screen.damage_since(screen.damage_cursor(), wait=False)[0] is None
+    screen._shm.end_write()
+    assert client.update(screen)
+    assert len(wire(client, peer)) == 16 + W * H * 4
+
+
+def test_a_writer_stuck_mid_copy_gets_a_torn_update_not_a_stalled_viewer(
+    pairs: list[socket.socket],
+) -> None:
+    screen = Screen(W, H)
+    data, fds = handoff.dumps(screen)  # the parent's Screen reads the mode from the header
+    writer = handoff.loads(data, [os.dup(fd) for fd in fds])
+    try:
+        ours, peer = pair(pairs)
+        client = session(ours, screen, in_place=True)
+        client.want_full = (0, 0, W, H)
+        screen._shm.begin_write()  # and never ends it (a hostile worker)
+        assert not client.update(screen)
+        assert client.busy_since is not None
+        client.busy_since -= 1.0  # past the patience
+        assert client.update(screen)
+        assert len(wire(client, peer)) == 16 + W * H * 4 and screen.torn == 1
+        assert client.dirty == [(0, 0, W, H)]  # sent again once the writer is done
+    finally:
+        writer.close()
+        screen.close()
