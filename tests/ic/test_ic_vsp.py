@@ -370,3 +370,14 @@ def test_host_kvp_ops_on_the_guests_store_act_as_a_dict(
                 assert reply == {"items": [list(item) for item in pairs.items()]}
         assert [dict(store.items(pool)) for pool in range(5)] == model
         assert not harness.closed and vsp.bad_answers == 0
+
+
+def test_heartbeat_channel_closed_after_contact_is_lost_and_before_it_no_contact() -> None:
+    vsp = HeartbeatVsp()
+    with IcHarness(vsp) as harness:
+        harness.advance()
+    assert vsp.stats()["state"] == "no contact"
+    with IcHarness(vsp) as harness:
+        client = harness.negotiate()
+        beat(harness, client)
+    assert vsp.stats()["state"] == "lost" and not vsp.stats()["open"]
