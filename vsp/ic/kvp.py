@@ -32,7 +32,7 @@ OPS = {"get": KvpOp.GET, "set": KvpOp.SET, "delete": KvpOp.DELETE, "enumerate": 
 
 
 class KvpVsp(IcVsp):
-    """The KVP exchange (docs/protocol.md §11.6)."""
+    """The KVP exchange (docs/protocol.md §11.7)."""
 
     msgtype = MessageType.KVP_EXCHANGE
     versions = KVP_VERSIONS
