@@ -62,7 +62,9 @@ __all__ = [
     "TimeSyncVsp",
 ]
 
-DEFAULT_TIMEOUT = 10.0  # seconds a guest has to answer one request
+# Seconds a guest has to answer one request: under ChildPartition.control's
+# default 10 s, so a caller hears the device's reason, not a bare timeout.
+DEFAULT_TIMEOUT = 5.0
 Done = Callable[[IcAnswer | None, str | None], None]  # (answer, or why there is none)
 
 
