@@ -6,9 +6,13 @@ the parent asking through `ChildPartition.control`."""
 from __future__ import annotations
 
 import sys
+import threading
 from typing import Any
 
+import pytest
+
 from vmbus.channel import VM_PKT_DATA_INBAND
+from vmbus.child_partition import ControlError
 from vmbus.guest import Guest
 from vmbus.partition import Host, wait_until
 from vmbus.protocols.ic import IcServer, KvpPool, MessageType
@@ -16,7 +20,7 @@ from vmbus.protocols.ic import wire as w
 from vmbus.testing import loopback
 from vmbus.testing.rings import channel_pair
 from vsc.ic import Heartbeat, IntegrationServices
-from vsp.ic import integration_services
+from vsp.ic import ShutdownVsp, integration_services
 
 HEARTBEAT, SHUTDOWN, TIMESYNC, KVP = range(4)  # integration_services' order
 FAST = {"heartbeat": {"interval": 0.05}, "timesync": {"interval": 0.1, "offset": 30.0}}
@@ -121,3 +125,25 @@ def test_host_that_sends_garbage_is_dropped_and_counted_and_the_next_beat_answer
         assert w.HeartbeatData.unpack_from(ic_answer.body).seq_num == 8
     finally:
         heartbeat.close()
+
+
+def test_guest_that_never_answers_is_a_control_error_with_the_reason() -> None:
+    vsps = [ShutdownVsp(timeout=0.5)]
+    release = threading.Event()
+    bound: dict[str, IntegrationServices] = {}
+
+    def hang(reboot: bool, reason: str) -> bool:
+        return release.wait(30)  # the guest hangs in its shutdown handler
+
+    def register(guest: Guest) -> None:
+        bound["ic"] = IntegrationServices(guest, on_shutdown=hang)
+
+    with loopback(vsps, register) as (_, partition):
+        bound["ic"].wait_open()
+        assert wait_until(lambda: vsps[0].stats()["negotiation"] == "ready", 30)
+        with pytest.raises(ControlError, match="did not answer within 0.5 s"):
+            partition.control(0, {"op": "shutdown"})
+        release.set()
+        assert wait_until(lambda: vsps[0].stats()["late"] == 1, 30)  # late, not hostile
+        assert vsps[0].bad_answers == 0 and len(partition.channels) == 1
+        bound["ic"].close()

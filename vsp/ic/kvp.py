@@ -88,7 +88,7 @@ class KvpVsp(IcVsp):
     ) -> None:
         def done(answer: IcAnswer | None, error: str | None) -> None:
             if answer is None:
-                reply({"error": error, "items": items})
+                reply({"error": error})  # only the reason: the caller gets a ControlError
                 return
             _check_header(answer, KvpOp.ENUMERATE, pool)
             if answer.status != Status.S_OK:  # HV_S_CONT: past the pool's end
