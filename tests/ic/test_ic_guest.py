@@ -12,9 +12,8 @@ from typing import Any
 import pytest
 
 from vmbus.channel import VM_PKT_DATA_INBAND
-from vmbus.child_partition import ControlError
 from vmbus.guest import Guest
-from vmbus.partition import Host, wait_until
+from vmbus.partition import ControlError, Host, wait_until
 from vmbus.protocols.ic import IcServer, KvpPool, MessageType
 from vmbus.protocols.ic import wire as w
 from vmbus.testing import loopback
