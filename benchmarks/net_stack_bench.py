@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
+import io
 import json
 import os
 import platform
+import pstats
 import select
 import shutil
 import signal
@@ -157,13 +160,24 @@ def adapter(guest: Guest) -> NetAdapter:
     return NetAdapter(devices[0])
 
 
-def stack_child(guest: Guest, workdir: str) -> None:
+def stack_child(guest: Guest, workdir: str, profile: bool = False) -> None:
     """The child: its stack up, then iperf3 runs as the parent asks (a file
-    per request in `workdir`, answered by a file), until asked to stop."""
+    per request in `workdir`, answered by a file), until asked to stop.
+    With `profile`, the bridge thread runs under cProfile, its table in
+    workdir/profile.txt."""
     from vsc.net.stack import LinuxStack
 
     work = Path(workdir)
-    with LinuxStack(adapter(guest), address="10.213.3.2/24") as stack:
+    profiler = cProfile.Profile()
+    stack = LinuxStack(adapter(guest), address="10.213.3.2/24")
+    if profile:  # the next thread started is the bridge's: profile what it runs
+
+        def first_call(*_: object) -> None:
+            profiler.enable()  # replaces this hook in the bridge thread
+            threading.setprofile(None)  # threads started later are not profiled
+
+        threading.setprofile(first_call)
+    with stack:
         (work / "up").write_text("1")
         for number in range(1_000_000):
             request = work / f"request-{number}"
@@ -179,11 +193,15 @@ def stack_child(guest: Guest, workdir: str) -> None:
             (work / f"answer-{number}.tmp").write_text(json.dumps(answer))
             os.rename(work / f"answer-{number}.tmp", work / f"answer-{number}")
         (work / "stats.json").write_text(json.dumps(stack.stats()))
+    if profile:
+        table = io.StringIO()
+        pstats.Stats(profiler, stream=table).sort_stats("tottime").print_stats(25)
+        (work / "profile.txt").write_text(table.getvalue())
 
 
 @contextlib.contextmanager
 def stack_path(
-    tag: str, workdir: str, notes: list[str] | None = None
+    tag: str, workdir: str, notes: list[str] | None = None, profile: str | None = None
 ) -> Iterator[Callable[[float, list[str]], float]]:
     host_ns = f"nsb-sh-{tag}"
     # With IFF_VNET_HDR the host offers checksum offload and LSOv2; the child's stack takes them.
@@ -195,7 +213,10 @@ def stack_path(
     try:
         with Host() as host, iperf_server(host_ns, "10.213.3.1"):
             child = host.start(
-                CHILD_TARGET, devices=[NetVsp(backend, mac=MAC)], args=(str(work),), policy=policy
+                CHILD_TARGET,
+                devices=[NetVsp(backend, mac=MAC)],
+                args=(str(work), profile is not None),
+                policy=policy,
             )
             if not wait_until(
                 lambda: (work / "up").exists() or child.state not in ("starting", "running"), 60
@@ -221,6 +242,8 @@ def stack_path(
             yield measure
             (work / "stop").write_text("1")
             child.wait(timeout=30)
+            if profile is not None and (work / "profile.txt").exists():
+                Path(profile).write_text((work / "profile.txt").read_text())
             stats = work / "stats.json"
             if notes is not None and stats.exists():
                 got = json.loads(stats.read_text())
@@ -249,7 +272,9 @@ def unusable() -> str | None:
 Figures = dict[tuple[str, str], list[float]]  # (path, direction) -> [Mbit/s, × veth]
 
 
-def measure(seconds: float, repeats: int, workdir: str) -> tuple[Figures, list[str]]:
+def measure(
+    seconds: float, repeats: int, workdir: str, profile: str | None = None
+) -> tuple[Figures, list[str]]:
     tag = str(os.getpid() % 100000)
     results: dict[tuple[str, str], list[float]] = {}
     ratios: dict[tuple[str, str], list[float]] = {}
@@ -260,7 +285,7 @@ def measure(seconds: float, repeats: int, workdir: str) -> tuple[Figures, list[s
             FORWARDER: stack.enter_context(forwarder_path(tag)),
         }
         try:
-            paths[STACK] = stack.enter_context(stack_path(tag, workdir, notes))
+            paths[STACK] = stack.enter_context(stack_path(tag, workdir, notes, profile))
         except (RuntimeError, OSError) as error:
             notes.append(f"the child's stack could not start: {error}; its rows skipped")
         for round_number in range(repeats):
@@ -281,7 +306,9 @@ def measure(seconds: float, repeats: int, workdir: str) -> tuple[Figures, list[s
             for key, v in results.items()}, notes  # fmt: skip
 
 
-def report(seconds: float, repeats: int, command: str) -> tuple[str, str]:
+def report(
+    seconds: float, repeats: int, command: str, profile: str | None = None
+) -> tuple[str, str]:
     load = os.getloadavg()[0]
     reason = unusable()
     rows: list[list[str]] = []
@@ -290,7 +317,7 @@ def report(seconds: float, repeats: int, command: str) -> tuple[str, str]:
         notes.append(reason)
     else:
         with tempfile.TemporaryDirectory(prefix="net-stack-bench-") as workdir:
-            figures, notes = measure(seconds, repeats, workdir)
+            figures, notes = measure(seconds, repeats, workdir, profile)
         for name in (VETH, FORWARDER, STACK):
             for arrow, _ in DIRECTIONS:
                 if (name, arrow) in figures:
@@ -325,13 +352,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, help="seconds per iperf3 run (3 quick, 10)")
     parser.add_argument("--repeats", type=int, help="rounds (1 quick, 3)")
     parser.add_argument("--markdown", metavar="FILE", help="also write the result as Markdown")
+    parser.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="the child's bridge thread under cProfile, its table to FILE",
+    )
     args = parser.parse_args(argv)
     seconds = args.seconds or (3.0 if args.quick else 10.0)
     repeats = args.repeats or (1 if args.quick else 3)
     signal.signal(signal.SIGTERM, on_sigterm(os.getpid()))
     words = sys.argv[1:] if argv is None else list(argv)
     text, markdown = report(
-        seconds, repeats, " ".join(["python -m benchmarks.net_stack_bench", *words])
+        seconds, repeats, " ".join(["python -m benchmarks.net_stack_bench", *words]), args.profile
     )
     print(text)
     if args.markdown:
