@@ -77,3 +77,16 @@ def test_200_create_start_stop_cycles_hold_the_services_resources(service: Servi
     assert after["fds"] <= baseline["fds"], (baseline, after)
     assert after["threads"] <= baseline["threads"], (baseline, after)
     assert after["rss_kib"] < baseline["rss_kib"] + 8 * 1024, (baseline, after)
+
+
+def test_an_integration_service_removed_is_released_by_the_guest(service: Service) -> None:
+    client = service.client
+    define(client, "ic")
+    client.start("ic", wait_devices=30)
+    assert client.kvp("ic", "set", "k", "v")["ok"]
+    client.remove_device("ic", "kvp")
+    assert wait_for(lambda: client.status("ic")["bus"]["offered"] == 4)  # released
+    client.add_device("ic", {"kind": "kvp"})
+    assert wait_for(lambda: client.status("ic")["bus"]["channels"] == 5)  # the guest took it up
+    assert client.kvp("ic", "get", "k")["value"] == "v"  # the guest's pool outlived the channel
+    assert client.shutdown("ic", wait=30)["state"] == "exited"

@@ -18,6 +18,7 @@ reaches the program as state and callbacks:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from vmbus.channel import VM_PKT_DATA_INBAND, ChannelTimeout, DeviceRemoved
-from vmbus.errors import PeerError
+from vmbus.errors import PeerError, VmbusError
 from vmbus.guest import Guest, GuestChannel, GuestDevice
 from vmbus.protocols.ic import (
     CLASS_IDS,
@@ -120,7 +121,11 @@ class IcService:
                     continue
             except ChannelTimeout:
                 continue
-            except (DeviceRemoved, OSError, ValueError):
+            except DeviceRemoved:  # closed now, so the guest releases the relid
+                with contextlib.suppress(VmbusError, OSError):
+                    channel.close()
+                return
+            except (OSError, ValueError):
                 return
             try:
                 answer, request = self.client.receive(packet.payload)
@@ -352,6 +357,7 @@ class IntegrationServices:
         self.timesync: TimeSync | None = None
         self.kvp: Kvp | None = None
         self._on_shutdown = on_shutdown
+        self.kvp_store = KvpStore()  # the guest's pools: they outlive a channel removed and added
         for msgtype, class_id in CLASS_IDS.items():
             guest.register(class_id, functools.partial(self._bind, msgtype))
 
@@ -364,7 +370,7 @@ class IntegrationServices:
         elif msgtype == MessageType.TIMESYNC:
             service = self.timesync = TimeSync(device)
         else:
-            service = self.kvp = Kvp(device)
+            service = self.kvp = Kvp(device, self.kvp_store)
         return service
 
     @property
