@@ -8,11 +8,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vmbus.partition import wait_until
 from vmbus.vmms.client import Client
 
 START_SECONDS = 60.0
@@ -91,9 +91,4 @@ def requests_of(client: Client, name: str, device: str = "ramdisk") -> int:
 
 
 def wait_for(predicate: Any, timeout: float = START_SECONDS) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
+    return wait_until(predicate, timeout)
