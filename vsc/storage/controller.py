@@ -7,7 +7,10 @@ The steady state is compiled (vsc.storage._fast): an SRB is packed into a
 template, a bounce slot's GPA-direct header is built once per length (a
 slot's pages never change), data already in guest memory moves with no
 bounce copy, and a batch of SRBs is written with one commit (one doorbell
-at most) and its completions reaped with one commit per pass.
+at most) and its completions reaped with one commit per pass. A lone
+request on an idle one-channel controller (read_into, write: QD1) is sent,
+waited for and reaped in one compiled call (vsc.storage._lone), with the
+same spin the general loop's wait would choose.
 """
 
 from __future__ import annotations

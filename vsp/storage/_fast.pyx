@@ -23,6 +23,12 @@ below are those of StorvspProtocol.receive, OpenContext.gpa_ranges and
 ScsiDisk.execute for the success case; any failure of theirs, and any error
 of a system call, declines (the Python path then produces the error reply).
 A completion is byte for byte what StorvspProtocol.complete_srb builds.
+
+Two ways in: `drain` serves the head of the ring once (from admission(),
+before the Python drain takes a packet); `run` is the whole service of a
+channel on a thread of its own (drain, spin, sleep on the doorbell, in C;
+see StorvspChannel._run_compiled). What `configure` reads of the protocol
+and the disks is kept until vsp.storage.changes says it changed.
 """
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
