@@ -28,11 +28,12 @@ from typing import Any
 
 from vmbus import host as h
 from vmbus import messages as m
-from vmbus.channel import SPIN_MISSES, SPIN_PROBE, Channel
+from vmbus.channel import Channel
 from vmbus.channel_thread import POLL_SECONDS, ChannelThread, serve_channel
 from vmbus.device import ChannelHandler, OpenContext, Vsp
 from vmbus.errors import PeerError, PeerLog, UsageError
 from vmbus.memory import GuestMemory, GuestMemoryError, MappedRegion, map_channel_rings
+from vmbus.poll_mode import PollMode
 from vmbus.ring import RingCorrupt
 from vmbus.timers import Timer, TimerQueue
 from vmbus.transport import MalformedMessage, MessagePort, PortClosed, Signal
@@ -81,7 +82,7 @@ class VmWorker:
         self.memory = memory
         self.port = port
         self.devices: list[Vsp | None] = list(devices)  # by index; a removed one is None
-        self.spin_seconds = spin_seconds  # poll mode; see _poll (it holds the GIL while it spins)
+        self.poll_mode = PollMode(spin_seconds)
         self.quotas = quotas or h.Quotas()  # what the child may make us hold
         self.on_state = on_state
         self.state = "starting"  # running, exited, crashed, stopped
@@ -101,7 +102,6 @@ class VmWorker:
         self.rescinded = 0  # channels failed alone (a corrupt ring, a VSP's error)
         self.exited = threading.Event()
         self._kill_at: float | None = None
-        self._polls = self._spin_misses = 0  # adaptive poll mode (_poll)
         self._final_stats: list[dict[str, Any]] = []  # the devices' counters at the end
         self._failures: list[tuple[int, str]] = []  # from channel threads, for the main loop
         self._failed = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -216,54 +216,16 @@ class VmWorker:
                 log.exception("%s: a request of the parent failed", self.name)
 
     def _poll(self) -> bool:
-        """Poll mode: before sleeping, spin on the open channels for
-        `spin_seconds` with their signals masked (the guest skips its
-        doorbell), since waking a sleeping thread costs far more than a
-        short spin. True only if a channel's packets were consumed, so a
-        peer that leaves packets we cannot take (no room for replies) sends
-        the worker back to its select, not into a busy loop. A channel whose
-        ring is corrupt fails alone, here as in `_service`. The spin adapts
-        as a channel's does: after SPIN_MISSES fruitless spins in a row (a
-        slow guest, or more VMs than cores, where spinning takes the CPU the
-        guest needs) only every SPIN_PROBE-th pass spins."""
+        """Poll mode (vmbus.poll_mode), then serve the channel it found. True
+        only if packets were consumed, so a peer that leaves packets we
+        cannot take (no room for replies) sends the worker back to its
+        select, not into a busy loop; a corrupt ring fails its channel alone,
+        here as in `_service`."""
         channels = [(r, c.channel) for r, c in self.channels.items() if c.thread is None]
-        if not self.spin_seconds or not channels:
-            return False
-        self._polls += 1
-        if self._spin_misses >= SPIN_MISSES and self._polls % SPIN_PROBE:
-            return False
-        failed: dict[int, str] = {}
-
-        def check(relid: int, step: Callable[[], object]) -> object:
-            try:
-                return step()
-            except Exception as error:  # a corrupt ring: that channel only
-                failed.setdefault(relid, str(error))
-                return None
-
-        for relid, channel in channels:
-            check(relid, channel.reader.begin_drain)
-        end = time.perf_counter() + self.spin_seconds
-        ready = None
-        while ready is None and not failed and time.perf_counter() < end:
-            for relid, channel in channels:  # no allocation in the spin
-                try:
-                    available = channel.reader.bytes_available
-                except Exception as error:  # a corrupt ring: that channel only
-                    failed.setdefault(relid, str(error))
-                    break
-                if available:
-                    ready = relid
-                    break
-        for relid, channel in channels:  # unmask; anything that slipped in is served
-            if check(relid, channel.reader.end_drain) and ready is None:
-                ready = relid
+        ready, failed = self.poll_mode.spin(channels)
         for relid, reason in failed.items():
             self._fail(relid, reason)
-        self._spin_misses = 0 if ready is not None else self._spin_misses + 1
-        if ready is None or ready in failed:
-            return False
-        return self._service(ready) > 0
+        return ready is not None and self._service(ready) > 0
 
     def _message(self) -> None:
         try:
