@@ -200,3 +200,41 @@ def test_the_echo_example_runs_from_the_wheel(installed: tuple[Path, Path], tmp_
     out = run(python, example, cwd=tmp_path, timeout=60).stdout
     assert "child: echo came back" in out
     assert "parent: child exit code 0" in out
+
+
+def test_the_management_service_runs_from_the_wheel(
+    installed: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """vmbus serve and vmbus ctl as a user of the wheel runs them: a VM
+    defined in TOML starts, serves verified disk traffic, answers KVP and
+    shuts down when asked."""
+    _, python = installed
+    vmbus = python.parent / "vmbus"
+    socket = tmp_path / "vmms.sock"
+    (tmp_path / "vm.toml").write_text(
+        'name = "w"\nargs = ["traffic"]\n'
+        '[[devices]]\nkind = "ramdisk"\nsize_mb = 4\n[[devices]]\nkind = "integration"\n'
+    )
+    service = subprocess.Popen(
+        [str(vmbus), "serve", "--socket", str(socket)],
+        cwd=tmp_path,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert service.stdout is not None
+        assert "API on" in service.stdout.readline()
+
+        def ctl(*args: str) -> str:
+            return run(vmbus, "ctl", "--socket", socket, *args, cwd=tmp_path).stdout
+
+        ctl("create", "vm.toml")
+        assert "w: running" in ctl("start", "w")
+        ctl("kvp", "w", "set", "from", "wheel")
+        assert '"value": "wheel"' in ctl("kvp", "w", "get", "from")
+        assert '"accepted": true' in ctl("shutdown", "w")
+        assert '"exitcode": 0' in ctl("--json", "status", "w")
+    finally:
+        service.terminate()
+        service.wait(60)
