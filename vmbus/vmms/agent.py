@@ -47,18 +47,18 @@ def run(guest: Guest, *modes: Any) -> None:
     while not shutdown.is_set():
         if failures:
             raise failures[0]
-        with contextlib.suppress(queue.Empty):
-            while True:
-                device = offered.get_nowait()
-                if device.class_id == guid.SCSI and "traffic" in modes:
-                    threading.Thread(
-                        target=_traffic, args=(device, shutdown, failures), daemon=True
-                    ).start()
-                else:
-                    driver = _driver(device.class_id)
-                    with contextlib.suppress(DeviceRemoved, GuestError):  # gone meanwhile
-                        opened.append(driver(device))
-        shutdown.wait(IDLE_SECONDS)
+        try:  # a device offered is opened at once; the shutdown is seen within IDLE_SECONDS
+            device = offered.get(timeout=IDLE_SECONDS)
+        except queue.Empty:
+            continue
+        if device.class_id == guid.SCSI and "traffic" in modes:
+            threading.Thread(
+                target=_traffic, args=(device, shutdown, failures), daemon=True
+            ).start()
+        else:
+            driver = _driver(device.class_id)
+            with contextlib.suppress(DeviceRemoved, GuestError):  # gone meanwhile
+                opened.append(driver(device))
     services.close()
 
 
