@@ -1476,6 +1476,20 @@ class ControlProtocolMachine(RuleBasedStateMachine):
         self.model.channels[relid] = ModelChannel(spec)
         assert events == ([self.model.offer(relid)] if self.model.offers_requested else [])
 
+    @precondition(lambda self: len(self.model.channels) < 10)
+    @rule(spec=specs, now=st.integers(0, 1))
+    def hot_add(self, spec: OfferSpec, now: int) -> None:
+        """The management service adds a device: an offer outside the VSPs' quota."""
+        if now:
+            return
+        before = set(self.server.channels)
+        added = self.server.added_offers
+        events = self.server.hot_add(spec)
+        [relid] = set(self.server.channels) - before
+        assert relid not in self.model.channels and self.server.added_offers == added
+        self.model.channels[relid] = ModelChannel(spec)
+        assert events == ([self.model.offer(relid)] if self.model.offers_requested else [])
+
     @precondition(lambda self: self.live())
     @rule(data=st.data(), now=st.integers(0, 1))
     def rescind(self, data: st.DataObject, now: int) -> None:
@@ -1496,6 +1510,10 @@ class ControlProtocolMachine(RuleBasedStateMachine):
         channels = {r: (c.offer, c.state, c.ring_gpadl) for r, c in server.channels.items()}
         assert channels == {r: (c.offer, c.state, c.ring) for r, c in model.channels.items()}
         assert server.gpadls == model.gpadls
+        # What the server offers is exactly its channels: a released offer is forgotten.
+        assert sorted(server.offers, key=repr) == sorted(
+            (c.offer for c in model.channels.values()), key=repr
+        )
         assert server.assembler.pending == frozenset(model.pending)
         assert server.protocol_errors == model.errors
         opening = {r for r, c in server.channels.items() if c.state is ChannelState.OPENING}
