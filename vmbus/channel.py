@@ -322,7 +322,7 @@ class AsyncChannel:
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
         self.loop = asyncio.get_running_loop()
-        self.packets: asyncio.Queue[Packet] = asyncio.Queue()
+        self.packets: asyncio.Queue[Packet | None] = asyncio.Queue()  # None: removed
         self.pending: dict[int, asyncio.Future[Packet]] = {}
         self.space = asyncio.Event()
         channel.reader.end_drain()  # unmasked: we sleep in the loop, not in the ring
@@ -331,7 +331,19 @@ class AsyncChannel:
 
     def _on_signal(self) -> None:
         self.space.set()
+        if self.channel.removed:
+            self._removed()
+            return
         self.channel.service(self._dispatch)
+
+    def _removed(self) -> None:
+        """The host removed the device: every waiter hears DeviceRemoved."""
+        self.loop.remove_reader(self.channel.wake_me.fileno())
+        for future in self.pending.values():
+            if not future.done():
+                future.set_exception(DeviceRemoved("the host removed this device"))
+        self.pending.clear()
+        self.packets.put_nowait(None)  # wakes a receive
 
     def _dispatch(self, packet: Packet) -> None:
         copy = copied(packet)
@@ -344,6 +356,7 @@ class AsyncChannel:
     async def send(self, payload: Any, **fields: Any) -> None:
         """Write one packet, awaiting space if the ring is full."""
         while True:
+            self.channel._check_removed()
             self.space.clear()  # before asking, so a signal after it is kept
             if self.channel.try_send(payload, **fields):
                 return
@@ -361,7 +374,11 @@ class AsyncChannel:
         return await future
 
     async def receive(self) -> Packet:
-        return await self.packets.get()
+        packet = await self.packets.get()
+        if packet is None:
+            self.packets.put_nowait(None)  # the next receive hears it too
+            raise DeviceRemoved("the host removed this device")
+        return packet
 
     def close(self) -> None:
         self.loop.remove_reader(self.channel.wake_me.fileno())

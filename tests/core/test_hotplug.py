@@ -4,6 +4,7 @@ the timers a VSP runs in its worker's loop."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable
@@ -11,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from vmbus.channel import Channel, DeviceRemoved
+from vmbus.channel import AsyncChannel, Channel, DeviceRemoved
 from vmbus.device import OpenContext
 from vmbus.errors import UsageError
 from vmbus.guest import Guest, GuestDevice
@@ -231,3 +232,44 @@ def test_a_disk_read_in_compiled_code_sees_its_removal() -> None:
         assert wait_until(lambda: child.device_stats()[index].get("requests", 0) > 50, 30)
         child.remove_device(index)
         assert child.wait(30) == 0  # not a ChannelTimeout a minute later
+
+
+def await_until_removed(guest: Guest) -> None:
+    """Child: an asyncio driver (AsyncChannel) awaiting echoes until the host
+    removes the device; both a pending request and a receive hear it."""
+    drivers: list[EchoVsc] = []
+    guest.register(ECHO_CLASS_ID, lambda device: drivers.append(EchoVsc(device)))
+    deadline = time.monotonic() + 60
+    while not drivers:
+        assert time.monotonic() < deadline, "no device was added"
+        time.sleep(0.005)
+    channel = drivers[0].open()
+
+    async def run() -> None:
+        async_channel = AsyncChannel(channel)
+        receiving = asyncio.ensure_future(async_channel.receive())
+        try:
+            while True:
+                reply = await async_channel.request(b"ping")
+                assert bytes(reply.payload[:4]) == b"ping"
+        except DeviceRemoved:
+            pass
+        try:
+            await receiving
+            raise AssertionError("a receive after the removal returned")
+        except DeviceRemoved:
+            pass
+        async_channel.close()
+
+    asyncio.run(run())
+    channel.close()
+
+
+def test_an_asyncio_driver_hears_its_devices_removal() -> None:
+    with Host() as host:
+        child = host.start(await_until_removed)
+        index = child.add_device(EchoVsp())
+        assert wait_until(lambda: _packets(child.device_stats()[index]) > 20, 30)
+        child.remove_device(index)
+        assert child.wait(30) == 0
+        assert wait_until(lambda: child.status()["offered"] == 0, 10)
