@@ -25,6 +25,7 @@ from vmbus.channel import COMPLETION_REQUESTED, Channel
 from vmbus.memory import PAGE_SIZE
 from vmbus.packet import GpaRange, PacketType, encode_gpa_direct_header
 from vmbus.protocols.net import offload as ol
+from vmbus.protocols.net import rsc
 from vmbus.protocols.net import wire as nvsp
 from vmbus.protocols.net.rndis_wire import decode_packet, encode_packet
 from vmbus.protocols.net.vsc import RndisClient
@@ -530,14 +531,14 @@ def test_rsc_fragments_reassemble_into_the_frame_the_tap_handed_over() -> None:
         log = coalesced_delivered(s, [("frames", [0])])
     (_, _, _, _, messages), *_ = log
     frame = tcp_frame(MAC, 20000)
-    assert len(messages) == ol.fragments(len(frame), section) > 1
+    assert len(messages) == rsc.fragments(len(frame), section) > 1
     assert all(len(m) <= section for m in messages)
-    reassembly = ol.Reassembly()
+    reassembly = rsc.Reassembly()
     last = len(messages) - 1
     whole = [reassembly.add(*decode_packet(m), i == last) for i, m in enumerate(messages)]
     assert whole[:-1] == [None] * last
     got = whole[-1]
-    assert isinstance(got, ol.Received) and got.coalesced and got.checksum_ok
+    assert isinstance(got, rsc.Received) and got.coalesced and got.checksum_ok
     # The frame, its IPv4 header checksum filled in (the TAP leaves it as the stack made it).
     assert got[:24] == frame[:24] and got[26:] == frame[26:]
     assert sum(struct.unpack("!10H", got[14:34])) % 0xFFFF == 0

@@ -20,10 +20,10 @@ from vmbus import ring
 from vmbus.channel import COMPLETION_REQUESTED, Channel
 from vmbus.errors import UsageError
 from vmbus.packet import PacketType, encode_transfer_page_header
-from vmbus.protocols.net import offload as ol
+from vmbus.protocols.net import rsc
 from vmbus.protocols.net import wire as nvsp
-from vmbus.protocols.net.offload import Reassembly
 from vmbus.protocols.net.rndis_wire import encode_packet
+from vmbus.protocols.net.rsc import Reassembly
 from vmbus.protocols.net.vsc import RndisClient
 from vmbus.testing.rings import channel_pair
 from vsc.net import NetAdapter
@@ -160,7 +160,7 @@ def rsc_runs(draw: st.DrawFn) -> list[bytes]:
     checksum = draw(st.sampled_from([0, 0x28, 0x30, 0xA8, 0x1, 0xFFFFFFFF]))
     pieces = [bytes([k]) * draw(st.integers(1, 1514)) for k in range(count)]
     out = [
-        rndis_packet(piece, ol.fragment_ppis(k == 0, k == count - 1, 7, checksum))
+        rndis_packet(piece, rsc.fragment_ppis(k == 0, k == count - 1, 7, checksum))
         for k, piece in enumerate(pieces)
     ]
     mutation = draw(st.integers(0, 9))
@@ -169,7 +169,7 @@ def rsc_runs(draw: st.DrawFn) -> list[bytes]:
     elif mutation == 1:
         at = draw(st.integers(0, count - 1))
         flag = draw(st.sampled_from([0, 1, 2, 3, 4, 5, 6, 7]))
-        out[at] = rndis_packet(pieces[at], [(ol.PPI_PKTINFO, bytes([1, flag, 7, 0]))])
+        out[at] = rndis_packet(pieces[at], [(rsc.PPI_PKTINFO, bytes([1, flag, 7, 0]))])
     return out
 
 

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from vmbus.protocols.net import offload as ol
 from vmbus.protocols.net import rndis_data as rd
+from vmbus.protocols.net import rsc
 from vmbus.protocols.net import wire as nvsp
 from vmbus.protocols.net.rndis_wire import decode_packet, encode_packet
 from vmbus.protocols.net.vsc import RndisClient
@@ -46,24 +47,24 @@ def device() -> RndisDevice:
 
 
 def reassemble(messages: tuple[bytes, ...]) -> list[bytes | None]:
-    reassembly = ol.Reassembly()
+    reassembly = rsc.Reassembly()
     last = len(messages) - 1
     return [reassembly.add(*decode_packet(m), i == last) for i, m in enumerate(messages)]
 
 
 @given(
-    st.integers(15, ol.GSO_MAX_FRAME),
+    st.integers(15, rsc.GSO_MAX_FRAME),
     st.sampled_from([200, 1728, 4096]),
-    st.sampled_from([0, ol.RX_TCP_OK | ol.RX_IP_OK | ol.RX_TCP_VALUE_INVALID, ol.RX_UDP_OK]),
+    st.sampled_from([0, rsc.RX_TCP_OK | rsc.RX_IP_OK | rsc.RX_TCP_VALUE_INVALID, rsc.RX_UDP_OK]),
 )
 def test_rsc_fragments_join_into_the_segment(length: int, section: int, checksum: int) -> None:
     segment = MAC + bytes((i * 7) & 0xFF for i in range(length - 6))
     messages = device().coalesced_to_guest(segment, checksum, section)
-    assert messages is not None and len(messages) == ol.fragments(length, section)
+    assert messages is not None and len(messages) == rsc.fragments(length, section)
     assert all(len(m) <= section for m in messages)
     whole = reassemble(messages)
     assert whole[:-1] == [None] * (len(messages) - 1) and whole[-1] == segment
-    assert isinstance(whole[-1], ol.Received) == bool(checksum)
+    assert isinstance(whole[-1], rsc.Received) == bool(checksum)
     if checksum:
         assert whole[-1].checksum_ok and whole[-1].coalesced == (len(messages) > 1)
 
@@ -74,13 +75,13 @@ def test_a_coalesced_frame_for_another_mac_is_filtered() -> None:
 
 def fragments(count: int) -> list[bytes]:
     return [
-        encode_packet(bytes([k]) * 100, ol.fragment_ppis(k == 0, k == count - 1, 1, 0x28))
+        encode_packet(bytes([k]) * 100, rsc.fragment_ppis(k == 0, k == count - 1, 1, 0x28))
         for k in range(count)
     ]
 
 
 def test_a_fragment_run_cut_by_the_end_of_its_packet_is_dropped() -> None:
-    reassembly = ol.Reassembly()
+    reassembly = rsc.Reassembly()
     first, second, _ = fragments(3)
     assert reassembly.add(*decode_packet(first), False) is None
     assert reassembly.add(*decode_packet(second), True) is None  # the packet ends mid-run
@@ -88,7 +89,7 @@ def test_a_fragment_run_cut_by_the_end_of_its_packet_is_dropped() -> None:
 
 
 def test_a_fragment_without_its_first_is_dropped() -> None:
-    reassembly = ol.Reassembly()
+    reassembly = rsc.Reassembly()
     _, second, third = fragments(3)
     assert reassembly.add(*decode_packet(second), False) is None
     assert reassembly.add(*decode_packet(third), True) is None
@@ -96,7 +97,7 @@ def test_a_fragment_without_its_first_is_dropped() -> None:
 
 
 def test_a_new_first_fragment_drops_the_unfinished_run() -> None:
-    reassembly = ol.Reassembly()
+    reassembly = rsc.Reassembly()
     first, second, third = fragments(3)
     reassembly.add(*decode_packet(first), False)
     assert reassembly.add(*decode_packet(first), False) is None
@@ -107,11 +108,11 @@ def test_a_new_first_fragment_drops_the_unfinished_run() -> None:
 
 
 def test_more_fragments_than_linux_takes_are_dropped() -> None:
-    reassembly = ol.Reassembly()
-    run = [encode_packet(b"x" * 20, ol.fragment_ppis(k == 0, False, 1, 0)) for k in range(600)]
+    reassembly = rsc.Reassembly()
+    run = [encode_packet(b"x" * 20, rsc.fragment_ppis(k == 0, False, 1, 0)) for k in range(600)]
     results = [reassembly.add(*decode_packet(m), False) for m in run]
     assert results == [None] * 600 and reassembly.dropped >= 1
-    assert len(reassembly.parts) < ol.RSC_MAX_FRAGMENTS
+    assert len(reassembly.parts) < rsc.RSC_MAX_FRAGMENTS
 
 
 def test_rsc_parameters_are_taken_only_when_offered_and_for_both_families() -> None:
@@ -129,12 +130,12 @@ def test_rsc_parameters_are_taken_only_when_offered_and_for_both_families() -> N
 def test_a_coalesced_frame_enters_the_tap_as_tcp_gso_with_the_mss_of_the_mtu() -> None:
     frame = tcp4(9000, options=12)
     flags, gso, hdr_len, gso_size, start, offset = ol.VNET_HDR.unpack(
-        ol.received_vnet_header(frame, True, 1500)
+        rsc.received_vnet_header(frame, True, 1500)
     )
     assert (flags, gso, hdr_len, gso_size, start, offset) == (1, ol.GSO_TCPV4, 66, 1448, 34, 16)
-    small = ol.VNET_HDR.unpack(ol.received_vnet_header(tcp4(1000), True, 1500))
+    small = ol.VNET_HDR.unpack(rsc.received_vnet_header(tcp4(1000), True, 1500))
     assert small == (1, ol.GSO_NONE, 0, 0, 34, 16)
-    assert ol.received_vnet_header(tcp4(9000), False, 1500) == ol.ZERO_HEADER
+    assert rsc.received_vnet_header(tcp4(9000), False, 1500) == ol.ZERO_HEADER
 
 
 def test_an_ip_header_checksum_offload_on_a_runt_frame_is_refused_not_raised() -> None:
@@ -146,11 +147,11 @@ def test_an_ip_header_checksum_offload_on_a_runt_frame_is_refused_not_raised() -
 def test_a_gso_frame_whose_ip_length_is_not_its_own_is_dropped() -> None:
     frame = bytearray(tcp4(5000))
     header = ol.VNET_HDR.pack(1, ol.GSO_TCPV4, 54, 1448, 34, 16)
-    assert ol.coalesced_segment(bytes(frame), header) is not None
+    assert rsc.coalesced_segment(bytes(frame), header) is not None
     frame[17] ^= 1
-    assert ol.coalesced_segment(bytes(frame), header) is None
+    assert rsc.coalesced_segment(bytes(frame), header) is None
     assert (
-        ol.coalesced_segment(tcp4(5000), ol.VNET_HDR.pack(0, ol.GSO_TCPV4, 54, 1448, 34, 16))
+        rsc.coalesced_segment(tcp4(5000), ol.VNET_HDR.pack(0, ol.GSO_TCPV4, 54, 1448, 34, 16))
         is None
     )
 

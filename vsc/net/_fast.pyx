@@ -10,7 +10,7 @@ to the device's alignment, batched as the loop batches them), and `reap`
 handles only what `_handle` would handle the same way without an error: a
 SUCCESS completion of one of our sends, and a transfer-page packet whose
 every range is a well-formed PACKET message, its per-packet info (checksum
-info, RSC fragments) what `offload.Reassembly` would take without a drop:
+info, RSC fragments) what `rsc.Reassembly` would take without a drop:
 whole fragment runs are joined here into one frame. It stops at anything
 else and leaves it in the ring for `_handle`.
 tests/net/test_vsc_fast.py holds the two together.
@@ -25,11 +25,11 @@ from vmbus._cring cimport BAD_READ_INDEX, DESCRIPTOR_SIZE, READY, Descriptor, Ri
 
 from vmbus.errors import UsageError
 from vmbus.packet import MAX_TRANSFER_RANGES as _MAX_RANGES
-from vmbus.protocols.net import offload as _ol
+from vmbus.protocols.net import rsc as _rsc
 from vmbus.protocols.net import rndis_wire as _rw
 from vmbus.protocols.net import wire as _nvsp
 
-_Received = _ol.Received
+_Received = _rsc.Received
 
 __all__ = ["Engine"]
 
@@ -51,18 +51,18 @@ DEF MAX_RANGES = 562         # vmbus.packet.MAX_TRANSFER_RANGES
 DEF MAX_PPIS = 32            # rndis_wire.MAX_PPIS
 DEF PPI_HEADER = 12
 DEF PPI_CHECKSUM = 0         # offload.PPI_CHECKSUM
-DEF PPI_PKTINFO_LOW = 1      # offload.PPI_PKTINFO, less the internal bit (31)
+DEF PPI_PKTINFO_LOW = 1      # rsc.PPI_PKTINFO, less the internal bit (31)
 DEF FRAG_SUBALLOC = 0x1
 DEF FRAG_FIRST = 0x2
 DEF FRAG_LAST = 0x4
 DEF RX_CHECKSUM_OK = 0x18    # offload.RX_TCP_OK | RX_UDP_OK
-DEF RSC_MAX = 562            # offload.RSC_MAX_FRAGMENTS
+DEF RSC_MAX = 562            # rsc.RSC_MAX_FRAGMENTS
 
 if (_rw.PacketHeader.SIZE != PACKET_HEADER or _nvsp.NvspStatus.SUCCESS != SUCCESS
         or _MAX_RANGES != MAX_RANGES or _rw.MAX_PPIS != MAX_PPIS
-        or _ol.PPI_PKTINFO != (1 << 31 | PPI_PKTINFO_LOW) or _ol.RSC_MAX_FRAGMENTS != RSC_MAX
-        or _ol.RX_TCP_OK | _ol.RX_UDP_OK != RX_CHECKSUM_OK
-        or (_ol.FRAG_SUBALLOC, _ol.FRAG_FIRST, _ol.FRAG_LAST) != (FRAG_SUBALLOC, FRAG_FIRST, FRAG_LAST)):
+        or _rsc.PPI_PKTINFO != (1 << 31 | PPI_PKTINFO_LOW) or _rsc.RSC_MAX_FRAGMENTS != RSC_MAX
+        or _rsc.RX_TCP_OK | _rsc.RX_UDP_OK != RX_CHECKSUM_OK
+        or (_rsc.FRAG_SUBALLOC, _rsc.FRAG_FIRST, _rsc.FRAG_LAST) != (FRAG_SUBALLOC, FRAG_FIRST, FRAG_LAST)):
     raise ImportError("vsc.net._fast was built for other RNDIS/NVSP constants")
 
 
@@ -123,7 +123,7 @@ cdef class Engine:
     cdef uint32_t frame_flag[MAX_RANGES]     # its RSC flag (0: a frame of its own)
     cdef uint32_t frame_csum[MAX_RANGES]     # its checksum info
     cdef bint frame_ppi[MAX_RANGES]          # it carried per-packet info
-    cdef public object reassembly            # the adapter's offload.Reassembly
+    cdef public object reassembly            # the adapter's rsc.Reassembly
     cdef public unsigned long long sent       # frames framed here
     cdef public unsigned long long received   # frames taken from the ring here
 

@@ -29,7 +29,7 @@ from vmbus.packet import PacketType, decode_transfer_page_header
 from vmbus.protocols.net import offload as ol
 from vmbus.protocols.net import rndis_data as rd
 from vmbus.protocols.net import rndis_wire as rw
-from vmbus.protocols.net import vsc
+from vmbus.protocols.net import rsc, vsc
 from vmbus.protocols.net import wire as nvsp
 
 try:
@@ -79,7 +79,7 @@ class NetAdapter:
         self.ids = itertools.count(1)
         self.sending: dict[int, int] = {}  # trans_id -> send section
         self.send_failures = 0  # sends the host completed with a status other than SUCCESS
-        self.reassembly = ol.Reassembly()  # coalesced receives (RSC), once asked for
+        self.reassembly = rsc.Reassembly()  # coalesced receives (RSC), once asked for
         self.receive_coalescing = False
         self._initialize(receive_buffer, send_buffer)
         if fast is None:
@@ -147,7 +147,7 @@ class NetAdapter:
     def coalesce_receives(self, on: bool = True) -> bool:
         """Ask the host for coalesced receives (RSC), as Linux does when LRO
         is turned on: several TCP segments then arrive as one frame longer
-        than the MTU, an `offload.Received` with `coalesced` set. Only when
+        than the MTU, an `rsc.Received` with `coalesced` set. Only when
         the host offers it (NVSP 6.1); returns whether it is on."""
         if on and not self.rsc_offered:
             return False

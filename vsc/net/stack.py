@@ -15,7 +15,7 @@ to LSO_MAX_SIZE bytes with partial checksums, and each crosses the bus as
 one large send (`NetAdapter.send_segment`); the other way it asks for
 coalesced receives (RSC, `NetAdapter.coalesce_receives`), and the host's
 TCP segments arrive as frames of up to 64 KiB, written to the device as GSO
-with a virtio_net_hdr (`offload.received_vnet_header`). One thread of the child runs the
+with a virtio_net_hdr (`rsc.received_vnet_header`). One thread of the child runs the
 bridge and is the only one to touch the adapter while the stack runs: it
 sleeps on the TAP descriptor and the channel's doorbell together, reads up
 to BATCH frames from the kernel per pass and hands them to `send_batch`,
@@ -40,6 +40,7 @@ from pyroute2 import IPRoute
 
 from vmbus.errors import UsageError
 from vmbus.protocols.net import offload as ol
+from vmbus.protocols.net import rsc
 from vsc.net.device import NetAdapter
 
 __all__ = ["LinuxStack", "open_tap"]
@@ -205,8 +206,8 @@ class LinuxStack:
         writev, zero, received, header_for = (
             os.writev,
             ol.ZERO_HEADER,
-            ol.Received,
-            ol.received_vnet_header,
+            rsc.Received,
+            rsc.received_vnet_header,
         )
         frame = nic.poll()  # takes in what the channel holds (completions free sections too)
         while frame is not None:
@@ -267,7 +268,7 @@ class LinuxStack:
         }
 
 
-complete_checksum = ol.complete_checksum  # (its old home)
+complete_checksum = rsc.complete_checksum  # (its old home)
 
 
 def _tun_offloads(offloads: ol.Offloads) -> int:

@@ -51,6 +51,7 @@ from vmbus._cring cimport (
 )
 
 from vmbus.protocols.net import offload as _ol
+from vmbus.protocols.net import rsc as _rsc
 from vmbus.protocols.net import rndis_wire as _rw
 from vmbus.protocols.net import vsp as _nv
 from vmbus.protocols.net import wire as _nvsp
@@ -84,10 +85,10 @@ DEF PROMISCUOUS = 0x20
 DEF BROADCAST = 0x08
 DEF MULTICASTS = 0x06        # MULTICAST | ALL_MULTICAST
 DEF DIRECTED = 0x01
-# Coalesced receives (RSC), offload.py's values:
-DEF GSO_FRAME = 65553        # offload.GSO_MAX_FRAME
-DEF FRAGMENT_OVERHEAD = 76   # offload.FRAGMENT_OVERHEAD
-DEF RSC_MAX = 562            # offload.RSC_MAX_FRAGMENTS
+# Coalesced receives (RSC), rsc.py's values:
+DEF GSO_FRAME = 65553        # rsc.GSO_MAX_FRAME
+DEF FRAGMENT_OVERHEAD = 76   # rsc.FRAGMENT_OVERHEAD
+DEF RSC_MAX = 562            # rsc.RSC_MAX_FRAGMENTS
 DEF RECEIVE_BATCH = 64       # delivery.RECEIVE_BATCH
 DEF NEEDS_CSUM = 1
 DEF DATA_VALID = 2
@@ -98,7 +99,7 @@ DEF RX_UDP_OK = 0x10
 DEF RX_IP_OK = 0x20
 DEF RX_VALUE_INVALID = 0x80
 DEF PPI_SIZE = 16            # a PPI of a u32 value
-DEF PKTINFO_LOW = 1          # offload.PPI_PKTINFO less its internal bit (31)
+DEF PKTINFO_LOW = 1          # rsc.PPI_PKTINFO less its internal bit (31)
 # What one frame read with its virtio_net_hdr is (classify):
 DEF K_DROP = 0               # counted in the backend's drops
 DEF K_FILTERED = 1           # the packet filter drops it, uncounted
@@ -118,13 +119,13 @@ for _name, _ours, _theirs in (
     ("NVSP_MESSAGE_SIZE", NVSP_SIZE, _nvsp.NVSP_MESSAGE_SIZE),
     ("SEND_RNDIS_PKT", SEND_RNDIS_PKT, _nvsp.NvspMessageType.SEND_RNDIS_PKT),
     ("RECEIVE_BUFFER_ID", XFER_PAGESET, _nvsp.RECEIVE_BUFFER_ID),
-    ("GSO_MAX_FRAME", GSO_FRAME, _ol.GSO_MAX_FRAME),
+    ("GSO_MAX_FRAME", GSO_FRAME, _rsc.GSO_MAX_FRAME),
     ("PPI_CHECKSUM, PPI_LSO", 0 | 2 << 8, _ol.PPI_CHECKSUM | _ol.PPI_LSO << 8),
-    ("FRAGMENT_OVERHEAD", FRAGMENT_OVERHEAD, _ol.FRAGMENT_OVERHEAD),
-    ("RSC_MAX_FRAGMENTS", RSC_MAX, _ol.RSC_MAX_FRAGMENTS),
-    ("PPI_PKTINFO", 1 << 31 | PKTINFO_LOW, _ol.PPI_PKTINFO),
+    ("FRAGMENT_OVERHEAD", FRAGMENT_OVERHEAD, _rsc.FRAGMENT_OVERHEAD),
+    ("RSC_MAX_FRAGMENTS", RSC_MAX, _rsc.RSC_MAX_FRAGMENTS),
+    ("PPI_PKTINFO", 1 << 31 | PKTINFO_LOW, _rsc.PPI_PKTINFO),
     ("RX bits", RX_TCP_OK | RX_UDP_OK << 8 | RX_IP_OK << 16 | RX_VALUE_INVALID << 24,
-     _ol.RX_TCP_OK | _ol.RX_UDP_OK << 8 | _ol.RX_IP_OK << 16 | _ol.RX_TCP_VALUE_INVALID << 24),
+     _rsc.RX_TCP_OK | _rsc.RX_UDP_OK << 8 | _rsc.RX_IP_OK << 16 | _rsc.RX_TCP_VALUE_INVALID << 24),
 ):
     if _ours != _theirs:
         raise ImportError(f"vsp.net._fast: {_name} is {_theirs}, built for {_ours}")
@@ -856,7 +857,7 @@ cdef class FastPath:
                     > section_size:
                 return K_PYTHON  # it drops what no section holds
             return K_SINGLE
-        # offload.coalesced_segment's checks
+        # rsc.coalesced_segment's checks
         kind = h[1] & 0x7F
         if (kind != GSO_TCPV4 and kind != GSO_TCPV6) or not h[0] & NEEDS_CSUM:
             return K_DROP
@@ -904,7 +905,7 @@ cdef class FastPath:
         return False
 
     cdef uint32_t checksum_info(self, uint32_t length) noexcept:
-        """offload.receive_checksum_info of the frame in `big`."""
+        """rsc.receive_checksum_info of the frame in `big`."""
         cdef uint8_t flags = self.big_hdr[0]
         cdef int ipv6, proto
         cdef uint32_t l4, ip_at, value

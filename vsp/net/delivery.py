@@ -20,6 +20,7 @@ from vmbus.packet import MAX_TRANSFER_RANGES, PacketType
 from vmbus.packet import encode_transfer_page_header as transfer_header
 from vmbus.protocols.net import offload as ol
 from vmbus.protocols.net import rndis_wire as rw
+from vmbus.protocols.net import rsc
 from vmbus.protocols.net import vsp as nv
 from vmbus.protocols.net import wire as nvsp
 
@@ -87,9 +88,9 @@ class GuestDelivery:
         sections = self.receive_sections
         if not self.backend_coalesces or sections is None:
             return 1
-        if sections.section_size <= ol.FRAGMENT_OVERHEAD:
+        if sections.section_size <= rsc.FRAGMENT_OVERHEAD:
             return 1
-        return ol.fragments(ol.GSO_MAX_FRAME, sections.section_size)
+        return rsc.fragments(rsc.GSO_MAX_FRAME, sections.section_size)
 
     def _coalesced_from_backend(self, room: int) -> None:
         """_from_backend while the guest takes coalesced receives (RSC): each
@@ -98,7 +99,7 @@ class GuestDelivery:
         the receive checksum info. Reads only while the largest frame fits."""
         sections = self.receive_sections
         size = sections.section_size if sections is not None else 0
-        worst = self._wanted_room() if size > ol.FRAGMENT_OVERHEAD else 0
+        worst = self._wanted_room() if size > rsc.FRAGMENT_OVERHEAD else 0
         left = None
         if self.fast is not None and worst and room >= worst:
             left = self.fast.deliver_coalesced(self, room, worst)
@@ -133,19 +134,19 @@ class GuestDelivery:
             self.backend.drops += 1
             return None
         if header[1] == ol.GSO_NONE:
-            checksum = ol.receive_checksum_info(frame, header)
+            checksum = rsc.receive_checksum_info(frame, header)
             if not checksum and header[0] & ol.VNET_NEEDS_CSUM:  # not TCP or UDP: sum it here
                 start, offset = int.from_bytes(header[6:8], "little"), header[8] | header[9] << 8
-                frame = bytes(ol.complete_checksum(frame, start, offset))
+                frame = bytes(rsc.complete_checksum(frame, start, offset))
             ppis = [(ol.PPI_CHECKSUM, checksum.to_bytes(4, "little"))] if checksum else []
             message: bytes | tuple[bytes, ...] | None = self.rndis.frame_to_guest(frame, ppis)
         else:
-            segment = ol.coalesced_segment(frame, header)
+            segment = rsc.coalesced_segment(frame, header)
             if segment is None:
                 self.backend.drops += 1
                 return None
             message = self.rndis.coalesced_to_guest(
-                segment, ol.receive_checksum_info(segment, header), section_size
+                segment, rsc.receive_checksum_info(segment, header), section_size
             )
         if message is not None:
             self.counters.frames_to_guest += 1

@@ -62,6 +62,7 @@ from vmbus.host import OfferSpec
 from vmbus.memory import MappedRegion, guest_segments
 from vmbus.protocols.net import offload as ol
 from vmbus.protocols.net import rndis_wire as rw
+from vmbus.protocols.net import rsc
 from vmbus.protocols.net import vsp as nv
 from vmbus.protocols.net import wire as nvsp
 from vsp.net.backends import (
@@ -412,9 +413,9 @@ class NetvspChannel(GuestDelivery, ChannelHandler):
             and config is not None
             and config.capability & nvsp.CAPABILITY_RSC
             and sections is not None  # and it holds the largest coalesced frame
-            and sections.section_size > ol.FRAGMENT_OVERHEAD
-            and ol.fragments(ol.GSO_MAX_FRAME, sections.section_size)
-            <= min(sections.section_count, ol.RSC_MAX_FRAGMENTS)
+            and sections.section_size > rsc.FRAGMENT_OVERHEAD
+            and rsc.fragments(rsc.GSO_MAX_FRAME, sections.section_size)
+            <= min(sections.section_count, rsc.RSC_MAX_FRAGMENTS)
         ):
             wanted = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
         backend.set_receive_offload(wanted)

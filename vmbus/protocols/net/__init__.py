@@ -3,7 +3,9 @@
 `wire` declares the NVSP messages and their codec, `rndis_wire` the RNDIS
 messages, `rndis_data` the OIDs and info-buffer objects; `vsp` holds the
 VSP's state machines (`NvspServer`, `ReceiveSections`, `RndisDevice`),
-`vsc` the VSC's (`NvspClient`, `RndisClient`). The names below are what a
+`vsc` the VSC's (`NvspClient`, `RndisClient`); `offload` the checksum and
+LSOv2 offloads, `rsc` receive coalescing and checksum info toward the guest
+(`rsc.Reassembly`, the guest's joining of fragments). The names below are what a
 VSP or a VSC uses; the codecs stay in their modules, e.g.
 `from vmbus.protocols.net import wire as nvsp`.
 """

@@ -61,6 +61,7 @@ from vmbus.packet import MAX_GPA_RANGES
 from vmbus.protocols.net import offload as ol
 from vmbus.protocols.net import rndis_data as rd
 from vmbus.protocols.net import rndis_wire as rw
+from vmbus.protocols.net import rsc
 from vmbus.protocols.net.wire import (
     DEFAULT_RECV_SECTION_SIZE,
     DEFAULT_SEND_SECTION_SIZE,
@@ -659,7 +660,7 @@ class RndisDevice:
         carrying one coalesced TCP frame, or None when the filter drops it."""
         if not self.accepts(segment):
             return None
-        room = ol.fragment_room(section_size)
+        room = rsc.fragment_room(section_size)
         count = -(-len(segment) // room)
         self.rcv_ok += 1
         self.coalesced += 1
@@ -667,7 +668,7 @@ class RndisDevice:
         return tuple(
             rw.encode_packet(
                 segment[i * room : (i + 1) * room],
-                ol.fragment_ppis(i == 0, i == count - 1, pkt_id, checksum),
+                rsc.fragment_ppis(i == 0, i == count - 1, pkt_id, checksum),
             )
             for i in range(count)
         )
