@@ -124,7 +124,8 @@ class Vmms:
 
     def start(self, name: str, wait_devices: float = 0.0) -> dict[str, Any]:
         """Start the VM; with `wait_devices` seconds, return once the guest
-        has opened every channel offered to it (or the time is up)."""
+        has opened every channel offered to it and its integration services
+        have negotiated (or the time is up)."""
         vm = self.vm(name)
         with vm.lock:
             if vm.running:
@@ -324,4 +325,7 @@ def _devices_open(partition: ChildPartition) -> bool:
         bus = partition.status(timeout=5.0)
     except (TimeoutError, OSError, RuntimeError):
         return True
-    return bool(bus["offered"]) and bus["channels"] >= bus["offered"]
+    if not bus["offered"] or bus["channels"] < bus["offered"]:
+        return False
+    # An integration service is ready once it has negotiated its versions.
+    return all(d.get("negotiation", "ready") == "ready" for d in bus["devices"])
