@@ -91,11 +91,6 @@ cdef extern from *:
     """
     void storvsc_cpu_relax() nogil
 
-cdef extern from "<sched.h>" nogil:
-    int sched_yield()
-
-cdef double SPIN_YIELD = 5e-6  # a spin yields the CPU this often (to a VSP waiting for it)
-
 cdef inline double monotonic() noexcept nogil:
     cdef timespec now
     clock_gettime(CLOCK_MONOTONIC, &now)
@@ -113,7 +108,7 @@ cdef int wait_reply(RingReader reader, int wake_fd, double spin, double deadline
     the doorbell. READY, EMPTY at the deadline, or a bad write_index.
     `caught`: the seconds the spin took to see it, or -1 if we slept."""
     cdef double start = monotonic(), now
-    cdef double spin_ends = start + spin, yield_at = start + SPIN_YIELD
+    cdef double spin_ends = start + spin
     cdef int state
     caught[0] = -1
     while True:
@@ -123,14 +118,8 @@ cdef int wait_reply(RingReader reader, int wake_fd, double spin, double deadline
         if reader.available():
             caught[0] = monotonic() - start
             return READY
-        if spin <= 0:
+        if spin <= 0 or monotonic() >= spin_ends:
             break
-        now = monotonic()
-        if now >= spin_ends:
-            break
-        if now >= yield_at:  # the VSP may be waiting for our CPU
-            sched_yield()
-            yield_at = now + SPIN_YIELD
         storvsc_cpu_relax()
     while True:
         state = unmask_signals(reader)

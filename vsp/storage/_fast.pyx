@@ -82,7 +82,6 @@ DEF GAP_MARGIN = 3.0         # run spins this many times the usual wait for the 
 DEF SPIN_FLOOR = 3e-6        # but at least this long,
 DEF GAP_LEARNING = 0.25      # learning the usual wait from each spin that saw a request
 DEF GAP_MISSED = 1.25        # and growing it by this after one that did not
-DEF SPIN_YIELD = 5e-6        # a spin yields the CPU this often (to a guest waiting for it)
 DEF LUNS = 256               # a vmscsi_request's u8 lun
 DEF MAX_RANGES = 256         # vmbus.packet.MAX_GPA_RANGES
 DEF MAX_PFNS = 8192          # vmbus.packet.MAX_GPA_PFNS
@@ -123,9 +122,6 @@ cdef extern from *:
     }
     """
     void storvsp_cpu_relax() nogil
-
-cdef extern from "<sched.h>" nogil:
-    int sched_yield()
 
 
 cdef inline double monotonic() noexcept nogil:
@@ -349,7 +345,7 @@ cdef class FastPath:
 
     cdef int serve_loop(self, object vsp, uint32_t *count, double spin, double turn,
                         int idle_ms) noexcept nogil:
-        cdef double now = monotonic(), turn_ends = now + turn, spin_ends, spun, yield_at
+        cdef double now = monotonic(), turn_ends = now + turn, spin_ends
         cdef uint32_t before
         cdef int outcome, state
         cdef bint spinning
@@ -384,17 +380,12 @@ cdef class FastPath:
             self.waits += 1
             spinning = spin > 0 and (self.spin_misses < POLL_MISSES
                                      or self.waits % POLL_PROBE == 0)
-            yield_at = now + SPIN_YIELD
             while spinning:
                 state = self.reader.refresh_write()
                 if state != READY or self.reader.available():
                     break
-                spun = monotonic()
-                if spun >= spin_ends:
+                if monotonic() >= spin_ends:
                     break
-                if spun >= yield_at:  # the guest may be waiting for our CPU
-                    sched_yield()
-                    yield_at = spun + SPIN_YIELD
                 storvsp_cpu_relax()
             if state != READY and state != EMPTY:
                 return OUT_PYTHON  # a bad write_index: the drain reports it
