@@ -35,6 +35,7 @@ from vmbus._cring cimport (
 )
 
 from vmbus.channel import ChannelTimeout, DeviceRemoved
+from vsc.storage._fast cimport copy_buffers
 from vsc.storage._fast import gpa_header
 
 # vstor_packet offsets and VMBus values, as vsc/storage/_fast.pyx names them.
@@ -57,26 +58,6 @@ cdef inline uint32_t get32(const uint8_t *p) noexcept nogil:
     cdef uint32_t v
     memcpy(&v, p, 4)
     return v
-
-
-cdef int copy_buffers(object dst, object src, Py_ssize_t n) except -1:
-    """_fast.copy: memcpy of n bytes (clamped to both), without the GIL when large."""
-    cdef Py_buffer d, s
-    PyObject_GetBuffer(dst, &d, PyBUF_ANY_CONTIGUOUS | PyBUF_WRITABLE)
-    try:
-        PyObject_GetBuffer(src, &s, PyBUF_ANY_CONTIGUOUS)
-        try:
-            n = min(n, d.len, s.len)
-            if n >= 65536:
-                with nogil:
-                    memcpy(d.buf, s.buf, n)
-            elif n > 0:
-                memcpy(d.buf, s.buf, n)
-        finally:
-            PyBuffer_Release(&s)
-    finally:
-        PyBuffer_Release(&d)
-    return 0
 
 
 cdef extern from *:
