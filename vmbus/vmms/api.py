@@ -30,6 +30,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -250,6 +251,12 @@ def bind(path: Path) -> socket.socket:
 
 async def _serve(vmms: Vmms, sock: socket.socket, ready: Callable[[], None]) -> None:
     pool = ThreadPoolExecutor(API_THREADS, thread_name_prefix="vmms-api")
+    # Every thread of the pool starts now, so the service's thread count is
+    # fixed from the start, not grown by a request that came in a busy moment.
+    started = threading.Barrier(API_THREADS + 1)
+    for _ in range(API_THREADS):
+        pool.submit(started.wait)
+    started.wait()
     runner = web.AppRunner(make_app(vmms, pool), access_log=None)
     await runner.setup()
     await web.SockSite(runner, sock).start()

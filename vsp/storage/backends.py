@@ -18,6 +18,7 @@ worker's copy read and write the same disk.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -177,6 +178,13 @@ class _FileBackend(_Backend):
             changed()  # the compiled path stops using the descriptor
             fd, self.fd = self.fd, -1
             os.close(fd)
+
+    def __del__(self) -> None:
+        # The descriptor lives as long as the backend: a disk dropped unclosed
+        # (a management service's VM that ended) must not leak its file.
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
 
     def __getstate__(self) -> dict[str, Any]:
         """The open file crosses as itself: the worker's copy gets its own

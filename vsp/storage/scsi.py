@@ -46,6 +46,7 @@ Choices where SPC-4/SBC-3 leave room:
 from __future__ import annotations
 
 import uuid
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -364,10 +365,25 @@ class _TargetUnit(LogicalUnit):
 
     def __init__(self, target: ScsiTarget) -> None:
         super().__init__()
-        self.target = target
+        # Weak: the target owns this unit, and a cycle would keep a dropped
+        # target's disks (their open files) until the collector ran.
+        self._target = weakref.ref(target)
+
+    # The target crosses to the worker with its unit (pickle's memo keeps
+    # the one object); the worker's copy holds it weakly again.
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_target"] = self._target()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        target = state.pop("_target")
+        super().__setstate__(state)
+        self._target = weakref.ref(target)
 
     def lun_list(self) -> list[int]:
-        return sorted(self.target.disks)
+        target = self._target()
+        return [] if target is None else sorted(target.disks)
 
     def _inquiry(self, cdb: w.InquiryCdb, buf: Buffer) -> ScsiResult:
         if cdb.flags & w.INQUIRY_EVPD:
