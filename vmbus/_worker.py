@@ -98,7 +98,7 @@ def _serve_requests(vm: VmWorker, control: _Control) -> None:
         elif op == "stop":
             vm.stop(float(request["timeout"]))
         elif op == "kill":
-            vm.signal(signal.SIGKILL)
+            vm.kill()
         elif op in ("control", "add", "remove"):
             _answer(vm, control, request, fds)
             fds = []

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -55,6 +54,7 @@ class ChildPartition:
         raise NotImplementedError
 
     def kill(self) -> None:
+        """End the child at once (SIGKILL); it is then `stopped`, not crashed."""
         raise NotImplementedError
 
     def status(self, timeout: float = 10.0) -> dict[str, Any]:
@@ -143,7 +143,7 @@ class ThreadPartition(ChildPartition):
         return self.vm.exitcode
 
     def kill(self) -> None:
-        self.vm.signal(signal.SIGKILL)
+        self.vm.kill()
 
     def status(self, timeout: float = 10.0) -> dict[str, Any]:
         return self.vm.status()

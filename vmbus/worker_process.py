@@ -92,6 +92,7 @@ class ProcessPartition(ChildPartition):
         return self._exitcode
 
     def kill(self) -> None:
+        self._stopping = True
         if not self._send({"op": "kill"}):
             self.kill_worker()
 

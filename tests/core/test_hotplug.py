@@ -202,6 +202,7 @@ def test_control_reaches_the_device_in_its_worker(worker: WorkerKind) -> None:
         assert child.control(0, {"op": "count"}) == {"requests": asked}
         child.kill()
         child.wait(30)
+        assert child.state == "stopped"  # a kill asked for is a stop, not a crash
         if isinstance(child, ThreadPartition):
             with pytest.raises(Exception, match="has ended"):
                 child.control(0, {"op": "count"})

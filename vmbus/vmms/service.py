@@ -51,14 +51,10 @@ class Vm:
     password: str | None = None
     starts: int = 0
     started_at: float = 0.0
-    killed: bool = False  # by the API: its end is a stop, not a crash
 
     @property
     def state(self) -> str:
-        if self.partition is None:
-            return "defined"
-        state = self.partition.state
-        return "stopped" if self.killed and state == "crashed" else state
+        return "defined" if self.partition is None else self.partition.state
 
     @property
     def running(self) -> bool:
@@ -144,7 +140,6 @@ class Vmms:
             vm.indexes = {spec.name: index for index, spec in enumerate(definition.devices)}
             vm.starts += 1
             vm.started_at = time.monotonic()
-            vm.killed = False
             if definition.console.vnc:
                 self._open_console(vm, vsps)
             partition = vm.partition
@@ -166,7 +161,6 @@ class Vmms:
         with vm.lock:
             if vm.partition is None or not vm.running:
                 raise Conflict(f"{name} is {vm.state}")
-            vm.killed = True
             vm.partition.kill()
             vm.partition.wait(10.0)
             self._release(vm)
