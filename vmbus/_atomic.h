@@ -20,4 +20,15 @@ static inline void vmbus_store_relaxed(uint32_t *p, uint32_t v)
 static inline void vmbus_fence_full(void)
 { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
+/* One turn of a spin on a ring the peer writes: tells the CPU (and a
+ * hypervisor watching for pause loops) that this is a wait. */
+static inline void vmbus_cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
 #endif

@@ -15,6 +15,7 @@ itself does.
 from cpython.buffer cimport Py_buffer
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 cdef extern from "_atomic.h":
     uint32_t vmbus_load_acquire(const uint32_t *p) nogil
@@ -22,6 +23,7 @@ cdef extern from "_atomic.h":
     void vmbus_store_release(uint32_t *p, uint32_t v) nogil
     void vmbus_store_relaxed(uint32_t *p, uint32_t v) nogil
     void vmbus_fence_full() nogil
+    void vmbus_cpu_relax() nogil
 
 cdef packed struct Descriptor:
     uint16_t type
@@ -262,3 +264,10 @@ cdef inline bint wait_doorbell(int fd, int timeout_ms) noexcept nogil:
         return False
     read(fd, &count, 8)
     return True
+
+
+cdef inline double monotonic() noexcept nogil:
+    """CLOCK_MONOTONIC in seconds, for the deadlines of spins and sleeps."""
+    cdef timespec now
+    clock_gettime(CLOCK_MONOTONIC, &now)
+    return now.tv_sec + now.tv_nsec * 1e-9

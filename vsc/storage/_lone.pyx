@@ -15,9 +15,10 @@ from cpython.buffer cimport (
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from vmbus._cring cimport (
+    monotonic,
+    vmbus_cpu_relax,
     BAD_READ_INDEX,
     BAD_WRITE_INDEX,
     EMPTY,
@@ -60,22 +61,6 @@ cdef inline uint32_t get32(const uint8_t *p) noexcept nogil:
     return v
 
 
-cdef extern from *:
-    """
-    static inline void storvsc_cpu_relax(void) {
-    #if defined(__x86_64__) || defined(__i386__)
-        __builtin_ia32_pause();
-    #elif defined(__aarch64__)
-        __asm__ __volatile__("yield");
-    #endif
-    }
-    """
-    void storvsc_cpu_relax() nogil
-
-cdef inline double monotonic() noexcept nogil:
-    cdef timespec now
-    clock_gettime(CLOCK_MONOTONIC, &now)
-    return now.tv_sec + now.tv_nsec * 1e-9
 
 
 # run_one's outcomes
@@ -101,7 +86,7 @@ cdef int wait_reply(RingReader reader, int wake_fd, double spin, double deadline
             return READY
         if spin <= 0 or monotonic() >= spin_ends:
             break
-        storvsc_cpu_relax()
+        vmbus_cpu_relax()
     while True:
         state = unmask_signals(reader)
         if state != EMPTY:

@@ -35,12 +35,13 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyOb
 from libc.errno cimport EINTR, errno
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.types cimport off_t
 from posix.uio cimport iovec, preadv, pwritev
 from posix.unistd cimport fdatasync
 
 from vmbus._cring cimport (
+    monotonic,
+    vmbus_cpu_relax,
     BAD_READ_INDEX,
     DESCRIPTOR_SIZE,
     EMPTY,
@@ -111,23 +112,6 @@ DEF OUT_PYTHON = 1    # a packet declined, a ring to report or a turn over: Pyth
 DEF OUT_STUCK = 2     # requests wait for room for their replies: Python asks for it
 RUN_IDLE, RUN_PYTHON, RUN_STUCK = OUT_IDLE, OUT_PYTHON, OUT_STUCK
 
-cdef extern from *:
-    """
-    static inline void storvsp_cpu_relax(void) {
-    #if defined(__x86_64__) || defined(__i386__)
-        __builtin_ia32_pause();
-    #elif defined(__aarch64__)
-        __asm__ __volatile__("yield");
-    #endif
-    }
-    """
-    void storvsp_cpu_relax() nogil
-
-
-cdef inline double monotonic() noexcept nogil:
-    cdef timespec now
-    clock_gettime(CLOCK_MONOTONIC, &now)
-    return now.tv_sec + now.tv_nsec * 1e-9
 
 
 # The count of changes to what configure reads (vsp.storage.changes), held
@@ -299,7 +283,7 @@ cdef class FastPath:
                     break
                 if monotonic() >= end:
                     break
-                storvsp_cpu_relax()
+                vmbus_cpu_relax()
         return found
 
     def run(self, vsp, double spin, double turn, double idle):
@@ -386,7 +370,7 @@ cdef class FastPath:
                     break
                 if monotonic() >= spin_ends:
                     break
-                storvsp_cpu_relax()
+                vmbus_cpu_relax()
             if state != READY and state != EMPTY:
                 return OUT_PYTHON  # a bad write_index: the drain reports it
             if self.reader.available():
