@@ -226,7 +226,12 @@ def test_vnc_servers_hear_the_copys_damage_by_doorbell_or_listener(
             client.request(False)
             client.read_update()
             client.request(True)  # waits for a change: the viewer wants newer pixels
-        wait_for(lambda: parent.wanted)
+        # Both servers hold their incremental request, so both have finished
+        # reading the first frame: a change while a read is still in progress
+        # (client.read_update returns once the bytes have arrived) leaves the
+        # whole frame dirty, and the next update would resend it all.
+        sessions = [s for server in (first, second) for s in server._clients.values()]
+        wait_for(lambda: all(s.want_incr is not None for s in sessions) and parent.wanted)
         pixels = pattern(30, 40, seed=11)
         assert worker.update(pixels, [(4, 5, 30, 25)])
         for client in clients:
