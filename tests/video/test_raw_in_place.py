@@ -142,34 +142,51 @@ def test_raw_in_place_sends_the_padding_a_viewer_reads_as_alpha(
 
 
 class WriterMidSend:
-    """A socket whose send lets the worker's copy of the Screen (a writer
-    that does not defer) change the frame, as the worker could mid-send."""
+    """A socket whose send lets the worker's copy of the Screen change the
+    frame, as the worker could mid-send; `ignore_pin`: a hostile worker
+    that rewrites the very frame being sent."""
 
-    def __init__(self, writer: Screen) -> None:
-        self.writer, self.sent = writer, b""
+    def __init__(self, writer: Screen, *, ignore_pin: bool) -> None:
+        self.writer, self.ignore_pin, self.sent = writer, ignore_pin, b""
 
     def sendmsg(self, buffers: list[memoryview]) -> int:
-        self.writer.update(pattern(H, W, 5), [(0, 0, 4, 4)])
+        shm = self.writer._shm
+        if self.ignore_pin:
+            index = shm.pinned
+            assert index is not None
+            shm.begin_fill(index)
+            shm.frame(index, W, H)[:4, :4] = 0
+            shm.end_fill(index)
+        else:
+            self.writer.update(pattern(H, W, 5), [(0, 0, 4, 4)])
         data = b"".join(bytes(b) for b in buffers)
         self.sent += data
         return len(data)
 
 
-def test_a_frame_changed_during_an_in_place_send_stays_dirty() -> None:
+@pytest.mark.parametrize("ignore_pin", [False, True], ids=["writer", "hostile_writer"])
+def test_a_frame_changed_during_an_in_place_send(ignore_pin: bool) -> None:
+    """The writer fills another frame: what is sent holds still. A writer
+    that rewrites the frame being sent anyway: the update goes out torn and
+    its rectangles stay dirty, to be sent again."""
     screen = Screen(W, H)
     data, fds = handoff.dumps(screen)  # the worker's copy draws into the same memory
     writer = handoff.loads(data, [os.dup(fd) for fd in fds])
     assert isinstance(writer, Screen)
     try:
         writer.update(pattern(H, W, 4))
-        sock = WriterMidSend(writer)
+        sock = WriterMidSend(writer, ignore_pin=ignore_pin)
         client = session(sock, screen, in_place=True)
         client.add_dirty((0, 0, 16, 16))
         client.want_incr = (0, 0, W, H)
         assert client.update(screen)
-        assert len(sock.sent) == 16 + 16 * 16 * 4  # the torn update went out
-        assert client.dirty == [(0, 0, 16, 16)]  # and is sent again next time
-        assert screen.torn == 1
+        assert len(sock.sent) == 16 + 16 * 16 * 4  # the update went out
+        if ignore_pin:
+            assert client.dirty == [(0, 0, 16, 16)] and screen.torn == 1
+        else:
+            assert client.dirty == [] and screen.torn == 0
+            rows = np.frombuffer(sock.sent[16:], np.uint8).reshape(16, 16, 4)
+            assert (rows == opaque(pattern(H, W, 4))[:16, :16]).all()  # the frame before
     finally:
         writer.close()
         screen.close()
@@ -180,28 +197,19 @@ class Broken:
         raise ConnectionResetError("gone")
 
 
-def test_a_send_that_fails_mid_read_does_not_leave_the_writer_deferring() -> None:
+def test_a_send_that_fails_mid_read_does_not_leave_the_frame_pinned() -> None:
     screen = Screen(W, H)
-    screen.deferrable = True  # the writer defers while the parent reads
-    client = session(Broken(), screen, in_place=True)
-    client.want_full = (0, 0, W, H)
-    with pytest.raises(ConnectionResetError):
-        client.update(screen)
-    assert screen.update(pattern(H, W, 6))  # copied, not deferred
-    assert (screen.frame_copy() == opaque(pattern(H, W, 6))).all()
-
-
-def test_a_deferring_writer_leaves_the_seqlock_alone() -> None:
-    # A reader sending straight from the frame checks the seqlock after the
-    # send: a deferred copy must not look like a change (a needless resend).
-    screen = Screen(W, H)
-    screen.deferrable = True
-    shm = screen._shm
-    shm.start_read()
-    seq = shm.seq()
-    assert not screen.update(pattern(H, W, 7))
-    assert shm.seq() == seq and screen.deferred == 1
-    assert shm.end_read()  # the writer asked to be told: FLUSH
+    data, fds = handoff.dumps(screen)  # the parent pins what it reads from the header
+    writer = handoff.loads(data, [os.dup(fd) for fd in fds])
+    try:
+        client = session(Broken(), screen, in_place=True)
+        client.want_full = (0, 0, W, H)
+        with pytest.raises(ConnectionResetError):
+            client.update(screen)
+        assert screen._shm.pinned is None
+    finally:
+        writer.close()
+        screen.close()
 
 
 def test_the_screen_keeps_the_unused_byte_set_from_any_view() -> None:

@@ -19,8 +19,8 @@ from vmbus.guest import Guest, GuestDevice
 from vmbus.testing import loopback
 from vsc.video import Framebuffer
 from vsp.video import Screen, VideoVsp, VncServer
-from vsp.video.screen import CONTROL_FLUSH, CONTROL_SIZE, Rect
-from vsp.video.shared import MAX_DIMENSION
+from vsp.video.screen import CONTROL_SIZE, Rect
+from vsp.video.shared import FRAMES, MAX_DIMENSION
 
 
 def handed(obj: object) -> object:
@@ -61,7 +61,7 @@ def test_the_copy_draws_into_the_parents_frame(pair: tuple[Screen, Screen]) -> N
     damage = Damage()
     parent.add_listener(damage)
     pixels = pattern(30, 40, seed=3)
-    assert worker.update(pixels, [(2, 3, 20, 10)])
+    worker.update(pixels, [(2, 3, 20, 10)])
     damage.wait((2, 3, 20, 10))
     assert (parent.frame_copy()[3:10, 2:20] == opaque(pixels[3:10, 2:20])).all()
     assert (parent.frame_copy()[10:] == BLACK).all()
@@ -81,16 +81,28 @@ def test_a_resize_in_the_copy_reaches_the_parent(pair: tuple[Screen, Screen]) ->
     parent.remove_listener(damage)
 
 
-def test_the_copy_defers_while_the_parent_reads(pair: tuple[Screen, Screen]) -> None:
+def test_the_copy_never_fills_the_frame_the_parent_reads(pair: tuple[Screen, Screen]) -> None:
+    """A read in progress (the parent pinned the newest frame) holds the
+    writer up no more than it lets the writer change what is read: each
+    copy fills one of the other frames and becomes the newest."""
     parent, worker = pair
-    worker.deferrable = True
-    parent._shm.start_read()  # a capture in progress
-    assert not worker.update(pattern(30, 40))
-    assert parent._shm.end_read()  # the reader learns the writer waited
-    parent._send_control(CONTROL_FLUSH)
+    shm = parent._shm
+    first = pattern(30, 40, seed=1)
+    worker.update(first)
+    index, *_ = shm.pin_front()  # a capture in progress
+    seq = shm.frame_seq(index)
+    for seed in range(2, 8):
+        worker.update(pattern(30, 40, seed=seed), [(seed, 0, seed + 10, 30)])
+        assert shm.front != index and shm.frame_seq(index) == seq
+    assert (shm.frame(index, 40, 30) == opaque(first)).all()  # still what was pinned
+    shm.pin(None)
+    newest = opaque(first)
+    for seed in range(2, 8):
+        newest[:, seed : seed + 10] = opaque(pattern(30, 40, seed=seed))[:, seed : seed + 10]
+    assert (parent.frame_copy() == newest).all()  # every frame caught up on the others
+    assert len({shm.frame_seq(k) for k in range(FRAMES)}) > 1  # all of them took turns
     parent.request_size(800, 600)
-    assert worker.read_control() == [(CONTROL_FLUSH, 0, 0), (CONTROL_SIZE, 800, 600)]
-    assert worker.update(pattern(30, 40)) and worker.deferred == 1
+    assert worker.read_control() == [(CONTROL_SIZE, 800, 600)]
 
 
 def test_a_hostile_header_is_bounded_by_the_parent(pair: tuple[Screen, Screen]) -> None:
@@ -233,7 +245,7 @@ def test_vnc_servers_hear_the_copys_damage_by_doorbell_or_listener(
         sessions = [s for server in (first, second) for s in server._clients.values()]
         wait_for(lambda: all(s.want_incr is not None for s in sessions) and parent.wanted)
         pixels = pattern(30, 40, seed=11)
-        assert worker.update(pixels, [(4, 5, 30, 25)])
+        worker.update(pixels, [(4, 5, 30, 25)])
         for client in clients:
             assert client.read_update() == [(4, 5, 26, 20, RAW)]
             assert (client.fb[5:25, 4:30] == rgb_values(pixels[5:25, 4:30])).all()

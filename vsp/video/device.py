@@ -24,7 +24,7 @@ from vmbus.errors import UsageError
 from vmbus.gpadl import Gpadl
 from vmbus.host import OfferSpec
 from vmbus.protocols import video as sv
-from vsp.video.screen import CONTROL_FLUSH, CONTROL_SIZE, Rect, Screen
+from vsp.video.screen import CONTROL_SIZE, Rect, Screen
 
 DEFAULT_VRAM_MB = 8  # what Hyper-V offers a WIN8+ guest
 DEFAULT_MODE = (1024, 768)
@@ -53,8 +53,8 @@ class VideoHandler(ChannelHandler):
         self.size_requests: list[tuple[int, int]] = []  # viewers' sizes, newest last
         self.cursor_shapes = 0
         self.throttled = 0  # drains whose copy waited for min_copy_interval
-        # The parent's requests (FLUSH after a read that made us wait, a
-        # viewer's size) come through the Screen's socket pair.
+        # The parent's requests (a viewer's size) come through the Screen's
+        # socket pair.
         # Copies are at most `min_copy_interval` apart while the guest
         # streams, unless a viewer waits for newer pixels (Screen.wanted):
         # copies nobody reads only eat memory bandwidth. What a burst leaves
@@ -66,11 +66,10 @@ class VideoHandler(ChannelHandler):
         self.watching = False
         try:
             context.watch(self.screen.control_fd, self._on_control)
-        except UsageError:  # no worker loop (a bare harness): never defer, never wait
+        except UsageError:  # no worker loop (a bare harness): never wait to copy
             pass
         else:
             self.watching = True
-            self.screen.deferrable = True
             self.later = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             context.watch(self.later, self._on_later)
 
@@ -136,9 +135,7 @@ class VideoHandler(ChannelHandler):
     def _on_control(self) -> None:
         """The parent's requests, in the worker."""
         for kind, a, b in self.screen.read_control():
-            if kind == CONTROL_FLUSH:
-                self._flush()
-            elif kind == CONTROL_SIZE:  # a viewer's window: the guest's preferred size
+            if kind == CONTROL_SIZE:  # a viewer's window: the guest's preferred size
                 self.size_requests = [*self.size_requests[-7:], (a, b)]
                 change = self.server.prefer(a, b)
                 if change is not None and self.dirt_requested:
@@ -150,9 +147,8 @@ class VideoHandler(ChannelHandler):
         self._flush(now=True)
 
     def _flush(self, now: bool = False) -> None:
-        """Show what is pending, unless the Screen defers it (the parent is
-        reading: it stays pending until the parent's FLUSH) or the last copy
-        was too recent (until the next drain, or `later`)."""
+        """Show what is pending, unless the last copy was too recent (until
+        the next drain, or `later`)."""
         if self.pending == []:
             return
         clock = time.monotonic()
@@ -162,28 +158,28 @@ class VideoHandler(ChannelHandler):
             with contextlib.suppress(BlockingIOError):
                 os.eventfd_write(self.later, 1)
             return
-        if self._show(self.pending):
-            self.pending = []
-            self.last_copy = clock
+        self._show(self.pending)
+        self.pending = []
+        self.last_copy = clock
 
-    def _show(self, rects: list[Rect] | None) -> bool:
+    def _show(self, rects: list[Rect] | None) -> None:
         mode = self.server.mode
         if self.vram is None or mode is None:
-            return True
+            return
         if self.vram_gpadl is not None and self.vram_gpadl.gpadl not in self.context.gpadls:
             self.vram = self.vram_gpadl = None  # the guest revoked its grant
-            return True
+            return
         # The protocol checked offset + pitch * height fits the VRAM.
         rows = self.vram[mode.vram_offset : mode.vram_offset + mode.pitch * mode.height]
         pixels = np.lib.stride_tricks.as_strided(
             rows, (mode.height, mode.width, 4), (mode.pitch, 4, 1), writeable=False
         )
-        return self.screen.update(pixels, rects)
+        self.screen.update(pixels, rects)
 
     def close(self) -> None:
         self.vram = self.vram_gpadl = None
         if self.watching:
-            self.watching = self.screen.deferrable = False
+            self.watching = False
             self.context.unwatch(self.screen.control_fd)
             self.context.unwatch(self.later)
             os.close(self.later)
@@ -256,7 +252,6 @@ class VideoVsp(Vsp):
             "errors": dict(self.errors),
             "mode": None if mode is None else [mode.width, mode.height, mode.pitch],
             "vram_mapped": self.vram is not None,
-            "deferred_updates": self.screen.deferred,
             "cursor_shapes": 0 if handler is None else handler.cursor_shapes,
             "throttled": 0 if handler is None else handler.throttled,
             "queued_bytes": 0 if handler is None else handler.channel.reader.bytes_available,

@@ -20,6 +20,7 @@ __all__ = [
     "bounding_box",
     "clip",
     "copy_opaque",
+    "covers",
     "intersect",
     "subtract",
 ]
@@ -50,6 +51,11 @@ def clip(rect: Rect, width: int, height: int) -> Rect | None:
 def intersect(a: Rect, b: Rect) -> Rect | None:
     x1, y1, x2, y2 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
     return (x1, y1, x2, y2) if x1 < x2 and y1 < y2 else None
+
+
+def covers(a: Rect, b: Rect) -> bool:
+    """`a` holds all of `b`."""
+    return a[0] <= b[0] and a[1] <= b[1] and a[2] >= b[2] and a[3] >= b[3]
 
 
 def subtract(a: Rect, b: Rect) -> list[Rect]:

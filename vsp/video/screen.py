@@ -32,9 +32,11 @@ arrives as the *writer's* copy: it draws into the same memory and rings an
 eventfd; the parent's Screen keeps its API (listeners are then called from a
 thread of the Screen's, which reads the dirty rectangles out of the shared
 header), validates all it reads, and sends the worker requests
-(``request_size``; a ``FLUSH`` after a read the writer deferred) through a
-socket pair whose worker end the VSP watches (``control_fd``,
-``read_control``). ``Screen.set_cursor`` / ``cursor()`` carry the guest's
+(``request_size``) through a socket pair whose worker end the VSP watches
+(``control_fd``, ``read_control``). The memory holds three frames: the
+writer fills one that is neither the newest nor the one being read, so a
+read and the next copy run side by side (`vsp.video.shared`).
+``Screen.set_cursor`` / ``cursor()`` carry the guest's
 pointer shape the same way. One consumer may instead read the damage itself
 (``claim_doorbell``: an eventfd the writer rings; ``damage_since``), which
 the VNC server does, saving a thread hand-over per change; a viewer waiting
@@ -69,12 +71,14 @@ from vsp.video.frames import (
     bounding_box,
     clip,
     copy_opaque,
+    covers,
     intersect,
     subtract,
 )
 from vsp.video.png import write_png
 from vsp.video.shared import (
     CURSOR_MAX,
+    FRAMES,
     MAX_DIMENSION,
     SharedFrame,
     check_size,
@@ -83,7 +87,6 @@ from vsp.video.shared import (
 )
 
 __all__ = [
-    "CONTROL_FLUSH",
     "CONTROL_SIZE",
     "MAX_DIMENSION",
     "MAX_UPDATE_RECTS",
@@ -102,7 +105,6 @@ Listener = Callable[[list[Rect]], None]
 # More rectangles in one update are merged: no unbounded per-rectangle work.
 MAX_UPDATE_RECTS = 64
 # Parent -> worker requests, one SOCK_SEQPACKET record each: kind, a, b (u32).
-CONTROL_FLUSH = 1  # a copy was deferred while the parent read: copy it now
 CONTROL_SIZE = 2  # a viewer asks for a width x height (a) x (b) screen
 _CONTROL = struct.Struct("<III")
 _TORN_RETRIES = 3  # copies retried while the writer keeps changing the frame
@@ -124,7 +126,7 @@ class Screen:
         self._control, self._control_worker = parent, worker
         self._init_common(remote=False)
         self._shm.set_mode(0, width, height)
-        self._shm.bytes[: width * height * 4].view(np.uint32)[:] = OPAQUE  # black
+        self._shm.frames[0][: width * height * 4].view(np.uint32)[:] = OPAQUE  # black
         self._mode = (0, width, height)
 
     def _init_common(self, *, remote: bool) -> None:
@@ -135,10 +137,13 @@ class Screen:
         self._watcher: threading.Thread | None = None
         self._stop_watch: socket.socket | None = None
         self._seen = (0, 0, 0)  # (generation, serial, cursor serial) the watcher passed on
-        self.deferrable = False  # the VSP watches control_fd, so a copy may wait for FLUSH
+        # The writer's: per frame, what changed since it was last filled
+        # (None: all of it), copied from the newest frame when it is filled next.
+        self._front = 0
+        self._stale: list[list[Rect] | None] = [None] * FRAMES
+        self._stale[0] = []
         self._doorbell_claimed = False
         self.torn = 0  # captures that gave up waiting for a consistent frame
-        self.deferred = 0  # updates the writer put off while the parent read
         self.dropped_controls = 0
         fds = [self._shm.fd, self._events, self._doorbell]
         sockets = {self._control, self._control_worker}  # one socket in a worker's copy
@@ -176,6 +181,9 @@ class Screen:
         self._init_common(remote=True)
         generation, width, height, _ = self._shm.read_mode()
         self._mode = (generation, width, height)
+        self._front = self._shm.front
+        self._stale = [None] * FRAMES
+        self._stale[self._front] = []
 
     def close(self) -> None:
         """Release the memfd, the eventfd and the sockets (also done when collected)."""
@@ -238,53 +246,66 @@ class Screen:
         with self._lock:
             shm = self._shm
             generation = self._mode[0] + 1
-            shm.begin_write()
-            shm.set_mode(generation, width, height)
-            shm.bytes[: width * height * 4].view(np.uint32)[:] = OPAQUE  # black
-            shm.publish([(0, 0, width, height)])
-            shm.end_write()
-            self._mode = (generation, width, height)
+            target = self._free_frame()
+            shm.begin_fill(target)
+            shm.frames[target][: width * height * 4].view(np.uint32)[:] = OPAQUE  # black
+            shm.end_fill(target)
+            self._stale = [None] * FRAMES  # the others hold the old mode
+            self._publish(target, [(0, 0, width, height)], (generation, width, height))
         self._notify([(0, 0, width, height)])
 
-    def update(self, pixels: npt.NDArray[np.uint8], rects: Iterable[Rect] | None = None) -> bool:
-        """Copy the dirty `rects` of `pixels` (the VRAM view) into the frame.
-        False: deferred (the parent is reading and `deferrable` is set); the
-        caller keeps the rectangles and copies them on CONTROL_FLUSH."""
+    def update(self, pixels: npt.NDArray[np.uint8], rects: Iterable[Rect] | None = None) -> None:
+        """Copy the dirty `rects` of `pixels` (the VRAM view) into a frame
+        nobody reads, brought up to date from the newest one, which it then
+        becomes."""
         if pixels.ndim != 3 or pixels.shape[2] != 4 or pixels.dtype != np.uint8:
             raise ValueError(f"pixels must be (h, w, 4) uint8, not {pixels.shape} {pixels.dtype}")
         with self._lock:
-            _, fw, fh = self._mode
+            _, fw, fh = mode = self._mode
             w, h = min(fw, pixels.shape[1]), min(fh, pixels.shape[0])
             wanted = [(0, 0, w, h)] if rects is None else list(rects)
             dirty = [c for r in wanted if (c := clip(r, w, h)) is not None]
             if not dirty:
-                return True
+                return
             if len(dirty) > 1:  # a drain's DIRTs often repeat one rect, or the screen
                 dirty = [(0, 0, w, h)] if (0, 0, w, h) in dirty else list(dict.fromkeys(dirty))
             if len(dirty) > MAX_UPDATE_RECTS:
                 dirty = [bounding_box(dirty)]
             shm = self._shm
-            # Deferred before the seqlock moves: a reader sending straight
-            # from the frame (retry=False) sees it still, not torn.
-            if self.deferrable and shm.reading:
-                return self._defer()
-            shm.begin_write()
-            if self.deferrable and shm.reading:  # the reader came in between
-                shm.end_write()
-                return self._defer()
-            frame = shm.frame(fw, fh)
+            target = self._free_frame()
+            frame, newest = shm.frame(target, fw, fh), shm.frame(self._front, fw, fh)
+            stale = self._stale[target]
+            shm.begin_fill(target)
+            for x1, y1, x2, y2 in [(0, 0, fw, fh)] if stale is None else stale:
+                if not any(covers(d, (x1, y1, x2, y2)) for d in dirty):
+                    np.copyto(frame[y1:y2, x1:x2], newest[y1:y2, x1:x2])
             for x1, y1, x2, y2 in dirty:
                 copy_opaque(frame[y1:y2, x1:x2], pixels[y1:y2, x1:x2])
-            shm.publish(dirty)
+            shm.end_fill(target)
+            self._publish(target, dirty, mode)
             shm.want(False)
-            shm.end_write()
         self._notify(dirty)
-        return True
 
-    def _defer(self) -> bool:
-        self._shm.defer()
-        self.deferred += 1
-        return False
+    def _free_frame(self) -> int:
+        """A frame that is neither the newest nor the one the parent reads."""
+        busy = {self._front, self._shm.pinned}
+        return next(k for k in range(FRAMES) if k not in busy)
+
+    def _publish(self, target: int, dirty: list[Rect], mode: tuple[int, int, int]) -> None:
+        """Frame `target` (filled) is the newest, `dirty` what changed."""
+        shm = self._shm
+        shm.begin_write()
+        shm.set_mode(*mode)
+        shm.publish(dirty)
+        shm.set_front(target)
+        shm.end_write()
+        self._mode, self._front = mode, target
+        self._stale[target] = []
+        for k, stale in enumerate(self._stale):
+            if k != target and stale is not None:
+                stale += dirty
+                if len(stale) > MAX_UPDATE_RECTS:
+                    self._stale[k] = [bounding_box(stale)]
 
     @property
     def wanted(self) -> bool:
@@ -343,21 +364,23 @@ class Screen:
         """Copies of `rects` (clipped); the whole frame if `generation` is stale.
         `into` (an (h, w, 4) array an encoder keeps): the rects are copied into
         it at their places (a new array if the size changed). `encode`: no
-        copy; it is called with views of the shared frame while the read is
-        protected, again from the start if the writer changed the frame, or
-        once without `retry` (it sent the views on), the Capture's
-        `consistent` then saying whether the frame held still."""
+        copy; it is called with views of the newest frame while the writer
+        keeps off it, again from the start if the writer changed it anyway
+        (one that ignores the pin), or once without `retry` (it sent the
+        views on), the Capture's `consistent` then saying whether the frame
+        held still."""
         with self._lock:
             shm = self._shm
             for attempt in range(_TORN_RETRIES + 1):
-                shm.start_read()
                 try:
-                    seq = shm.stable_seq()
-                    local = not (self._remote or self._exported)
-                    gen, w, h = self._mode if local else shm.read_mode()[:3]
+                    if self._remote or self._exported:
+                        index, gen, w, h, consistent = shm.pin_front()
+                    else:  # the writer is this object, kept out by the lock
+                        (gen, w, h), index, consistent = self._mode, self._front, True
+                    before = shm.frame_seq(index)
                     wanted = [(0, 0, w, h)] if generation != gen else rects
                     kept = [c for r in wanted if (c := clip(r, w, h)) is not None]
-                    frame = shm.frame(w, h)
+                    frame = shm.frame(index, w, h)
                     if encode is not None:
                         views = [frame[y1:y2, x1:x2] for x1, y1, x2, y2 in kept]
                         encode(Capture(gen, w, h, kept, views))
@@ -371,16 +394,15 @@ class Screen:
                         for x1, y1, x2, y2 in kept:
                             np.copyto(into[y1:y2, x1:x2], frame[y1:y2, x1:x2])
                             pixels.append(into[y1:y2, x1:x2])
-                    consistent = seq is not None and shm.seq() == seq
-                finally:  # an encoder that raised must not leave the writer deferring
-                    if shm.end_read():
-                        self._send_control(CONTROL_FLUSH)
-                if consistent:
+                    still = not before & 1 and shm.frame_seq(index) == before
+                finally:  # an encoder that raised must not leave the frame pinned
+                    shm.pin(None)
+                if consistent and still:
                     break
-                if seq is None or attempt == _TORN_RETRIES or not retry:  # stuck, never still
+                if not consistent or attempt == _TORN_RETRIES or not retry:  # stuck, never still
                     self.torn += 1
                     break
-            return Capture(gen, w, h, kept, pixels, into, consistent)
+            return Capture(gen, w, h, kept, pixels, into, consistent and still)
 
     def writing(self) -> bool:
         """The writer is mid-change (a reader would wait for it)."""

@@ -157,9 +157,11 @@ class Session:
             return False  # an incremental request waits for a change
         if self._writer_busy(screen):
             return False  # its copy ends with a doorbell: the update follows then
+        # The next change is copied (into another of the Screen's frames)
+        # while this one is read and sent.
+        screen.want_update()
         if enc.encoding == rfb.ENC_RAW and enc.order == IN_PLACE_ORDER and self.in_place:
             self._update_in_place(screen, rects, cursor if new_cursor else None, owed, layout)
-            screen.want_update()  # the next change is copied while this one is read
             return True
         direct = enc.encoding == rfb.ENC_RAW  # stateless: encoded from the shared frame
         raw_count = [0]
@@ -184,7 +186,6 @@ class Session:
         self.send(enc.out.view())
         if direct:
             self.send(enc.work.view())  # the rectangles, behind the header
-        screen.want_update()  # the next change is copied while this one is sent
         return True
 
     def _writer_busy(self, screen: Screen) -> bool:

@@ -5,16 +5,21 @@ rectangles in); the parent reads it (the VNC server, PNG snapshots). The
 memfd holds, page aligned:
 
 - the header (one page of little-endian u64 words): a seqlock count (odd
-  while the writer changes the frame or the header), the mode (generation,
-  width, height), a ring of the last RING dirty rectangles with the count
-  of rectangles ever published, a `reading` word the parent sets while it
-  copies (the writer then defers its copy and sets `deferred`, so a reader
-  is never starved by a guest that draws without pause), a `wanted` word
-  the parent sets when a viewer waits for newer pixels (the writer copies
-  at once instead of at its own pace), and the pointer shape's serial and
-  geometry;
+  while the writer changes the header), the mode (generation, width,
+  height), which of the frames is the newest (`front`), a ring of the last
+  RING dirty rectangles with the count of rectangles ever published, the
+  frame the parent reads (`pinned`), a seqlock count per frame (odd while
+  the writer fills it), a `wanted` word the parent sets when a viewer
+  waits for newer pixels (the writer copies at once instead of at its own
+  pace), and the pointer shape's serial and geometry;
 - the pointer shape (CURSOR_MAX x CURSOR_MAX BGRA);
-- the frame, `capacity` bytes, rows of width * 4 bytes (BGRX).
+- FRAMES frames of `capacity` bytes each, rows of width * 4 bytes (BGRX).
+
+Three frames, as in triple buffering: the writer fills one that is neither
+the newest nor the one the parent reads, then makes it the newest in one
+short header change. So a reader sending a frame never holds the writer
+off, and the writer, copying the guest's next frame meanwhile, never holds
+a reader up: each frame is read or written, never both.
 
 The parent trusts nothing it reads here: `Header.read` bounds every field
 against the capacity and MAX_DIMENSION and clips every rectangle; a writer
@@ -38,6 +43,7 @@ from vmbus.memory import PAGE_SIZE
 
 __all__ = [
     "CURSOR_MAX",
+    "FRAMES",
     "MAGIC",
     "MAX_DIMENSION",
     "RING",
@@ -51,21 +57,25 @@ __all__ = [
 # 8192x8192x4 is a 256 MiB frame: bigger than any synthvid mode (7680x4320).
 MAX_DIMENSION = 8192
 CURSOR_MAX = 96  # synthvid's largest pointer shape
-MAGIC = 0x31_4E_45_45_52_43_53_56  # "VSCREEN1", and the layout's version
+MAGIC = 0x32_4E_45_45_52_43_53_56  # "VSCREEN2", and the layout's version
 RING = 64  # dirty rectangles the header remembers
 SEQLOCK_PATIENCE = 0.05  # seconds a reader waits for a writer mid-change
 
+FRAMES = 3  # the newest, the one the parent reads, and one to fill
+
 # Header words.
-_MAGIC, _SEQ, _GENERATION, _WIDTH, _HEIGHT, _SERIAL, _READING, _DEFERRED = range(8)
+_MAGIC, _SEQ, _GENERATION, _WIDTH, _HEIGHT, _SERIAL, _FRONT, _PINNED = range(8)
 _CURSOR_SERIAL, _CURSOR_GEOMETRY, _CURSOR_POSITION = 8, 9, 10
 _WANTED = 11  # the parent waits for newer pixels: the writer copies at its next chance
 _DOORBELL = 12  # a consumer (the VNC server) also wants the doorbell eventfd rung
+_FRAME_SEQ = 13  # FRAMES words: odd while the writer fills that frame
 _RING_BASE = 16  # two words per rectangle: x1 | y1 << 32, x2 | y2 << 32
 _HEADER_WORDS = _RING_BASE + 2 * RING
 
 _CURSOR_OFFSET = PAGE_SIZE
 _CURSOR_BYTES = CURSOR_MAX * CURSOR_MAX * 4
 _FRAME_OFFSET = _CURSOR_OFFSET + -(-_CURSOR_BYTES // PAGE_SIZE) * PAGE_SIZE
+assert _FRAME_SEQ + FRAMES <= _RING_BASE
 
 Rect = tuple[int, int, int, int]
 
@@ -92,7 +102,8 @@ class SharedFrame:
             raise ValueError(f"frame capacity {capacity}")
         self.fd = fd
         self.capacity = capacity
-        size = _FRAME_OFFSET + capacity
+        self.stride = -(-capacity // PAGE_SIZE) * PAGE_SIZE  # frames start on a page
+        size = _FRAME_OFFSET + FRAMES * self.stride
         if create:
             os.ftruncate(fd, size)
         elif os.fstat(fd).st_size < size:  # a worker handed a short file must not fault
@@ -102,9 +113,10 @@ class SharedFrame:
         self.cursor_bytes: npt.NDArray[np.uint8] = np.frombuffer(
             self.map, np.uint8, _CURSOR_BYTES, _CURSOR_OFFSET
         )
-        self.bytes: npt.NDArray[np.uint8] = np.frombuffer(
-            self.map, np.uint8, capacity, _FRAME_OFFSET
-        )
+        self.frames: list[npt.NDArray[np.uint8]] = [
+            np.frombuffer(self.map, np.uint8, capacity, _FRAME_OFFSET + k * self.stride)
+            for k in range(FRAMES)
+        ]
         if create:
             self.words[_MAGIC] = MAGIC
 
@@ -117,9 +129,10 @@ class SharedFrame:
             os.close(fd)
             raise
 
-    def frame(self, width: int, height: int) -> npt.NDArray[np.uint8]:
-        """The frame of a width x height mode, (h, w, 4); the caller checked the size."""
-        return self.bytes[: width * height * 4].reshape(height, width, 4)
+    def frame(self, index: int, width: int, height: int) -> npt.NDArray[np.uint8]:
+        """Frame `index` as a width x height mode, (h, w, 4); the caller
+        checked the size."""
+        return self.frames[index][: width * height * 4].reshape(height, width, 4)
 
     def cursor(self, width: int, height: int) -> npt.NDArray[np.uint8]:
         return self.cursor_bytes[: width * height * 4].reshape(height, width, 4)
@@ -132,12 +145,21 @@ class SharedFrame:
     def end_write(self) -> None:
         self.words[_SEQ] += np.uint64(1)
 
-    @property
-    def reading(self) -> bool:
-        return bool(self.words[_READING])
+    def begin_fill(self, index: int) -> None:
+        self.words[_FRAME_SEQ + index] += np.uint64(1)  # odd: being filled
 
-    def defer(self) -> None:
-        self.words[_DEFERRED] = 1
+    def end_fill(self, index: int) -> None:
+        self.words[_FRAME_SEQ + index] += np.uint64(1)
+
+    def set_front(self, index: int) -> None:
+        """Frame `index` is the newest (inside begin/end_write)."""
+        self.words[_FRONT] = index
+
+    @property
+    def pinned(self) -> int | None:
+        """The frame the parent reads (any value it left there bounded)."""
+        index = int(self.words[_PINNED]) - 1
+        return index if 0 <= index < FRAMES else None
 
     @property
     def wanted(self) -> bool:
@@ -179,17 +201,38 @@ class SharedFrame:
 
     # The reader (the parent's Screen).
 
-    def start_read(self) -> None:
-        self.words[_READING] = 1
+    @property
+    def front(self) -> int:
+        """The newest frame (a bad value the writer left reads as frame 0)."""
+        index = int(self.words[_FRONT])
+        return index if 0 <= index < FRAMES else 0
 
-    def end_read(self) -> bool:
-        """Done copying; True if the writer deferred a copy meanwhile (poke it)."""
+    def pin(self, index: int | None) -> None:
+        """Tell the writer which frame the parent reads (None: none)."""
+        self.words[_PINNED] = 0 if index is None else index + 1
+
+    def frame_seq(self, index: int) -> int:
+        return int(self.words[_FRAME_SEQ + index])
+
+    def pin_front(self) -> tuple[int, int, int, int, bool]:
+        """Pin the newest frame for a read: (its index, the mode's generation,
+        width and height, consistent), the mode read with the index, so
+        that of the frame (bounded: a bad size reads as 1x1; not consistent:
+        the writer kept the header busy)."""
         words = self.words
-        words[_READING] = 0
-        if words[_DEFERRED]:
-            words[_DEFERRED] = 0
-            return True
-        return False
+        for _ in range(8):
+            before = self.stable_seq()
+            generation, width, height = (int(w) for w in words[_GENERATION : _HEIGHT + 1])
+            index = self.front
+            self.pin(index)
+            if before is None or self.seq() == before:
+                break
+        consistent = before is not None and self.seq() == before
+        if not (1 <= width <= MAX_DIMENSION and 1 <= height <= MAX_DIMENSION) or (
+            width * height * 4 > self.capacity
+        ):
+            width = height = 1
+        return index, generation, width, height, consistent
 
     def stable_seq(self) -> int | None:
         """The seqlock count once even (no change in progress); None if the
