@@ -472,8 +472,8 @@ COALESCED_RECORDS = [
 ]
 
 
-def coalesced_delivered(s: Side, steps: list[Step]) -> list[Any]:
-    s.backend.rx_offload = 7  # as set_receive_offload leaves it (a socket takes no ioctl)
+def coalesced_delivered(s: Side, steps: list[Step], rx_offload: int = 7) -> list[Any]:
+    s.backend.rx_offload = rx_offload  # as set_receive_offload leaves it (no ioctl on a socket)
     log: list[Any] = []
     outstanding: list[int] = []
     for kind, value in steps:
@@ -506,14 +506,16 @@ def coalesced_delivered(s: Side, steps: list[Step]) -> list[Any]:
     return log
 
 
-def coalesced_differential(steps: list[Step], recv_pages: int, ring_size: int) -> int:
+def coalesced_differential(
+    steps: list[Step], recv_pages: int, ring_size: int, rx_offload: int = 7
+) -> int:
     logs = []
     with (
         side(True, recv_pages=recv_pages, ring_size=ring_size, vnet=True) as fast,
         side(False, recv_pages=recv_pages, ring_size=ring_size, vnet=True) as slow,
     ):
         for s in (fast, slow):
-            logs.append(coalesced_delivered(s, steps))
+            logs.append(coalesced_delivered(s, steps, rx_offload))
         assert logs[0] == logs[1]
         assert fast.handler.fast is not None
         return fast.handler.fast.delivered
@@ -562,3 +564,21 @@ def test_coalesced_delivery_agrees_with_the_python_path(
     steps: list[Step], recv_pages: int, ring_size: int
 ) -> None:
     coalesced_differential(steps, recv_pages, ring_size)
+
+
+def test_frames_queued_before_the_guest_turned_rsc_off_are_dropped_not_cut_short() -> None:
+    """The TAP still holds GSO frames and partial checksums it queued while
+    RSC was on: read as whole frames they would reach the guest cut to the
+    MTU or unsummed. Both paths drop and count them, and deliver the rest."""
+    offloaded = {
+        i for i, (h, _) in enumerate(COALESCED_RECORDS) if len(h) == 10 and (h[1] or h[0] & 1)
+    }
+    fit = [i for i, (_, frame) in enumerate(COALESCED_RECORDS) if len(frame) <= 1518]
+    steps: list[Step] = [("frames", sorted(offloaded | set(fit))), ("complete", 50)]
+    with side(False, recv_pages=64, vnet=True) as s:
+        log = coalesced_delivered(s, steps, rx_offload=0)
+    frames = [bytes(decode_packet(m)[0]) for entry in log[:-2] for m in entry[4]]
+    sent = [f for i, (_, f) in enumerate(COALESCED_RECORDS) if i not in offloaded]
+    assert frames and all(frame in sent for frame in frames)  # whole, as the TAP queued them
+    assert log[-2]["backend_drops"] == len(offloaded) == 10
+    assert coalesced_differential(steps, 64, 256 << 10, rx_offload=0) == len(frames)

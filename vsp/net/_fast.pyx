@@ -575,7 +575,7 @@ cdef class FastPath:
         self.packet_filter = rndis.packet_filter if rndis.initialized else 0
         mac = rndis.mac
         memcpy(self.mac, <const char *>mac, 6)
-        cdef uint32_t got = 0, kept = 0, i, count, k, at, length, wrote = 0
+        cdef uint32_t got = 0, kept = 0, offloaded = 0, i, count, k, at, length, wrote = 0
         cdef uint64_t nbytes = 0
         cdef int error = 0
         cdef ssize_t done
@@ -590,6 +590,10 @@ cdef class FastPath:
                     iov[1].iov_base = self.stage + got * STAGE_SLOT
                     iov[1].iov_len = max_frame
                     done = readv(fd, iov, 2)
+                    if done >= VNET_HDR and (self.vnet_in[1] != 0 or self.vnet_in[0] & NEEDS_CSUM):
+                        offloaded += 1  # queued while offloads were on: cut short or unsummed
+                        got += 1
+                        continue
                     if done >= 0:
                         done = done - VNET_HDR if done >= VNET_HDR else 0
                 else:
@@ -606,7 +610,8 @@ cdef class FastPath:
                     kept += 1
                     nbytes += <uint32_t>done
                 got += 1
-        backend.frames_in += got
+        backend.frames_in += got - offloaded
+        backend.drops += offloaded
         rndis.rcv_ok += kept
         handler.counters.frames_to_guest += kept
         handler.counters.bytes_to_guest += nbytes

@@ -41,7 +41,10 @@ device); the VSP's compiled path then moves frames itself and adds to the
 counters. -1 (the default) keeps the VSP on `transmit`/`receive`. With
 `vnet_hdr` (a TAP made with IFF_VNET_HDR) each of those frames is preceded
 by a 10-byte virtio_net_hdr, and `send_offloaded` takes frames with their
-headers (checksum offload, large sends that the kernel segments).
+headers (checksum offload, large sends that the kernel segments). `receive`
+then drops (counted) a frame the kernel queued while receive offloads were
+on (`set_receive_offload`) and hands over too long or with a partial
+checksum: read as a whole frame it would arrive cut short or unsummed.
 
 Each backend is served by one thread (its child's worker), except that the
 switch's ports are served by different workers: the switch locks.
@@ -63,7 +66,13 @@ from pyroute2 import netns as _netns  # not `netns`: TapBackend's argument of th
 
 from vmbus.errors import UsageError
 from vmbus.handoff import SharedFd
-from vmbus.protocols.net.offload import VNET_HDR_SIZE, ZERO_HEADER, VnetFrame
+from vmbus.protocols.net.offload import (
+    GSO_NONE,
+    VNET_HDR_SIZE,
+    VNET_NEEDS_CSUM,
+    ZERO_HEADER,
+    VnetFrame,
+)
 
 __all__ = [
     "DEFAULT_MTU",
@@ -378,9 +387,13 @@ class TapBackend(_Backend):
         skip = VNET_HDR_SIZE if self.vnet_hdr else 0
         for _ in range(max_frames):
             try:
-                frames.append(read(fd, size + skip)[skip:])
+                data = read(fd, size + skip)
             except BlockingIOError:
                 break
+            if skip and len(data) >= skip and (data[1] != GSO_NONE or data[0] & VNET_NEEDS_CSUM):
+                self.drops += 1  # offloaded before the guest turned offloads off
+                continue
+            frames.append(data[skip:])
         self.frames_in += len(frames)
         return frames
 
