@@ -33,13 +33,13 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from time import perf_counter
-from typing import Any
+from typing import Any, Protocol
 
 from benchmarks.harness import CHILD_POLICY, render_table
 from vmbus.channel import COMPLETION_REQUESTED, DEFAULT_SPIN_SECONDS, Channel
 from vmbus.guest import Guest
 from vmbus.memory import GuestMemory
-from vmbus.partition import Host
+from vmbus.partition import Host, ThreadPartition
 from vmbus.protocols.echo import ECHO_CLASS_ID
 from vmbus.ring import HEADER_SIZE, init_ring
 from vmbus.testing import channel_pair
@@ -165,17 +165,26 @@ class Forked:
         self.peer.close()
 
 
+class Pinnable(Protocol):
+    """A benchmark of two threads: `run(*args)` times one batch."""
+
+    @property
+    def run(self) -> Callable[..., Sample]: ...
+
+    def threads(self) -> tuple[int, int]: ...
+
+
 class Placed:
     """Runs a benchmark with its two threads pinned: "split" puts them on two
     CPUs, "same" on one, "any" leaves them to the scheduler."""
 
-    def __init__(self, inner: Any, placement: str) -> None:
+    def __init__(self, inner: Pinnable, placement: str) -> None:
         self.inner, self.placement = inner, placement
 
     def run(self, *args: int) -> Sample:
         if self.placement == "any":
             return self.inner.run(*args)
-        threads: tuple[int, int] = self.inner.threads()
+        threads = self.inner.threads()
         saved = [os.sched_getaffinity(tid) for tid in threads]
         cpus = CPUS[:2] if self.placement == "split" else CPUS[:1] * 2
         for tid, cpu in zip(threads, cpus, strict=True):
@@ -460,7 +469,10 @@ def partition_echo(guest: Guest, address: str, spin: float) -> None:
 
 class FullStackRoundTrip:
     """A child partition's EchoVsc.echo() against the parent's EchoVsp, whose
-    worker thread is select()-driven (no spin on the parent's side)."""
+    worker thread is select()-driven (no spin on the parent's side). The VM
+    is served by a thread of this process (worker="thread"), not a worker
+    process: that thread is the one to pin, and the EchoVsp the one whose
+    channel counts its doorbells."""
 
     def __init__(self, host: Host, spin: float, workdir: str) -> None:
         address = os.path.join(workdir, f"control-{len(os.listdir(workdir))}")
@@ -469,13 +481,16 @@ class FullStackRoundTrip:
         listener.listen(1)
         listener.settimeout(TIMEOUT)
         self.vsp = EchoVsp()
-        self.child = host.start(
+        child = host.start(
             PARTITION_TARGET,
             devices=[self.vsp],
             args=(address, spin),
             memory_size=8 << 20,
             policy=CHILD_POLICY,
+            worker="thread",
         )
+        assert isinstance(child, ThreadPartition)
+        self.child = child
         try:
             sock, _ = listener.accept()
         finally:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import functools
 import io
 import json
 import os
@@ -50,7 +51,7 @@ LABELS = {
     FORWARDER: "Python TAP-to-TAP forwarder",
     STACK: "child's Linux stack over netvsc/netvsp",
 }
-DIRECTIONS = (("→", []), ("←", ["-R"]))
+DIRECTIONS: tuple[tuple[str, list[str]], ...] = (("→", []), ("←", ["-R"]))  # iperf3 extra args
 HEADERS = ["path", "direction", "Mbit/s", "× veth"]
 TARGET = 0.25  # the stack against veth (issue 13)
 MAC = bytes.fromhex("02000000ad01")
@@ -177,11 +178,15 @@ def stack_child(guest: Guest, workdir: str, profile: bool = False) -> None:
             threading.setprofile(None)  # threads started later are not profiled
 
         threading.setprofile(first_call)
+
+    def asked(request: Path) -> bool:
+        return request.exists() or (work / "stop").exists()
+
     with stack:
         (work / "up").write_text("1")
         for number in range(1_000_000):
             request = work / f"request-{number}"
-            if not wait_until(lambda r=request: r.exists() or (work / "stop").exists(), 600):
+            if not wait_until(functools.partial(asked, request), 600):
                 return
             if not request.exists():
                 break

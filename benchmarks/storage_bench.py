@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import itertools
 import json
 import mmap
@@ -311,10 +312,14 @@ class StackRunner:
         listener.settimeout(TIMEOUT)
         self.backend = RawFileBackend(path)
         self.direct = DirectBackend(path)  # the same image, O_DIRECT: LUN 1
-        poll = {} if spin else {"poll_seconds": 0.0}
-        self.vsp = StorVsp([self.backend, self.direct], max_transfer_bytes=MAX_IO, **poll)
+        poll_seconds = storvsp.POLL_SECONDS if spin else 0.0
+        self.vsp = StorVsp(
+            [self.backend, self.direct], max_transfer_bytes=MAX_IO, poll_seconds=poll_seconds
+        )
         # The same image behind a second controller, with sub-channels.
-        self.multi = StorVsp([self.backend], max_transfer_bytes=MAX_IO, channels=CHANNELS, **poll)
+        self.multi = StorVsp(
+            [self.backend], max_transfer_bytes=MAX_IO, channels=CHANNELS, poll_seconds=poll_seconds
+        )
         self.echo = EchoVsp()
         self.child: ChildPartition = host.start(
             CHILD_TARGET,
@@ -327,7 +332,7 @@ class StackRunner:
             ),
             memory_size=CHILD_MEMORY,
             policy=CHILD_POLICY,
-            **({} if spin else {"spin_seconds": 0.0}),
+            spin_seconds=DEFAULT_SPIN_SECONDS if spin else 0.0,
         )
         try:
             sock, _ = listener.accept()
@@ -656,9 +661,9 @@ def target_lines(results: Results) -> list[str]:
         samples = results.get((name, STACK), [])
         child = median_of([x.child_cpu for x in samples])
         worker = median_of([x.host_cpu for x in samples])
-        shown = [fmt(v and v * 1e6) for v in (child, worker)]
+        cpu = [fmt(v and v * 1e6) for v in (child, worker)]
         met = child is not None and worker is not None and max(child, worker) <= 5e-6
-        lines.append(f"- {name}: {shown[0]}, {shown[1]} — **{'met' if met else 'MISSED'}**")
+        lines.append(f"- {name}: {cpu[0]}, {cpu[1]} — **{'met' if met else 'MISSED'}**")
     lines.append(
         f"Sub-channels ({SUB_CHANNELS}, each on a thread of its own), against the one-channel row:"
     )
@@ -676,7 +681,9 @@ def render(rows: list[list[str]], markdown: bool) -> str:
 
 def fast_path_state() -> str:
     """Whether storvsp serves the steady state compiled (VMBUS_STORAGE_FAST=0: off, for A/B)."""
-    if storvsp.FastPath is None:
+    try:  # as vsp.storage.device imports it
+        importlib.import_module("vsp.storage._fast")
+    except ImportError:
         return "not built"
     return "on" if storvsp.fast_path_default() else "off (VMBUS_STORAGE_FAST=0)"
 

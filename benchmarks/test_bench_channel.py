@@ -49,8 +49,11 @@ class Responder:
         self.thread.join(5)
 
 
+Threaded = tuple[Channel, Responder]  # the guest's end, and the host's on its thread
+
+
 @pytest.fixture(params=[0.0, DEFAULT_SPIN_SECONDS], ids=["spin0", "spin-default"])
-def threaded(request: pytest.FixtureRequest) -> Iterator[tuple[Channel, Responder]]:
+def threaded(request: pytest.FixtureRequest) -> Iterator[Threaded]:
     guest, host = channel_pair(spin_seconds=request.param)
     responder = Responder(host)
     yield guest, responder
@@ -73,7 +76,7 @@ def test_request_response_one_thread(benchmark) -> None:  # type: ignore[no-unty
     assert guest.signals_sent == host.signals_sent == 0  # nobody slept: no doorbell
 
 
-def test_request_response_threaded(benchmark, threaded) -> None:  # type: ignore[no-untyped-def]
+def test_request_response_threaded(benchmark, threaded: Threaded) -> None:  # type: ignore[no-untyped-def]
     """Channel.request against an event-driven responder thread. Its poll
     budget spins holding the GIL, which the responder needs to answer."""
     guest, responder = threaded
@@ -104,7 +107,7 @@ def test_stream_one_thread(benchmark, size: int) -> None:  # type: ignore[no-unt
 
 
 @pytest.mark.parametrize("size", [64, 1024])
-def test_stream_threaded(benchmark, threaded, size: int) -> None:  # type: ignore[no-untyped-def]
+def test_stream_threaded(benchmark, threaded: Threaded, size: int) -> None:  # type: ignore[no-untyped-def]
     """STREAM_PACKETS sends, then one request: it returns once the responder
     thread has drained them all. Doorbells per packet go in extra_info."""
     guest, responder = threaded

@@ -299,7 +299,7 @@ def test_storvsp_drains_32_reads_4k(benchmark: Any, tmp_path: Path, fast: bool) 
         vsp = StorVsp([backend], max_transfer_bytes=MiB, fast_path=fast)
         with VspHarness(vsp, memory_size=8 * MiB, ring_size=RING) as harness:
             guest, protocol = harness.guest, vstor.StorvscProtocol()
-            packet = protocol.start()
+            packet: bytes | None = protocol.start()
             while packet is not None:
                 guest.send(packet, flags=COMPLETION_REQUESTED, trans_id=1)
                 harness.pump()
