@@ -184,9 +184,12 @@ def test_host_that_starts_and_stops_children_forever_forgets_finished_ones() -> 
 class FaultyWatchEcho(EchoVsp):
     """An echo VSP whose own descriptor's callback raises (a VSP bug)."""
 
+    broke = False
+
     def open(self, channel: Channel, context: OpenContext) -> EchoHandler:
         handler = super().open(channel, context)
-        if len(self.handlers) == 1:  # the first channel's callback is broken
+        if not self.broke:  # the first channel's callback is broken
+            self.broke = True
             wake = os.eventfd(1)  # readable at once
             handler.wake = wake  # type: ignore[attr-defined]
             context.watch(wake, self._broken)
@@ -252,7 +255,7 @@ class ThreadedEcho(EchoVsp):
     """Echo channels each served by a thread of their own."""
 
     def open(self, channel: Channel, context: OpenContext) -> EchoHandler:
-        handler = ThreadedEchoHandler(channel, context)
+        handler = ThreadedEchoHandler(channel, context, self)
         self.handlers.append(handler)
         return handler
 

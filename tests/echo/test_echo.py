@@ -76,3 +76,15 @@ def test_echo_vsc_pumped_in_one_thread() -> None:
     for i in range(100):
         assert driver.echo(b"%d" % i).startswith(b"%d" % i)
     assert device.handler is not None and device.handler.packets == 100  # type: ignore[attr-defined]
+
+
+def test_a_guest_that_reopens_its_channel_again_and_again_grows_nothing() -> None:
+    """Each close forgets the channel's handler and keeps what it counted."""
+    vsp = EchoVsp(count=2)
+    for opened in range(200):
+        with VspHarness(vsp, offer=vsp.offers()[opened % 2]) as harness:
+            harness.guest.send(b"ping", flags=COMPLETION_REQUESTED, trans_id=opened)
+            harness.pump()
+            assert len(vsp.handlers) == 1
+        assert vsp.handlers == []
+    assert vsp.stats() == {"packets": [100, 100], "refused": 0}
