@@ -96,6 +96,7 @@ __all__ = [
     "Screen",
     "bounding_box",
     "clip",
+    "covers",
     "intersect",
     "subtract",
 ]
@@ -139,9 +140,10 @@ class Screen:
         self._seen = (0, 0, 0)  # (generation, serial, cursor serial) the watcher passed on
         # The writer's: per frame, what changed since it was last filled
         # (None: all of it), copied from the newest frame when it is filled next.
-        self._front = 0
-        self._stale: list[list[Rect] | None] = [None] * FRAMES
-        self._stale[0] = []
+        self._front = self._shm.front
+        self._stale: list[list[Rect] | None] = [
+            [] if k == self._front else None for k in range(FRAMES)
+        ]
         self._doorbell_claimed = False
         self.torn = 0  # captures that gave up waiting for a consistent frame
         self.dropped_controls = 0
@@ -181,9 +183,6 @@ class Screen:
         self._init_common(remote=True)
         generation, width, height, _ = self._shm.read_mode()
         self._mode = (generation, width, height)
-        self._front = self._shm.front
-        self._stale = [None] * FRAMES
-        self._stale[self._front] = []
 
     def close(self) -> None:
         """Release the memfd, the eventfd and the sockets (also done when collected)."""

@@ -40,6 +40,7 @@ from vsp.video.screen import (
     Screen,
     bounding_box,
     clip,
+    covers,
     intersect,
     subtract,
 )
@@ -114,7 +115,7 @@ class Session:
         self.out.append(memoryview(data))
 
     def add_dirty(self, rect: Rect) -> None:
-        if any(subtract(rect, d) == [] for d in self.dirty):
+        if any(covers(d, rect) for d in self.dirty):
             return  # already covered
         self.dirty = [d for d in self.dirty if subtract(d, rect)] + [rect]
         if len(self.dirty) > MAX_DIRTY_RECTS:
