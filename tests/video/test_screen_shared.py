@@ -126,6 +126,18 @@ def test_a_hostile_header_is_bounded_by_the_parent(pair: tuple[Screen, Screen]) 
     parent.remove_listener(damage)
 
 
+def test_a_worker_that_shrinks_the_screens_memory_is_refused(pair: tuple[Screen, Screen]) -> None:
+    """Shrunk, the parent's reads of the frame would fault (SIGBUS): the
+    memfd is sealed at its size before any worker holds it."""
+    parent, worker = pair
+    size = os.fstat(worker._shm.fd).st_size
+    for length in (0, size // 2, size + (1 << 20)):
+        with pytest.raises(PermissionError):
+            os.ftruncate(worker._shm.fd, length)
+    assert os.fstat(parent._shm.fd).st_size == size
+    assert parent.frame_copy().shape == (30, 40, 4)
+
+
 def test_a_malformed_request_is_dropped(pair: tuple[Screen, Screen]) -> None:
     parent, worker = pair
     parent._control.send(b"short")

@@ -23,12 +23,15 @@ a reader up: each frame is read or written, never both.
 
 The parent trusts nothing it reads here: `Header.read` bounds every field
 against the capacity and MAX_DIMENSION and clips every rectangle; a writer
-that holds the seqlock odd too long gets a torn copy, never a hang.
+that holds the seqlock odd too long gets a torn copy, never a hang. The
+parent seals the memfd at its size before a worker gets it, so no worker
+can shrink it under the parent's mapping (whose reads would then fault).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import mmap
 import os
 import socket
@@ -61,6 +64,7 @@ MAGIC = 0x32_4E_45_45_52_43_53_56  # "VSCREEN2", and the layout's version
 RING = 64  # dirty rectangles the header remembers
 SEQLOCK_PATIENCE = 0.05  # seconds a reader waits for a writer mid-change
 
+_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 FRAMES = 3  # the newest, the one the parent reads, and one to fill
 
 # Header words.
@@ -122,9 +126,13 @@ class SharedFrame:
 
     @classmethod
     def create(cls, capacity: int) -> SharedFrame:
-        fd = os.memfd_create("vmbus-screen", os.MFD_CLOEXEC)
+        fd = os.memfd_create("vmbus-screen", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
-            return cls(fd, capacity, create=True)
+            shared = cls(fd, capacity, create=True)
+            # The worker holds the fd too: shrunk, the parent's reads would
+            # fault (SIGBUS). Sealed, its size is fixed for good.
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+            return shared
         except BaseException:
             os.close(fd)
             raise
