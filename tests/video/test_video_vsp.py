@@ -205,3 +205,39 @@ def test_framebuffer_changes_mode(framebuffer: tuple[Framebuffer, VideoVsp]) -> 
     wait_for(lambda: vsp.screen.width == 160 and (vsp.screen.frame_copy() == DARK).all())
     with pytest.raises(ValueError):
         fb.set_mode(1024, 1024)  # 4 MiB: more than its 2 MiB of VRAM
+
+
+def test_guest_streaming_faster_than_anyone_watches_is_copied_at_the_vsps_pace() -> None:
+    """A guest that sends DIRTs as fast as it can, with nobody waiting for
+    newer pixels, is copied at most max_copies_per_second (its pending
+    damage by the worker loop's timer), and its last frame still arrives."""
+    rate, seconds = 20.0, 0.5
+    vsp = VideoVsp(
+        Screen(64, 64), vram_megabytes=VRAM_MB, resolutions=MODES, max_copies_per_second=rate
+    )
+    devices: list[GuestDevice] = []
+    copies: list[float] = []
+
+    def register(guest: Guest) -> None:
+        guest.register(guid.SYNTHVID, devices.append)
+
+    with loopback([vsp], register):
+        fb = Framebuffer(devices[0], WIDTH, HEIGHT)
+        fb.wait_ready()
+        vsp.screen.add_listener(lambda rects: copies.append(time.monotonic()))
+        start, sent = time.monotonic(), 0
+        while time.monotonic() - start < seconds:
+            sent += 1
+            fb.pixels[:] = sent & 0xFF
+            fb.update()
+        expected = opaque(fb.pixels)
+        wait_for(lambda: np.array_equal(vsp.screen.frame_copy(), expected))
+        fb.close()
+    assert sent > 10 * rate * seconds  # the guest outran the copies
+    assert len(copies) <= rate * (copies[-1] - start) + 2
+    assert handler_of_vsp(vsp).throttled > 0
+
+
+def handler_of_vsp(vsp: VideoVsp) -> VideoHandler:
+    assert vsp.handler is not None
+    return vsp.handler

@@ -5,8 +5,6 @@ which the PNG snapshot and the VNC server show."""
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
 import uuid
 from collections import Counter
@@ -24,6 +22,7 @@ from vmbus.errors import UsageError
 from vmbus.gpadl import Gpadl
 from vmbus.host import OfferSpec
 from vmbus.protocols import video as sv
+from vmbus.timers import Timer
 from vsp.video.screen import CONTROL_SIZE, Rect, Screen
 
 DEFAULT_VRAM_MB = 8  # what Hyper-V offers a WIN8+ guest
@@ -57,12 +56,12 @@ class VideoHandler(ChannelHandler):
         # socket pair.
         # Copies are at most `min_copy_interval` apart while the guest
         # streams, unless a viewer waits for newer pixels (Screen.wanted):
-        # copies nobody reads only eat memory bandwidth. What a burst leaves
-        # pending is copied once the worker is idle again, woken by `later`
-        # (an eventfd it watches).
+        # copies nobody reads only take memory bandwidth and CPU from the
+        # guest and the viewer. What a burst leaves pending is copied by a
+        # timer of the worker's loop once the interval has passed.
         self.min_copy_interval = vsp.min_copy_interval
         self.last_copy = 0.0
-        self.later = -1
+        self.later: Timer | None = None
         self.watching = False
         try:
             context.watch(self.screen.control_fd, self._on_control)
@@ -70,8 +69,6 @@ class VideoHandler(ChannelHandler):
             pass
         else:
             self.watching = True
-            self.later = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-            context.watch(self.later, self._on_later)
 
     def _vram_ok(self, gpa: int, size: int) -> bool:
         """VRAM must be guest memory the guest granted us through one GPADL."""
@@ -142,25 +139,35 @@ class VideoHandler(ChannelHandler):
                     self.post(change)
 
     def _on_later(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            os.eventfd_read(self.later)
+        self.later = None
         self._flush(now=True)
 
     def _flush(self, now: bool = False) -> None:
-        """Show what is pending, unless the last copy was too recent (until
-        the next drain, or `later`)."""
+        """Show what is pending, unless the last copy was too recent and no
+        viewer waits (then the timer `later` shows it)."""
         if self.pending == []:
             return
         clock = time.monotonic()
-        recent = clock - self.last_copy < self.min_copy_interval
-        if not now and self.later >= 0 and recent and not self.screen.wanted:
+        wait = self.last_copy + self.min_copy_interval - clock
+        if not now and wait > 0 and not self.screen.wanted and self._show_later(wait):
             self.throttled += 1
-            with contextlib.suppress(BlockingIOError):
-                os.eventfd_write(self.later, 1)
             return
+        if self.later is not None:
+            self.later.cancel()
+            self.later = None
         self._show(self.pending)
         self.pending = []
         self.last_copy = clock
+
+    def _show_later(self, delay: float) -> bool:
+        """Have the worker loop's timer show what is pending; False where
+        there is no loop (a bare harness): then it is shown now."""
+        if self.later is None:
+            try:
+                self.later = self.context.call_later(delay, self._on_later)
+            except UsageError:
+                return False
+        return True
 
     def _show(self, rects: list[Rect] | None) -> None:
         mode = self.server.mode
@@ -178,12 +185,12 @@ class VideoHandler(ChannelHandler):
 
     def close(self) -> None:
         self.vram = self.vram_gpadl = None
+        if self.later is not None:
+            self.later.cancel()
+            self.later = None
         if self.watching:
             self.watching = False
             self.context.unwatch(self.screen.control_fd)
-            self.context.unwatch(self.later)
-            os.close(self.later)
-            self.later = -1
         super().close()
 
 
