@@ -93,6 +93,7 @@ def _exit_when_the_parent_is_gone(guest: Guest) -> None:
 
 def main() -> None:
     port_fd, memory_fd, memory_size = map(int, sys.argv[1:4])
+    sandbox.lower_priority()  # before any thread, which inherits it
     try:
         confine_self(port_fd)
     except ParentGone as gone:

@@ -79,6 +79,10 @@ NAMESPACES = (
 MODE_VARIABLE = "VMBUS_CONFINEMENT"  # tells the child which engine confined it
 PARENT_VARIABLE = "VMBUS_PARENT_PID"
 UNIX_VARIABLE = "VMBUS_SANDBOX_UNIX_SOCKETS"
+NICE_VARIABLE = "VMBUS_CHILD_NICE"
+# CFS weighs nice 10 at 110 against 1,024 for nice 0: a child busy on every
+# CPU still gets all the time the root leaves idle, and a tenth of the rest.
+CHILD_NICE = 10
 
 
 class SandboxError(VmbusError, OSError):
@@ -103,7 +107,13 @@ class Policy:
     `net_admin` lets a child run a Linux network stack in its own network
     namespace (`vsc.net.stack`): CAP_NET_ADMIN and CAP_NET_RAW inside its
     user namespace, /dev/net/tun, and sockets of any family and ioctls in
-    its filter. It needs bwrap (a network namespace of the child's own)."""
+    its filter. It needs bwrap (a network namespace of the child's own).
+    `nice` is the child's CPU weight below the root's: the nice value of
+    its scheduling group (the autogroup of its session) and threads, so a
+    guest spinning its CPU yields to the VSPs and consoles that serve it
+    and its siblings, as a host runs vCPUs below its I/O threads (0: an
+    equal share; a hostile child can raise its own weight back to that,
+    never above)."""
 
     enabled: bool = True
     writable: tuple[str, ...] = field(default_factory=lambda: (tempfile.gettempdir(),))
@@ -112,6 +122,7 @@ class Policy:
     net_admin: bool = False
     output_rate: int = 256 * 1024  # bytes a second of a child's output, sustained
     output_burst: int = 1024 * 1024
+    nice: int = CHILD_NICE
 
 
 def policy_from_environment(environ: Mapping[str, str] = os.environ) -> Policy:
@@ -362,7 +373,10 @@ def spawn(
     forked, and Host.start may be called from one that ends."""
     chosen = policy if policy is not None else globals()["policy"]
     if not chosen.enabled:
-        return subprocess.Popen(list(argv), stdin=subprocess.PIPE, pass_fds=tuple(pass_fds))
+        env = {**os.environ, NICE_VARIABLE: str(chosen.nice)}
+        return subprocess.Popen(
+            list(argv), stdin=subprocess.PIPE, pass_fds=tuple(pass_fds), env=env
+        )
     return on_lasting_thread(functools.partial(_spawn, list(argv), tuple(pass_fds), name, chosen))
 
 
@@ -399,6 +413,7 @@ def _spawn(
 ) -> ConfinedProcess:
     chosen = engine()
     env = child_environment()
+    env[NICE_VARIABLE] = str(policy.nice)
     pipes = [os.pipe(), os.pipe()]  # its stdout, its stderr
     ends = (pipes[0][1], pipes[1][1])
     try:
@@ -555,6 +570,23 @@ def confine_self(port_fd: int) -> tuple[str, ...]:
         # and the parent stops a child with SIGTERM.
         signal.signal(signal.SIGTERM, lambda *_: os._exit(128 + signal.SIGTERM))
     return tuple(layers)
+
+
+def lower_priority() -> int:
+    """The child's first step: its threads, and its scheduling group if
+    it leads a session of its own (unconfined, it shares the parent's), at
+    the nice value the parent chose (`Policy.nice`). The value set."""
+    try:
+        nice = min(max(int(os.environ.pop(NICE_VARIABLE, "0")), 0), 19)
+    except ValueError:
+        return 0
+    if nice:
+        with contextlib.suppress(OSError):  # bwrap's filter refuses it: the group decides
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
+        if os.getsid(0) == os.getpid():
+            with contextlib.suppress(OSError), open("/proc/self/autogroup", "w") as group:
+                group.write(str(nice))
+    return nice
 
 
 def _hung_up(fd: int) -> bool:

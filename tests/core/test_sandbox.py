@@ -398,6 +398,33 @@ def test_without_bwrap_a_child_confines_itself_and_the_parent_says_so_once(
     assert len(warnings) == 1
 
 
+def check_own_priority(guest: Guest, nice: int, own_group: bool) -> None:
+    assert os.getpriority(os.PRIO_PROCESS, 0) == nice or own_group  # bwrap's filter: the group
+    group = Path("/proc/self/autogroup").read_text().split()
+    assert group[-1] == str(nice if own_group else PARENT_GROUP_NICE)
+
+
+PARENT_GROUP_NICE = int(Path("/proc/self/autogroup").read_text().split()[-1])
+
+
+@pytest.mark.parametrize("nice", [sandbox.CHILD_NICE, 0])
+@pytest.mark.parametrize("engine", ["default", "self", "unconfined"])
+def test_a_child_runs_below_the_root(
+    engine: str, nice: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A guest spinning its CPU yields to the root: its scheduling group
+    (its session's autogroup) runs at Policy.nice, and its threads too where
+    it shares the parent's group (unconfined), which keeps its own nice."""
+    if engine == "self":
+        monkeypatch.setattr(sandbox, "_engine", None)
+        monkeypatch.setattr(shutil, "which", lambda name: None)
+    policy = sandbox.Policy(enabled=engine != "unconfined", nice=nice)
+    with Host() as host:
+        child = start(host, check_own_priority, args=(nice, engine != "unconfined"), policy=policy)
+        assert child.wait(60) == 0
+    assert int(Path("/proc/self/autogroup").read_text().split()[-1]) == PARENT_GROUP_NICE
+
+
 def test_policy_from_the_environment() -> None:
     assert not sandbox.policy_from_environment({"VMBUS_SANDBOX": "off"}).enabled
     assert sandbox.policy_from_environment({}).enabled
