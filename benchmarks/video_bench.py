@@ -79,6 +79,7 @@ class Settings:
     seconds: float  # the measured window
     warmup: float  # from a measurement's start to its window
     tail: float = 0.1  # the child streams this long after the window
+    child_nice: int = CHILD_POLICY.nice  # the child's CPU weight below the root (Policy.nice)
 
 
 QUICK = Settings(repeats=3, seconds=0.5, warmup=0.2)
@@ -487,7 +488,10 @@ class Bench:
             listener.listen(1)
             listener.settimeout(TIMEOUT)
             self.child: ChildPartition = host.start(
-                CHILD_TARGET, devices=[self.video], args=(address,), policy=CHILD_POLICY
+                CHILD_TARGET,
+                devices=[self.video],
+                args=(address,),
+                policy=replace(CHILD_POLICY, nice=self.settings.child_nice),
             )
             self.cleanup.callback(self._end_child)
             sock, _ = listener.accept()
@@ -826,8 +830,9 @@ def report(settings: Settings, command: str, names: Sequence[str]) -> tuple[str,
     header = (
         f"`{command}`: {os.cpu_count()} CPUs, Linux {platform.release()}, Python "
         f"{platform.python_version()}, load average {load:.1f} → {os.getloadavg()[0]:.1f}; "
-        f"{WIDTH}×{HEIGHT}×32; {settings.repeats} interleaved rounds, {settings.seconds:g} s "
-        "windows; medians, and ratios of pixel bytes/s to the numpy copy's within each round."
+        f"{WIDTH}×{HEIGHT}×32, the child at nice {settings.child_nice}; {settings.repeats} "
+        f"interleaved rounds, {settings.seconds:g} s windows; medians, and ratios of pixel "
+        "bytes/s to the numpy copy's within each round."
     )
     text, markdown = (
         "\n\n".join([header, render(rows, md), *notes, LEGEND]) for md in (False, True)
@@ -846,12 +851,23 @@ def main(argv: Sequence[str] | None = None) -> None:
         action="store_true",
         help="free a 16 MiB block first: glibc's malloc then keeps the VNC server's 3 MiB buffers",
     )
+    parser.add_argument(
+        "--child-nice",
+        type=int,
+        default=CHILD_POLICY.nice,
+        help=f"the child partition's nice value (default {CHILD_POLICY.nice}; 0: the root's share)",
+    )
     parser.add_argument("--markdown", metavar="FILE", help="also write the result as Markdown")
     args = parser.parse_args(argv)
     if args.malloc_warm:  # freeing an mmap()ed block raises glibc's mmap and trim thresholds
         np.empty(16 << 20, np.uint8)
     base = QUICK if args.quick else FULL_RUN
-    settings = Settings(args.repeats or base.repeats, args.seconds or base.seconds, base.warmup)
+    settings = Settings(
+        args.repeats or base.repeats,
+        args.seconds or base.seconds,
+        base.warmup,
+        child_nice=args.child_nice,
+    )
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanups on SIGTERM
     words = sys.argv[1:] if argv is None else list(argv)
     command = shlex.join(["python", "-m", "benchmarks.video_bench", *words])
