@@ -31,7 +31,7 @@ import tempfile
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import astuple, dataclass, field, replace
 from multiprocessing.connection import Connection
 
@@ -113,6 +113,8 @@ class Reading:
     items: float
     bytes: float
     cpu: float
+    new: float | None = None  # the VNC client's Raw full frames with a new stamp, /s
+    torn: float | None = None  # the share of them whose corner stamps differ
 
 
 def run_window(
@@ -239,6 +241,7 @@ class RfbClient:
         n = len(encodings)
         sock.sendall(struct.pack(f">BxH{n}i", 2, n, *encodings))  # SetEncodings
         self.buffer = memoryview(bytearray(2 * self.width * self.height * 4 + 4096))
+        self.frames = self.new = self.torn = self.stamp = 0  # Raw full frames, their stamps
 
     def exact(self, n: int, into: memoryview | None = None) -> bytes:
         """Read `n` bytes: into `into` (returns b""), or as bytes."""
@@ -265,6 +268,8 @@ class RfbClient:
             if encoding == rfb.ENC_RAW:
                 self.exact(w * h * 4, self.buffer)
                 wire += 12 + w * h * 4
+                if (w, h) == (WIDTH, HEIGHT):
+                    self.stamps()
             elif encoding == ENC_TIGHT:
                 wire += 12 + self.tight_rect(w, h)
             else:
@@ -273,6 +278,15 @@ class RfbClient:
                 self.inflate.decompress(self.buffer[:length])
                 wire += 16 + length
         return wire
+
+    def stamps(self) -> None:
+        """Count a Raw full frame: new if its stamp is, torn if its corners differ."""
+        words = self.buffer[:FRAME_BYTES].cast("I")
+        top, bottom = words[0], words[WIDTH * HEIGHT - 1]
+        self.frames += 1
+        self.new += bottom != self.stamp
+        self.torn += top != bottom
+        self.stamp = bottom
 
     def compact(self) -> tuple[int, int]:
         """Tight's compact length, and the bytes it took."""
@@ -317,7 +331,11 @@ def watch(
             tally.items += 1
             client.request(incremental)
 
-        return run_window(step, window, window.t1, MIN_UPDATES)
+        items, reading = run_window(step, window, window.t1, MIN_UPDATES)
+        if not client.frames:
+            return items, reading
+        new, torn = client.new / client.frames, client.torn / client.frames
+        return items, replace(reading, new=reading.items * new, torn=torn)
 
 
 def copies(window: Window) -> tuple[int, Reading]:
@@ -374,19 +392,29 @@ def client_main(control: Connection) -> None:
 
 
 class FrameWatch:
-    """A Screen listener: the stamps of each full frame the parent shows."""
+    """A Screen listener: the stamps of each full frame the parent shows.
+    Paused while a VNC client watches: the Screen's thread that calls it
+    would take the VNC server's CPU and GIL (the client counts stamps then)."""
 
     def __init__(self, screen: Screen) -> None:
         self.screen, self.last, self.new, self.torn = screen, 0, 0, 0
         self.corners = [(0, 0, 1, 1), (WIDTH - 1, HEIGHT - 1, WIDTH, HEIGHT)]
         screen.add_listener(self)
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        self.screen.remove_listener(self)
+        try:
+            yield
+        finally:
+            self.screen.add_listener(self)
+
     def __call__(self, rects: list[Rect]) -> None:
         if rects != [(0, 0, WIDTH, HEIGHT)]:
             return
         top, bottom = self.screen.capture(self.corners, self.screen.geometry()[0]).pixels
-        stamp = int(top.view(np.uint32)[0, 0, 0])
-        self.torn += stamp != int(bottom.view(np.uint32)[0, 0, 0])
+        stamp = int(bottom.view(np.uint32)[0, 0, 0])  # the copy's last pixel: its newest
+        self.torn += stamp != int(top.view(np.uint32)[0, 0, 0])
         self.new += stamp != self.last
         self.last = stamp
 
@@ -539,13 +567,16 @@ class Bench:
         window = Window.starting(self.settings)
         port = self.vnc.address[1]
         self.client_control.send(("watch", port, encodings, True, astuple(window)))
-        shown, seen = self._stream(FULL, window, self.client_control)
+        with self.watch.paused():
+            shown, seen = self._stream(FULL, window, self.client_control)
         assert seen is not None
         return replace(
             shown,
             rate=seen.items,
             pixels=seen.items * FRAME_BYTES,
             wire=seen.bytes,
+            new=seen.new,
+            torn=seen.torn,
             cpu=shown.cpu | {"client": seen.cpu},
         )
 
@@ -750,7 +781,11 @@ LEGEND = (
     "Rate: the parent's DIRTs shown (× rectangles per DIRT), or the VNC client's "
     "FramebufferUpdates received (one request at a time, compressed data inflated), or the "
     "numpy copies. New frames: shown full frames carrying a new stamp (the child numbers "
-    "each frame in two corners); torn: shown frames whose two stamps differ. Queue: the "
+    "each frame in two corners, the top left first; new: the bottom right one); torn: shown "
+    "frames whose two stamps differ (a copy that read the guest's next frame as it drew); "
+    "in the VNC "
+    "rows, the Raw frames the client received (the parent's own count is paused there: its "
+    "listener thread would take the VNC server's CPU). Queue: the "
     "DIRTs waiting in the ring at the window's end, in milliseconds of showing. CPU %: "
     "cores busy in the window (the child partition; the parent's worker and VNC server "
     "threads, the server's encoding helpers with its thread; the VNC client's process, "
