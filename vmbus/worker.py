@@ -38,7 +38,9 @@ from vmbus.ring import RingCorrupt
 from vmbus.timers import Timer, TimerQueue
 from vmbus.transport import MalformedMessage, MessagePort, PortClosed, Signal
 
-__all__ = ["POLL_SECONDS", "VmWorker"]
+__all__ = ["POLL_SECONDS", "POLL_TURN", "VmWorker"]
+
+POLL_TURN = 0.005  # seconds of serving busy channels before the loop's other work
 
 log = logging.getLogger("vmbus.partition")
 
@@ -146,9 +148,11 @@ class VmWorker:
         self.selector.register(self.pidfd, selectors.EVENT_READ, "exit")
         self.selector.register(self._failed, selectors.EVENT_READ, _Watch(self._take_failures))
         self.selector.register(self._called, selectors.EVENT_READ, _Watch(self._take_calls))
+        busy = False
         try:
             while True:
-                for key, _ in self.selector.select(self.timers.timeout(POLL_SECONDS)):
+                timeout = 0.0 if busy else self.timers.timeout(POLL_SECONDS)
+                for key, _ in self.selector.select(timeout):
                     if key.data is None:
                         self._message()
                     elif key.data == "exit":
@@ -158,8 +162,7 @@ class VmWorker:
                     else:
                         self._service(key.data)
                 self._run_timers()
-                while self._poll():
-                    pass
+                busy = self._poll_a_while()
                 if self._kill_at is not None and time.monotonic() > self._kill_at:
                     self._kill_at = None
                     self.signal(signal.SIGKILL)
@@ -220,6 +223,18 @@ class VmWorker:
                 callback()
             except Exception:
                 log.exception("%s: a request of the parent failed", self.name)
+
+    def _poll_a_while(self) -> bool:
+        """Poll mode until the channels are quiet, or for at most POLL_TURN
+        seconds: then True, and the loop looks at its other descriptors and
+        timers without sleeping before it polls again, so a child that keeps
+        its ring busy delays neither the parent's requests (a status, a stop)
+        nor a device's timers."""
+        turn_ends = time.monotonic() + POLL_TURN
+        while self._poll():
+            if time.monotonic() > turn_ends:
+                return True
+        return False
 
     def _poll(self) -> bool:
         """Poll mode (vmbus.poll_mode), then serve the channel it found. True

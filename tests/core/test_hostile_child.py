@@ -299,6 +299,37 @@ def test_child_that_floods_and_never_reads_costs_the_worker_no_cpu() -> None:
         assert child.wait(timeout=30) == 0
 
 
+def stream_without_pause(guest: Guest, seconds: float) -> None:
+    """Child: keep a packet in the ring at every moment, reading the replies."""
+    (driver,) = bind_echo(guest)
+    channel = driver.open()
+    deadline, sent = time.monotonic() + seconds, 0
+    while time.monotonic() < deadline:
+        if channel.try_send(bytes(64), flags=COMPLETION_REQUESTED, trans_id=sent + 1):
+            sent += 1
+        while channel.poll() is not None:
+            pass
+
+
+def test_child_that_keeps_its_ring_busy_does_not_hold_up_the_parents_requests() -> None:
+    """A child whose next packet always arrives within the worker's poll
+    spin kept the worker's loop from its control socket (a status, a stop)
+    and its timers until it paused: each turn of poll mode is bounded."""
+    with Host() as host:
+        child = host.start(
+            stream_without_pause, args=(8.0,), devices=[EchoVsp()], spin_seconds=500e-6
+        )
+        assert wait_until(lambda: child.status()["channels"] == 1, 30)
+        time.sleep(0.3)  # streaming
+        waits = []
+        for _ in range(10):
+            asked = time.monotonic()
+            child.status(timeout=5.0)
+            waits.append(time.monotonic() - asked)
+        assert max(waits) < 0.25, f"status answers took up to {max(waits):.2f} s"
+        child.stop()
+
+
 class CrashingEcho(EchoVsp):
     """A VSP with a bug in compiled code: the open dereferences NULL."""
 
