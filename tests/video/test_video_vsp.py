@@ -5,6 +5,7 @@ through `loopback`."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 
@@ -169,9 +170,9 @@ def test_unchanged_mode_keeps_the_frame(harness: VspHarness) -> None:
 # --- the real Framebuffer, in process ------------------------------------------------
 
 
-@pytest.fixture
-def framebuffer() -> Iterator[tuple[Framebuffer, VideoVsp]]:
-    vsp = VideoVsp(Screen(64, 64), vram_megabytes=VRAM_MB, resolutions=MODES)
+@contextlib.contextmanager
+def served(vsp: VideoVsp) -> Iterator[Framebuffer]:
+    """A Framebuffer in this process, `vsp` serving it from a worker loop."""
     devices: list[GuestDevice] = []
 
     def register(guest: Guest) -> None:
@@ -180,8 +181,15 @@ def framebuffer() -> Iterator[tuple[Framebuffer, VideoVsp]]:
     with loopback([vsp], register):
         fb = Framebuffer(devices[0], WIDTH, HEIGHT)
         fb.wait_ready()
-        yield fb, vsp
+        yield fb
         fb.close()
+
+
+@pytest.fixture
+def framebuffer() -> Iterator[tuple[Framebuffer, VideoVsp]]:
+    vsp = VideoVsp(Screen(64, 64), vram_megabytes=VRAM_MB, resolutions=MODES)
+    with served(vsp) as fb:
+        yield fb, vsp
 
 
 def test_framebuffer_draws_onto_the_screen(framebuffer: tuple[Framebuffer, VideoVsp]) -> None:
@@ -215,15 +223,8 @@ def test_guest_streaming_faster_than_anyone_watches_is_copied_at_the_vsps_pace()
     vsp = VideoVsp(
         Screen(64, 64), vram_megabytes=VRAM_MB, resolutions=MODES, max_copies_per_second=rate
     )
-    devices: list[GuestDevice] = []
     copies: list[float] = []
-
-    def register(guest: Guest) -> None:
-        guest.register(guid.SYNTHVID, devices.append)
-
-    with loopback([vsp], register):
-        fb = Framebuffer(devices[0], WIDTH, HEIGHT)
-        fb.wait_ready()
+    with served(vsp) as fb:
         vsp.screen.add_listener(lambda rects: copies.append(time.monotonic()))
         start, sent = time.monotonic(), 0
         while time.monotonic() - start < seconds:
@@ -232,12 +233,6 @@ def test_guest_streaming_faster_than_anyone_watches_is_copied_at_the_vsps_pace()
             fb.update()
         expected = opaque(fb.pixels)
         wait_for(lambda: np.array_equal(vsp.screen.frame_copy(), expected))
-        fb.close()
     assert sent > 10 * rate * seconds  # the guest outran the copies
     assert len(copies) <= rate * (copies[-1] - start) + 2
-    assert handler_of_vsp(vsp).throttled > 0
-
-
-def handler_of_vsp(vsp: VideoVsp) -> VideoHandler:
-    assert vsp.handler is not None
-    return vsp.handler
+    assert vsp.handler is not None and vsp.handler.throttled > 0
