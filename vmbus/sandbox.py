@@ -47,7 +47,7 @@ from typing import TypeVar
 
 from vmbus import _output
 from vmbus import _seccomp as sc
-from vmbus.errors import VmbusError
+from vmbus.errors import UsageError, VmbusError
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,12 @@ class Policy:
     output_rate: int = 256 * 1024  # bytes a second of a child's output, sustained
     output_burst: int = 1024 * 1024
     nice: int = CHILD_NICE
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.nice <= 19:
+            raise UsageError(
+                f"a child's nice is 0 to 19 (below the root, or its equal), not {self.nice}"
+            )
 
 
 def policy_from_environment(environ: Mapping[str, str] = os.environ) -> Policy:

@@ -425,6 +425,14 @@ def test_a_child_runs_below_the_root(
     assert int(Path("/proc/self/autogroup").read_text().split()[-1]) == PARENT_GROUP_NICE
 
 
+@pytest.mark.parametrize("nice", [-1, 20])
+def test_a_policy_that_would_put_a_child_above_the_root_or_out_of_range_is_refused(
+    nice: int,
+) -> None:
+    with pytest.raises(ValueError, match="nice"):
+        sandbox.Policy(nice=nice)
+
+
 def test_policy_from_the_environment() -> None:
     assert not sandbox.policy_from_environment({"VMBUS_SANDBOX": "off"}).enabled
     assert sandbox.policy_from_environment({}).enabled
