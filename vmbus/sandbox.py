@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -83,6 +84,7 @@ NICE_VARIABLE = "VMBUS_CHILD_NICE"
 # CFS weighs nice 10 at 110 against 1,024 for nice 0: a child busy on every
 # CPU still gets all the time the root leaves idle, and a tenth of the rest.
 CHILD_NICE = 10
+GROUP_NICE_PATIENCE = 30.0  # seconds a child keeps asking for its turn to set it
 
 
 class SandboxError(VmbusError, OSError):
@@ -589,10 +591,36 @@ def lower_priority() -> int:
     if nice:
         with contextlib.suppress(OSError):  # bwrap's filter refuses it: the group decides
             os.setpriority(os.PRIO_PROCESS, 0, nice)
-        if os.getsid(0) == os.getpid():
-            with contextlib.suppress(OSError), open("/proc/self/autogroup", "w") as group:
-                group.write(str(nice))
+        if os.getsid(0) == os.getpid() and not _set_group_nice(nice):
+            threading.Thread(
+                target=_retry_group_nice, args=(nice,), name="vmbus-nice", daemon=True
+            ).start()
     return nice
+
+
+def _set_group_nice(nice: int) -> bool:
+    """Set this session's autogroup nice: False if the kernel said to come
+    back later (it takes one such change per 0.1 s, system-wide, from a
+    process without CAP_SYS_ADMIN: children starting together collide)."""
+    try:
+        fd = os.open("/proc/self/autogroup", os.O_WRONLY)
+    except OSError:  # a kernel without autogroups
+        return True
+    try:
+        os.write(fd, str(nice).encode())
+    except BlockingIOError:
+        return False
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return True
+
+
+def _retry_group_nice(nice: int) -> None:
+    deadline = time.monotonic() + GROUP_NICE_PATIENCE
+    while not _set_group_nice(nice) and time.monotonic() < deadline:
+        time.sleep(0.03)
 
 
 def _hung_up(fd: int) -> bool:
