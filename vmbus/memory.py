@@ -45,6 +45,7 @@ __all__ = [
     "OutOfBounds",
     "OutOfMemory",
     "PageAllocator",
+    "sealed_memfd",
     "PfnList",
     "map_channel_rings",
     "map_contiguous",
@@ -67,6 +68,19 @@ DEFAULT_MAX_MAPPINGS = 1024  # mappings of one child's memory at once
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 _MAP_NORESERVE = 0x4000  # Linux; not exported by Python's mmap module
 _MAP_FIXED = 0x10
+
+
+def sealed_memfd(name: str, size: int) -> int:
+    """A new close-on-exec memfd of `size` zeroed bytes, sealed at that size:
+    for memory a peer holds too (guest memory, a switch port, a Screen)."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 class GuestMemoryError(VmbusError, ValueError):
@@ -117,10 +131,8 @@ class GuestMemory:
         """Fresh zeroed memory, sealed against resizing. The fd is close-on-exec:
         hand it to a child by fork, or by spawn with pass_fds / SCM_RIGHTS."""
         _check_size(size)
-        fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        fd = sealed_memfd(name, size)
         try:
-            os.ftruncate(fd, size)
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
             return cls(fd, size)
         except BaseException:
             os.close(fd)

@@ -25,7 +25,6 @@ closed).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import mmap
 import os
 import socket
@@ -36,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from vmbus.channel import packet_space
 from vmbus.errors import UsageError
 from vmbus.handoff import SharedFd
-from vmbus.memory import PAGE_SIZE
+from vmbus.memory import PAGE_SIZE, sealed_memfd
 from vmbus.ring import HEADER_SIZE, RingReader, RingWriter, init_ring
 from vsp.net.backends import ETH_HLEN, Frame, Sent, _Backend, max_frame
 
@@ -57,7 +56,6 @@ W_SENT = 12  # frames written to ring "up"
 CELLS = 16
 RING_BYTES_CAP = 16 << 20  # a ring's data area at most (jumbo frames: fewer fit)
 SCRATCH_CAP = 1 << 20  # a batch read's copy buffer at most
-_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 _FENCE = threading.Lock()
 
 
@@ -101,10 +99,8 @@ class PortMemory:
 
     @classmethod
     def create(cls, data_size: int) -> PortMemory:
-        fd = os.memfd_create("vmbus-switch-port", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        fd = sealed_memfd("vmbus-switch-port", PAGE_SIZE + 2 * (HEADER_SIZE + data_size))
         try:
-            os.ftruncate(fd, PAGE_SIZE + 2 * (HEADER_SIZE + data_size))
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
             memory = cls(fd, data_size)
         except BaseException:
             os.close(fd)

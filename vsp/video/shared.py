@@ -31,7 +31,6 @@ can shrink it under the parent's mapping (whose reads would then fault).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import mmap
 import os
 import socket
@@ -42,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from vmbus.memory import PAGE_SIZE
+from vmbus.memory import PAGE_SIZE, sealed_memfd
 
 __all__ = [
     "CURSOR_MAX",
@@ -64,7 +63,6 @@ MAGIC = 0x32_4E_45_45_52_43_53_56  # "VSCREEN2", and the layout's version
 RING = 64  # dirty rectangles the header remembers
 SEQLOCK_PATIENCE = 0.05  # seconds a reader waits for a writer mid-change
 
-_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 FRAMES = 3  # the newest, the one the parent reads, and one to fill
 
 # Header words.
@@ -106,11 +104,9 @@ class SharedFrame:
             raise ValueError(f"frame capacity {capacity}")
         self.fd = fd
         self.capacity = capacity
-        self.stride = -(-capacity // PAGE_SIZE) * PAGE_SIZE  # frames start on a page
-        size = _FRAME_OFFSET + FRAMES * self.stride
-        if create:
-            os.ftruncate(fd, size)
-        elif os.fstat(fd).st_size < size:  # a worker handed a short file must not fault
+        self.stride = _stride(capacity)
+        size = _file_size(capacity)
+        if os.fstat(fd).st_size < size:  # a worker handed a short file must not fault
             raise ValueError("the screen's memfd is smaller than its capacity")
         self.map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.words: npt.NDArray[np.uint64] = np.frombuffer(self.map, np.uint64, PAGE_SIZE // 8, 0)
@@ -126,13 +122,13 @@ class SharedFrame:
 
     @classmethod
     def create(cls, capacity: int) -> SharedFrame:
-        fd = os.memfd_create("vmbus-screen", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        if not PAGE_SIZE <= capacity <= MAX_DIMENSION * MAX_DIMENSION * 4:
+            raise ValueError(f"frame capacity {capacity}")
+        # The worker holds the fd too: sealed, it cannot shrink the file
+        # under the parent's mapping.
+        fd = sealed_memfd("vmbus-screen", _file_size(capacity))
         try:
-            shared = cls(fd, capacity, create=True)
-            # The worker holds the fd too: shrunk, the parent's reads would
-            # fault (SIGBUS). Sealed, its size is fixed for good.
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
-            return shared
+            return cls(fd, capacity, create=True)
         except BaseException:
             os.close(fd)
             raise
@@ -362,6 +358,14 @@ class SharedFrame:
             (cw, ch, hx, hy),
             consistent,
         )
+
+
+def _stride(capacity: int) -> int:
+    return -(-capacity // PAGE_SIZE) * PAGE_SIZE  # frames start on a page
+
+
+def _file_size(capacity: int) -> int:
+    return _FRAME_OFFSET + FRAMES * _stride(capacity)
 
 
 def check_size(width: int, height: int, capacity: int) -> None:
