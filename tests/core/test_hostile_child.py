@@ -326,7 +326,9 @@ def test_child_that_keeps_its_ring_busy_does_not_hold_up_the_parents_requests() 
             asked = time.monotonic()
             child.status(timeout=5.0)
             waits.append(time.monotonic() - asked)
-        assert max(waits) < 0.25, f"status answers took up to {max(waits):.2f} s"
+        # Unbounded, each answer waited for the child's pause (here 8 s); a
+        # loaded machine has delayed a bounded one by 0.8 s.
+        assert max(waits) < 2.5, f"status answers took up to {max(waits):.2f} s"
         child.stop()
 
 
